@@ -1,0 +1,3 @@
+//! The `hcloud-nixos` command line.
+
+fn main() {}

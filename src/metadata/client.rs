@@ -1,0 +1,202 @@
+//! HTTP client for the metadata service: per-request timeouts, retries with backoff, one deadline.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Where the metadata service lives on every Hetzner Cloud server.
+pub const DEFAULT_URL: &str = "http://169.254.169.254/hetzner/v1/";
+
+/// Documents are small (user-data is at most 32 KiB); anything much larger is refused unread.
+pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+
+/// How the client talks to the metadata service.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Base URL ending in `/`, such as [`DEFAULT_URL`].
+    pub base_url: String,
+    /// Time allowed for one request, headers and body.
+    pub request_timeout: Duration,
+    /// First pause between attempts; doubled after each failure up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Largest body accepted.
+    pub max_body: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            base_url: DEFAULT_URL.to_string(),
+            request_timeout: Duration::from_secs(5),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            max_body: DEFAULT_MAX_BODY,
+        }
+    }
+}
+
+/// Why a document could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(
+        "the metadata service at {url} gave no usable answer within {secs}s after {attempts} attempts (last: {last}); check that this is a Hetzner Cloud server whose network is up, or pass --metadata-url"
+    )]
+    Deadline {
+        url: String,
+        secs: u64,
+        attempts: u32,
+        last: String,
+    },
+    #[error(
+        "the metadata service answered {url} with HTTP {status}; this is not a Hetzner metadata service, or the path is wrong"
+    )]
+    Status { url: String, status: u16 },
+    #[error("the metadata service's answer to {url} is larger than {limit} bytes; refusing it")]
+    TooLarge { url: String, limit: usize },
+    #[error("invalid metadata URL '{0}': give an http:// or https:// URL ending in /hetzner/v1/")]
+    BadUrl(String),
+    #[error("cannot set up the HTTP client: {0}")]
+    Setup(String),
+}
+
+/// A metadata service client. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    settings: Settings,
+}
+
+/// The result of one attempt: a final answer, or a reason to try again.
+enum Attempt {
+    Done(Option<Vec<u8>>),
+    Retry(String),
+}
+
+impl Client {
+    pub fn new(mut settings: Settings) -> Result<Self, FetchError> {
+        if !settings.base_url.ends_with('/') {
+            settings.base_url.push('/');
+        }
+        let url = reqwest::Url::parse(&settings.base_url)
+            .map_err(|_| FetchError::BadUrl(settings.base_url.clone()))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(FetchError::BadUrl(settings.base_url.clone()));
+        }
+        crate::tls::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("hcloud-nixos/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(settings.request_timeout)
+            .timeout(settings.request_timeout)
+            // The service is link-local: a proxy from the environment must not be used.
+            .no_proxy()
+            .build()
+            .map_err(|e| FetchError::Setup(e.to_string()))?;
+        Ok(Client { http, settings })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.settings.base_url
+    }
+
+    /// Fetches `path` below the base URL, retrying until `deadline`. `Ok(None)` means the
+    /// service answered 404 (the document does not exist); an empty body (or 204) is `Some([])`.
+    pub async fn get(&self, path: &str, deadline: Instant) -> Result<Option<Vec<u8>>, FetchError> {
+        let url = format!("{}{}", self.settings.base_url, path);
+        let started = Instant::now();
+        let mut backoff = self.settings.initial_backoff;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let last = if remaining.is_zero() {
+                "no time left".to_string()
+            } else {
+                let budget = remaining.min(self.settings.request_timeout);
+                match tokio::time::timeout(budget, self.attempt(&url)).await {
+                    Ok(Ok(Attempt::Done(body))) => return Ok(body),
+                    Ok(Err(e)) => return Err(e),
+                    Ok(Ok(Attempt::Retry(why))) => why,
+                    Err(_) => format!("no answer within {} ms", budget.as_millis()),
+                }
+            };
+            let now = Instant::now();
+            if now + backoff >= deadline {
+                return Err(FetchError::Deadline {
+                    url,
+                    secs: deadline.saturating_duration_since(started).as_secs().max(1),
+                    attempts,
+                    last,
+                });
+            }
+            tracing::debug!(url = %url, attempt = attempts, error = %last, "metadata service not ready; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.settings.max_backoff);
+        }
+    }
+
+    async fn attempt(&self, url: &str) -> Result<Attempt, FetchError> {
+        let mut resp = match self.http.get(url).send().await {
+            Ok(r) => r,
+            Err(e) => return Ok(Attempt::Retry(describe(&e))),
+        };
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(Attempt::Done(None));
+        }
+        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return Ok(Attempt::Retry(format!("HTTP {}", status.as_u16())));
+        }
+        if !status.is_success() {
+            return Err(FetchError::Status {
+                url: url.to_string(),
+                status: status.as_u16(),
+            });
+        }
+        let limit = self.settings.max_body;
+        let too_large = || FetchError::TooLarge {
+            url: url.to_string(),
+            limit,
+        };
+        if resp.content_length().is_some_and(|len| len > limit as u64) {
+            return Err(too_large());
+        }
+        let mut body =
+            Vec::with_capacity(resp.content_length().unwrap_or(4096).min(limit as u64) as usize);
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > limit {
+                        return Err(too_large());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(Attempt::Done(Some(body))),
+                // A body cut short is a passing fault: ask again.
+                Err(e) => return Ok(Attempt::Retry(format!("body cut short: {}", describe(&e)))),
+            }
+        }
+    }
+}
+
+/// reqwest's error with its causes, on one line.
+fn describe(e: &reqwest::Error) -> String {
+    let mut text = if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "cannot connect".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    let mut last = String::new();
+    while let Some(s) = source {
+        last = s.to_string();
+        source = s.source();
+    }
+    if !last.is_empty() {
+        text.push_str(": ");
+        text.push_str(&last);
+    }
+    text
+}
