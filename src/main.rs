@@ -1,3 +1,154 @@
 //! The `hcloud-nixos` command line.
 
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use hcloud_nixos::hostname::Policy;
+use hcloud_nixos::metadata::client::DEFAULT_URL;
+use hcloud_nixos::{logging, provision, sshkeys};
+
+#[derive(Parser)]
+#[command(name = "hcloud-nixos", version, about = "NixOS on Hetzner Cloud")]
+struct Cli {
+    /// Print debug messages, and whole error chains.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct SourceArgs {
+    /// Base URL of the Hetzner metadata service.
+    #[arg(long, env = "HCLOUD_NIXOS_METADATA_URL", default_value = DEFAULT_URL, value_name = "URL")]
+    metadata_url: String,
+    /// How long to wait for the metadata service overall (it may answer late at boot).
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    deadline: Duration,
+}
+
+impl SourceArgs {
+    fn source(&self) -> Result<provision::Source> {
+        provision::check_deadline(self.deadline)?;
+        Ok(provision::Source {
+            url: self.metadata_url.clone(),
+            deadline: self.deadline,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Configure IPv6 (systemd-networkd), the hostname and root's SSH keys from the metadata service.
+    Network {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Directory for the .network files.
+        #[arg(long, default_value = "/run/systemd/network", value_name = "DIR")]
+        network_dir: PathBuf,
+        /// Do not ask systemd-networkd to reload.
+        #[arg(long)]
+        no_reload: bool,
+        /// When to set the metadata's hostname.
+        #[arg(long, value_enum, default_value_t = Policy::Auto)]
+        hostname: Policy,
+        /// The static hostname file; `auto` sets the hostname only when it is missing or empty.
+        #[arg(
+            long,
+            default_value = "/etc/hostname",
+            value_name = "PATH",
+            hide = true
+        )]
+        hostname_file: PathBuf,
+        /// File for root's SSH keys (read by sshd as an additional AuthorizedKeysFile).
+        #[arg(long, default_value = sshkeys::DEFAULT_KEYS_FILE, value_name = "PATH")]
+        keys_file: PathBuf,
+        /// Print what would be written and done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print what the metadata service says about this server.
+    Metadata {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Print JSON for machines.
+        #[arg(long, conflicts_with = "userdata")]
+        json: bool,
+        /// Print the raw user-data instead.
+        #[arg(long)]
+        userdata: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if cli.verbose {
+                eprintln!("error: {e:?}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Network {
+            source,
+            network_dir,
+            no_reload,
+            hostname,
+            hostname_file,
+            keys_file,
+            dry_run,
+        } => {
+            let opts = provision::Options {
+                network_dir,
+                reload: !no_reload,
+                hostname,
+                hostname_file,
+                keys_file,
+                dry_run,
+            };
+            provision::network(&source.source()?, &opts).await
+        }
+        Command::Metadata {
+            source,
+            json,
+            userdata,
+        } => {
+            let source = source.source()?;
+            if userdata {
+                use std::io::Write;
+                let data = provision::fetch_userdata(&source).await?;
+                std::io::stdout().write_all(&data)?;
+                return Ok(());
+            }
+            let fetched = provision::fetch(&source).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&fetched)?);
+            } else {
+                print!("{}", provision::describe_metadata(&fetched));
+            }
+            Ok(())
+        }
+    }
+}
