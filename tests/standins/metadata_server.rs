@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -70,6 +70,8 @@ struct State {
     missing: Vec<String>,
     faults: HashMap<String, VecDeque<Fault>>,
     counts: HashMap<String, usize>,
+    /// Source address of every request, in order.
+    clients: Vec<IpAddr>,
 }
 
 /// A running stand-in. Stops (and closes its listener) when dropped.
@@ -215,8 +217,15 @@ impl MetadataServer {
         self.lock().counts.values().sum()
     }
 
+    /// Source addresses of all requests so far, in order.
+    pub fn clients(&self) -> Vec<IpAddr> {
+        self.lock().clients.clone()
+    }
+
     pub fn reset_counts(&self) {
-        self.lock().counts.clear();
+        let mut s = self.lock();
+        s.counts.clear();
+        s.clients.clear();
     }
 
     /// Stops accepting; connections in progress finish on their own threads.
@@ -290,6 +299,9 @@ fn handle(stream: TcpStream, state: &Mutex<State>) -> io::Result<()> {
     let (fault, body) = {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         *s.counts.entry(path.clone()).or_default() += 1;
+        if let Ok(peer) = out.peer_addr() {
+            s.clients.push(peer.ip());
+        }
         let fault = s.faults.get_mut(&path).and_then(VecDeque::pop_front);
         (fault, lookup(&s, &path))
     };

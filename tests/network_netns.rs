@@ -1,0 +1,188 @@
+//! `hcloud-nixos network` with its defaults against real systemd-networkd, D-Bus and
+//! systemd-hostnamed in a guest network namespace, with the stand-in metadata service on
+//! 169.254.169.254:80 in a second namespace joined by a veth pair (needs root).
+
+#[path = "standins/metadata_server.rs"]
+mod metadata_server;
+#[path = "support/netns.rs"]
+mod netns;
+
+use std::path::Path;
+use std::time::Duration;
+
+use metadata_server::{Documents, MetadataServer};
+use netns::{Guest, Netns};
+
+const MAC: &str = "96:00:03:aa:bb:cc";
+const IPV6: &str = "2a01:4f8:c012:abcd::1/64";
+const HOSTNAME: &str = "my-nixos-server";
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBjYTHGYkNK7DZ4Gn0NGN1sjFUVapus4GXybEYg/ylcA alice@laptop";
+const KEYS_FILE: &str = "/run/hcloud-nixos/authorized_keys/root";
+const PUBLIC_FILE: &str = "/run/systemd/network/50-hcloud-nixos-public-960003aabbcc.network";
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    let dir = std::env::var_os("HCLOUD_NIXOS_FIXTURES")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/hetzner-metadata")
+        });
+    dir.join(name)
+}
+
+/// How the guest's eth0 looks before `hcloud-nixos network` runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Eth0 {
+    /// Up with an IPv4 address, as after DHCP.
+    Addressed,
+    /// Down and without any address: the binary must bring it up with 169.254.0.1/16 itself.
+    DownWithoutAddress,
+}
+
+fn provision(case: Eth0) {
+    let test = format!("network_netns ({case:?})");
+    if !netns::can_run(&test, netns::GUEST_TOOLS) {
+        return;
+    }
+    let host_hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let id = netns::unique();
+    // Declared in this order so that they are dropped guest first, then the stand-in, then the
+    // namespaces (a panic anywhere below still runs every Drop).
+    let meta_ns = Netns::new(format!("hnm-{id}"));
+    let guest_ns = Netns::new(format!("hng-{id}"));
+    meta_ns.ip(&[
+        "link",
+        "add",
+        "m0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &guest_ns.name,
+    ]);
+    meta_ns.ip(&["addr", "add", "169.254.169.254/16", "dev", "m0"]);
+    meta_ns.ip(&["link", "set", "m0", "up"]);
+    guest_ns.ip(&["link", "set", "eth0", "address", MAC]);
+    if case == Eth0::Addressed {
+        guest_ns.ip(&["addr", "add", "169.254.10.2/16", "dev", "eth0"]);
+        guest_ns.ip(&["link", "set", "eth0", "up"]);
+    }
+
+    let docs = Documents::from_files(
+        &fixture("metadata.full-example.yaml"),
+        Some(&fixture("private-networks.two-networks.yaml")),
+        None,
+    )
+    .expect("fixtures");
+    let standin = MetadataServer::start_in_netns(&meta_ns.name, "169.254.169.254:80", docs)
+        .expect("stand-in in the metadata namespace");
+
+    let guest = Guest::start(&guest_ns);
+    let ready = netns::poll(Duration::from_secs(20), Duration::from_millis(100), || {
+        guest.bus_name_owned("org.freedesktop.network1")
+            && guest.bus_name_owned("org.freedesktop.hostname1")
+    });
+    assert!(
+        ready,
+        "networkd and hostnamed did not appear on the guest's bus"
+    );
+    assert_eq!(
+        guest.text("cat", &["/proc/sys/kernel/hostname"]),
+        host_hostname
+    );
+
+    // The command as a NixOS unit runs it: all defaults.
+    let out = guest.exec(
+        Duration::from_secs(90),
+        env!("CARGO_BIN_EXE_hcloud-nixos"),
+        &["network"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "hcloud-nixos network failed ({}):\n{stderr}",
+        out.status
+    );
+    assert!(standin.requests("metadata") >= 1);
+    assert!(standin.requests("metadata/private-networks") >= 1);
+
+    // networkd read our file and configured the static IPv6 and the link-local gateway.
+    let file = guest.text("cat", &[PUBLIC_FILE]);
+    assert!(file.contains(MAC), "{PUBLIC_FILE}:\n{file}");
+    let mut addr = String::new();
+    let mut route = String::new();
+    let configured = netns::poll(Duration::from_secs(20), Duration::from_millis(200), || {
+        addr = guest.text("ip", &["-6", "addr", "show", "dev", "eth0"]);
+        route = guest.text("ip", &["-6", "route"]);
+        addr.contains(IPV6) && route.contains("default via fe80::1 dev eth0")
+    });
+    assert!(
+        configured,
+        "networkd did not configure eth0:\n{addr}\n{route}\nnetworkctl:\n{}\nhcloud-nixos:\n{stderr}",
+        guest.text("networkctl", &["status", "eth0", "--no-pager"])
+    );
+
+    // The transient hostname, via hostnamed, in the guest's UTS namespace only.
+    let mut name = String::new();
+    let named = netns::poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        name = guest.text("cat", &["/proc/sys/kernel/hostname"]);
+        name.trim() == HOSTNAME
+    });
+    assert!(named, "guest hostname is '{}'", name.trim());
+    let prop = guest.text(
+        "busctl",
+        &[
+            "--system",
+            "get-property",
+            "org.freedesktop.hostname1",
+            "/org/freedesktop/hostname1",
+            "org.freedesktop.hostname1",
+            "Hostname",
+        ],
+    );
+    assert_eq!(prop.trim(), format!("s \"{HOSTNAME}\""));
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(),
+        host_hostname,
+        "the host's hostname changed"
+    );
+
+    // Root's keys, readable by root only.
+    assert_eq!(
+        guest.text("stat", &["-c", "%a %u", KEYS_FILE]).trim(),
+        "600 0"
+    );
+    let keys = guest.text("cat", &[KEYS_FILE]);
+    assert!(keys.lines().any(|l| l == KEY), "{KEYS_FILE}:\n{keys}");
+
+    // The temporary link-local address is gone again (networkd may bring the link up itself).
+    let v4 = guest.text("ip", &["-4", "addr", "show", "dev", "eth0"]);
+    assert!(
+        !v4.contains("169.254.0.1/"),
+        "temporary address left:\n{v4}"
+    );
+    // Which address the requests came from says which path the binary took.
+    let want_source = match case {
+        Eth0::Addressed => "169.254.10.2",
+        Eth0::DownWithoutAddress => "169.254.0.1",
+    };
+    let sources = standin.clients();
+    assert!(
+        !sources.is_empty() && sources.iter().all(|ip| ip.to_string() == want_source),
+        "requests came from {sources:?}, want {want_source}"
+    );
+    drop(guest);
+    drop(standin);
+}
+
+#[test]
+fn network_with_addressed_eth0() {
+    provision(Eth0::Addressed);
+}
+
+#[test]
+fn network_with_eth0_down_and_unaddressed() {
+    provision(Eth0::DownWithoutAddress);
+}
