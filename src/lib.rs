@@ -1,11 +1,13 @@
 //! hcloud-nixos: NixOS on Hetzner Cloud. Boot-time provisioning from the metadata service, a
 //! pull-based deploy agent, and an image uploader, in one binary.
 
+pub mod config;
 pub mod files;
 pub mod hostname;
 pub mod logging;
 pub mod metadata;
 pub mod network;
 pub mod provision;
+pub mod secret;
 pub mod sshkeys;
 pub mod tls;
