@@ -3,11 +3,14 @@
 
 pub mod config;
 pub mod files;
+pub mod flakeref;
 pub mod hostname;
+pub mod http;
 pub mod logging;
 pub mod metadata;
 pub mod network;
 pub mod provision;
 pub mod secret;
 pub mod sshkeys;
+pub mod state;
 pub mod tls;

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::http::{BodyError, describe};
+
 /// Where the metadata service lives on every Hetzner Cloud server.
 pub const DEFAULT_URL: &str = "http://169.254.169.254/hetzner/v1/";
 
@@ -136,7 +138,7 @@ impl Client {
     }
 
     async fn attempt(&self, url: &str) -> Result<Attempt, FetchError> {
-        let mut resp = match self.http.get(url).send().await {
+        let resp = match self.http.get(url).send().await {
             Ok(r) => r,
             Err(e) => return Ok(Attempt::Retry(describe(&e))),
         };
@@ -153,50 +155,14 @@ impl Client {
                 status: status.as_u16(),
             });
         }
-        let limit = self.settings.max_body;
-        let too_large = || FetchError::TooLarge {
-            url: url.to_string(),
-            limit,
-        };
-        if resp.content_length().is_some_and(|len| len > limit as u64) {
-            return Err(too_large());
-        }
-        let mut body =
-            Vec::with_capacity(resp.content_length().unwrap_or(4096).min(limit as u64) as usize);
-        loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > limit {
-                        return Err(too_large());
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => return Ok(Attempt::Done(Some(body))),
-                // A body cut short is a passing fault: ask again.
-                Err(e) => return Ok(Attempt::Retry(format!("body cut short: {}", describe(&e)))),
-            }
+        match crate::http::read_limited(resp, self.settings.max_body).await {
+            Ok(body) => Ok(Attempt::Done(Some(body))),
+            Err(BodyError::TooLarge) => Err(FetchError::TooLarge {
+                url: url.to_string(),
+                limit: self.settings.max_body,
+            }),
+            // A body cut short is a passing fault: ask again.
+            Err(BodyError::Cut(why)) => Ok(Attempt::Retry(format!("body cut short: {why}"))),
         }
     }
-}
-
-/// reqwest's error with its causes, on one line.
-fn describe(e: &reqwest::Error) -> String {
-    let mut text = if e.is_timeout() {
-        "timed out".to_string()
-    } else if e.is_connect() {
-        "cannot connect".to_string()
-    } else {
-        "request failed".to_string()
-    };
-    let mut source = std::error::Error::source(e);
-    let mut last = String::new();
-    while let Some(s) = source {
-        last = s.to_string();
-        source = s.source();
-    }
-    if !last.is_empty() {
-        text.push_str(": ");
-        text.push_str(&last);
-    }
-    text
 }

@@ -1,0 +1,179 @@
+//! The agent's record of what runs, what is wanted and what happened, kept in one JSON file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::files;
+
+pub const FILE_NAME: &str = "state.json";
+
+/// A release and the store path of its output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub version: String,
+    pub store_path: String,
+}
+
+/// The outcome of the last check (a poll of FlakeHub).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub at: String,
+    pub ok: bool,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Success,
+    Failed,
+}
+
+/// A deploy that finished.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deploy {
+    pub version: String,
+    pub store_path: String,
+    pub operation: String,
+    pub started_at: String,
+    pub finished_at: String,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A deploy that was started and whose result is not yet recorded. Persisted before the apply
+/// starts, so that an agent restarted meanwhile picks up its result instead of applying again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlight {
+    pub version: String,
+    pub store_path: String,
+    pub operation: String,
+    /// The transient unit running `fh apply`, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// What ran before (for the record and for rollback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_path: Option<String>,
+    pub started_at: String,
+}
+
+/// Repeated failures at one store path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failures {
+    pub store_path: String,
+    pub version: String,
+    pub count: u32,
+    pub last_error: String,
+}
+
+/// Login bookkeeping: which token (by its SHA-256, never the token) was used to log in.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Login {
+    pub token_sha256: String,
+    pub at: String,
+}
+
+/// Everything the agent remembers.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct State {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<Target>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<Target>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<Check>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_deploy: Option<Deploy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<InFlight>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failures: Option<Failures>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<Login>,
+    /// Deploys recorded since the state file was created, successful or not.
+    #[serde(default)]
+    pub deploys: u64,
+    /// The one-line status an operator reads.
+    #[serde(default)]
+    pub status: String,
+}
+
+impl State {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join(FILE_NAME)
+    }
+
+    /// Reads the state; a missing file is an empty state. A corrupt one is an error: the agent
+    /// must not forget an apply in flight.
+    pub fn load(state_dir: &Path) -> Result<State> {
+        let path = Self::path(state_dir);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "{} is not a valid state file; move it away to start afresh",
+                    path.display()
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    /// Writes the state atomically, readable by root only.
+    pub fn save(&self, state_dir: &Path) -> Result<()> {
+        files::create_dir_all_mode(state_dir, 0o700)
+            .with_context(|| format!("cannot create {}", state_dir.display()))?;
+        let mut text = serde_json::to_vec_pretty(self)?;
+        text.push(b'\n');
+        let path = Self::path(state_dir);
+        files::write_atomic(&path, &text, 0o600)
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+/// Now, as RFC 3339 in UTC with seconds.
+pub fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_is_root_only() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        assert_eq!(State::load(&state_dir).unwrap(), State::default());
+        let state = State {
+            in_flight: Some(InFlight {
+                version: "0.1.2".into(),
+                store_path: "/nix/store/x".into(),
+                operation: "switch".into(),
+                unit: Some("hcloud-nixos-apply-1.service".into()),
+                previous_path: None,
+                started_at: now(),
+            }),
+            deploys: 3,
+            ..Default::default()
+        };
+        state.save(&state_dir).unwrap();
+        assert_eq!(State::load(&state_dir).unwrap(), state);
+        assert_eq!(
+            std::fs::metadata(State::path(&state_dir)).unwrap().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn corrupt_state_is_an_error_that_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(State::path(dir.path()), "{not json").unwrap();
+        let e = State::load(dir.path()).unwrap_err();
+        assert!(format!("{e:#}").contains("move it away"));
+    }
+}
