@@ -14,3 +14,4 @@ pub mod secret;
 pub mod sshkeys;
 pub mod state;
 pub mod tls;
+pub mod userdata;

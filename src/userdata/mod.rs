@@ -1,0 +1,756 @@
+//! The server's user-data: the `hcloud_nixos` section of a cloud-config document.
+//!
+//! User-data reaches the server the way the tool that created it wrote it, so [`parse`] accepts
+//! what real tools send: a cloud-config document with or without its `#cloud-config` line; that
+//! document in base64, gzip, or base64 of gzip (the Hetzner API takes text only, so binary
+//! user-data is sent base64-encoded, and cloud-init's Hetzner datasource decodes it); a MIME
+//! multipart archive as Terraform's `cloudinit_config` or `hcloud server create` with several
+//! `--user-data-from-file` render it (parts in 7bit or base64, the whole optionally gzip+base64),
+//! with the cloud-config inside.
+//!
+//! ```yaml
+//! #cloud-config
+//! hcloud_nixos:
+//!   flakehub_token: flakehub1_...
+//!   flake: my-org/infra/0.1#nixosConfigurations.web
+//!   poll_interval: 5m        # optional
+//!   operation: switch        # optional: switch, boot or test
+//! ```
+//!
+//! Every other top-level key belongs to cloud-init; they are listed in [`UserData::other_keys`]
+//! so that the agent can say once that it ignores them. Nothing here panics or reaches a shell,
+//! and the token never appears in a message.
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::Value;
+
+use crate::config::Operation;
+use crate::flakeref::FlakeRef;
+use crate::secret::Secret;
+
+#[cfg(test)]
+mod tests;
+
+/// Hetzner accepts at most 32 KiB of user-data.
+pub const MAX_RAW: usize = 32 * 1024;
+/// The most a document may grow to while decoding (gzip, base64): a guard against gzip bombs.
+pub const MAX_DECODED: usize = 1024 * 1024;
+/// How many base64/gzip layers are peeled at most.
+const MAX_LAYERS: usize = 4;
+/// The section of the cloud-config document that is ours.
+pub const SECTION: &str = "hcloud_nixos";
+/// Bounds of `poll_interval`: more often would hammer FlakeHub, less often is not polling.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_secs(10);
+pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+/// The shortest and longest token accepted (FlakeHub's are several dozen characters long).
+const MIN_TOKEN_LEN: usize = 8;
+const MAX_TOKEN_LEN: usize = 4096;
+
+/// Why user-data could not be decoded into a text document.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("user-data is {0} bytes; Hetzner accepts at most 32 KiB (32768 bytes)")]
+    TooLarge(usize),
+    #[error(
+        "user-data decompresses to more than {} bytes; refusing it (a gzip bomb?)",
+        MAX_DECODED
+    )]
+    DecompressedTooLarge,
+    #[error("user-data looks gzip-compressed but does not decompress: {0}")]
+    Gzip(String),
+    #[error("user-data is wrapped in more than {MAX_LAYERS} layers of base64/gzip")]
+    TooManyLayers,
+    #[error(
+        "user-data is not UTF-8 text after decoding (binary user-data must be gzip, sent base64-encoded)"
+    )]
+    NotText,
+}
+
+/// The `hcloud_nixos` settings from user-data. A field is `None` when it is not set or when its
+/// value is invalid (then [`UserData::problems`] says why).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserSettings {
+    /// The FlakeHub token (a resolve-only device token is enough). `Debug` shows `[redacted]`.
+    pub flakehub_token: Option<Secret>,
+    /// What to deploy: `org/flake/version[#attr]`.
+    pub flake: Option<FlakeRef>,
+    /// How often to ask FlakeHub for a new release.
+    pub poll_interval: Option<Duration>,
+    /// What `fh apply nixos` does with a new release.
+    pub operation: Option<Operation>,
+}
+
+/// What the user-data says, as far as hcloud-nixos is concerned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserData {
+    /// `None`: there is no `hcloud_nixos` section (or no user-data at all).
+    pub settings: Option<UserSettings>,
+    /// One line per problem: where, what is wrong, what to do. Never contains the token.
+    pub problems: Vec<String>,
+    /// Top-level cloud-config keys that belong to cloud-init (ignored by hcloud-nixos).
+    pub other_keys: Vec<String>,
+    /// Other cloud-init user-data hcloud-nixos does not read, one line each (a
+    /// `text/x-shellscript` part, an `#include` document, ...).
+    pub other_parts: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The settings: one table, so that a later setting is one field in `UserSettings` and one entry
+// here (parse, the unknown-key message and `describe` all follow it).
+
+struct Field {
+    key: &'static str,
+    /// Reads the value (never null) into the settings; the error is the text after
+    /// `hcloud_nixos.<key>: `.
+    set: fn(&Value, &mut UserSettings) -> Result<(), String>,
+    /// The effective value for `describe`; `None` when not set.
+    show: fn(&UserSettings) -> Option<String>,
+}
+
+const FIELDS: &[Field] = &[
+    Field {
+        key: "flakehub_token",
+        set: set_token,
+        show: |s| {
+            s.flakehub_token
+                .as_ref()
+                .map(|t| format!("[redacted] ({} characters)", t.expose().len()))
+        },
+    },
+    Field {
+        key: "flake",
+        set: set_flake,
+        show: |s| {
+            s.flake.as_ref().map(|f| match &f.attr {
+                Some(_) => f.to_string(),
+                None => format!("{f} (attribute: nixosConfigurations.<hostname>)"),
+            })
+        },
+    },
+    Field {
+        key: "poll_interval",
+        set: set_poll_interval,
+        show: |s| {
+            s.poll_interval
+                .map(|d| humantime::format_duration(d).to_string())
+        },
+    },
+    Field {
+        key: "operation",
+        set: set_operation,
+        show: |s| s.operation.map(|o| o.as_str().to_string()),
+    },
+];
+
+/// The keys the `hcloud_nixos` section knows, in the order they are documented.
+pub fn known_keys() -> impl Iterator<Item = &'static str> {
+    FIELDS.iter().map(|f| f.key)
+}
+
+fn known_keys_list() -> String {
+    known_keys().collect::<Vec<_>>().join(", ")
+}
+
+/// "a number", "a list", ...: what a YAML value is, without showing it.
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "empty",
+        Value::Bool(_) => "true/false",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+fn set_token(value: &Value, s: &mut UserSettings) -> Result<(), String> {
+    // Never show the value, nor a part of it.
+    const HOW: &str =
+        "paste the token exactly as FlakeHub shows it (it usually starts with flakehub1_)";
+    let Value::String(text) = value else {
+        return Err(format!(
+            "is {}, not a string; {HOW}, in quotes if need be",
+            kind(value)
+        ));
+    };
+    if text.is_empty() {
+        return Err(format!("is empty; {HOW}"));
+    }
+    if text.len() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "is {} characters long, too short for a token; {HOW}",
+            text.len()
+        ));
+    }
+    if text.len() > MAX_TOKEN_LEN {
+        return Err(format!(
+            "is {} characters long, more than a token has ({MAX_TOKEN_LEN}); {HOW}",
+            text.len()
+        ));
+    }
+    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "contains whitespace or a control character; {HOW} (one line, no spaces)"
+        ));
+    }
+    if !text.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!("contains non-ASCII characters; {HOW}"));
+    }
+    s.flakehub_token = Some(Secret::new(text.clone()));
+    Ok(())
+}
+
+fn set_flake(value: &Value, s: &mut UserSettings) -> Result<(), String> {
+    let Value::String(text) = value else {
+        return Err(format!(
+            "is {}, not a string; write org/flake/version[#attr], e.g. my-org/infra/0.1#nixosConfigurations.web",
+            kind(value)
+        ));
+    };
+    s.flake = Some(text.parse()?);
+    Ok(())
+}
+
+fn set_poll_interval(value: &Value, s: &mut UserSettings) -> Result<(), String> {
+    let text = match value {
+        Value::String(text) => text,
+        Value::Number(_) => {
+            return Err(
+                "is a number without a unit; write a duration with its unit, e.g. \"60s\" or \"5m\""
+                    .into(),
+            );
+        }
+        other => {
+            return Err(format!(
+                "is {}, not a duration; write e.g. \"60s\" or \"5m\"",
+                kind(other)
+            ));
+        }
+    };
+    let shown = shown(text);
+    let interval = humantime::parse_duration(text).map_err(|e| {
+        format!("{shown} is not a duration ({e}); write e.g. \"60s\", \"5m\" or \"1h 30m\"")
+    })?;
+    if interval < MIN_POLL_INTERVAL || interval > MAX_POLL_INTERVAL {
+        return Err(format!(
+            "{shown} is out of range; use {} to {}",
+            humantime::format_duration(MIN_POLL_INTERVAL),
+            humantime::format_duration(MAX_POLL_INTERVAL)
+        ));
+    }
+    s.poll_interval = Some(interval);
+    Ok(())
+}
+
+fn set_operation(value: &Value, s: &mut UserSettings) -> Result<(), String> {
+    let Value::String(text) = value else {
+        return Err(format!(
+            "is {}, not an operation (switch, boot or test)",
+            kind(value)
+        ));
+    };
+    let op = text.parse::<Operation>().map_err(|_| {
+        format!(
+            "{} is not an operation; use switch, boot or test",
+            shown(text)
+        )
+    })?;
+    s.operation = Some(op);
+    Ok(())
+}
+
+/// A user-given value for a message: quoted, control characters escaped, shortened.
+fn shown(text: &str) -> String {
+    let mut out = String::new();
+    for (n, c) in text.chars().enumerate() {
+        if n == 60 {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    format!("'{out}'")
+}
+
+/// Edit distance, for "did you mean" on unknown keys.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+fn suggestion(key: &str) -> Option<&'static str> {
+    let normal = key.to_ascii_lowercase().replace('-', "_");
+    if normal == "token" || normal == "flakehub" {
+        return Some("flakehub_token");
+    }
+    known_keys()
+        .map(|k| (distance(&normal, k), k))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Reads the `hcloud_nixos` section.
+fn parse_section(section: &Value, problems: &mut Vec<String>) -> UserSettings {
+    let mut settings = UserSettings::default();
+    let map = match section {
+        Value::Null => return settings,
+        Value::Object(map) => map,
+        other => {
+            problems.push(format!(
+                "{SECTION}: is {}, not a mapping; write the settings indented under it (keys: {})",
+                kind(other),
+                known_keys_list()
+            ));
+            return settings;
+        }
+    };
+    for (key, value) in map {
+        match FIELDS.iter().find(|f| f.key == key) {
+            Some(field) => {
+                if value.is_null() {
+                    continue;
+                }
+                if let Err(e) = (field.set)(value, &mut settings) {
+                    problems.push(format!("{SECTION}.{key}: {e}"));
+                }
+            }
+            None => {
+                let hint = match suggestion(key) {
+                    Some(k) => format!(" (did you mean {k}?)"),
+                    None => String::new(),
+                };
+                problems.push(format!(
+                    "{SECTION}.{}: unknown key{hint}; known keys are {}",
+                    shown(key).trim_matches('\''),
+                    known_keys_list()
+                ));
+            }
+        }
+    }
+    settings
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding: base64 / gzip layers, then MIME multipart.
+
+fn is_gzip(data: &[u8]) -> bool {
+    data.starts_with(&[0x1f, 0x8b])
+}
+
+fn gunzip(data: &[u8]) -> Result<Vec<u8>, DecodeError> {
+    let mut out = Vec::new();
+    let decoder = flate2::read::MultiGzDecoder::new(data);
+    decoder
+        .take(MAX_DECODED as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| DecodeError::Gzip(e.to_string()))?;
+    if out.len() > MAX_DECODED {
+        return Err(DecodeError::DecompressedTooLarge);
+    }
+    Ok(out)
+}
+
+/// Text that a cloud-config document could be: UTF-8 without control characters other than
+/// tab, newline and carriage return.
+fn is_text(data: &[u8]) -> bool {
+    std::str::from_utf8(data).is_ok_and(|s| {
+        !s.chars()
+            .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    })
+}
+
+/// `data` base64-decoded, if it is base64 (standard alphabet, padding optional, whitespace and
+/// line breaks ignored) of something that is gzip or text. Plain text documents are not: a
+/// cloud-config document has `:`, `#` or spaces, which base64 has not.
+fn unbase64(data: &[u8]) -> Option<Vec<u8>> {
+    let compact: Vec<u8> = data
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    if compact.len() < 4
+        || !compact
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+    {
+        return None;
+    }
+    let engine = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent)
+            .with_decode_allow_trailing_bits(true),
+    );
+    let decoded = engine.decode(&compact).ok()?;
+    (is_gzip(&decoded) || is_text(&decoded)).then_some(decoded)
+}
+
+/// Peels base64 and gzip layers off `data`; what is left is the document.
+fn peel(data: &[u8]) -> Result<Vec<u8>, DecodeError> {
+    let mut current = data.to_vec();
+    for _ in 0..=MAX_LAYERS {
+        if is_gzip(&current) {
+            current = gunzip(&current)?;
+        } else if let Some(decoded) = unbase64(&current) {
+            current = decoded;
+        } else {
+            if let Some(rest) = current.strip_prefix("\u{feff}".as_bytes()) {
+                current = rest.to_vec();
+            }
+            if std::str::from_utf8(&current).is_err() {
+                return Err(DecodeError::NotText);
+            }
+            return Ok(current);
+        }
+    }
+    Err(DecodeError::TooManyLayers)
+}
+
+/// Peels base64 / gzip / base64-of-gzip layers (at most a few) off raw user-data and returns the
+/// text document, which may still be a MIME multipart archive. Raw user-data over 32 KiB and
+/// anything that decompresses to more than 1 MiB are refused. The result is valid UTF-8.
+pub fn decode(raw: &[u8]) -> Result<Vec<u8>, DecodeError> {
+    if raw.len() > MAX_RAW {
+        return Err(DecodeError::TooLarge(raw.len()));
+    }
+    peel(raw)
+}
+
+/// Whether a decoded document is a MIME archive, as cloud-init decides it (`mime-version:` in
+/// the first 4096 bytes), or starts with a `Content-Type:` header.
+fn is_mime(text: &str) -> bool {
+    let head: String = text
+        .bytes()
+        .take(4096)
+        .map(|b| b.to_ascii_lowercase() as char)
+        .collect();
+    head.contains("mime-version:") || head.starts_with("content-type:")
+}
+
+/// The first line of a document decides what it is for cloud-init (when no MIME type does).
+fn kind_by_first_line(text: &str) -> Option<&'static str> {
+    const STARTS: &[(&str, &str)] = &[
+        ("#cloud-config-archive", "text/cloud-config-archive"),
+        ("#cloud-config-jsonp", "text/cloud-config-jsonp"),
+        ("#cloud-config", "text/cloud-config"),
+        ("#!", "text/x-shellscript"),
+        ("#include-once", "text/x-include-once-url"),
+        ("#include", "text/x-include-url"),
+        ("#cloud-boothook", "text/cloud-boothook"),
+        ("#part-handler", "text/part-handler"),
+        ("#upstart-job", "text/upstart-job"),
+        ("## template: jinja", "text/jinja2"),
+    ];
+    let lower = text.trim_start_matches('\u{feff}');
+    STARTS
+        .iter()
+        .find(|(prefix, _)| {
+            lower.len() >= prefix.len()
+                && lower.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+        })
+        .map(|(_, kind)| *kind)
+}
+
+/// A piece of user-data after decoding: a cloud-config document or something else.
+enum Piece {
+    CloudConfig { label: String, text: String },
+    Other { label: String, text: String },
+}
+
+fn classify_document(text: String) -> Piece {
+    match kind_by_first_line(&text) {
+        // With or without `#cloud-config`: a document cloud-init would not read still can be
+        // ours (cloud-init needs the line; hcloud-nixos does not).
+        Some("text/cloud-config") | None => Piece::CloudConfig {
+            label: "user-data".into(),
+            text,
+        },
+        Some(kind) => Piece::Other {
+            label: format!("user-data ({kind})"),
+            text,
+        },
+    }
+}
+
+fn split_mime(text: &str, problems: &mut Vec<String>) -> Vec<Piece> {
+    use mail_parser::MimeHeaders as _;
+
+    let Some(message) = mail_parser::MessageParser::default().parse(text.as_bytes()) else {
+        problems.push("user-data: looks like a MIME archive but cannot be parsed".into());
+        return Vec::new();
+    };
+    let mut pieces = Vec::new();
+    let mut number = 0;
+    for part in &message.parts {
+        if part.is_multipart() {
+            continue;
+        }
+        number += 1;
+        let ctype = part
+            .content_type()
+            .map(|ct| {
+                let sub = ct.subtype().unwrap_or("");
+                format!("{}/{}", ct.ctype(), sub).to_ascii_lowercase()
+            })
+            .unwrap_or_else(|| "text/plain".into());
+        let label = format!("user-data part {number} ({ctype})");
+        let body = match peel(part.contents()) {
+            Ok(body) => body,
+            Err(e) => {
+                problems.push(format!("{label}: {e}"));
+                continue;
+            }
+        };
+        // peel() returns UTF-8 only.
+        let body = String::from_utf8(body).unwrap_or_default();
+        let is_cloud_config = match ctype.as_str() {
+            "text/cloud-config" => true,
+            // cloud-init decides these by the first line.
+            "text/plain"
+            | "text/x-not-multipart"
+            | "application/octet-stream"
+            | "application/gzip"
+            | "application/x-gzip" => kind_by_first_line(&body) == Some("text/cloud-config"),
+            _ => false,
+        };
+        pieces.push(if is_cloud_config {
+            Piece::CloudConfig { label, text: body }
+        } else {
+            Piece::Other { label, text: body }
+        });
+    }
+    pieces
+}
+
+/// The YAML parser's message, first line only, with anything token-like taken out: the parser
+/// may quote the source around a mistake, and that may be the token's line.
+fn yaml_error(e: &serde_saphyr::Error, text: &str) -> String {
+    let message = e.to_string();
+    let mut first = message.lines().next().unwrap_or("").trim();
+    first = first.strip_prefix("error: ").unwrap_or(first);
+    // Advice meant for programmers using the parser, not for the user.
+    if let Some(at) = first.find(", set DuplicateKeyPolicy") {
+        first = &first[..at];
+    }
+    let mut first = first.to_string();
+    for secret in token_candidates(text) {
+        first = first.replace(&secret, "[redacted]");
+    }
+    first
+}
+
+/// Strings in a document that may be a token: the value on any `flakehub_token` line, and any
+/// word that contains `flakehub1_`.
+fn token_candidates(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for line in text.lines() {
+        if let Some(at) = line.find("flakehub_token")
+            && let Some((_, value)) = line[at..].split_once(':')
+        {
+            let value = value
+                .split(" #")
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches(|c| c == '"' || c == '\'');
+            if value.len() >= 4 {
+                found.push(value.to_string());
+            }
+        }
+        for word in line.split(|c: char| c.is_whitespace() || "\"':,[]{}".contains(c)) {
+            if word.contains("flakehub1_") {
+                found.push(word.to_string());
+            }
+        }
+    }
+    // Longest first, so that a shorter candidate inside a longer one does not leave a tail.
+    found.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    found
+}
+
+fn redact(lines: &mut [String], secrets: &[String]) {
+    for line in lines {
+        for secret in secrets {
+            if !secret.is_empty() && line.contains(secret.as_str()) {
+                *line = line.replace(secret.as_str(), "[redacted]");
+            }
+        }
+    }
+}
+
+/// Parses raw user-data (as the metadata service serves it). Never panics; empty input is "no
+/// user-data". Invalid values are left `None` in the settings and reported in `problems`, so the
+/// valid rest can still be used.
+pub fn parse(raw: &[u8]) -> UserData {
+    let mut data = UserData::default();
+    if raw.iter().all(u8::is_ascii_whitespace) {
+        return data;
+    }
+    let text = match decode(raw) {
+        Ok(text) => String::from_utf8(text).unwrap_or_default(),
+        Err(e) => {
+            data.problems.push(e.to_string());
+            return data;
+        }
+    };
+    let pieces = if is_mime(&text) {
+        split_mime(&text, &mut data.problems)
+    } else {
+        vec![classify_document(text)]
+    };
+
+    let mut sections: Vec<(String, Value)> = Vec::new();
+    let mut secrets: Vec<String> = Vec::new();
+    for piece in pieces {
+        match piece {
+            Piece::Other { label, text } => {
+                if text.contains(&format!("{SECTION}:")) {
+                    data.problems.push(format!(
+                        "{label}: has an {SECTION} section, but hcloud-nixos reads only cloud-config; \
+                         put it in a #cloud-config document (or a text/cloud-config part)"
+                    ));
+                }
+                data.other_parts.push(label);
+            }
+            Piece::CloudConfig { label, text } => {
+                secrets.extend(token_candidates(&text));
+                let value: Value = if text.trim().is_empty() {
+                    Value::Null
+                } else {
+                    match serde_saphyr::from_str(&text) {
+                        Ok(value) => value,
+                        Err(e) => {
+                            data.problems.push(format!(
+                                "{label}: not valid YAML: {}",
+                                yaml_error(&e, &text)
+                            ));
+                            continue;
+                        }
+                    }
+                };
+                match value {
+                    Value::Null => {}
+                    Value::Object(map) => {
+                        for (key, value) in map {
+                            if key == SECTION {
+                                sections.push((label.clone(), value));
+                            } else if !data.other_keys.contains(&key) {
+                                data.other_keys.push(key);
+                            }
+                        }
+                    }
+                    other => data.problems.push(format!(
+                        "{label}: the cloud-config document is {}, not a mapping of keys",
+                        kind(&other)
+                    )),
+                }
+            }
+        }
+    }
+
+    if sections.len() > 1 {
+        let labels: Vec<&str> = sections.iter().map(|(l, _)| l.as_str()).collect();
+        data.problems.push(format!(
+            "{SECTION}: appears in {} cloud-config parts ({}); hcloud-nixos reads the first, keep it in one",
+            sections.len(),
+            labels.join(", ")
+        ));
+    }
+    if let Some((_, section)) = sections.first() {
+        data.settings = Some(parse_section(section, &mut data.problems));
+    }
+
+    // Belt and braces: no message, no key name carries the token.
+    if let Some(token) = data
+        .settings
+        .as_ref()
+        .and_then(|s| s.flakehub_token.as_ref())
+    {
+        secrets.push(token.expose().to_string());
+    }
+    secrets.retain(|s| s.len() >= 4);
+    redact(&mut data.problems, &secrets);
+    redact(&mut data.other_keys, &secrets);
+    data
+}
+
+/// The effective settings as `hcloud-nixos userdata check` prints them: the token as
+/// `[redacted]` with its length, unset settings as such, and what is left to cloud-init.
+pub fn describe(data: &UserData) -> String {
+    let mut out = String::new();
+    match &data.settings {
+        None => {
+            let _ = writeln!(
+                out,
+                "No {SECTION} section: the agent stays idle (nothing to deploy)."
+            );
+        }
+        Some(settings) => {
+            let _ = writeln!(out, "{SECTION}:");
+            let width = known_keys().map(str::len).max().unwrap_or(0);
+            for field in FIELDS {
+                let value = (field.show)(settings).unwrap_or_else(|| "(not set)".into());
+                let _ = writeln!(
+                    out,
+                    "  {:<width$}  {value}",
+                    format!("{}:", field.key),
+                    width = width + 1
+                );
+            }
+        }
+    }
+    if !data.other_keys.is_empty() {
+        let _ = writeln!(
+            out,
+            "Left to cloud-init (ignored by hcloud-nixos): {}",
+            data.other_keys.join(", ")
+        );
+    }
+    for part in &data.other_parts {
+        let _ = writeln!(out, "Left to cloud-init (ignored by hcloud-nixos): {part}");
+    }
+    out
+}
+
+/// `hcloud-nixos userdata check FILE`: the description when the file is fine, else one line per
+/// problem. A file that cannot be read or is over 32 KiB is one problem.
+pub fn check_file(path: &Path) -> Result<String, Vec<String>> {
+    let shown_path = path.display();
+    let file =
+        std::fs::File::open(path).map_err(|e| vec![format!("{shown_path}: cannot read: {e}")])?;
+    let mut raw = Vec::new();
+    file.take(MAX_RAW as u64 + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| vec![format!("{shown_path}: cannot read: {e}")])?;
+    if raw.len() > MAX_RAW {
+        return Err(vec![format!(
+            "{shown_path}: more than 32 KiB (32768 bytes); Hetzner accepts at most 32 KiB of user-data (gzip and base64 it, or shorten it)"
+        )]);
+    }
+    let data = parse(&raw);
+    if data.problems.is_empty() {
+        Ok(describe(&data))
+    } else {
+        Err(data.problems)
+    }
+}

@@ -1,0 +1,728 @@
+//! User-data as real tools render it, and every way its `hcloud_nixos` section can be wrong.
+
+use std::io::Write as _;
+
+use super::*;
+
+const TOKEN: &str = "flakehub1_s3cr3tT0kenValue_0123456789abcdef";
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/../shared/fixtures/hetzner-metadata/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+fn b64(data: &[u8]) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .encode(data)
+        .into_bytes()
+}
+
+/// base64 wrapped at 76 columns, as `base64` and MIME encoders write it.
+fn b64_wrapped(data: &[u8]) -> Vec<u8> {
+    let one = String::from_utf8(b64(data)).unwrap();
+    let lines: Vec<&str> = one
+        .as_bytes()
+        .chunks(76)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!("{}\n", lines.join("\n")).into_bytes()
+}
+
+fn full_section() -> String {
+    format!(
+        "#cloud-config\n\
+         package_update: true\n\
+         hcloud_nixos:\n  \
+           flakehub_token: {TOKEN}\n  \
+           flake: my-org/infra/0.1#nixosConfigurations.web\n  \
+           poll_interval: 5m\n  \
+           operation: boot\n\
+         runcmd:\n\
+         - [touch, /root/cloud-init-worked]\n"
+    )
+}
+
+fn assert_full(data: &UserData) {
+    assert_eq!(data.problems, Vec::<String>::new());
+    let s = data.settings.as_ref().expect("the hcloud_nixos section");
+    assert_eq!(s.flakehub_token.as_ref().unwrap().expose(), TOKEN);
+    assert_eq!(
+        s.flake.as_ref().unwrap().to_string(),
+        "my-org/infra/0.1#nixosConfigurations.web"
+    );
+    assert_eq!(s.poll_interval, Some(Duration::from_secs(300)));
+    assert_eq!(s.operation, Some(Operation::Boot));
+    assert_eq!(data.other_keys, ["package_update", "runcmd"]);
+}
+
+fn problems_of(section_body: &str) -> (UserData, Vec<String>) {
+    let doc = format!("#cloud-config\nhcloud_nixos:\n{section_body}");
+    let data = parse(doc.as_bytes());
+    let problems = data.problems.clone();
+    for p in &problems {
+        assert!(!p.contains('\n'), "one line each: {p:?}");
+    }
+    (data, problems)
+}
+
+/// The only problem, which must start with `prefix` and contain `needle`.
+fn one_problem(section_body: &str, prefix: &str, needle: &str) -> UserData {
+    let (data, problems) = problems_of(section_body);
+    assert_eq!(problems.len(), 1, "{section_body:?}: {problems:?}");
+    assert!(
+        problems[0].starts_with(prefix) && problems[0].contains(needle),
+        "{section_body:?}: {:?} should start with {prefix:?} and mention {needle:?}",
+        problems[0]
+    );
+    data
+}
+
+// --- Documents without our section -----------------------------------------------------------
+
+#[test]
+fn the_fixture_has_no_section_of_ours() {
+    let data = parse(&fixture("userdata.cloud-config-example.yaml"));
+    assert_eq!(data.settings, None);
+    assert_eq!(data.problems, Vec::<String>::new());
+    assert_eq!(data.other_keys, ["runcmd"]);
+    assert!(describe(&data).contains("No hcloud_nixos section"));
+    assert!(describe(&data).contains("runcmd"));
+}
+
+#[test]
+fn no_user_data_is_not_a_problem() {
+    for raw in [
+        &b""[..],
+        b"\n",
+        b"  \r\n\t",
+        b"#cloud-config\n",
+        b"#cloud-config\n# nothing\n",
+    ] {
+        let data = parse(raw);
+        assert_eq!(data, UserData::default(), "{raw:?}");
+    }
+}
+
+#[test]
+fn an_empty_section_is_present_but_sets_nothing() {
+    let data = parse(b"#cloud-config\nhcloud_nixos:\n");
+    assert_eq!(data.problems, Vec::<String>::new());
+    assert_eq!(data.settings, Some(UserSettings::default()));
+    let text = describe(&data);
+    assert!(
+        text.contains("flake:") && text.contains("(not set)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn other_cloud_init_formats_are_left_alone() {
+    let data = parse(b"#!/bin/sh\necho hello > /root/hello\n");
+    assert_eq!(data.settings, None);
+    assert_eq!(data.problems, Vec::<String>::new());
+    assert_eq!(data.other_parts, ["user-data (text/x-shellscript)"]);
+    let data = parse(b"#include\nhttps://example.com/config.yaml\n");
+    assert_eq!(data.other_parts, ["user-data (text/x-include-url)"]);
+}
+
+#[test]
+fn a_section_where_it_is_not_read_is_a_problem() {
+    let data = parse(b"## template: jinja\n#cloud-config\nhcloud_nixos:\n  flake: a/b/*\n");
+    assert_eq!(data.settings, None);
+    assert_eq!(data.problems.len(), 1, "{:?}", data.problems);
+    assert!(data.problems[0].contains("reads only cloud-config"));
+}
+
+// --- Encodings --------------------------------------------------------------------------------
+
+#[test]
+fn with_and_without_the_cloud_config_line() {
+    let doc = full_section();
+    assert_full(&parse(doc.as_bytes()));
+    let without = doc.strip_prefix("#cloud-config\n").unwrap();
+    assert_full(&parse(without.as_bytes()));
+    // Windows line ends, a byte order mark, a header with trailing spaces.
+    let crlf = doc.replace('\n', "\r\n");
+    assert_full(&parse(crlf.as_bytes()));
+    assert_full(&parse(format!("\u{feff}{doc}").as_bytes()));
+    assert_full(&parse(
+        doc.replacen("#cloud-config", "#cloud-config  ", 1)
+            .as_bytes(),
+    ));
+}
+
+#[test]
+fn base64_gzip_and_base64_of_gzip() {
+    let doc = full_section().into_bytes();
+    for (name, raw) in [
+        ("base64", b64(&doc)),
+        ("base64 wrapped", b64_wrapped(&doc)),
+        ("gzip", gzip(&doc)),
+        ("base64 of gzip", b64(&gzip(&doc))),
+        ("base64 of gzip, wrapped", b64_wrapped(&gzip(&doc))),
+        ("base64 of base64", b64(&b64(&doc))),
+    ] {
+        let data = parse(&raw);
+        assert_eq!(data.problems, Vec::<String>::new(), "{name}");
+        assert_full(&data);
+        assert_eq!(decode(&raw).unwrap(), doc, "{name}");
+    }
+    // Unpadded base64 too.
+    let unpadded = String::from_utf8(b64(&doc)).unwrap();
+    assert_full(&parse(unpadded.trim_end_matches('=').as_bytes()));
+}
+
+#[test]
+fn plain_text_is_not_mistaken_for_base64() {
+    // Words of base64 characters: decoding them gives no text, so they stay as they are.
+    assert_eq!(decode(b"abcd").unwrap(), b"abcd");
+    assert_eq!(decode(b"hcloud").unwrap(), b"hcloud");
+}
+
+#[test]
+fn gzip_bombs_are_refused() {
+    // 64 MiB of zeroes compress to about 64 KiB: too big raw. 2 MiB compress to ~2 KiB.
+    let bomb = gzip(&vec![b'a'; 2 * MAX_DECODED]);
+    assert!(bomb.len() < MAX_RAW);
+    assert_eq!(decode(&bomb), Err(DecodeError::DecompressedTooLarge));
+    assert_eq!(decode(&b64(&bomb)), Err(DecodeError::DecompressedTooLarge));
+    let data = parse(&b64(&bomb));
+    assert_eq!(data.settings, None);
+    assert_eq!(data.problems.len(), 1);
+    assert!(
+        data.problems[0].contains("gzip bomb"),
+        "{:?}",
+        data.problems
+    );
+    // A bomb nested in layers: gzip of (base64 of gzip bomb) is small, still refused.
+    let nested = gzip(&b64(&gzip(&vec![0u8; 4 * MAX_DECODED])));
+    assert!(nested.len() < MAX_RAW);
+    assert_eq!(decode(&nested), Err(DecodeError::DecompressedTooLarge));
+    // Exactly the limit is fine.
+    let mut at_limit = b"#cloud-config\n".to_vec();
+    at_limit.resize(MAX_DECODED, b'\n');
+    assert_eq!(decode(&gzip(&at_limit)).unwrap().len(), MAX_DECODED);
+}
+
+#[test]
+fn decoding_faults() {
+    assert_eq!(
+        decode(&vec![b'\n'; MAX_RAW + 1]),
+        Err(DecodeError::TooLarge(MAX_RAW + 1))
+    );
+    let mut cut = gzip(full_section().as_bytes());
+    cut.truncate(cut.len() / 2);
+    assert!(matches!(decode(&cut), Err(DecodeError::Gzip(_))));
+    assert_eq!(
+        decode(&gzip(&[0xff, 0xfe, 0x00])),
+        Err(DecodeError::NotText)
+    );
+    assert_eq!(decode(&[0xc3, 0x28]), Err(DecodeError::NotText));
+    let mut layered = full_section().into_bytes();
+    for _ in 0..6 {
+        layered = gzip(&layered);
+    }
+    assert_eq!(decode(&layered), Err(DecodeError::TooManyLayers));
+    for raw in [cut, vec![0xc3, 0x28], layered] {
+        let data = parse(&raw);
+        assert_eq!(data.settings, None);
+        assert_eq!(data.problems.len(), 1, "{:?}", data.problems);
+    }
+}
+
+// --- MIME multipart ---------------------------------------------------------------------------
+
+/// What Terraform's `cloudinit_config` renders (`gzip = false, base64_encode = false`): the
+/// first header line ends in LF only, the rest in CRLF; Go's multipart writer sorts the part
+/// headers and spells `Mime-Version`. Here one part is 7bit, one base64 (as written by hand or by
+/// other tools), plus a shell script.
+fn terraform_multipart(cloud_config: &str) -> String {
+    let encoded = String::from_utf8(b64_wrapped(cloud_config.as_bytes()))
+        .unwrap()
+        .replace('\n', "\r\n");
+    format!(
+        "Content-Type: multipart/mixed; boundary=\"MIMEBOUNDARY\"\n\
+         MIME-Version: 1.0\r\n\
+         \r\n\
+         --MIMEBOUNDARY\r\n\
+         Content-Disposition: attachment; filename=\"base.yaml\"\r\n\
+         Content-Transfer-Encoding: 7bit\r\n\
+         Content-Type: text/cloud-config\r\n\
+         Mime-Version: 1.0\r\n\
+         X-Merge-Type: list(append)+dict(no_replace,recurse_list)+str()\r\n\
+         \r\n\
+         #cloud-config\r\n\
+         packages:\r\n\
+         - htop\r\n\
+         ssh_pwauth: false\r\n\
+         \r\n\
+         --MIMEBOUNDARY\r\n\
+         Content-Disposition: attachment; filename=\"hcloud-nixos.yaml\"\r\n\
+         Content-Transfer-Encoding: base64\r\n\
+         Content-Type: text/cloud-config\r\n\
+         Mime-Version: 1.0\r\n\
+         \r\n\
+         {encoded}\
+         --MIMEBOUNDARY\r\n\
+         Content-Disposition: attachment; filename=\"hello.sh\"\r\n\
+         Content-Transfer-Encoding: 7bit\r\n\
+         Content-Type: text/x-shellscript\r\n\
+         Mime-Version: 1.0\r\n\
+         \r\n\
+         #!/bin/bash\r\n\
+         echo hello > /root/hello\r\n\
+         \r\n\
+         --MIMEBOUNDARY--\r\n"
+    )
+}
+
+#[test]
+fn terraform_cloudinit_config() {
+    let mime = terraform_multipart(&full_section());
+    let check = |raw: &[u8], name: &str| {
+        let data = parse(raw);
+        assert_eq!(data.problems, Vec::<String>::new(), "{name}");
+        let s = data.settings.as_ref().expect(name);
+        assert_eq!(s.flakehub_token.as_ref().unwrap().expose(), TOKEN);
+        assert_eq!(s.flake.as_ref().unwrap().org, "my-org");
+        assert_eq!(s.operation, Some(Operation::Boot));
+        assert_eq!(
+            data.other_keys,
+            ["packages", "ssh_pwauth", "package_update", "runcmd"],
+            "{name}"
+        );
+        assert_eq!(
+            data.other_parts,
+            ["user-data part 3 (text/x-shellscript)"],
+            "{name}"
+        );
+    };
+    check(mime.as_bytes(), "plain");
+    // base64_encode = true
+    check(&b64(mime.as_bytes()), "base64");
+    // gzip = true, base64_encode = true (the provider's defaults)
+    check(&b64(&gzip(mime.as_bytes())), "gzip+base64");
+    // The section in the 7bit part instead.
+    let seven_bit = mime.replace(
+        "ssh_pwauth: false\r\n",
+        &format!(
+            "ssh_pwauth: false\r\nhcloud_nixos:\r\n  flake: a/b/*\r\n  flakehub_token: {TOKEN}\r\n"
+        ),
+    );
+    let seven_bit = seven_bit.replace(
+        &String::from_utf8(b64_wrapped(full_section().as_bytes()))
+            .unwrap()
+            .replace('\n', "\r\n"),
+        &String::from_utf8(b64_wrapped(b"#cloud-config\nruncmd: []\n"))
+            .unwrap()
+            .replace('\n', "\r\n"),
+    );
+    let data = parse(seven_bit.as_bytes());
+    assert_eq!(data.problems, Vec::<String>::new());
+    assert_eq!(data.settings.unwrap().flake.unwrap().to_string(), "a/b/*");
+}
+
+#[test]
+fn terraform_exact_rendering_with_a_text_plain_part() {
+    // A part without content_type is text/plain; cloud-init goes by its first line.
+    let body = full_section().replace('\n', "\r\n");
+    let mime = format!(
+        "Content-Type: multipart/mixed; boundary=\"MIMEBOUNDARY\"\nMIME-Version: 1.0\r\n\r\n\
+         --MIMEBOUNDARY\r\nContent-Transfer-Encoding: 7bit\r\nContent-Type: text/plain\r\n\
+         Mime-Version: 1.0\r\n\r\n{body}\r\n--MIMEBOUNDARY--\r\n"
+    );
+    assert_full(&parse(&b64(&gzip(mime.as_bytes()))));
+}
+
+#[test]
+fn hcloud_cli_several_user_data_files() {
+    // `hcloud server create --user-data-from-file a --user-data-from-file b`: a random
+    // boundary, parts base64 on one line, MIME-Version first.
+    let part = |ctype: &str, content: &str| {
+        format!(
+            "--3f1b2c4d5e6f\r\nContent-Transfer-Encoding: base64\r\nContent-Type: {ctype}\r\n\r\n{}\r\n",
+            String::from_utf8(b64(content.as_bytes())).unwrap()
+        )
+    };
+    let mime = format!(
+        "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=3f1b2c4d5e6f\r\n\r\n{}{}--3f1b2c4d5e6f--\r\n",
+        part("text/x-shellscript", "#!/bin/sh\ntrue\n"),
+        part("text/cloud-config", &full_section()),
+    );
+    let data = parse(mime.as_bytes());
+    assert_full(&data);
+    assert_eq!(data.other_parts, ["user-data part 1 (text/x-shellscript)"]);
+}
+
+#[test]
+fn several_cloud_config_parts_with_the_section() {
+    let part =
+        |content: &str| format!("--B\r\nContent-Type: text/cloud-config\r\n\r\n{content}\r\n");
+    let mime = format!(
+        "Content-Type: multipart/mixed; boundary=\"B\"\r\nMIME-Version: 1.0\r\n\r\n{}{}--B--\r\n",
+        part("#cloud-config\nhcloud_nixos:\n  flake: a/first/*\n"),
+        part("#cloud-config\nhcloud_nixos:\n  flake: a/second/*\n"),
+    );
+    let data = parse(mime.as_bytes());
+    assert_eq!(data.settings.unwrap().flake.unwrap().flake, "first");
+    assert_eq!(data.problems.len(), 1, "{:?}", data.problems);
+    assert!(data.problems[0].contains("appears in 2 cloud-config parts"));
+}
+
+#[test]
+fn a_broken_part_does_not_hide_the_others() {
+    let mime = "Content-Type: multipart/mixed; boundary=\"B\"\r\nMIME-Version: 1.0\r\n\r\n\
+         --B\r\nContent-Type: text/cloud-config\r\n\r\n#cloud-config\nruncmd: [unclosed\r\n\
+         --B\r\nContent-Type: text/cloud-config\r\n\r\n#cloud-config\nhcloud_nixos:\n  flake: a/b/*\r\n\
+         --B--\r\n";
+    let data = parse(mime.as_bytes());
+    assert_eq!(data.settings.unwrap().flake.unwrap().to_string(), "a/b/*");
+    assert_eq!(data.problems.len(), 1, "{:?}", data.problems);
+    assert!(
+        data.problems[0].starts_with("user-data part 1 (text/cloud-config): not valid YAML"),
+        "{:?}",
+        data.problems
+    );
+}
+
+// --- The section's values -------------------------------------------------------------------
+
+#[test]
+fn invalid_documents() {
+    let data = parse(b"#cloud-config\nhcloud_nixos: [unclosed\n");
+    assert_eq!(data.settings, None);
+    assert_eq!(data.problems.len(), 1);
+    assert!(
+        data.problems[0].starts_with("user-data: not valid YAML"),
+        "{:?}",
+        data.problems
+    );
+    let data = parse(b"#cloud-config\n- a\n- b\n");
+    assert_eq!(data.problems.len(), 1);
+    assert!(
+        data.problems[0].contains("is a list, not a mapping"),
+        "{:?}",
+        data.problems
+    );
+    one_problem(
+        "  - flake\n",
+        "hcloud_nixos: is a list, not a mapping",
+        "keys: flakehub_token",
+    );
+    let data = parse(b"#cloud-config\nhcloud_nixos: yes please\n");
+    assert!(data.problems[0].starts_with("hcloud_nixos: is a string, not a mapping"));
+    assert_eq!(data.settings, Some(UserSettings::default()));
+}
+
+#[test]
+fn unknown_keys() {
+    let data = one_problem(
+        "  flake: a/b/*\n  confirm: true\n",
+        "hcloud_nixos.confirm: unknown key; known keys are flakehub_token, flake, poll_interval, operation",
+        "",
+    );
+    // The rest is still read.
+    assert_eq!(data.settings.unwrap().flake.unwrap().to_string(), "a/b/*");
+    one_problem(
+        &format!("  token: {TOKEN}\n"),
+        "hcloud_nixos.token: unknown key (did you mean flakehub_token?)",
+        "",
+    );
+    one_problem(
+        "  poll-interval: 5m\n",
+        "hcloud_nixos.poll-interval: unknown key (did you mean poll_interval?)",
+        "",
+    );
+    one_problem(
+        "  Operation: boot\n",
+        "hcloud_nixos.Operation: unknown key (did you mean operation?)",
+        "",
+    );
+}
+
+#[test]
+fn bad_flake_references() {
+    for (value, needle) in [
+        ("my-org/infra", "no version"),
+        ("my-org/infra/0.1#", "after '#' is empty"),
+        ("'a/b/0.1;id'", "contains ';'"),
+        ("a/b/latest", "not a version constraint"),
+        ("\"a/b/0.1\\n\"", "control character"),
+        ("42", "is a number, not a string"),
+        ("[a, b]", "is a list, not a string"),
+    ] {
+        let data = one_problem(
+            &format!("  flake: {value}\n"),
+            "hcloud_nixos.flake: ",
+            needle,
+        );
+        assert_eq!(data.settings.unwrap().flake, None, "{value}");
+    }
+}
+
+#[test]
+fn bad_poll_intervals() {
+    for (value, needle) in [
+        ("60", "a number without a unit"),
+        ("soon", "is not a duration"),
+        ("1s", "out of range"),
+        ("0s", "out of range"),
+        ("2days", "out of range"),
+        ("[5m]", "is a list"),
+        ("true", "is true/false"),
+    ] {
+        let data = one_problem(
+            &format!("  poll_interval: {value}\n  flake: a/b/*\n"),
+            "hcloud_nixos.poll_interval: ",
+            needle,
+        );
+        let s = data.settings.unwrap();
+        assert_eq!(s.poll_interval, None);
+        assert!(s.flake.is_some(), "the valid rest is kept");
+    }
+    let data = parse(b"hcloud_nixos:\n  poll_interval: 1h 30m\n");
+    assert_eq!(
+        data.settings.unwrap().poll_interval,
+        Some(Duration::from_secs(5400))
+    );
+    let data = parse(b"hcloud_nixos:\n  poll_interval: 10s\n");
+    assert_eq!(
+        data.settings.unwrap().poll_interval,
+        Some(MIN_POLL_INTERVAL)
+    );
+}
+
+#[test]
+fn bad_operations() {
+    for (value, needle) in [
+        (
+            "reboot",
+            "'reboot' is not an operation; use switch, boot or test",
+        ),
+        ("Switch", "'Switch' is not an operation"),
+        ("dry-activate", "is not an operation"),
+        ("1", "is a number"),
+    ] {
+        let data = one_problem(
+            &format!("  operation: {value}\n"),
+            "hcloud_nixos.operation: ",
+            needle,
+        );
+        assert_eq!(data.settings.unwrap().operation, None);
+    }
+    for (value, op) in [
+        ("switch", Operation::Switch),
+        ("boot", Operation::Boot),
+        ("test", Operation::Test),
+    ] {
+        let data = parse(format!("hcloud_nixos:\n  operation: {value}\n").as_bytes());
+        assert_eq!(data.settings.unwrap().operation, Some(op));
+    }
+}
+
+#[test]
+fn null_values_are_unset() {
+    let data = parse(b"hcloud_nixos:\n  flake:\n  operation: ~\n");
+    assert_eq!(data.problems, Vec::<String>::new());
+    assert_eq!(data.settings, Some(UserSettings::default()));
+}
+
+#[test]
+fn bad_tokens() {
+    for (value, needle) in [
+        ("\"\"", "is empty"),
+        ("\"flakehub1_abc def\"", "whitespace"),
+        ("\"flakehub1_abc\\tdef\"", "whitespace"),
+        ("\"flakehub1_abc\\u0007\"", "control character"),
+        ("\"flakehub1_äbc\"", "non-ASCII"),
+        ("12345678", "is a number, not a string"),
+        ("[flakehub1_abc]", "is a list"),
+        ("abc", "too short"),
+        ("!tag x", "too short"),
+    ] {
+        let data = one_problem(
+            &format!("  flakehub_token: {value}\n"),
+            "hcloud_nixos.flakehub_token: ",
+            needle,
+        );
+        assert_eq!(data.settings.unwrap().flakehub_token, None);
+    }
+    let long = "x".repeat(5000);
+    one_problem(
+        &format!("  flakehub_token: {long}\n"),
+        "hcloud_nixos.flakehub_token: ",
+        "characters long",
+    );
+    // Any prefix is accepted.
+    let data = parse(b"hcloud_nixos:\n  flakehub_token: fhdev_ABC-123.xyz=\n");
+    assert_eq!(data.problems, Vec::<String>::new());
+    assert_eq!(
+        data.settings.unwrap().flakehub_token.unwrap().expose(),
+        "fhdev_ABC-123.xyz="
+    );
+}
+
+// --- The token never shows ------------------------------------------------------------------
+
+#[test]
+fn the_token_never_shows() {
+    let secret_part = "s3cr3tT0kenValue";
+    let assert_hidden = |data: &UserData, what: &str| {
+        for p in &data.problems {
+            assert!(!p.contains(secret_part), "{what}: problem {p:?}");
+        }
+        for k in &data.other_keys {
+            assert!(!k.contains(secret_part), "{what}: key {k:?}");
+        }
+        let dbg = format!("{data:?}");
+        assert!(!dbg.contains(secret_part), "{what}: {dbg}");
+        let text = describe(data);
+        assert!(!text.contains(secret_part), "{what}: {text}");
+    };
+
+    let data = parse(full_section().as_bytes());
+    assert_hidden(&data, "valid");
+    let text = describe(&data);
+    assert!(
+        text.contains(&format!("[redacted] ({} characters)", TOKEN.len())),
+        "{text}"
+    );
+    assert!(format!("{:?}", data.settings.unwrap()).contains("[redacted]"));
+
+    // Every kind of problem next to a valid token.
+    let doc = format!(
+        "#cloud-config\nhcloud_nixos:\n  flakehub_token: {TOKEN}\n  flake: a/b\n  poll_interval: x\n  operation: y\n  z: {TOKEN}\n"
+    );
+    let data = parse(doc.as_bytes());
+    assert_eq!(data.problems.len(), 4, "{:?}", data.problems);
+    assert_hidden(&data, "problems");
+
+    // A broken token.
+    for value in [
+        format!("\"{TOKEN} x\""),
+        format!("[{TOKEN}]"),
+        format!("{{a: {TOKEN}}}"),
+    ] {
+        let data = parse(format!("hcloud_nixos:\n  flakehub_token: {value}\n").as_bytes());
+        assert_eq!(data.problems.len(), 1);
+        assert_hidden(&data, &value);
+    }
+
+    // YAML syntax errors around the token: the parser may quote the source.
+    for doc in [
+        format!("hcloud_nixos:\n  flakehub_token: \"{TOKEN}\n  flake: a/b/*\n"),
+        format!("hcloud_nixos:\n  flakehub_token: {TOKEN}\n flake: [\n"),
+        format!("hcloud_nixos:\n  flakehub_token: {TOKEN}: x\n"),
+        format!("hcloud_nixos:\n  flakehub_token: '{TOKEN}\n"),
+        format!("hcloud_nixos:\n\tflakehub_token: {TOKEN}\n"),
+        format!("hcloud_nixos: {{flakehub_token: {TOKEN}\n"),
+        format!("hcloud_nixos:\n  flakehub_token: {TOKEN}\n  flakehub_token: {TOKEN}\n"),
+        format!("{TOKEN}: x\nhcloud_nixos:\n  flake: a/b/*\n"),
+        format!("hcloud_nixos:\n  flakehub_token: *{TOKEN}\n"),
+        format!("hcloud_nixos:\n  flakehub_token: !{TOKEN} x\n"),
+    ] {
+        let data = parse(doc.as_bytes());
+        assert_hidden(&data, &doc);
+    }
+}
+
+// --- describe and check_file ------------------------------------------------------------------
+
+#[test]
+fn describe_shows_the_effective_settings() {
+    let data = parse(full_section().as_bytes());
+    let text = describe(&data);
+    for line in [
+        "hcloud_nixos:",
+        "flakehub_token:  [redacted]",
+        "flake:           my-org/infra/0.1#nixosConfigurations.web",
+        "poll_interval:   5m",
+        "operation:       boot",
+        "Left to cloud-init (ignored by hcloud-nixos): package_update, runcmd",
+    ] {
+        assert!(text.contains(line), "{line:?} missing in:\n{text}");
+    }
+    let data = parse(b"hcloud_nixos:\n  flake: a/b/0.1\n");
+    let text = describe(&data);
+    assert!(
+        text.contains("a/b/0.1 (attribute: nixosConfigurations.<hostname>)"),
+        "{text}"
+    );
+    assert!(text.contains("operation:       (not set)"), "{text}");
+}
+
+#[test]
+fn check_file_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.yaml");
+    std::fs::write(&good, full_section()).unwrap();
+    let text = check_file(&good).unwrap();
+    assert!(
+        text.contains("[redacted]") && !text.contains(TOKEN),
+        "{text}"
+    );
+
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        format!("hcloud_nixos:\n  flakehub_token: {TOKEN}\n  flake: x\n  foo: 1\n"),
+    )
+    .unwrap();
+    let problems = check_file(&bad).unwrap_err();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems[0].starts_with("hcloud_nixos.flake: "));
+    assert!(problems[1].starts_with("hcloud_nixos.foo: unknown key"));
+
+    let big = dir.path().join("big.yaml");
+    std::fs::write(&big, vec![b'#'; MAX_RAW + 1]).unwrap();
+    let problems = check_file(&big).unwrap_err();
+    assert_eq!(problems.len(), 1);
+    assert!(problems[0].contains("32 KiB"), "{problems:?}");
+
+    let missing = dir.path().join("missing.yaml");
+    let problems = check_file(&missing).unwrap_err();
+    assert_eq!(problems.len(), 1);
+    assert!(problems[0].contains("cannot read"), "{problems:?}");
+    let problems = check_file(dir.path()).unwrap_err();
+    assert_eq!(problems.len(), 1, "a directory: {problems:?}");
+
+    assert!(check_file(&dir.path().join("none")).is_err());
+    let fixture_path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/hetzner-metadata/userdata.cloud-config-example.yaml");
+    let text = check_file(&fixture_path).unwrap();
+    assert!(text.contains("No hcloud_nixos section"), "{text}");
+}
+
+#[test]
+fn never_panics_on_odd_input() {
+    let mut inputs: Vec<Vec<u8>> = vec![
+        vec![0x1f, 0x8b],
+        vec![0x1f, 0x8b, 0x08],
+        b"MIME-Version: 1.0\r\n".to_vec(),
+        b"Content-Type: multipart/mixed; boundary=\"\"\r\n\r\n--\r\n".to_vec(),
+        b"Content-Type: multipart/mixed; boundary=B\r\nMIME-Version: 1.0\r\n\r\n--B\r\n".to_vec(),
+        b"Content-Type: text/cloud-config\r\nMIME-Version: 1.0\r\n\r\nhcloud_nixos: {flake: a/b/*}\r\n".to_vec(),
+        b"====".to_vec(),
+        b"hcloud_nixos: &a [*a]".to_vec(),
+        b"a: &a [*a, *a]\nb: &b [*a, *a, *a]\nc: &c [*b, *b, *b]\nd: &d [*c, *c, *c]\n".to_vec(),
+        b"\x00\x01\x02".to_vec(),
+        "{".repeat(10_000).into_bytes(),
+        "- ".repeat(10_000).into_bytes(),
+    ];
+    inputs.push(gzip(&inputs[3].clone()));
+    for raw in inputs {
+        let _ = parse(&raw);
+    }
+    // A single-part MIME message that is the cloud-config itself.
+    let data = parse(b"Content-Type: text/cloud-config\r\nMIME-Version: 1.0\r\n\r\nhcloud_nixos: {flake: a/b/*}\r\n");
+    assert_eq!(data.settings.unwrap().flake.unwrap().to_string(), "a/b/*");
+}
