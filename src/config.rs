@@ -1,6 +1,13 @@
 //! The agent's configuration: the TOML file, user-data filling its gaps, validated settings.
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
+
+use crate::flakeref::FlakeRef;
+use crate::secret::Secret;
+use crate::userdata::UserSettings;
 
 /// What `fh apply nixos` is asked to do with a new closure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
@@ -32,7 +39,337 @@ impl std::str::FromStr for Operation {
             "switch" => Ok(Operation::Switch),
             "boot" => Ok(Operation::Boot),
             "test" => Ok(Operation::Test),
-            other => Err(format!("'{other}' is not an operation (switch, boot or test)")),
+            other => Err(format!(
+                "'{other}' is not an operation (switch, boot or test)"
+            )),
         }
     }
 }
+
+/// How `fh apply` is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApplyMode {
+    /// In a transient systemd unit of its own, so that it survives the agent's restart.
+    #[default]
+    TransientUnit,
+    /// As the agent's child process (machines without systemd, tests).
+    Direct,
+}
+
+/// The TOML file as written, every key optional. Unknown keys are errors: a typo must not
+/// silently fall back to a default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub flake: Option<String>,
+    pub operation: Option<Operation>,
+    pub poll_interval: Option<String>,
+    pub max_backoff: Option<String>,
+    pub retry_limit: Option<u32>,
+    #[serde(default)]
+    pub flakehub: FlakehubSection,
+    #[serde(default)]
+    pub metadata: MetadataSection,
+    #[serde(default)]
+    pub apply: ApplySection,
+    #[serde(default)]
+    pub paths: PathsSection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlakehubSection {
+    pub api_url: Option<String>,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataSection {
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplySection {
+    pub mode: Option<ApplyMode>,
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathsSection {
+    pub state_dir: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+    pub current_system: Option<PathBuf>,
+    pub booted_system: Option<PathBuf>,
+    pub system_profile: Option<PathBuf>,
+    pub fh: Option<PathBuf>,
+    pub determinate_nixd: Option<PathBuf>,
+    pub nix: Option<PathBuf>,
+    pub fh_auth_file: Option<PathBuf>,
+    pub switch_lock: Option<PathBuf>,
+}
+
+/// Every path the agent touches, with its NixOS default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Paths {
+    pub state_dir: PathBuf,
+    /// Runtime files: the PID file, the lock, a token on its way to determinate-nixd.
+    pub run_dir: PathBuf,
+    pub current_system: PathBuf,
+    pub booted_system: PathBuf,
+    pub system_profile: PathBuf,
+    pub fh: PathBuf,
+    pub determinate_nixd: PathBuf,
+    pub nix: PathBuf,
+    /// fh's own token file, used where determinate-nixd is absent.
+    pub fh_auth_file: PathBuf,
+    /// NixOS's switch-to-configuration lock; held while someone switches by hand.
+    pub switch_lock: PathBuf,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Paths {
+            state_dir: "/var/lib/hcloud-nixos".into(),
+            run_dir: "/run/hcloud-nixos".into(),
+            current_system: "/run/current-system".into(),
+            booted_system: "/run/booted-system".into(),
+            system_profile: "/nix/var/nix/profiles/system".into(),
+            fh: "fh".into(),
+            determinate_nixd: "determinate-nixd".into(),
+            nix: "nix".into(),
+            fh_auth_file: "/root/.config/flakehub/auth".into(),
+            switch_lock: "/run/nixos/switch-to-configuration.lock".into(),
+        }
+    }
+}
+
+/// Where the FlakeHub token comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Token {
+    /// `flakehub.token_file` in the configuration; read when settings are loaded.
+    File(PathBuf, Secret),
+    /// `flakehub_token` in user-data.
+    UserData(Secret),
+}
+
+impl Token {
+    pub fn secret(&self) -> &Secret {
+        match self {
+            Token::File(_, s) | Token::UserData(s) => s,
+        }
+    }
+
+    pub fn origin(&self) -> String {
+        match self {
+            Token::File(path, _) => path.display().to_string(),
+            Token::UserData(_) => "user-data".to_string(),
+        }
+    }
+}
+
+/// Validated settings the rest of the agent trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub flake: Option<FlakeRef>,
+    pub operation: Operation,
+    pub poll_interval: Duration,
+    pub max_backoff: Duration,
+    /// Attempts at one store path before it is given up until a different release appears.
+    pub retry_limit: u32,
+    pub flakehub_api_url: String,
+    pub token: Option<Token>,
+    pub metadata_url: String,
+    pub apply_mode: ApplyMode,
+    /// How long one `fh apply` may take before it counts as failed.
+    pub apply_timeout: Duration,
+    pub paths: Paths,
+}
+
+pub const DEFAULT_CONFIG: &str = "/etc/hcloud-nixos/agent.toml";
+
+/// Parses the TOML text; errors are one line and name the key.
+pub fn parse_file(text: &str) -> Result<FileConfig, String> {
+    toml::from_str(text).map_err(|e| {
+        let msg = e.message().replace('\n', " ");
+        match e.span() {
+            Some(span) => {
+                let line = text[..span.start.min(text.len())].lines().count().max(1);
+                format!("line {line}: {msg}")
+            }
+            None => msg,
+        }
+    })
+}
+
+/// Reads the configuration file; a missing file means every default.
+pub fn read_file(path: &Path) -> Result<FileConfig, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_file(&text).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FileConfig::default()),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+fn duration(key: &str, text: Option<&str>, default: Duration) -> Result<Duration, String> {
+    match text {
+        None => Ok(default),
+        Some(t) => humantime::parse_duration(t)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| format!("{key}: '{t}' is not a duration (for example 60s, 5m, 1h)")),
+    }
+}
+
+/// Merges the file with user-data (the file wins) over the defaults, and validates. Every
+/// problem is returned, one line each. `read_token` reads `flakehub.token_file`.
+pub fn resolve(
+    file: &FileConfig,
+    user: Option<&UserSettings>,
+    read_token: impl Fn(&Path) -> std::io::Result<String>,
+) -> Result<Settings, Vec<String>> {
+    let mut problems = Vec::new();
+    let flake = match (&file.flake, user.and_then(|u| u.flake.clone())) {
+        (Some(text), _) => match text.parse::<FlakeRef>() {
+            Ok(f) => Some(f),
+            Err(e) => {
+                problems.push(format!("flake: {e}"));
+                None
+            }
+        },
+        (None, from_user) => from_user,
+    };
+    let mut seconds = |key: &str,
+                       text: Option<&str>,
+                       from_user: Option<Duration>,
+                       default: Duration| match (text, from_user) {
+        (None, Some(d)) => d,
+        (text, _) => duration(key, text, default).unwrap_or_else(|e| {
+            problems.push(e);
+            default
+        }),
+    };
+    let poll_interval = seconds(
+        "poll_interval",
+        file.poll_interval.as_deref(),
+        user.and_then(|u| u.poll_interval),
+        Duration::from_secs(60),
+    );
+    let max_backoff = seconds(
+        "max_backoff",
+        file.max_backoff.as_deref(),
+        None,
+        Duration::from_secs(600),
+    );
+    let apply_timeout = seconds(
+        "apply.timeout",
+        file.apply.timeout.as_deref(),
+        None,
+        Duration::from_secs(3600),
+    );
+    let token = match &file.flakehub.token_file {
+        Some(path) => match read_token(path) {
+            Ok(text) if !text.trim().is_empty() && !text.trim().contains(char::is_whitespace) => {
+                Some(Token::File(path.clone(), Secret::new(text.trim())))
+            }
+            Ok(_) => {
+                problems.push(format!(
+                    "flakehub.token_file: {} does not hold a token (one word, no spaces)",
+                    path.display()
+                ));
+                None
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "flakehub.token_file: cannot read {}: {e}",
+                    path.display()
+                ));
+                None
+            }
+        },
+        None => user
+            .and_then(|u| u.flakehub_token.clone())
+            .map(Token::UserData),
+    };
+    let flakehub_api_url = file
+        .flakehub
+        .api_url
+        .clone()
+        .unwrap_or_else(|| crate::flakehub::DEFAULT_API_URL.to_string());
+    if reqwest::Url::parse(&flakehub_api_url)
+        .map_or(true, |u| !matches!(u.scheme(), "http" | "https"))
+    {
+        problems.push(format!(
+            "flakehub.api_url: '{flakehub_api_url}' is not an http(s) URL"
+        ));
+    }
+    let metadata_url = file
+        .metadata
+        .url
+        .clone()
+        .unwrap_or_else(|| crate::metadata::client::DEFAULT_URL.to_string());
+    if reqwest::Url::parse(&metadata_url).map_or(true, |u| !matches!(u.scheme(), "http" | "https"))
+    {
+        problems.push(format!(
+            "metadata.url: '{metadata_url}' is not an http(s) URL"
+        ));
+    }
+    let retry_limit = file.retry_limit.unwrap_or(3);
+    if retry_limit == 0 {
+        problems.push("retry_limit: must be at least 1".to_string());
+    }
+    let d = Paths::default();
+    let p = &file.paths;
+    let paths = Paths {
+        state_dir: p.state_dir.clone().unwrap_or(d.state_dir),
+        run_dir: p.run_dir.clone().unwrap_or(d.run_dir),
+        current_system: p.current_system.clone().unwrap_or(d.current_system),
+        booted_system: p.booted_system.clone().unwrap_or(d.booted_system),
+        system_profile: p.system_profile.clone().unwrap_or(d.system_profile),
+        fh: p.fh.clone().unwrap_or(d.fh),
+        determinate_nixd: p.determinate_nixd.clone().unwrap_or(d.determinate_nixd),
+        nix: p.nix.clone().unwrap_or(d.nix),
+        fh_auth_file: p.fh_auth_file.clone().unwrap_or(d.fh_auth_file),
+        switch_lock: p.switch_lock.clone().unwrap_or(d.switch_lock),
+    };
+    for (key, path) in [
+        ("paths.state_dir", &paths.state_dir),
+        ("paths.run_dir", &paths.run_dir),
+        ("paths.current_system", &paths.current_system),
+        ("paths.booted_system", &paths.booted_system),
+        ("paths.system_profile", &paths.system_profile),
+        ("paths.fh_auth_file", &paths.fh_auth_file),
+    ] {
+        if !path.is_absolute() {
+            problems.push(format!(
+                "{key}: '{}' is not an absolute path",
+                path.display()
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Settings {
+        flake,
+        operation: file
+            .operation
+            .or_else(|| user.and_then(|u| u.operation))
+            .unwrap_or_default(),
+        poll_interval,
+        max_backoff,
+        retry_limit,
+        flakehub_api_url,
+        token,
+        metadata_url,
+        apply_mode: file.apply.mode.unwrap_or_default(),
+        apply_timeout,
+        paths,
+    })
+}
+
+#[cfg(test)]
+mod tests;

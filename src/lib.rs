@@ -1,17 +1,24 @@
 //! hcloud-nixos: NixOS on Hetzner Cloud. Boot-time provisioning from the metadata service, a
 //! pull-based deploy agent, and an image uploader, in one binary.
 
+pub mod agent;
+pub mod apply;
 pub mod config;
+pub mod deploy;
+pub mod exec;
 pub mod files;
+pub mod flakehub;
 pub mod flakeref;
 pub mod hostname;
 pub mod http;
 pub mod logging;
+pub mod login;
 pub mod metadata;
 pub mod network;
 pub mod provision;
 pub mod secret;
 pub mod sshkeys;
 pub mod state;
+pub mod systemd;
 pub mod tls;
 pub mod userdata;

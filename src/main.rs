@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use hcloud_nixos::hostname::Policy;
 use hcloud_nixos::metadata::client::DEFAULT_URL;
-use hcloud_nixos::{logging, provision, sshkeys};
+use hcloud_nixos::{agent, config, logging, provision, sshkeys, userdata};
 
 #[derive(Parser)]
 #[command(name = "hcloud-nixos", version, about = "NixOS on Hetzner Cloud")]
@@ -70,6 +70,32 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Follow a FlakeHub output reference: poll, apply new releases with fh, verify, record.
+    Agent {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Run one check-and-apply cycle and exit: 0 when the system is at the desired release.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Ask the running agent to check for a new release now.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Print what the agent runs, wants and last did.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON for machines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Work with user-data (cloud-config) before a server is created.
+    Userdata {
+        #[command(subcommand)]
+        command: UserdataCommand,
+    },
     /// Print what the metadata service says about this server.
     Metadata {
         #[command(flatten)]
@@ -81,6 +107,28 @@ enum Command {
         #[arg(long)]
         userdata: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The agent's configuration file (TOML).
+    #[arg(long, default_value = config::DEFAULT_CONFIG, value_name = "PATH")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum UserdataCommand {
+    /// Validate a user-data file: print the effective settings (token redacted), or one line per problem.
+    Check {
+        /// The user-data file, as it will be given to `hcloud server create --user-data-from-file`.
+        file: PathBuf,
+    },
+}
+
+/// A command's result: success, or failure whose message was already printed.
+enum Done {
+    Ok,
+    Failed,
 }
 
 fn main() -> ExitCode {
@@ -97,7 +145,8 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Done::Ok) => ExitCode::SUCCESS,
+        Ok(Done::Failed) => ExitCode::FAILURE,
         Err(e) => {
             if cli.verbose {
                 eprintln!("error: {e:?}");
@@ -109,7 +158,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> Result<()> {
+async fn run(command: Command) -> Result<Done> {
     match command {
         Command::Network {
             source,
@@ -128,8 +177,46 @@ async fn run(command: Command) -> Result<()> {
                 keys_file,
                 dry_run,
             };
-            provision::network(&source.source()?, &opts).await
+            provision::network(&source.source()?, &opts).await?;
+            Ok(Done::Ok)
         }
+        Command::Agent { config, once: true } => Ok(if agent::once(&config.config).await? {
+            Done::Ok
+        } else {
+            Done::Failed
+        }),
+        Command::Agent {
+            config,
+            once: false,
+        } => {
+            agent::serve(config.config).await?;
+            Ok(Done::Ok)
+        }
+        Command::Check { config } => {
+            let pid = agent::request_check(&config.config)?;
+            eprintln!(
+                "asked the agent (PID {pid}) to check now; `hcloud-nixos status` shows the result"
+            );
+            Ok(Done::Ok)
+        }
+        Command::Status { config, json } => {
+            print!("{}", agent::status(&config.config, json)?);
+            Ok(Done::Ok)
+        }
+        Command::Userdata {
+            command: UserdataCommand::Check { file },
+        } => match userdata::check_file(&file) {
+            Ok(description) => {
+                print!("{description}");
+                Ok(Done::Ok)
+            }
+            Err(problems) => {
+                for problem in problems {
+                    eprintln!("error: {problem}");
+                }
+                Ok(Done::Failed)
+            }
+        },
         Command::Metadata {
             source,
             json,
@@ -140,7 +227,7 @@ async fn run(command: Command) -> Result<()> {
                 use std::io::Write;
                 let data = provision::fetch_userdata(&source).await?;
                 std::io::stdout().write_all(&data)?;
-                return Ok(());
+                return Ok(Done::Ok);
             }
             let fetched = provision::fetch(&source).await?;
             if json {
@@ -148,7 +235,7 @@ async fn run(command: Command) -> Result<()> {
             } else {
                 print!("{}", provision::describe_metadata(&fetched));
             }
-            Ok(())
+            Ok(Done::Ok)
         }
     }
 }

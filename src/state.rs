@@ -54,6 +54,12 @@ pub struct InFlight {
     /// The transient unit running `fh apply`, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
+    /// The exact reference given to fh.
+    #[serde(default)]
+    pub reference: String,
+    /// fh's PID in direct mode, so that a restarted agent waits for it instead of starting another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
     /// What ran before (for the record and for rollback).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_path: Option<String>,
@@ -155,6 +161,8 @@ mod tests {
                 store_path: "/nix/store/x".into(),
                 operation: "switch".into(),
                 unit: Some("hcloud-nixos-apply-1.service".into()),
+                reference: "o/f/=0.1.2#a".into(),
+                pid: None,
                 previous_path: None,
                 started_at: now(),
             }),

@@ -1,0 +1,387 @@
+//! The long-running agent: loads settings, runs deploy cycles on a timer, talks to systemd.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use sd_notify::NotifyState;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+use crate::apply::Applier;
+use crate::config::{self, ApplyMode, FileConfig, Settings};
+use crate::deploy::{self, Context, Outcome};
+use crate::metadata::client::{Client as MetadataClient, Settings as MetadataSettings};
+use crate::state::State;
+use crate::{files, flakehub, login, userdata};
+
+/// How long to wait for the metadata service when reading user-data.
+const USERDATA_DEADLINE: Duration = Duration::from_secs(30);
+
+pub const PID_FILE: &str = "agent.pid";
+
+/// Settings, and what the user-data said besides.
+pub struct Loaded {
+    pub settings: Settings,
+    /// Lines worth one log message each (ignored cloud-init keys, user-data problems).
+    pub notes: Vec<String>,
+}
+
+/// Reads the configuration file, fetches and parses the user-data, and merges them.
+pub async fn load(config_path: &Path) -> Result<Loaded> {
+    let file = config::read_file(config_path).map_err(anyhow::Error::msg)?;
+    let (user, mut notes) = fetch_userdata(&file).await;
+    let settings = config::resolve(&file, user.settings.as_ref(), |p| {
+        std::fs::read_to_string(p)
+    })
+    .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
+    if user.settings.is_none() && settings.flake.is_none() {
+        notes.push("the user-data has no hcloud_nixos section".into());
+    }
+    Ok(Loaded { settings, notes })
+}
+
+async fn fetch_userdata(file: &FileConfig) -> (userdata::UserData, Vec<String>) {
+    let mut notes = Vec::new();
+    let url = file
+        .metadata
+        .url
+        .clone()
+        .unwrap_or_else(|| crate::metadata::client::DEFAULT_URL.to_string());
+    let raw = match MetadataClient::new(MetadataSettings {
+        base_url: url,
+        ..Default::default()
+    }) {
+        Ok(client) => client
+            .get("userdata", tokio::time::Instant::now() + USERDATA_DEADLINE)
+            .await
+            .map(Option::unwrap_or_default),
+        Err(e) => Err(e),
+    };
+    let data = match raw {
+        Ok(raw) => userdata::parse(&raw),
+        Err(e) => {
+            notes.push(format!("cannot read the user-data: {e}"));
+            userdata::UserData::default()
+        }
+    };
+    for problem in &data.problems {
+        notes.push(format!("user-data: {problem}"));
+    }
+    if !data.other_keys.is_empty() {
+        notes.push(format!(
+            "user-data keys for cloud-init, ignored by hcloud-nixos: {}",
+            data.other_keys.join(", ")
+        ));
+    }
+    for part in &data.other_parts {
+        notes.push(format!("user-data: ignored: {part}"));
+    }
+    (data, notes)
+}
+
+/// Builds what a cycle needs from settings.
+pub async fn context(settings: Settings) -> Result<Context> {
+    let flakehub = flakehub::Client::new(
+        &settings.flakehub_api_url,
+        settings.token.as_ref().map(|t| t.secret().clone()),
+    )?;
+    let applier = Applier::new(settings.apply_mode, settings.paths.fh.clone())
+        .await
+        .context(
+            "apply.mode = \"transient-unit\" needs systemd; use \"direct\" on machines without it",
+        )?;
+    let login = login::method(
+        &settings.paths.determinate_nixd,
+        &settings.paths.fh_auth_file,
+    );
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    Ok(Context {
+        settings,
+        hostname,
+        flakehub,
+        applier,
+        login,
+    })
+}
+
+fn notify(state: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::debug!(error = %e, "cannot notify systemd");
+    }
+}
+
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+    usr1: Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+        })
+    }
+}
+
+/// Ticks at half the watchdog interval; never, when there is no watchdog.
+async fn watchdog_tick(interval: Option<Duration>) {
+    match interval {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn log_notes(notes: &[String]) {
+    for note in notes {
+        tracing::warn!("{note}");
+    }
+}
+
+/// `hcloud-nixos agent --once`: one cycle; true when the system is where it should be.
+pub async fn once(config_path: &Path) -> Result<bool> {
+    let loaded = load(config_path).await?;
+    log_notes(&loaded.notes);
+    let ctx = context(loaded.settings).await?;
+    let mut state = State::load(&ctx.settings.paths.state_dir)?;
+    let outcome = deploy::cycle(&ctx, &mut state, &|line| tracing::info!("{line}")).await;
+    println!("{}", state.status);
+    Ok(outcome.ok())
+}
+
+/// `hcloud-nixos agent`: the service. Returns when asked to stop.
+pub async fn serve(config_path: PathBuf) -> Result<()> {
+    let mut signals = Signals::new()?;
+    let loaded = load(&config_path).await?;
+    log_notes(&loaded.notes);
+    let mut ctx = context(loaded.settings).await?;
+    let mut state = State::load(&ctx.settings.paths.state_dir)?;
+    let pid_file = write_pid_file(&ctx.settings.paths.run_dir)?;
+    let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+    let mut ready = false;
+    let mut failures: u32 = 0;
+    let mut stop = false;
+    let mut reload = false;
+    while !stop {
+        let report = |line: &str| notify(&[NotifyState::Status(line)]);
+        let outcome = {
+            let cycle = deploy::cycle(&ctx, &mut state, &report);
+            tokio::pin!(cycle);
+            loop {
+                tokio::select! {
+                    outcome = &mut cycle => break Some(outcome),
+                    _ = watchdog_tick(watchdog) => notify(&[NotifyState::Watchdog]),
+                    _ = signals.usr1.recv() => tracing::info!("check requested; a check is already running"),
+                    _ = signals.hup.recv() => reload = true,
+                    _ = stop_signal(&mut signals.term, &mut signals.int) => {
+                        stop = true;
+                        if ctx.applier.mode == ApplyMode::Direct {
+                            // fh is our child here: let it finish rather than kill it mid-switch.
+                            tracing::info!("stopping once the running apply has finished");
+                            notify(&[NotifyState::Status("stopping after the running apply")]);
+                        } else {
+                            break None;
+                        }
+                    }
+                }
+            }
+        };
+        let Some(outcome) = outcome else {
+            tracing::info!(
+                "stopping; an apply in its own unit goes on and is picked up at the next start"
+            );
+            break;
+        };
+        log_outcome(&outcome, &state);
+        notify(&[NotifyState::Status(&state.status)]);
+        if !ready {
+            notify(&[NotifyState::Ready]);
+            ready = true;
+        }
+        failures = match &outcome {
+            Outcome::Failed { .. } => failures.saturating_add(1),
+            _ => 0,
+        };
+        if stop {
+            break;
+        }
+        if !reload {
+            let delay = deploy::next_delay(
+                ctx.settings.poll_interval,
+                ctx.settings.max_backoff,
+                failures,
+                fastrand::f64(),
+            );
+            tracing::debug!(seconds = delay.as_secs_f64(), "next check");
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    _ = watchdog_tick(watchdog) => notify(&[NotifyState::Watchdog]),
+                    _ = signals.usr1.recv() => { tracing::info!("check requested"); break }
+                    _ = signals.hup.recv() => { reload = true; break }
+                    _ = stop_signal(&mut signals.term, &mut signals.int) => { stop = true; break }
+                }
+            }
+        }
+        if reload && !stop {
+            reload = false;
+            notify(&[NotifyState::Reloading, NotifyState::monotonic_usec_now()?]);
+            match load(&config_path).await {
+                Ok(loaded) => {
+                    log_notes(&loaded.notes);
+                    match context(loaded.settings).await {
+                        Ok(new) => {
+                            ctx = new;
+                            tracing::info!("configuration and user-data reloaded");
+                        }
+                        Err(e) => tracing::error!("reload failed, keeping the old settings: {e:#}"),
+                    }
+                }
+                Err(e) => tracing::error!("reload failed, keeping the old settings: {e:#}"),
+            }
+            notify(&[NotifyState::Ready]);
+        }
+    }
+    notify(&[NotifyState::Stopping]);
+    let _ = std::fs::remove_file(pid_file);
+    Ok(())
+}
+
+async fn stop_signal(term: &mut Signal, int: &mut Signal) {
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn log_outcome(outcome: &Outcome, state: &State) {
+    match outcome {
+        Outcome::Failed { .. } | Outcome::GivenUp { .. } => tracing::warn!("{}", state.status),
+        _ => tracing::info!("{}", state.status),
+    }
+}
+
+fn write_pid_file(run_dir: &Path) -> Result<PathBuf> {
+    files::create_dir_all_mode(run_dir, 0o700)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let path = run_dir.join(PID_FILE);
+    files::write_atomic(&path, format!("{}\n", std::process::id()).as_bytes(), 0o644)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+/// `hcloud-nixos check`: asks the running agent to check now (SIGUSR1).
+pub fn request_check(config_path: &Path) -> Result<u32> {
+    let file = config::read_file(config_path).map_err(anyhow::Error::msg)?;
+    let run_dir = file
+        .paths
+        .run_dir
+        .unwrap_or_else(|| config::Paths::default().run_dir);
+    let pid_path = run_dir.join(PID_FILE);
+    let text = std::fs::read_to_string(&pid_path).with_context(|| {
+        format!(
+            "no running agent: cannot read {} (is hcloud-nixos-agent.service running?)",
+            pid_path.display()
+        )
+    })?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("{} does not hold a PID", pid_path.display()))?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if !comm.trim().starts_with("hcloud-nixos") {
+        bail!(
+            "no running agent: PID {pid} from {} is not hcloud-nixos",
+            pid_path.display()
+        );
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .with_context(|| format!("cannot signal the agent (PID {pid})"))?;
+    Ok(pid as u32)
+}
+
+/// `hcloud-nixos status`: the state for a person, or as JSON.
+pub fn status(config_path: &Path, json: bool) -> Result<String> {
+    let file = config::read_file(config_path).map_err(anyhow::Error::msg)?;
+    let state_dir = file
+        .paths
+        .state_dir
+        .unwrap_or_else(|| config::Paths::default().state_dir);
+    let state = State::load(&state_dir)?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&state)? + "\n");
+    }
+    Ok(describe_state(&state))
+}
+
+/// The state, readable.
+pub fn describe_state(state: &State) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let status = if state.status.is_empty() {
+        "no check yet"
+    } else {
+        &state.status
+    };
+    let _ = writeln!(out, "status:       {status}");
+    if let Some(t) = &state.running {
+        let _ = writeln!(out, "running:      {} ({})", t.version, t.store_path);
+    }
+    if let Some(t) = &state.desired {
+        let _ = writeln!(out, "desired:      {} ({})", t.version, t.store_path);
+    }
+    if let Some(c) = &state.last_check {
+        let _ = writeln!(
+            out,
+            "last check:   {} ({})",
+            c.at,
+            if c.ok { "ok" } else { "failed" }
+        );
+    }
+    if let Some(d) = &state.last_deploy {
+        let outcome = match d.outcome {
+            crate::state::Outcome::Success => "succeeded".to_string(),
+            crate::state::Outcome::Failed => {
+                format!("failed: {}", d.error.as_deref().unwrap_or(""))
+            }
+        };
+        let _ = writeln!(
+            out,
+            "last deploy:  {} {} at {}, {outcome}",
+            d.operation, d.version, d.finished_at
+        );
+    }
+    if let Some(f) = &state.in_flight {
+        let _ = writeln!(
+            out,
+            "applying:     {} since {}{}",
+            f.version,
+            f.started_at,
+            f.unit
+                .as_deref()
+                .map(|u| format!(" in {u}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(f) = &state.failures {
+        let _ = writeln!(
+            out,
+            "failures:     {} failed {} time(s): {}",
+            f.version, f.count, f.last_error
+        );
+    }
+    let _ = writeln!(out, "deploys:      {}", state.deploys);
+    out
+}
