@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Benchmark of `hcloud-nixos network` against the stand-in metadata service on 127.0.0.1:
+# wall time and peak RSS over N runs, next to a plain curl of the same two documents.
+#
+# Usage: tests/bench/network.sh [RUNS]   (default 20; needs /usr/bin/time from Debian's `time`)
+# Builds in release mode: run it on purpose, not from CI.
+set -euo pipefail
+
+runs=${1:-20}
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+fixtures=${HCLOUD_NIXOS_FIXTURES:-$repo/../shared/fixtures/hetzner-metadata}
+cd "$repo"
+
+for tool in /usr/bin/time curl awk sort; do
+  command -v "$tool" >/dev/null || { echo "network.sh: $tool is missing" >&2; exit 2; }
+done
+
+cargo build --release --quiet --bin hcloud-nixos --example metadata-standin
+bin=$repo/target/release/hcloud-nixos
+
+work=$(mktemp -d)
+standin_pid=
+cleanup() {
+  [[ -n $standin_pid ]] && kill "$standin_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Port 0: the stand-in picks a free port and prints its URL.
+"$repo/target/release/examples/metadata-standin" --listen 127.0.0.1:0 \
+  --metadata "$fixtures/metadata.full-example.yaml" \
+  --private-networks "$fixtures/private-networks.two-networks.yaml" >"$work/standin.out" &
+standin_pid=$!
+url=
+for _ in $(seq 50); do
+  url=$(sed -n 's/^listening on //p' "$work/standin.out")
+  [[ -n $url ]] && break
+  sleep 0.1
+done
+[[ -n $url ]] || { echo "network.sh: the stand-in did not start" >&2; exit 1; }
+
+# Wall time from the shell clock in ns (GNU time prints only hundredths of a second); peak RSS
+# in KiB from GNU time's -v report.
+measure() { # label, command...
+  local label=$1; shift
+  : >"$work/$label.txt"
+  for _ in $(seq "$runs"); do
+    local t0 t1
+    t0=$(date +%s%N)
+    /usr/bin/time -v -o "$work/time.txt" "$@" >/dev/null 2>"$work/stderr.txt"
+    t1=$(date +%s%N)
+    awk -F': ' -v ns=$((t1 - t0)) '
+      /Maximum resident set size/ { rss = $2 }
+      END { print ns / 1e9, rss }' "$work/time.txt" >>"$work/$label.txt"
+  done
+  sort -n "$work/$label.txt" | awk -v label="$label" '
+    { t[NR] = $1; sum += $1; if ($1 > max) max = $1; if ($2 > rss) rss = $2 }
+    END {
+      med = (NR % 2) ? t[(NR + 1) / 2] : (t[NR / 2] + t[NR / 2 + 1]) / 2
+      printf "%-8s runs=%d  wall mean=%.1f ms  median=%.1f ms  max=%.1f ms  peak RSS=%d KiB\n",
+        label, NR, 1000 * sum / NR, 1000 * med, 1000 * max, rss
+    }'
+}
+
+net=$work/network
+mkdir -p "$net"
+# One checked run first: a failing binary must not produce figures.
+"$bin" network --metadata-url "$url" --network-dir "$net" --keys-file "$work/k" \
+  --hostname never --no-reload
+ls "$net"/50-hcloud-nixos-public-*.network >/dev/null
+
+measure hcloud "$bin" network --metadata-url "$url" --network-dir "$net" \
+  --keys-file "$work/k" --hostname never --no-reload
+measure curl curl -fsS "${url}metadata" "${url}metadata/private-networks"
