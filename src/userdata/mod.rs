@@ -357,14 +357,15 @@ fn is_gzip(data: &[u8]) -> bool {
     data.starts_with(&[0x1f, 0x8b])
 }
 
-fn gunzip(data: &[u8]) -> Result<Vec<u8>, DecodeError> {
+/// Decompresses gzip data, refusing to produce more than `limit` bytes.
+fn gunzip(data: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
     let mut out = Vec::new();
     let decoder = flate2::read::MultiGzDecoder::new(data);
     decoder
-        .take(MAX_DECODED as u64 + 1)
+        .take(limit as u64 + 1)
         .read_to_end(&mut out)
         .map_err(|e| DecodeError::Gzip(e.to_string()))?;
-    if out.len() > MAX_DECODED {
+    if out.len() > limit {
         return Err(DecodeError::DecompressedTooLarge);
     }
     Ok(out)
@@ -405,12 +406,13 @@ fn unbase64(data: &[u8]) -> Option<Vec<u8>> {
     (is_gzip(&decoded) || is_text(&decoded)).then_some(decoded)
 }
 
-/// Peels base64 and gzip layers off `data`; what is left is the document.
-fn peel(data: &[u8]) -> Result<Vec<u8>, DecodeError> {
+/// Peels base64 and gzip layers off `data`; what is left is the document. Decompression stops
+/// beyond `limit` bytes.
+fn peel(data: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
     let mut current = data.to_vec();
     for _ in 0..=MAX_LAYERS {
         if is_gzip(&current) {
-            current = gunzip(&current)?;
+            current = gunzip(&current, limit)?;
         } else if let Some(decoded) = unbase64(&current) {
             current = decoded;
         } else {
@@ -433,7 +435,7 @@ pub fn decode(raw: &[u8]) -> Result<Vec<u8>, DecodeError> {
     if raw.len() > MAX_RAW {
         return Err(DecodeError::TooLarge(raw.len()));
     }
-    peel(raw)
+    peel(raw, MAX_DECODED)
 }
 
 /// Whether a decoded document is a MIME archive, as cloud-init decides it (`mime-version:` in
@@ -461,12 +463,12 @@ fn kind_by_first_line(text: &str) -> Option<&'static str> {
         ("#upstart-job", "text/upstart-job"),
         ("## template: jinja", "text/jinja2"),
     ];
-    let lower = text.trim_start_matches('\u{feff}');
+    let text = text.trim_start_matches('\u{feff}');
     STARTS
         .iter()
         .find(|(prefix, _)| {
-            lower.len() >= prefix.len()
-                && lower.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+            text.len() >= prefix.len()
+                && text.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
         })
         .map(|(_, kind)| *kind)
 }
@@ -501,6 +503,7 @@ fn split_mime(text: &str, problems: &mut Vec<String>) -> Vec<Piece> {
     };
     let mut pieces = Vec::new();
     let mut number = 0;
+    let mut total = 0usize;
     for part in &message.parts {
         if part.is_multipart() {
             continue;
@@ -514,13 +517,24 @@ fn split_mime(text: &str, problems: &mut Vec<String>) -> Vec<Piece> {
             })
             .unwrap_or_else(|| "text/plain".into());
         let label = format!("user-data part {number} ({ctype})");
-        let body = match peel(part.contents()) {
+        // All parts together stay within the limit: many small gzip parts could otherwise
+        // each grow to the limit.
+        let body = match peel(part.contents(), MAX_DECODED.saturating_sub(total)) {
+            Ok(body) if total + body.len() > MAX_DECODED => {
+                problems.push(format!("{label}: {}", DecodeError::DecompressedTooLarge));
+                break;
+            }
             Ok(body) => body,
+            Err(e @ DecodeError::DecompressedTooLarge) => {
+                problems.push(format!("{label}: {e}"));
+                break;
+            }
             Err(e) => {
                 problems.push(format!("{label}: {e}"));
                 continue;
             }
         };
+        total += body.len();
         // peel() returns UTF-8 only.
         let body = String::from_utf8(body).unwrap_or_default();
         let is_cloud_config = match ctype.as_str() {
@@ -613,7 +627,9 @@ pub fn parse(raw: &[u8]) -> UserData {
             return data;
         }
     };
-    let pieces = if is_mime(&text) {
+    // A document that starts like one of cloud-init's formats is that format, whatever headers
+    // its content quotes further down (cloud-init reads it the same way).
+    let pieces = if is_mime(&text) && kind_by_first_line(&text).is_none() {
         split_mime(&text, &mut data.problems)
     } else {
         vec![classify_document(text)]

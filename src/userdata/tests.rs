@@ -364,6 +364,47 @@ fn hcloud_cli_several_user_data_files() {
 }
 
 #[test]
+fn many_small_gzip_parts_share_one_limit() {
+    // Each part decompresses to 256 KiB of comment lines: five of them exceed 1 MiB together,
+    // while the whole archive is small.
+    let filler = format!("#cloud-config\n{}", "#\n".repeat(128 * 1024));
+    let part = format!(
+        "--B\r\nContent-Type: application/x-gzip\r\nContent-Transfer-Encoding: base64\r\n\r\n{}\r\n",
+        String::from_utf8(b64(&gzip(filler.as_bytes()))).unwrap()
+    );
+    let mime = format!(
+        "Content-Type: multipart/mixed; boundary=\"B\"\r\nMIME-Version: 1.0\r\n\r\n{}--B--\r\n",
+        part.repeat(6)
+    );
+    let raw = b64(&gzip(mime.as_bytes()));
+    assert!(raw.len() < MAX_RAW, "{}", raw.len());
+    let data = parse(&raw);
+    assert_eq!(data.problems.len(), 1, "{:?}", data.problems);
+    assert!(
+        data.problems[0].starts_with("user-data part 4 (application/x-gzip): ")
+            && data.problems[0].contains("gzip bomb"),
+        "{:?}",
+        data.problems
+    );
+    // Three such parts are fine.
+    let mime = mime.replacen(&part, "", 3);
+    let data = parse(mime.as_bytes());
+    assert_eq!(data.problems, Vec::<String>::new());
+}
+
+#[test]
+fn a_cloud_config_that_quotes_mime_headers_is_still_cloud_config() {
+    let doc = format!(
+        "{}write_files:\n- path: /etc/mail/template\n  content: |\n    MIME-Version: 1.0\n    Content-Type: text/plain\n",
+        full_section()
+    );
+    let data = parse(doc.as_bytes());
+    assert_eq!(data.problems, Vec::<String>::new());
+    assert!(data.settings.is_some());
+    assert!(data.other_keys.contains(&"write_files".to_string()));
+}
+
+#[test]
 fn several_cloud_config_parts_with_the_section() {
     let part =
         |content: &str| format!("--B\r\nContent-Type: text/cloud-config\r\n\r\n{content}\r\n");
