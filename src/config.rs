@@ -196,11 +196,12 @@ pub fn parse_file(text: &str) -> Result<FileConfig, String> {
     toml::from_str(text).map_err(|e| {
         let msg = e.message().replace('\n', " ");
         match e.span() {
-            Some(span) => {
-                let line = text[..span.start.min(text.len())].lines().count().max(1);
+            // A span at 0 is the whole document (an unknown top-level key): the message names it.
+            Some(span) if span.start > 0 => {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
                 format!("line {line}: {msg}")
             }
-            None => msg,
+            _ => msg,
         }
     })
 }

@@ -1,1 +1,152 @@
+//! The configuration file, user-data filling its gaps, and validation.
 
+use super::*;
+use crate::userdata::UserSettings;
+
+fn no_token_file(_: &Path) -> std::io::Result<String> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        "no such file",
+    ))
+}
+
+fn user() -> UserSettings {
+    UserSettings {
+        flakehub_token: Some(Secret::new("flakehub1_user")),
+        flake: Some("org/infra/0.1#nixosConfigurations.web".parse().unwrap()),
+        poll_interval: Some(Duration::from_secs(30)),
+        operation: Some(Operation::Boot),
+    }
+}
+
+#[test]
+fn defaults_without_file_or_user_data() {
+    let s = resolve(&FileConfig::default(), None, no_token_file).unwrap();
+    assert_eq!(s.flake, None);
+    assert_eq!(s.operation, Operation::Switch);
+    assert_eq!(s.poll_interval, Duration::from_secs(60));
+    assert_eq!(s.flakehub_api_url, "https://api.flakehub.com");
+    assert_eq!(s.metadata_url, "http://169.254.169.254/hetzner/v1/");
+    assert_eq!(s.apply_mode, ApplyMode::TransientUnit);
+    assert_eq!(s.paths, Paths::default());
+    assert_eq!(s.token, None);
+}
+
+#[test]
+fn the_documented_example_parses() {
+    let text = r#"
+flake = "my-org/infra/0.1#nixosConfigurations.web"
+operation = "switch"
+poll_interval = "60s"
+[flakehub]
+api_url = "https://api.flakehub.com"
+token_file = "/run/secrets/flakehub"
+[metadata]
+url = "http://169.254.169.254/hetzner/v1/"
+[apply]
+mode = "transient-unit"
+[paths]
+state_dir = "/var/lib/hcloud-nixos"
+current_system = "/run/current-system"
+booted_system = "/run/booted-system"
+system_profile = "/nix/var/nix/profiles/system"
+fh = "fh"
+determinate_nixd = "determinate-nixd"
+nix = "nix"
+"#;
+    let file = parse_file(text).unwrap();
+    let s = resolve(&file, None, |p| {
+        assert_eq!(p, Path::new("/run/secrets/flakehub"));
+        Ok("flakehub1_fromfile\n".into())
+    })
+    .unwrap();
+    assert_eq!(
+        s.flake.unwrap().to_string(),
+        "my-org/infra/0.1#nixosConfigurations.web"
+    );
+    assert_eq!(
+        s.token.as_ref().unwrap().secret().expose(),
+        "flakehub1_fromfile"
+    );
+    assert_eq!(s.token.unwrap().origin(), "/run/secrets/flakehub");
+}
+
+#[test]
+fn user_data_fills_gaps_and_the_file_wins() {
+    let s = resolve(&FileConfig::default(), Some(&user()), no_token_file).unwrap();
+    assert_eq!(s.flake.as_ref().unwrap().org, "org");
+    assert_eq!(s.operation, Operation::Boot);
+    assert_eq!(s.poll_interval, Duration::from_secs(30));
+    assert_eq!(
+        s.token,
+        Some(Token::UserData(Secret::new("flakehub1_user")))
+    );
+
+    let file =
+        parse_file("flake = \"other/infra/*\"\noperation = \"test\"\npoll_interval = \"5m\"\n")
+            .unwrap();
+    let s = resolve(&file, Some(&user()), no_token_file).unwrap();
+    assert_eq!(s.flake.unwrap().org, "other");
+    assert_eq!(s.operation, Operation::Test);
+    assert_eq!(s.poll_interval, Duration::from_secs(300));
+}
+
+#[test]
+fn token_file_wins_over_user_data() {
+    let file = parse_file("[flakehub]\ntoken_file = \"/run/secrets/fh\"\n").unwrap();
+    let s = resolve(&file, Some(&user()), |_| Ok("flakehub1_file".into())).unwrap();
+    assert_eq!(s.token.unwrap().secret().expose(), "flakehub1_file");
+}
+
+#[test]
+fn problems_are_listed_one_line_each_without_the_token() {
+    let file = parse_file(
+        "flake = \"not a ref\"\npoll_interval = \"soon\"\nretry_limit = 0\n[flakehub]\napi_url = \"ftp://x\"\ntoken_file = \"/t\"\n[paths]\nstate_dir = \"relative\"\n",
+    )
+    .unwrap();
+    let problems = resolve(&file, None, |_| Ok("two words".into())).unwrap_err();
+    assert_eq!(problems.len(), 6, "{problems:#?}");
+    for p in &problems {
+        assert!(!p.contains('\n'));
+        assert!(!p.contains("two words"));
+    }
+    assert!(problems.iter().any(|p| p.starts_with("flake: ")));
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("poll_interval: 'soon'"))
+    );
+    assert!(problems.iter().any(|p| p.starts_with("paths.state_dir: ")));
+    let unreadable = resolve(
+        &parse_file("[flakehub]\ntoken_file = \"/t\"\n").unwrap(),
+        None,
+        no_token_file,
+    );
+    assert!(unreadable.unwrap_err()[0].contains("cannot read /t"));
+}
+
+#[test]
+fn unknown_keys_and_bad_values_name_their_line() {
+    let e = parse_file("flake = \"a/b/c\"\npoll_intervall = \"5s\"\n").unwrap_err();
+    assert!(e.contains("unknown field `poll_intervall`"), "{e}");
+    let e = parse_file("flake = \"a/b/c\"\n\n[apply]\nmode = 5\n").unwrap_err();
+    assert!(e.starts_with("line 4: "), "{e}");
+    let e = parse_file("operation = \"reboot\"\n").unwrap_err();
+    assert!(e.contains("reboot"), "{e}");
+    let e = parse_file("[apply]\nmode = \"fast\"\n").unwrap_err();
+    assert!(!e.contains('\n'));
+}
+
+#[test]
+fn missing_file_means_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(
+        read_file(&dir.path().join("agent.toml"))
+            .unwrap()
+            .flake
+            .is_none()
+    );
+    std::fs::write(dir.path().join("agent.toml"), "\nflake = 1\n").unwrap();
+    let e = read_file(&dir.path().join("agent.toml")).unwrap_err();
+    assert!(e.contains("agent.toml: line 2"), "{e}");
+}
