@@ -104,6 +104,7 @@ pub async fn context(settings: Settings) -> Result<Context> {
         flakehub,
         applier,
         login,
+        login_checked: Default::default(),
     })
 }
 

@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
@@ -21,6 +22,9 @@ pub struct Context {
     pub flakehub: flakehub::Client,
     pub applier: Applier,
     pub login: login::Method,
+    /// Whether this context has checked the login yet. A new context (at start, after SIGHUP)
+    /// checks it once, and so does the cycle after a failed deploy; a poll does not.
+    pub login_checked: AtomicBool,
 }
 
 /// How a cycle ended.
@@ -208,6 +212,27 @@ fn switch_in_progress(lock: &Path) -> bool {
     )
 }
 
+/// The PID of an `fh apply nixos` someone else is running, if any (an operator by hand).
+fn fh_apply_running() -> Option<u32> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            is_fh_apply(&cmdline)
+        })
+}
+
+/// Is this NUL-separated command line `fh apply nixos ...`?
+fn is_fh_apply(cmdline: &[u8]) -> bool {
+    let mut args = cmdline.split(|b| *b == 0);
+    let program = args.next().unwrap_or_default();
+    let name = program.rsplit(|b| *b == b'/').next().unwrap_or_default();
+    name == b"fh" && args.next() == Some(b"apply") && args.next() == Some(b"nixos")
+}
+
 /// Runs one cycle. `report` receives status lines while it works ("applying 0.1.43").
 pub async fn cycle(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + Sync)) -> Outcome {
     let outcome = cycle_inner(ctx, state, report).await;
@@ -253,12 +278,15 @@ async fn cycle_inner(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + 
             "no FlakeHub reference to follow (set hcloud_nixos.flake in the user-data, or flake in the configuration)".into(),
         );
     };
-    if let Some(token) = &settings.token {
+    if let Some(token) = &settings.token
+        && !ctx.login_checked.load(Ordering::Relaxed)
+    {
         match login::ensure(&ctx.login, token.secret(), &settings.paths.run_dir, state).await {
             Ok(true) => tracing::info!(token_from = %token.origin(), "logged in to FlakeHub"),
-            Ok(false) => {}
+            Ok(false) => tracing::debug!("already logged in to FlakeHub"),
             Err(e) => return failed(None, format!("FlakeHub login: {e:#}"), false),
         }
+        ctx.login_checked.store(true, Ordering::Relaxed);
     }
     let attr = flake.attr_or_default(&ctx.hostname);
     let resolved: Resolved = match ctx.flakehub.resolve(flake, &attr).await {
@@ -294,6 +322,9 @@ async fn cycle_inner(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + 
         Decision::Apply => {
             if switch_in_progress(&settings.paths.switch_lock) {
                 return Outcome::Busy("someone is running switch-to-configuration".into());
+            }
+            if let Some(pid) = fh_apply_running() {
+                return Outcome::Busy(format!("someone is running fh apply (PID {pid})"));
             }
             let reference = flake.exact(&resolved.version, &attr);
             apply_release(ctx, state, desired, reference, current, report).await
@@ -410,6 +441,10 @@ async fn conclude(
         Some(e) => tracing::error!(version = %in_flight.version, error = %e, "deploy failed"),
     }
     record(state, in_flight, error.clone());
+    if error.is_some() {
+        // fh may have failed for want of a login (it was removed by hand, say): check it again.
+        ctx.login_checked.store(false, Ordering::Relaxed);
+    }
     if let Some(unit) = &in_flight.unit {
         ctx.applier.forget(unit).await;
     }

@@ -158,3 +158,14 @@ fn a_held_switch_lock_means_someone_switches() {
     drop(held);
     assert!(!switch_in_progress(&lock));
 }
+
+#[test]
+fn recognises_fh_apply_command_lines() {
+    assert!(is_fh_apply(
+        b"/nix/store/x-fh/bin/fh\0apply\0nixos\0org/f/=1#a\0switch\0"
+    ));
+    assert!(is_fh_apply(b"fh\0apply\0nixos\0"));
+    assert!(!is_fh_apply(b"fh\0search\0nixos\0"));
+    assert!(!is_fh_apply(b"/bin/myfh\0apply\0nixos\0"));
+    assert!(!is_fh_apply(b""));
+}
