@@ -60,12 +60,15 @@ pub enum Running {
 }
 
 /// Is `pid` a running `fh apply` for `reference` (and not a process that reused the PID)?
+/// An interpreter may stand first (`bash /path/fh apply ...`), so the words are looked for
+/// anywhere in the command line.
 pub fn is_our_fh(pid: u32, reference: &str) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    args.len() >= 4 && args[1] == b"apply" && args[2] == b"nixos" && args[3] == reference.as_bytes()
+    args.windows(3)
+        .any(|w| w[0] == b"apply" && w[1] == b"nixos" && w[2] == reference.as_bytes())
 }
 
 /// Starts applies and waits for them.

@@ -225,12 +225,13 @@ fn fh_apply_running() -> Option<u32> {
         })
 }
 
-/// Is this NUL-separated command line `fh apply nixos ...`?
+/// Is this NUL-separated command line `fh apply nixos ...` (maybe behind an interpreter)?
 fn is_fh_apply(cmdline: &[u8]) -> bool {
-    let mut args = cmdline.split(|b| *b == 0);
-    let program = args.next().unwrap_or_default();
-    let name = program.rsplit(|b| *b == b'/').next().unwrap_or_default();
-    name == b"fh" && args.next() == Some(b"apply") && args.next() == Some(b"nixos")
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.windows(3).any(|w| {
+        let name = w[0].rsplit(|b| *b == b'/').next().unwrap_or_default();
+        name == b"fh" && w[1] == b"apply" && w[2] == b"nixos"
+    })
 }
 
 /// Runs one cycle. `report` receives status lines while it works ("applying 0.1.43").

@@ -165,6 +165,9 @@ fn recognises_fh_apply_command_lines() {
         b"/nix/store/x-fh/bin/fh\0apply\0nixos\0org/f/=1#a\0switch\0"
     ));
     assert!(is_fh_apply(b"fh\0apply\0nixos\0"));
+    assert!(is_fh_apply(
+        b"/bin/bash\0/tmp/t/bin/fh\0apply\0nixos\0r\0switch\0"
+    ));
     assert!(!is_fh_apply(b"fh\0search\0nixos\0"));
     assert!(!is_fh_apply(b"/bin/myfh\0apply\0nixos\0"));
     assert!(!is_fh_apply(b""));
