@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use metadata_server::{Documents, MetadataServer};
-use netns::{Guest, Netns};
+use netns::{Guest, GuestOptions, Netns};
 
 const MAC: &str = "96:00:03:aa:bb:cc";
 const IPV6: &str = "2a01:4f8:c012:abcd::1/64";
@@ -39,15 +39,17 @@ enum Eth0 {
     DownWithoutAddress,
 }
 
-fn provision(case: Eth0) {
-    let test = format!("network_netns ({case:?})");
-    if !netns::can_run(&test, netns::GUEST_TOOLS) {
-        return;
-    }
-    let host_hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+/// The two namespaces, the veth pair between them and the stand-in on 169.254.169.254:80.
+/// Fields drop in declaration order: the stand-in first, then the namespaces.
+struct Bench {
+    standin: MetadataServer,
+    guest_ns: Netns,
+    /// Kept only to be deleted on drop.
+    _meta_ns: Netns,
+}
+
+fn bench(case: Eth0) -> Bench {
     let id = netns::unique();
-    // Declared in this order so that they are dropped guest first, then the stand-in, then the
-    // namespaces (a panic anywhere below still runs every Drop).
     let meta_ns = Netns::new(format!("hnm-{id}"));
     let guest_ns = Netns::new(format!("hng-{id}"));
     meta_ns.ip(&[
@@ -69,7 +71,6 @@ fn provision(case: Eth0) {
         guest_ns.ip(&["addr", "add", "169.254.10.2/16", "dev", "eth0"]);
         guest_ns.ip(&["link", "set", "eth0", "up"]);
     }
-
     let docs = Documents::from_files(
         &fixture("metadata.full-example.yaml"),
         Some(&fixture("private-networks.two-networks.yaml")),
@@ -78,8 +79,48 @@ fn provision(case: Eth0) {
     .expect("fixtures");
     let standin = MetadataServer::start_in_netns(&meta_ns.name, "169.254.169.254:80", docs)
         .expect("stand-in in the metadata namespace");
+    Bench {
+        standin,
+        guest_ns,
+        _meta_ns: meta_ns,
+    }
+}
 
-    let guest = Guest::start(&guest_ns);
+/// `hcloud-nixos network` with all its defaults, as the NixOS unit runs it.
+fn run_network(guest: &Guest) -> String {
+    let out = guest.exec(
+        Duration::from_secs(90),
+        env!("CARGO_BIN_EXE_hcloud-nixos"),
+        &["network"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "hcloud-nixos network failed ({}):\n{stderr}",
+        out.status
+    );
+    stderr
+}
+
+fn assert_keys(guest: &Guest) {
+    assert_eq!(
+        guest.text("stat", &["-c", "%a %u", KEYS_FILE]).trim(),
+        "600 0"
+    );
+    let keys = guest.text("cat", &[KEYS_FILE]);
+    assert!(keys.lines().any(|l| l == KEY), "{KEYS_FILE}:\n{keys}");
+}
+
+fn provision(case: Eth0) {
+    let test = format!("network_netns ({case:?})");
+    if !netns::can_run(&test, netns::GUEST_TOOLS) {
+        return;
+    }
+    let host_hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    // Declared before the guest, so dropped after it (a panic anywhere still runs every Drop).
+    let b = bench(case);
+    let standin = &b.standin;
+    let guest = Guest::start(&b.guest_ns, &GuestOptions::default());
     let ready = netns::poll(Duration::from_secs(20), Duration::from_millis(100), || {
         guest.bus_name_owned("org.freedesktop.network1")
             && guest.bus_name_owned("org.freedesktop.hostname1")
@@ -93,18 +134,7 @@ fn provision(case: Eth0) {
         host_hostname
     );
 
-    // The command as a NixOS unit runs it: all defaults.
-    let out = guest.exec(
-        Duration::from_secs(90),
-        env!("CARGO_BIN_EXE_hcloud-nixos"),
-        &["network"],
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "hcloud-nixos network failed ({}):\n{stderr}",
-        out.status
-    );
+    let stderr = run_network(&guest);
     assert!(standin.requests("metadata") >= 1);
     assert!(standin.requests("metadata/private-networks") >= 1);
 
@@ -150,12 +180,7 @@ fn provision(case: Eth0) {
     );
 
     // Root's keys, readable by root only.
-    assert_eq!(
-        guest.text("stat", &["-c", "%a %u", KEYS_FILE]).trim(),
-        "600 0"
-    );
-    let keys = guest.text("cat", &[KEYS_FILE]);
-    assert!(keys.lines().any(|l| l == KEY), "{KEYS_FILE}:\n{keys}");
+    assert_keys(&guest);
 
     // The temporary link-local address is gone again (networkd may bring the link up itself).
     let v4 = guest.text("ip", &["-4", "addr", "show", "dev", "eth0"]);
@@ -174,7 +199,7 @@ fn provision(case: Eth0) {
         "requests came from {sources:?}, want {want_source}"
     );
     drop(guest);
-    drop(standin);
+    drop(b);
 }
 
 #[test]
@@ -185,4 +210,41 @@ fn network_with_addressed_eth0() {
 #[test]
 fn network_with_eth0_down_and_unaddressed() {
     provision(Eth0::DownWithoutAddress);
+}
+
+/// Without networkd the files are still written (networkd reads them when it starts) and the
+/// command succeeds; with a static hostname in /etc/hostname, `auto` leaves the hostname alone.
+#[test]
+fn network_without_networkd_and_with_a_static_hostname() {
+    if !netns::can_run("network_netns (no networkd)", netns::GUEST_TOOLS) {
+        return;
+    }
+    let b = bench(Eth0::Addressed);
+    let guest = Guest::start(
+        &b.guest_ns,
+        &GuestOptions {
+            networkd: false,
+            etc_hostname: "static-name\n".into(),
+        },
+    );
+    let ready = netns::poll(Duration::from_secs(20), Duration::from_millis(100), || {
+        guest.bus_name_owned("org.freedesktop.hostname1")
+    });
+    assert!(ready, "hostnamed did not appear on the guest's bus");
+    assert!(!guest.bus_name_owned("org.freedesktop.network1"));
+    let before = guest.text("cat", &["/proc/sys/kernel/hostname"]);
+    assert!(!before.trim().is_empty());
+
+    run_network(&guest);
+    let file = guest.text("cat", &[PUBLIC_FILE]);
+    assert!(
+        file.contains(&format!("MACAddress={MAC}")),
+        "{PUBLIC_FILE}:\n{file}"
+    );
+    assert_eq!(guest.text("cat", &["/proc/sys/kernel/hostname"]), before);
+    assert_ne!(before.trim(), HOSTNAME);
+    assert_keys(&guest);
+    // Nobody configured the IPv6 address: the files are all that changed.
+    let addr = guest.text("ip", &["-6", "addr", "show", "dev", "eth0"]);
+    assert!(!addr.contains(IPV6), "{addr}");
 }

@@ -151,21 +151,40 @@ impl Drop for Netns {
     }
 }
 
-/// What the guest runs: private /run and /etc/hostname, read-only /sys (networkd then does not
-/// wait for udev), a private system bus, networkd and hostnamed; then it waits to be killed.
+/// What the guest runs: private /run and /etc/hostname (content `$2`), read-only /sys (networkd
+/// then does not wait for udev), a private system bus, hostnamed and (when `$1` is 1) networkd;
+/// then it waits to be killed.
 const GUEST_SETUP: &str = r#"
 set -e
 mount -t tmpfs -o mode=0755 tmpfs /run
 mount -o remount,ro /sys
 mkdir -p /run/systemd/network /run/systemd/netif /run/dbus
 chown systemd-network:systemd-network /run/systemd/netif
-: > /run/hostname.empty
-mount --bind /run/hostname.empty /etc/hostname
+printf '%s' "$2" > /run/hostname.guest
+mount --bind /run/hostname.guest /etc/hostname
 dbus-daemon --system --fork --nopidfile
-/lib/systemd/systemd-networkd &
+if [ "$1" = 1 ]; then /lib/systemd/systemd-networkd & fi
 /lib/systemd/systemd-hostnamed &
 exec sleep 600
 "#;
+
+/// How a guest starts.
+#[derive(Debug, Clone)]
+pub struct GuestOptions {
+    /// Start systemd-networkd (hostnamed and D-Bus always run).
+    pub networkd: bool,
+    /// What the guest's /etc/hostname contains (empty: no static hostname).
+    pub etc_hostname: String,
+}
+
+impl Default for GuestOptions {
+    fn default() -> Self {
+        GuestOptions {
+            networkd: true,
+            etc_hostname: String::new(),
+        }
+    }
+}
 
 /// A guest in network namespace `netns`: its own mount, UTS and PID namespaces, with a private
 /// system D-Bus, systemd-networkd and systemd-hostnamed. Dropping it kills the PID namespace's
@@ -177,7 +196,8 @@ pub struct Guest {
 }
 
 impl Guest {
-    pub fn start(netns: &Netns) -> Self {
+    pub fn start(netns: &Netns, options: &GuestOptions) -> Self {
+        let networkd = if options.networkd { "1" } else { "0" };
         let child = Command::new("ip")
             .args(["netns", "exec", &netns.name])
             .args([
@@ -193,6 +213,9 @@ impl Guest {
                 "sh",
                 "-c",
                 GUEST_SETUP,
+                "sh",
+                networkd,
+                &options.etc_hostname,
             ])
             .stdin(Stdio::null())
             .spawn()
