@@ -213,13 +213,14 @@ fn network_with_eth0_down_and_unaddressed() {
 }
 
 /// Without networkd the files are still written (networkd reads them when it starts) and the
-/// command succeeds; with a static hostname in /etc/hostname, `auto` leaves the hostname alone.
+/// command succeeds; with a static hostname in /etc/hostname, `auto` leaves the hostname alone;
+/// and the link the command brought up for the fetch is down and unaddressed again afterwards.
 #[test]
 fn network_without_networkd_and_with_a_static_hostname() {
     if !netns::can_run("network_netns (no networkd)", netns::GUEST_TOOLS) {
         return;
     }
-    let b = bench(Eth0::Addressed);
+    let b = bench(Eth0::DownWithoutAddress);
     let guest = Guest::start(
         &b.guest_ns,
         &GuestOptions {
@@ -244,7 +245,60 @@ fn network_without_networkd_and_with_a_static_hostname() {
     assert_eq!(guest.text("cat", &["/proc/sys/kernel/hostname"]), before);
     assert_ne!(before.trim(), HOSTNAME);
     assert_keys(&guest);
-    // Nobody configured the IPv6 address: the files are all that changed.
-    let addr = guest.text("ip", &["-6", "addr", "show", "dev", "eth0"]);
-    assert!(!addr.contains(IPV6), "{addr}");
+    assert!(
+        b.standin
+            .clients()
+            .iter()
+            .all(|ip| ip.to_string() == "169.254.0.1")
+    );
+    assert_link_restored(&guest);
+}
+
+/// eth0 is down again and has no IPv4 address (nobody but the command touched it).
+fn assert_link_restored(guest: &Guest) {
+    let link = guest.text("ip", &["-o", "link", "show", "dev", "eth0"]);
+    let flags = link.split(['<', '>']).nth(1).unwrap_or("");
+    assert!(!flags.split(',').any(|f| f == "UP"), "eth0 left up: {link}");
+    let v4 = guest.text("ip", &["-4", "-o", "addr", "show", "dev", "eth0"]);
+    assert!(v4.trim().is_empty(), "eth0 kept an address: {v4}");
+    let v6 = guest.text("ip", &["-6", "addr", "show", "dev", "eth0"]);
+    assert!(!v6.contains(IPV6), "{v6}");
+}
+
+/// When the metadata service never answers usefully, the command fails within its deadline
+/// with one error line, and still takes the temporary address away and the link down again.
+#[test]
+fn network_failing_fetch_restores_the_link() {
+    if !netns::can_run("network_netns (failing fetch)", netns::GUEST_TOOLS) {
+        return;
+    }
+    let b = bench(Eth0::DownWithoutAddress);
+    b.standin.fail_next("metadata", 503, 10_000);
+    b.standin
+        .fail_next("metadata/private-networks", 503, 10_000);
+    let guest = Guest::start(&b.guest_ns, &GuestOptions::default());
+    let started = std::time::Instant::now();
+    let out = guest.exec(
+        Duration::from_secs(30),
+        env!("CARGO_BIN_EXE_hcloud-nixos"),
+        &["network", "--deadline", "3s"],
+    );
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "succeeded without metadata:\n{stderr}"
+    );
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(b.standin.requests("metadata") >= 2, "no retries");
+    assert!(
+        guest
+            .text("ls", &["-A", "/run/systemd/network"])
+            .trim()
+            .is_empty(),
+        "files written without metadata"
+    );
+    assert_link_restored(&guest);
 }
