@@ -24,20 +24,35 @@ pub struct Loaded {
     pub settings: Settings,
     /// Lines worth one log message each (ignored cloud-init keys, user-data problems).
     pub notes: Vec<String>,
+    /// Why the user-data gave no reference, for the status line when there is none.
+    pub why_no_reference: Option<String>,
 }
 
 /// Reads the configuration file, fetches and parses the user-data, and merges them.
 pub async fn load(config_path: &Path) -> Result<Loaded> {
     let file = config::read_file(config_path).map_err(anyhow::Error::msg)?;
-    let (user, mut notes) = fetch_userdata(&file).await;
+    let (user, notes) = fetch_userdata(&file).await;
     let settings = config::resolve(&file, user.settings.as_ref(), |p| {
         std::fs::read_to_string(p)
     })
     .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
-    if user.settings.is_none() && settings.flake.is_none() {
-        notes.push("the user-data has no hcloud_nixos section".into());
-    }
-    Ok(Loaded { settings, notes })
+    let why_no_reference = if settings.flake.is_some() {
+        None
+    } else if let Some(problem) = notes
+        .iter()
+        .find(|n| n.starts_with("cannot read the user-data") || n.starts_with("user-data: flake"))
+    {
+        Some(problem.clone())
+    } else if user.settings.is_none() {
+        Some("the user-data has no hcloud_nixos section".to_string())
+    } else {
+        Some("the user-data's hcloud_nixos section has no flake".to_string())
+    };
+    Ok(Loaded {
+        settings,
+        notes,
+        why_no_reference,
+    })
 }
 
 async fn fetch_userdata(file: &FileConfig) -> (userdata::UserData, Vec<String>) {
@@ -79,8 +94,13 @@ async fn fetch_userdata(file: &FileConfig) -> (userdata::UserData, Vec<String>) 
     (data, notes)
 }
 
-/// Builds what a cycle needs from settings.
-pub async fn context(settings: Settings) -> Result<Context> {
+/// Builds what a cycle needs from loaded settings.
+pub async fn context(loaded: Loaded) -> Result<Context> {
+    let Loaded {
+        settings,
+        why_no_reference,
+        ..
+    } = loaded;
     let flakehub = flakehub::Client::new(
         &settings.flakehub_api_url,
         settings.token.as_ref().map(|t| t.secret().clone()),
@@ -105,6 +125,7 @@ pub async fn context(settings: Settings) -> Result<Context> {
         applier,
         login,
         login_checked: Default::default(),
+        why_no_reference,
     })
 }
 
@@ -150,7 +171,7 @@ fn log_notes(notes: &[String]) {
 pub async fn once(config_path: &Path) -> Result<bool> {
     let loaded = load(config_path).await?;
     log_notes(&loaded.notes);
-    let ctx = context(loaded.settings).await?;
+    let ctx = context(loaded).await?;
     let mut state = State::load(&ctx.settings.paths.state_dir)?;
     let outcome = deploy::cycle(&ctx, &mut state, &|line| tracing::info!("{line}")).await;
     println!("{}", state.status);
@@ -162,7 +183,7 @@ pub async fn serve(config_path: PathBuf) -> Result<()> {
     let mut signals = Signals::new()?;
     let loaded = load(&config_path).await?;
     log_notes(&loaded.notes);
-    let mut ctx = context(loaded.settings).await?;
+    let mut ctx = context(loaded).await?;
     let mut state = State::load(&ctx.settings.paths.state_dir)?;
     let pid_file = write_pid_file(&ctx.settings.paths.run_dir)?;
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
@@ -239,7 +260,7 @@ pub async fn serve(config_path: PathBuf) -> Result<()> {
             match load(&config_path).await {
                 Ok(loaded) => {
                     log_notes(&loaded.notes);
-                    match context(loaded.settings).await {
+                    match context(loaded).await {
                         Ok(new) => {
                             ctx = new;
                             tracing::info!("configuration and user-data reloaded");

@@ -25,6 +25,8 @@ pub struct Context {
     /// Whether this context has checked the login yet. A new context (at start, after SIGHUP)
     /// checks it once, and so does the cycle after a failed deploy; a poll does not.
     pub login_checked: AtomicBool,
+    /// Why there is no reference to follow (from loading the user-data), for the status.
+    pub why_no_reference: Option<String>,
 }
 
 /// How a cycle ended.
@@ -275,9 +277,14 @@ async fn cycle_inner(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + 
     }
 
     let Some(flake) = &settings.flake else {
-        return Outcome::Idle(
-            "no FlakeHub reference to follow (set hcloud_nixos.flake in the user-data, or flake in the configuration)".into(),
-        );
+        let why = ctx
+            .why_no_reference
+            .as_deref()
+            .map(|w| format!(": {w}"))
+            .unwrap_or_default();
+        return Outcome::Idle(format!(
+            "no FlakeHub reference to follow{why} (set hcloud_nixos.flake in the user-data, or flake in the configuration)"
+        ));
     };
     if let Some(token) = &settings.token
         && !ctx.login_checked.load(Ordering::Relaxed)
