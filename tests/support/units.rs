@@ -1,0 +1,60 @@
+//! The project's systemd unit files, made ready to run here as the NixOS module makes them: the
+//! `@...@` placeholders replaced by this machine's paths and the binary under test.
+
+#![allow(dead_code)] // each includer uses a different part of it
+
+use std::path::{Path, PathBuf};
+
+/// Where the unit files live in the repository.
+pub fn source_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("nixos-module/units")
+}
+
+/// The nftables rules the firewall unit loads.
+pub fn firewall_rules() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("nixos-module/metadata-firewall.nft")
+}
+
+/// The replacements the NixOS module makes at build time, with this machine's values.
+/// `package` is a directory with `bin/hcloud-nixos`, as the Nix package has.
+pub fn substitutions(package: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("@hcloudNixos@", package.display().to_string()),
+        ("@kill@", "/bin/kill".to_string()),
+        (
+            "@path@",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        ),
+        ("@nft@", "/usr/sbin/nft".to_string()),
+        ("@rules@", firewall_rules().display().to_string()),
+    ]
+}
+
+/// A package directory for the binary under test: `<dir>/bin/hcloud-nixos` links to it.
+pub fn package_dir(dir: &Path) -> PathBuf {
+    let package = dir.join("package");
+    std::fs::create_dir_all(package.join("bin")).unwrap();
+    let link = package.join("bin/hcloud-nixos");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_hcloud-nixos"), &link).unwrap();
+    package
+}
+
+/// Writes every unit file, substituted, into `dest`; returns their paths.
+pub fn render_into(dest: &Path, package: &Path) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dest).unwrap();
+    let subs = substitutions(package);
+    let mut written = Vec::new();
+    for entry in std::fs::read_dir(source_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        for (from, to) in &subs {
+            text = text.replace(from, to);
+        }
+        let target = dest.join(path.file_name().unwrap());
+        std::fs::write(&target, text).unwrap();
+        written.push(target);
+    }
+    written.sort();
+    written
+}
