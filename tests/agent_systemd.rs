@@ -1,0 +1,768 @@
+//! The deploy agent's transient-unit apply path under a real systemd: the host's Debian booted
+//! as a container (`systemd-nspawn`, systemd as PID 1), the binary under test bind-mounted in,
+//! stand-ins for FlakeHub (169.254.169.253:8080) and the metadata service (169.254.169.254:80)
+//! in a second network namespace joined by a veth pair, and an `fh` stand-in script.
+//!
+//! 1. `agent --once`: fh runs in a transient unit `hcloud-nixos-apply-*.service`, its output is
+//!    in the journal with `HCLOUD_NIXOS_VERSION`, the system switches, the state records one
+//!    successful deploy, and the unit is unloaded.
+//! 2. The agent as a service is killed while a slow apply runs in its unit: the apply goes on
+//!    and completes, and the restarted agent records it exactly once without applying again.
+//! 3. `Type=notify`: the agent's unit is `activating` until its first cycle ends (FlakeHub is
+//!    slow), then `active` with the status line `up to date: <version>`.
+//!
+//! Needs root and `systemd-nspawn` (Debian: `apt-get install systemd-container`); skips
+//! otherwise, or fails under `CI=true`.
+
+#[path = "support/container.rs"]
+mod container;
+#[path = "standins/metadata_server.rs"]
+mod metadata_server;
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use container::netns::{self, poll};
+use container::{Container, ContainerNet, Spec, elapsed, write_executable};
+use metadata_server::{Documents, MetadataServer};
+
+const FLAKEHUB_IP: &str = "169.254.169.253";
+const FLAKEHUB_PORT: u16 = 8080;
+const ORG: &str = "hcloud-test";
+const FLAKE: &str = "infra";
+const ATTR: &str = "nixosConfigurations.test";
+const TOKEN: &str = "fhtoken-0123456789abcdef";
+/// The agent's unit in steps 2 and 3.
+const AGENT_UNIT: &str = "hcloud-nixos-agent-test.service";
+/// Where the binary under test appears in the container.
+const BIN_DIR: &str = "/opt/under-test";
+
+// ---------------------------------------------------------------------------------------------
+// A minimal FlakeHub API stand-in: `GET /version/{org}/{flake}/{constraint}` answers the newest
+// published release that is not yanked (whatever the constraint: the test publishes in order),
+// `GET /f/{org}/{flake}/={version}/output/{attr}` the store path of that release. A bearer token
+// is required. `GET /version/...` can be slowed down.
+
+#[derive(Clone)]
+struct Release {
+    version: String,
+    store_path: String,
+    yanked: bool,
+}
+
+#[derive(Default)]
+struct HubState {
+    releases: Vec<Release>,
+    /// Delay before answering `GET /version/...`.
+    version_delay: Duration,
+    /// Every request: (path, whether it carried the right token).
+    requests: Vec<(String, bool)>,
+}
+
+struct FlakeHub {
+    state: Arc<Mutex<HubState>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FlakeHub {
+    /// Listens on `addr` inside the named network namespace.
+    fn start_in_netns(netns: &str, addr: &str) -> io::Result<Self> {
+        let path = format!("/run/netns/{netns}");
+        let addr = addr.to_string();
+        let state = Arc::new(Mutex::new(HubState::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (state2, stop2) = (state.clone(), stop.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = thread::Builder::new()
+            .name(format!("flakehub-{netns}"))
+            .spawn(move || {
+                // The thread that binds must have joined the namespace.
+                let bound = (|| {
+                    let ns = std::fs::File::open(&path)?;
+                    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(io::Error::from)?;
+                    let l = TcpListener::bind(&addr)?;
+                    l.set_nonblocking(true)?;
+                    Ok::<_, io::Error>(l)
+                })();
+                match bound {
+                    Ok(l) => {
+                        let _ = tx.send(Ok(()));
+                        while !stop2.load(Ordering::SeqCst) {
+                            match l.accept() {
+                                Ok((stream, _)) => {
+                                    let state = state2.clone();
+                                    let _ = thread::Builder::new()
+                                        .name("flakehub-conn".into())
+                                        .spawn(move || {
+                                            let _ = hub_handle(stream, &state);
+                                        });
+                                }
+                                Err(_) => thread::sleep(Duration::from_millis(5)),
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            })?;
+        rx.recv_timeout(Duration::from_secs(10))
+            .map_err(|_| io::Error::other("FlakeHub stand-in did not start"))??;
+        Ok(FlakeHub {
+            state,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, version: &str, store_path: &str) {
+        self.lock().releases.push(Release {
+            version: version.into(),
+            store_path: store_path.into(),
+            yanked: false,
+        });
+    }
+
+    fn set_version_delay(&self, d: Duration) {
+        self.lock().version_delay = d;
+    }
+
+    fn requests(&self) -> Vec<(String, bool)> {
+        self.lock().requests.clone()
+    }
+}
+
+impl Drop for FlakeHub {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn hub_handle(stream: TcpStream, state: &Mutex<HubState>) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    (&mut reader).take(8192).read_line(&mut request_line)?;
+    let mut authorized = false;
+    for _ in 0..100 {
+        let mut line = String::new();
+        let n = (&mut reader).take(8192).read_line(&mut line)?;
+        if n == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("authorization")
+            && v.trim() == format!("Bearer {TOKEN}")
+        {
+            authorized = true;
+        }
+    }
+    let target = request_line.split_whitespace().nth(1).unwrap_or("");
+    let path = target.split('?').next().unwrap_or("");
+    let segments: Vec<String> = path
+        .trim_start_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect();
+    let (delay, answer) = {
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        s.requests.push((path.to_string(), authorized));
+        let newest = s.releases.iter().rev().find(|r| !r.yanked).cloned();
+        let seg: Vec<&str> = segments.iter().map(String::as_str).collect();
+        match seg.as_slice() {
+            _ if !authorized => (Duration::ZERO, (401, r#"{"error":"unauthorized"}"#.into())),
+            ["version", o, f, _constraint] if *o == ORG && *f == FLAKE => match newest {
+                Some(r) => (
+                    s.version_delay,
+                    (
+                        200,
+                        serde_json::json!({
+                            "version": r.version,
+                            "simplified_version": r.version.split('+').next(),
+                            "revision": r.version.rsplit("rev-").next(),
+                            "published_at": "2026-11-21T12:00:00Z",
+                            "yanked_at": null,
+                        })
+                        .to_string(),
+                    ),
+                ),
+                None => (Duration::ZERO, (404, r#"{"error":"no release"}"#.into())),
+            },
+            ["f", o, f, exact, "output", attr] if *o == ORG && *f == FLAKE => {
+                let version = exact.strip_prefix('=').unwrap_or(exact);
+                match s.releases.iter().find(|r| r.version == version) {
+                    Some(r) => (
+                        Duration::ZERO,
+                        (
+                            200,
+                            serde_json::json!({
+                                "attribute_path": attr,
+                                "store_path": r.store_path,
+                            })
+                            .to_string(),
+                        ),
+                    ),
+                    None => (Duration::ZERO, (404, r#"{"error":"no output"}"#.into())),
+                }
+            }
+            _ => (Duration::ZERO, (404, r#"{"error":"not found"}"#.into())),
+        }
+    };
+    thread::sleep(delay);
+    let (status, body) = answer;
+    let reason = match status {
+        200 => "OK",
+        401 => "Unauthorized",
+        _ => "Not Found",
+    };
+    let mut out = stream;
+    write!(
+        out,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    out.flush()?;
+    out.shutdown(std::net::Shutdown::Write)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The machine's side: "systems" (directories with bin/switch-to-configuration, bind-mounted at
+// /nix/store in the container), the fh stand-in, the agent's configuration.
+
+/// A store path `/nix/store/<32 chars>-nixos-system-test-<n>`.
+fn store_path(n: u32) -> String {
+    format!("/nix/store/{n:0>32}-nixos-system-test-{n}")
+}
+
+fn version(n: u32) -> String {
+    format!("0.1.{n}+rev-{:0>40}", format!("{n}abc"))
+}
+
+/// Creates system `n` in `<root>/store` (seen in the container at /nix/store).
+fn make_system(root: &Path, n: u32) {
+    let name = store_path(n)
+        .strip_prefix("/nix/store/")
+        .unwrap()
+        .to_string();
+    let script = format!(
+        r#"#!/bin/sh
+# switch-to-configuration stand-in: "activates" this system by pointing current-system at it.
+self=$(dirname "$(dirname "$(readlink -f "$0")")")
+echo "switch-to-configuration $1: activating $self"
+ln -sfn "$self" '{root}/current-system'
+"#,
+        root = root.display()
+    );
+    write_executable(
+        &root
+            .join("store")
+            .join(name)
+            .join("bin/switch-to-configuration"),
+        &script,
+    );
+}
+
+/// The fh stand-in: `fh apply nixos ORG/FLAKE/=VERSION#ATTR OPERATION`. Logs its argv, resolves
+/// the output at FlakeHub (with the token from fh's auth file, as fh does without
+/// determinate-nixd), waits `<root>/fh-delay` seconds, sets the profile and runs the new system's
+/// switch-to-configuration, ignoring its status (as fh does), and exits 0.
+fn fh_script(root: &Path) -> String {
+    format!(
+        r#"#!/bin/sh
+root='{root}'
+echo "$*" >> "$root/fh-argv.log"
+if [ "$1 $2" != "apply nixos" ]; then echo "Error: the stand-in only does 'apply nixos'" >&2; exit 2; fi
+ref=$3; op=${{4:-switch}}
+path=${{ref%%#*}}; attr=${{ref#*#}}
+version=${{path##*/=}}; flake=${{path%/=*}}
+echo "fh stand-in: resolving $ref (version $version, $op)"
+body=$(curl -sS --fail --max-time 20 -H "Authorization: Bearer $(cat "$root/fh-auth")" \
+  "http://{ip}:{port}/f/$flake/=$version/output/$attr") || {{ echo "Error: cannot resolve $ref" >&2; exit 1; }}
+store=$(printf '%s' "$body" | sed -n 's/.*"store_path" *: *"\([^"]*\)".*/\1/p')
+if [ ! -x "$store/bin/switch-to-configuration" ]; then echo "Error: $store is not a system" >&2; exit 1; fi
+delay=$(cat "$root/fh-delay" 2>/dev/null || echo 0)
+echo "fh stand-in: building $store (taking $delay s)"
+sleep "$delay"
+ln -sfn "$store" "$root/system-profile"
+"$root/system-profile/bin/switch-to-configuration" "$op" || echo "switch-to-configuration exited $?"
+echo "fh stand-in: done"
+exit 0
+"#,
+        root = root.display(),
+        ip = FLAKEHUB_IP,
+        port = FLAKEHUB_PORT,
+    )
+}
+
+fn agent_config(root: &Path) -> String {
+    let r = root.display();
+    format!(
+        r#"flake = "{ORG}/{FLAKE}/0.1#{ATTR}"
+operation = "switch"
+poll_interval = "1h"
+
+[flakehub]
+api_url = "http://{FLAKEHUB_IP}:{FLAKEHUB_PORT}"
+token_file = "{r}/token"
+
+[metadata]
+url = "http://169.254.169.254/hetzner/v1/"
+
+[apply]
+mode = "transient-unit"
+timeout = "60s"
+
+[paths]
+state_dir = "{r}/state"
+run_dir = "{r}/run"
+current_system = "{r}/current-system"
+booted_system = "{r}/booted-system"
+system_profile = "{r}/system-profile"
+fh = "{r}/bin/fh"
+determinate_nixd = "{r}/bin/no-determinate-nixd"
+nix = "{r}/bin/no-nix"
+fh_auth_file = "{r}/fh-auth"
+switch_lock = "{r}/switch-to-configuration.lock"
+"#
+    )
+}
+
+fn read_state(root: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(root.join("state/state.json")).expect("state.json");
+    serde_json::from_str(&text).expect("state.json is JSON")
+}
+
+fn fh_log(root: &Path) -> Vec<String> {
+    std::fs::read_to_string(root.join("fh-argv.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "exit: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Starts the agent as a `Type=notify` service of its own, without waiting for it to be ready.
+fn start_agent_service(c: &Container, config: &Path) {
+    let bin = format!("{BIN_DIR}/hcloud-nixos");
+    let cfg = config.display().to_string();
+    c.run(
+        "systemd-run",
+        &[
+            "--no-block",
+            "--unit",
+            AGENT_UNIT,
+            "-p",
+            "Type=notify",
+            "-p",
+            "TimeoutStartSec=90",
+            &bin,
+            "agent",
+            "--config",
+            &cfg,
+        ],
+    );
+}
+
+/// The agent's journal, for failure messages.
+fn agent_journal(c: &Container) -> String {
+    let out = c.exec(
+        Duration::from_secs(10),
+        "journalctl",
+        &["--no-pager", "-o", "short-monotonic", "-u", AGENT_UNIT],
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn agent_applies_in_transient_units_under_real_systemd() {
+    if !netns::can_run("agent_systemd", container::HOST_TOOLS) {
+        return;
+    }
+    let t0 = Instant::now();
+    let log = |msg: &str| eprintln!("[{}] {msg}", elapsed(t0));
+    let id = netns::unique();
+    let binary = PathBuf::from(env!("CARGO_BIN_EXE_hcloud-nixos"));
+
+    // Dropped in reverse order: container, stand-ins, namespaces, then the directory.
+    let tmp = container::shared_tempdir("agent-systemd-");
+    let root = tmp.path().to_path_buf();
+    log(&format!("shared directory {}", root.display()));
+    let net = ContainerNet::new(
+        &id,
+        "169.254.10.2/16",
+        &["169.254.169.254/16", &format!("{FLAKEHUB_IP}/16")],
+    );
+    log(&format!(
+        "network namespaces: container {} (eth0 169.254.10.2), stand-ins {} (169.254.169.254, {FLAKEHUB_IP})",
+        net.guest.name, net.standins.name
+    ));
+    let _metadata = MetadataServer::start_in_netns(
+        &net.standins.name,
+        "169.254.169.254:80",
+        Documents::default(),
+    )
+    .expect("metadata stand-in");
+    let hub = FlakeHub::start_in_netns(
+        &net.standins.name,
+        &format!("{FLAKEHUB_IP}:{FLAKEHUB_PORT}"),
+    )
+    .expect("FlakeHub stand-in");
+    log("stand-ins listening: metadata (user-data: 204 No Content), FlakeHub API");
+
+    // The machine's files: systems 0 (running now), 1 and 2; fh; the agent's configuration.
+    for n in 0..=2 {
+        make_system(&root, n);
+    }
+    write_executable(&root.join("bin/fh"), &fh_script(&root));
+    std::fs::write(root.join("token"), format!("{TOKEN}\n")).unwrap();
+    std::fs::write(root.join("fh-delay"), "0").unwrap();
+    let config = root.join("agent.toml");
+    std::fs::write(&config, agent_config(&root)).unwrap();
+    std::os::unix::fs::symlink(store_path(0), root.join("current-system")).unwrap();
+
+    let c = Container::boot(&Spec {
+        machine: format!("hcn-agent-{id}"),
+        netns: net.guest.name.clone(),
+        bind_ro: vec![
+            (
+                binary.parent().unwrap().to_path_buf(),
+                PathBuf::from(BIN_DIR),
+            ),
+            // The volatile root has an almost empty /etc; the HTTP clients refuse to start
+            // without CA certificates, even for plain-HTTP URLs.
+            (PathBuf::from("/etc/ssl"), PathBuf::from("/etc/ssl")),
+        ],
+        bind: vec![root.clone()],
+        console_log: root.join("console.log"),
+    });
+    let state = c.system_state();
+    log(&format!(
+        "container {} booted: systemd PID 1 is host PID {}, is-system-running: {state}",
+        c.machine, c.init
+    ));
+    c.sh(&format!(
+        "mkdir -p /nix/store && mount --bind '{}/store' /nix/store",
+        root.display()
+    ));
+    let bin = format!("{BIN_DIR}/hcloud-nixos");
+    let cfg = config.display().to_string();
+    let current = || {
+        c.run(
+            "readlink",
+            &["-f", &root.join("current-system").display().to_string()],
+        )
+        .trim()
+        .to_string()
+    };
+    assert_eq!(current(), store_path(0));
+    log(&format!("the running system is {}", store_path(0)));
+
+    // ---- Step 1: agent --once applies in a transient unit ------------------------------------
+    let v1 = version(1);
+    hub.publish(&v1, &store_path(1));
+    log(&format!(
+        "STEP 1: published {v1} -> {}; running `hcloud-nixos agent --once`",
+        store_path(1)
+    ));
+    let out = c.exec(
+        Duration::from_secs(60),
+        &bin,
+        &["agent", "--once", "--config", &cfg],
+    );
+    eprintln!("{}", text(&out));
+    assert!(out.status.success(), "agent --once failed:\n{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("up to date: {v1} (just deployed)")
+    );
+    let fh = fh_log(&root);
+    assert_eq!(
+        fh,
+        [format!("apply nixos {ORG}/{FLAKE}/={v1}#{ATTR} switch")],
+        "fh ran once with the exact reference"
+    );
+    log(&format!("fh ran once: {}", fh[0]));
+    assert_eq!(
+        current(),
+        store_path(1),
+        "current-system points at system 1"
+    );
+    log("current-system now points at system 1");
+    let s = read_state(&root);
+    assert_eq!(s["deploys"], 1, "state: {s:#}");
+    assert_eq!(s["last_deploy"]["outcome"], "success", "state: {s:#}");
+    assert_eq!(s["last_deploy"]["version"], v1.as_str(), "state: {s:#}");
+    assert!(s["in_flight"].is_null(), "state: {s:#}");
+    log("state.json: deploys = 1, last_deploy.outcome = success, nothing in flight");
+    // The unit's output is in the journal, with the version as a field on every line.
+    let mut journal = Vec::new();
+    let found = poll(Duration::from_secs(10), Duration::from_millis(200), || {
+        let out = c.exec(
+            Duration::from_secs(10),
+            "journalctl",
+            &["--no-pager", "-o", "json", "-u", "hcloud-nixos-apply-*"],
+        );
+        journal = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .collect();
+        journal.iter().any(|e| e["MESSAGE"] == "fh stand-in: done")
+    });
+    assert!(
+        found,
+        "the apply unit's output is not in the journal:\n{journal:#?}"
+    );
+    // fh's own lines (systemd's "Started ..." lines carry UNIT=, not the extra field).
+    let fh_lines: Vec<&serde_json::Value> = journal
+        .iter()
+        .filter(|e| {
+            e["MESSAGE"].as_str().is_some_and(|m| {
+                m.starts_with("fh stand-in") || m.starts_with("switch-to-configuration")
+            })
+        })
+        .collect();
+    assert_eq!(
+        fh_lines.len(),
+        4,
+        "fh's lines in the journal: {fh_lines:#?}"
+    );
+    let unit = fh_lines[0]["_SYSTEMD_UNIT"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        unit.starts_with("hcloud-nixos-apply-") && unit.ends_with(".service"),
+        "fh ran in {unit:?}"
+    );
+    for e in &fh_lines {
+        assert_eq!(e["HCLOUD_NIXOS_VERSION"], v1.as_str(), "entry: {e:#}");
+        assert_eq!(e["_SYSTEMD_UNIT"], unit.as_str(), "entry: {e:#}");
+    }
+    log(&format!(
+        "journal: fh's {} lines came from {unit}, each with HCLOUD_NIXOS_VERSION={v1}",
+        fh_lines.len()
+    ));
+    let left = c.units("hcloud-nixos-apply-*");
+    assert!(left.is_empty(), "apply units still loaded: {left:?}");
+    log("no hcloud-nixos-apply-* unit is loaded any more");
+    let auth = hub.requests();
+    assert!(
+        auth.iter().all(|(_, ok)| *ok) && auth.len() >= 3,
+        "FlakeHub requests (path, authorized): {auth:?}"
+    );
+    log(&format!(
+        "FlakeHub saw {} requests, all with the token (agent: version + output; fh: output)",
+        auth.len()
+    ));
+
+    // ---- Step 2: the agent is killed mid-apply; the restarted agent picks up the result ------
+    let v2 = version(2);
+    hub.publish(&v2, &store_path(2));
+    std::fs::write(root.join("fh-delay"), "5").unwrap();
+    log(&format!(
+        "STEP 2: published {v2} -> {} with a slow switch (5 s); starting the agent as {AGENT_UNIT}",
+        store_path(2)
+    ));
+    start_agent_service(&c, &config);
+    let mut apply_unit = String::new();
+    let running = poll(Duration::from_secs(20), Duration::from_millis(100), || {
+        apply_unit = read_state_opt(&root)
+            .and_then(|s| s["in_flight"]["unit"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        !apply_unit.is_empty() && c.unit_state(&apply_unit) == "active/running"
+    });
+    assert!(
+        running,
+        "no apply unit running (in_flight.unit = {apply_unit:?})\n{}",
+        agent_journal(&c)
+    );
+    log(&format!(
+        "{apply_unit} is running (recorded as in_flight in state.json)"
+    ));
+    // While the first cycle runs, the agent is not ready yet, and says what it does.
+    assert_eq!(c.unit_state(AGENT_UNIT), "activating/start");
+    let status_text = c.unit_property(AGENT_UNIT, "StatusText");
+    assert_eq!(status_text, format!("applying {v2}"));
+    log(&format!(
+        "{AGENT_UNIT} is activating/start with STATUS=\"{status_text}\""
+    ));
+    c.run("systemctl", &["kill", "-s", "KILL", AGENT_UNIT]);
+    let dead = poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        matches!(
+            c.unit_state(AGENT_UNIT).as_str(),
+            "failed/failed" | "inactive/dead" | "/"
+        )
+    });
+    assert!(dead, "the agent's unit: {}", c.unit_state(AGENT_UNIT));
+    let apply_state = c.unit_state(&apply_unit);
+    assert_eq!(
+        apply_state, "active/running",
+        "the apply must survive the agent"
+    );
+    log(&format!(
+        "killed the agent with SIGKILL ({AGENT_UNIT}: {}); {apply_unit} is still {apply_state}",
+        c.unit_state(AGENT_UNIT)
+    ));
+    let done = poll(Duration::from_secs(20), Duration::from_millis(200), || {
+        c.unit_state(&apply_unit) == "active/exited"
+    });
+    assert!(done, "{apply_unit}: {}", c.unit_state(&apply_unit));
+    assert_eq!(c.unit_property(&apply_unit, "Result"), "success");
+    assert_eq!(current(), store_path(2));
+    let s = read_state(&root);
+    assert_eq!(
+        s["deploys"], 1,
+        "nothing recorded while the agent was away: {s:#}"
+    );
+    assert_eq!(s["in_flight"]["version"], v2.as_str(), "{s:#}");
+    log(&format!(
+        "{apply_unit} finished on its own (active/exited, Result=success); system 2 runs; state.json still has it in flight"
+    ));
+    let _ = c.exec(
+        Duration::from_secs(10),
+        "systemctl",
+        &["reset-failed", AGENT_UNIT],
+    );
+    std::fs::write(root.join("fh-delay"), "0").unwrap();
+    log("starting the agent again");
+    start_agent_service(&c, &config);
+    let active = poll(Duration::from_secs(30), Duration::from_millis(100), || {
+        c.unit_state(AGENT_UNIT) == "active/running"
+    });
+    assert!(
+        active,
+        "{}: {}\n{}",
+        AGENT_UNIT,
+        c.unit_state(AGENT_UNIT),
+        agent_journal(&c)
+    );
+    let s = read_state(&root);
+    assert_eq!(s["deploys"], 2, "recorded exactly once: {s:#}");
+    assert_eq!(s["last_deploy"]["version"], v2.as_str(), "{s:#}");
+    assert_eq!(s["last_deploy"]["outcome"], "success", "{s:#}");
+    assert!(s["in_flight"].is_null(), "{s:#}");
+    let fh = fh_log(&root);
+    let for_v2 = fh.iter().filter(|l| l.contains(&format!("={v2}#"))).count();
+    assert_eq!(for_v2, 1, "fh ran once for {v2}: {fh:?}");
+    assert_eq!(fh.len(), 2, "fh calls: {fh:?}");
+    assert_eq!(current(), store_path(2));
+    let left = c.units("hcloud-nixos-apply-*");
+    assert!(left.is_empty(), "apply units still loaded: {left:?}");
+    let journal = agent_journal(&c);
+    assert!(
+        journal.contains("an apply finished while the agent was away"),
+        "the restarted agent's log:\n{journal}"
+    );
+    log(&format!(
+        "the restarted agent recorded the finished apply: deploys = 2, fh ran once for {v2}, {apply_unit} unloaded"
+    ));
+
+    // ---- Step 3: Type=notify, READY only after the first cycle --------------------------------
+    c.run("systemctl", &["stop", AGENT_UNIT]);
+    let _ = c.exec(
+        Duration::from_secs(10),
+        "systemctl",
+        &["reset-failed", AGENT_UNIT],
+    );
+    hub.set_version_delay(Duration::from_secs(4));
+    log("STEP 3: stopped the agent; FlakeHub now answers /version after 4 s; starting the agent");
+    start_agent_service(&c, &config);
+    let t_start = Instant::now();
+    let mut states = Vec::new();
+    let active = poll(Duration::from_secs(30), Duration::from_millis(100), || {
+        let st = c.unit_state(AGENT_UNIT);
+        if states.last() != Some(&st) {
+            states.push(st.clone());
+        }
+        st == "active/running"
+    });
+    let took = t_start.elapsed();
+    assert!(
+        active,
+        "{AGENT_UNIT} states: {states:?}\n{}",
+        agent_journal(&c)
+    );
+    assert!(
+        states.iter().any(|s| s == "activating/start"),
+        "{AGENT_UNIT} was never activating: {states:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(3),
+        "{AGENT_UNIT} became active after {took:?}, before FlakeHub answered"
+    );
+    log(&format!(
+        "{AGENT_UNIT} went {} in {:.1} s",
+        states.join(" -> "),
+        took.as_secs_f64()
+    ));
+    let status = c
+        .exec(
+            Duration::from_secs(10),
+            "systemctl",
+            &["status", "--no-pager", AGENT_UNIT],
+        )
+        .stdout;
+    let status = String::from_utf8_lossy(&status);
+    let expected = format!("Status: \"up to date: {v2}\"");
+    assert!(
+        status.contains(&expected),
+        "systemctl status lacks {expected}:\n{status}"
+    );
+    log(&format!("systemctl status shows {expected}"));
+    let s = read_state(&root);
+    assert_eq!(s["deploys"], 2, "{s:#}");
+    assert_eq!(fh_log(&root).len(), 2, "no further apply");
+    c.run("systemctl", &["stop", AGENT_UNIT]);
+    log(&format!(
+        "done; cleaning up (total {:.1} s)",
+        t0.elapsed().as_secs_f64()
+    ));
+}
+
+fn read_state_opt(root: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(root.join("state/state.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
