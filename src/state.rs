@@ -82,6 +82,25 @@ pub struct Login {
     pub at: String,
 }
 
+/// A store path that failed and was rolled back: not tried again until another release appears
+/// or an operator clears it (`hcloud-nixos retry`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantined {
+    pub version: String,
+    pub store_path: String,
+    pub reason: String,
+    pub at: String,
+}
+
+/// Totals since the state file was created, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Counters {
+    pub deploys_succeeded: u64,
+    pub deploys_failed: u64,
+    pub rollbacks_succeeded: u64,
+    pub rollbacks_failed: u64,
+}
+
 /// Everything the agent remembers.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct State {
@@ -102,6 +121,16 @@ pub struct State {
     /// Deploys recorded since the state file was created, successful or not.
     #[serde(default)]
     pub deploys: u64,
+    #[serde(default)]
+    pub counters: Counters,
+    /// Cycles in a row that ended in a failure (check or deploy).
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarantined: Vec<Quarantined>,
+    /// The running system needs a reboot (a new kernel, initrd or kernel modules).
+    #[serde(default)]
+    pub reboot_required: bool,
     /// The one-line status an operator reads.
     #[serde(default)]
     pub status: String,
