@@ -400,22 +400,21 @@ async fn apply_release(
         }
         Err(e) => Err(e),
     };
-    let finished = match finished {
-        Ok(f) => Some(f),
-        Err(e) => {
-            tracing::warn!(error = %format!("{e:#}"), "fh apply could not be run");
-            None
-        }
-    };
-    conclude(ctx, state, &in_flight, finished).await
+    let finished = finished.map_err(|e| {
+        tracing::warn!(error = %format!("{e:#}"), "fh apply could not be run");
+        format!("cannot run fh: {e:#}")
+    });
+    conclude(ctx, state, &in_flight, finished.map(Some)).await
 }
 
 /// Verifies and records an apply that has ended (or whose end we only see in the system).
+/// `finished` is fh's end as far as it is known: `Err` when fh could not be run at all, `Ok(None)`
+/// when nothing is known of it (it ran under an earlier agent and left no trace).
 async fn conclude(
     ctx: &Context,
     state: &mut State,
     in_flight: &InFlight,
-    finished: Option<apply::Finished>,
+    finished: Result<Option<apply::Finished>, String>,
 ) -> Outcome {
     let operation = in_flight
         .operation
@@ -426,7 +425,10 @@ async fn conclude(
         version: in_flight.version.clone(),
         store_path: in_flight.store_path.clone(),
     };
-    let detail = finished.as_ref().map(|f| f.detail.clone());
+    let detail = match &finished {
+        Ok(Some(f)) => Some(f.detail.clone()),
+        _ => None,
+    };
     let error = if now_at.as_deref() == Some(in_flight.store_path.as_str()) {
         None
     } else {
@@ -437,7 +439,8 @@ async fn conclude(
             "the running system"
         };
         Some(match (&finished, &now_at) {
-            (Some(f), _) if !f.fh_succeeded => format!("{}; {what} is unchanged", f.detail),
+            (Err(why), _) => format!("{why}; {what} is unchanged"),
+            (Ok(Some(f)), _) if !f.fh_succeeded => format!("{}; {what} is unchanged", f.detail),
             (_, Some(path)) => format!("activation failed: {what} is {path}, not the new release"),
             (_, None) => format!("activation failed: {what} cannot be read"),
         })
@@ -504,7 +507,7 @@ async fn finish_in_flight(
                 .wait(apply::Running::Orphan(pid), ctx.settings.apply_timeout)
                 .await
                 .ok();
-            Some(conclude(ctx, state, in_flight, finished).await)
+            Some(conclude(ctx, state, in_flight, Ok(finished)).await)
         }
         Found::Running => {
             report(&format!("applying {}", in_flight.version));
@@ -515,11 +518,11 @@ async fn finish_in_flight(
                 .wait(apply::Running::Unit(unit), ctx.settings.apply_timeout)
                 .await
                 .ok();
-            Some(conclude(ctx, state, in_flight, finished).await)
+            Some(conclude(ctx, state, in_flight, Ok(finished)).await)
         }
         Found::Finished(f) => {
             tracing::info!(version = %in_flight.version, "an apply finished while the agent was away; recording it");
-            Some(conclude(ctx, state, in_flight, Some(f)).await)
+            Some(conclude(ctx, state, in_flight, Ok(Some(f))).await)
         }
         Found::Unknown => {
             let operation = in_flight
@@ -529,7 +532,7 @@ async fn finish_in_flight(
             if system_path(&ctx.settings, operation).as_deref()
                 == Some(in_flight.store_path.as_str())
             {
-                return Some(conclude(ctx, state, in_flight, None).await);
+                return Some(conclude(ctx, state, in_flight, Ok(None)).await);
             }
             tracing::warn!(version = %in_flight.version, "an apply was interrupted before it finished (nothing is left of it); applying again");
             state.in_flight = None;

@@ -83,7 +83,16 @@ impl Systemd {
             ("RemainAfterExit", Value::from(true)),
             ("ExecStart", Value::from(exec)),
             ("Environment", Value::from(svc.environment.clone())),
-            ("LogExtraFields", Value::from(svc.log_fields.clone())),
+            // systemd takes journal fields as byte arrays (aay), not strings.
+            (
+                "LogExtraFields",
+                Value::from(
+                    svc.log_fields
+                        .iter()
+                        .map(|f| f.as_bytes().to_vec())
+                        .collect::<Vec<Vec<u8>>>(),
+                ),
+            ),
             ("SyslogIdentifier", Value::from("hcloud-nixos-apply")),
         ];
         let aux: Vec<(&str, Vec<(&str, Value<'_>)>)> = Vec::new();
