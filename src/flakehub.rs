@@ -97,9 +97,7 @@ impl Client {
             let path = format!("{}/", api_url.path());
             api_url.set_path(&path);
         }
-        crate::tls::install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("hcloud-nixos/", env!("CARGO_PKG_VERSION")))
+        let http = crate::tls::client_builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(30))
             .build()?;

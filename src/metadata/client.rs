@@ -85,9 +85,7 @@ impl Client {
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(FetchError::BadUrl(settings.base_url.clone()));
         }
-        crate::tls::install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("hcloud-nixos/", env!("CARGO_PKG_VERSION")))
+        let http = crate::tls::client_builder()
             .connect_timeout(settings.request_timeout)
             .timeout(settings.request_timeout)
             // The service is link-local: a proxy from the environment must not be used.

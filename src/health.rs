@@ -1,0 +1,250 @@
+//! Health after a deploy: no new failed units, FlakeHub reachable again, every configured check.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::exec;
+
+/// A `[[health_check]]` table as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckConfig {
+    pub command: Option<Vec<String>>,
+    pub url: Option<String>,
+    pub timeout: Option<String>,
+}
+
+/// One validated check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// argv, no shell; must exit 0.
+    Command {
+        argv: Vec<String>,
+        timeout: Duration,
+    },
+    /// Must answer 2xx.
+    Http { url: String, timeout: Duration },
+}
+
+impl Check {
+    /// Validates `health_check[index]`; the error is one line naming the key.
+    pub fn from_config(c: &CheckConfig, index: usize) -> Result<Check, String> {
+        let at = format!("health_check[{index}]");
+        let timeout = match &c.timeout {
+            None => Duration::from_secs(10),
+            Some(t) => humantime::parse_duration(t)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    format!("{at}.timeout: '{t}' is not a duration (for example 10s)")
+                })?,
+        };
+        match (&c.command, &c.url) {
+            (Some(argv), None) => {
+                if argv.is_empty() || argv[0].is_empty() {
+                    return Err(format!(
+                        "{at}.command: give the program and its arguments, e.g. [\"/run/current-system/sw/bin/true\"]"
+                    ));
+                }
+                if !argv[0].starts_with('/') {
+                    return Err(format!(
+                        "{at}.command: '{}' is not an absolute path (no shell and no PATH search is involved)",
+                        argv[0]
+                    ));
+                }
+                Ok(Check::Command {
+                    argv: argv.clone(),
+                    timeout,
+                })
+            }
+            (None, Some(url)) => {
+                let parsed = reqwest::Url::parse(url)
+                    .map_err(|_| format!("{at}.url: '{url}' is not a URL"))?;
+                if !matches!(parsed.scheme(), "http" | "https") {
+                    return Err(format!("{at}.url: '{url}' is not an http(s) URL"));
+                }
+                Ok(Check::Http {
+                    url: url.clone(),
+                    timeout,
+                })
+            }
+            (Some(_), Some(_)) => Err(format!("{at}: give either command or url, not both")),
+            (None, None) => Err(format!("{at}: give command (a list) or url")),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Check::Command { argv, .. } => argv.join(" "),
+            Check::Http { url, .. } => url.clone(),
+        }
+    }
+
+    /// Runs the check once; `Err` says why it failed, in one line.
+    pub async fn run(&self, http: &reqwest::Client) -> Result<(), String> {
+        match self {
+            Check::Command { argv, timeout } => {
+                let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
+                match exec::run(std::path::Path::new(&argv[0]), &args, *timeout).await {
+                    Ok(out) if out.status.success() => Ok(()),
+                    Ok(out) => {
+                        let line = out.last_line();
+                        let tail = if line.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {line}")
+                        };
+                        Err(format!(
+                            "health check `{}` failed ({}){tail}",
+                            self.describe(),
+                            out.status
+                        ))
+                    }
+                    Err(e) => Err(format!("health check `{}` failed: {e:#}", self.describe())),
+                }
+            }
+            Check::Http { url, timeout } => match http.get(url).timeout(*timeout).send().await {
+                Ok(resp) if resp.status().is_success() => Ok(()),
+                Ok(resp) => Err(format!(
+                    "health check {url} answered HTTP {}",
+                    resp.status().as_u16()
+                )),
+                Err(e) => Err(format!(
+                    "health check {url} failed: {}",
+                    crate::http::describe(&e)
+                )),
+            },
+        }
+    }
+}
+
+/// Units that failed after the deploy and had not failed before it (the agent's own apply
+/// units excepted).
+pub fn new_failures(before: &[String], after: &[String]) -> Vec<String> {
+    let mut new: Vec<String> = after
+        .iter()
+        .filter(|u| !before.contains(u))
+        .filter(|u| {
+            !u.starts_with("hcloud-nixos-apply-") && !u.starts_with("hcloud-nixos-rollback-")
+        })
+        .cloned()
+        .collect();
+    new.sort();
+    new
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(command: Option<&[&str]>, url: Option<&str>, timeout: Option<&str>) -> CheckConfig {
+        CheckConfig {
+            command: command.map(|c| c.iter().map(|s| s.to_string()).collect()),
+            url: url.map(str::to_string),
+            timeout: timeout.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        assert_eq!(
+            Check::from_config(&cfg(Some(&["/bin/true"]), None, None), 0).unwrap(),
+            Check::Command {
+                argv: vec!["/bin/true".into()],
+                timeout: Duration::from_secs(10)
+            }
+        );
+        let e = Check::from_config(&cfg(Some(&["curl", "-f"]), None, None), 2).unwrap_err();
+        assert!(
+            e.starts_with("health_check[2].command: 'curl' is not an absolute path"),
+            "{e}"
+        );
+        assert!(
+            Check::from_config(&cfg(None, None, None), 0)
+                .unwrap_err()
+                .contains("give command")
+        );
+        assert!(Check::from_config(&cfg(Some(&["/bin/true"]), Some("http://x"), None), 0).is_err());
+        assert!(Check::from_config(&cfg(None, Some("ftp://x/"), None), 0).is_err());
+        assert!(
+            Check::from_config(&cfg(None, Some("http://127.0.0.1/h"), Some("soon")), 1)
+                .unwrap_err()
+                .starts_with("health_check[1].timeout")
+        );
+    }
+
+    #[tokio::test]
+    async fn commands_pass_fail_and_time_out() {
+        let http = crate::tls::client_builder().build().unwrap();
+        let ok = Check::from_config(&cfg(Some(&["/bin/true"]), None, None), 0).unwrap();
+        assert_eq!(ok.run(&http).await, Ok(()));
+        let bad = Check::from_config(
+            &cfg(
+                Some(&["/bin/sh", "-c", "echo broken >&2; exit 3"]),
+                None,
+                None,
+            ),
+            0,
+        )
+        .unwrap();
+        let e = bad.run(&http).await.unwrap_err();
+        assert!(
+            e.contains("exit status: 3") && e.ends_with(": broken"),
+            "{e}"
+        );
+        let slow =
+            Check::from_config(&cfg(Some(&["/bin/sleep", "5"]), None, Some("200ms")), 0).unwrap();
+        let started = std::time::Instant::now();
+        assert!(
+            slow.run(&http)
+                .await
+                .unwrap_err()
+                .contains("did not finish")
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    #[tokio::test]
+    async fn http_checks_want_2xx() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for status in ["200 OK", "503 Service Unavailable"] {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            }
+        });
+        let http = crate::tls::client_builder().build().unwrap();
+        let check =
+            Check::from_config(&cfg(None, Some(&format!("http://{addr}/healthz")), None), 0)
+                .unwrap();
+        assert_eq!(check.run(&http).await, Ok(()));
+        assert!(check.run(&http).await.unwrap_err().contains("HTTP 503"));
+    }
+
+    #[test]
+    fn only_new_failures_count() {
+        let before = vec!["old.service".to_string()];
+        let after = vec![
+            "old.service".to_string(),
+            "web.service".to_string(),
+            "hcloud-nixos-apply-17.service".to_string(),
+        ];
+        assert_eq!(
+            new_failures(&before, &after),
+            vec!["web.service".to_string()]
+        );
+        assert!(new_failures(&after, &before).is_empty());
+    }
+}
