@@ -1,0 +1,3 @@
+//! Tests for reboots: detection, policies, windows, carrying out.
+
+use super::*;
