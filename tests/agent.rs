@@ -709,3 +709,78 @@ fn the_token_leaks_nowhere_with_fh_auth_file_even_verbose() {
     assert_eq!(std::fs::read_to_string(&auth).unwrap(), TOKEN);
     assert_eq!(std::fs::metadata(&auth).unwrap().mode() & 0o777, 0o600);
 }
+
+#[test]
+fn sigterm_during_a_direct_apply_waits_for_fh() {
+    let b = bench!("sigterm_during_apply");
+    let (v1, p1) = b.release(1, Kind::Slow(3));
+    let mut agent = b.start_agent();
+    b.wait_for(secs(30), "the apply", || {
+        b.state().pointer("/in_flight/pid").is_some()
+    });
+    agent.signal(Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(agent.running(), "stopped in the middle of the apply");
+    let status = agent.wait(secs(30));
+    assert!(status.success(), "{status}: {}", agent.output());
+    assert_eq!(b.current_system(), p1);
+    let state = b.state();
+    assert_eq!(str_at(&state, "/running/version"), v1);
+    assert_eq!(str_at(&state, "/last_deploy/outcome"), "success");
+    assert!(state.get("in_flight").is_none(), "{state}");
+}
+
+#[test]
+fn an_apply_that_ended_while_the_agent_was_away_is_recorded_once() {
+    let b = bench!("apply_ended_while_away");
+    let (v1, p1) = b.release(1, Kind::Slow(2));
+    let mut first = b.start_agent();
+    b.wait_for(secs(30), "the apply", || {
+        b.state().pointer("/in_flight/pid").is_some()
+    });
+    first.kill9();
+    b.wait_for(secs(30), "fh to finish the switch", || {
+        b.current_system() == p1
+    });
+    let run = b.once();
+    assert!(run.ok(), "{}", run.all());
+    assert_eq!(
+        run.stdout.trim(),
+        format!("up to date: {v1} (just deployed)")
+    );
+    assert_eq!(b.fh_runs().len(), 1);
+    let state = b.state();
+    assert_eq!(state["deploys"], 1);
+    assert_eq!(str_at(&state, "/last_deploy/outcome"), "success");
+    assert!(state.get("in_flight").is_none(), "{state}");
+}
+
+#[test]
+fn an_apply_over_its_timeout_is_failed_and_the_next_cycle_sees_the_system() {
+    let b = bench!(
+        "apply_timeout",
+        Options {
+            apply_timeout: "2s",
+            ..Options::default()
+        }
+    );
+    let base = b.current_system();
+    let (v1, p1) = b.release(1, Kind::Slow(4));
+    let run = b.once();
+    assert!(!run.ok(), "{}", run.all());
+    assert_eq!(
+        run.stdout.trim(),
+        format!(
+            "deploy of {v1} failed: fh did not finish within 2s and was stopped; the running system is unchanged"
+        )
+    );
+    assert_eq!(b.current_system(), base);
+    // Only fh was stopped: switch-to-configuration, its child, goes on and switches.
+    b.wait_for(secs(15), "the orphaned switch-to-configuration", || {
+        b.current_system() == p1
+    });
+    let run = b.once();
+    assert!(run.ok(), "{}", run.all());
+    assert_eq!(run.stdout.trim(), format!("up to date: {v1}"));
+    assert_eq!(b.fh_runs().len(), 1);
+}
