@@ -409,9 +409,28 @@ async fn answer(mut stream: TcpStream, current: &watch::Receiver<String>) {
     if with_body {
         response.push_str(&body);
     }
-    let _ = tokio::time::timeout(IO_TIMEOUT, async {
+    let written = tokio::time::timeout(IO_TIMEOUT, async {
         stream.write_all(response.as_bytes()).await?;
         stream.shutdown().await
+    })
+    .await;
+    if matches!(written, Ok(Ok(()))) {
+        linger(&mut stream).await;
+    }
+}
+
+/// Reads (and drops) what the client still sends until it closes, briefly: closing a socket with
+/// unread data resets the connection, and the client may lose the answer before reading it.
+async fn linger(stream: &mut TcpStream) {
+    let mut sink = [0u8; 4096];
+    let mut left: usize = 1 << 20;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
     })
     .await;
 }

@@ -508,7 +508,12 @@ async fn server_answers_metrics_and_404_and_survives_garbage() {
 
     let resp = http.get(format!("http://{addr}/")).send().await.unwrap();
     assert_eq!(resp.status(), 404);
-    let resp = http.post(&url).body("x").send().await.unwrap();
+    let resp = http
+        .post(&url)
+        .body(vec![b'x'; 256 * 1024])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 405);
     let resp = http.head(&url).send().await.unwrap();
     assert_eq!(resp.status(), 200);
