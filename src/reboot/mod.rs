@@ -468,8 +468,8 @@ pub enum Outcome {
 pub const INHIBITOR_POLL: Duration = Duration::from_secs(5);
 
 /// Reboots politely: the wall message, the grace delay, then waits while block-mode inhibitors
-/// are held (at most `max_wait`), then reboots. logind lets root ignore inhibitors, so they are
-/// checked here. A wall that fails is logged and does not stop the reboot. When inhibitors
+/// are held (at most `max_wait`), then reboots. logind lets root ignore inhibitors (and ignores
+/// those of the caller's own UID altogether), so they are checked here. A wall that fails is logged and does not stop the reboot. When inhibitors
 /// outlast `max_wait`, users are told that the reboot is postponed.
 pub async fn carry_out(
     host: &impl Host,
@@ -686,8 +686,11 @@ impl Host for Logind {
         }
     }
 
-    /// `RebootWithFlags` with the root inhibitor check (systemd 248 and later), so a lock taken
-    /// since the last look still stops it; `Reboot` on an older logind.
+    /// `RebootWithFlags` with the root inhibitor check (systemd 248 and later), so that a lock
+    /// another user took since the last look still stops it; `Reboot` on an older logind.
+    /// logind ignores locks held by the caller's own UID even then (seen under systemd 252: a
+    /// root `systemd-inhibit --mode=block` did not stop root's reboot), which is why
+    /// [`carry_out`] checks [`Host::block_inhibitors`] itself first.
     async fn reboot(&self) -> Result<()> {
         let reply = self
             .conn

@@ -1,3 +1,957 @@
-//! Tests for reboots: detection, policies, windows, carrying out.
+//! Tests for reboots: settings, detection, windows, decisions and carrying them out.
+
+use std::collections::VecDeque;
+use std::os::unix::fs::symlink;
+use std::sync::Mutex;
+
+use jiff::tz::AmbiguousOffset;
+use proptest::prelude::*;
 
 use super::*;
+
+fn strings(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn window(days: &[&str], start: &str, length: &str, tz: &str) -> Window {
+    Window::parse(&strings(days), start, length, tz).unwrap()
+}
+
+fn ts(text: &str) -> Timestamp {
+    text.parse().unwrap()
+}
+
+// ---- settings ----
+
+#[test]
+fn policies_parse_from_text_and_toml() {
+    assert_eq!("never".parse::<Policy>(), Ok(Policy::Never));
+    assert_eq!("when-needed".parse::<Policy>(), Ok(Policy::WhenNeeded));
+    assert_eq!("window".parse::<Policy>(), Ok(Policy::Window));
+    let e = "always".parse::<Policy>().unwrap_err();
+    assert_eq!(
+        e,
+        "'always' is not a reboot policy (never, when-needed or window)"
+    );
+    #[derive(Deserialize)]
+    struct F {
+        reboot: Policy,
+    }
+    let f: F = toml::from_str("reboot = \"when-needed\"").unwrap();
+    assert_eq!(f.reboot, Policy::WhenNeeded);
+    assert!(toml::from_str::<F>("reboot = \"when_needed\"").is_err());
+    assert_eq!(Policy::default(), Policy::Never);
+    for p in [Policy::Never, Policy::WhenNeeded, Policy::Window] {
+        assert_eq!(p.to_string().parse::<Policy>(), Ok(p));
+    }
+}
+
+#[test]
+fn the_window_section_has_defaults_and_rejects_unknown_keys() {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct F {
+        #[serde(default)]
+        reboot_window: WindowConfig,
+    }
+    let f: F = toml::from_str("").unwrap();
+    let w = f.reboot_window.resolve().unwrap();
+    assert_eq!(w.days, vec![Weekday::Saturday, Weekday::Sunday]);
+    assert_eq!(w.start, Time::constant(2, 0, 0, 0));
+    assert_eq!(w.length, Duration::from_secs(7200));
+    assert_eq!(w.time_zone, TimeZone::UTC);
+    assert_eq!(w.time_zone_name(), "UTC");
+
+    let f: F = toml::from_str(
+        "[reboot_window]\ndays = [\"tue\", \"Thursday\", \"TUE\"]\nstart = \"23:30\"\n\
+         length = \"90m\"\ntime_zone = \"Europe/Berlin\"\n",
+    )
+    .unwrap();
+    let w = f.reboot_window.resolve().unwrap();
+    assert_eq!(w.days, vec![Weekday::Tuesday, Weekday::Thursday]);
+    assert_eq!(w.start, Time::constant(23, 30, 0, 0));
+    assert_eq!(w.length, Duration::from_secs(5400));
+    assert_eq!(w.time_zone_name(), "Europe/Berlin");
+
+    let e = toml::from_str::<F>("[reboot_window]\nday = [\"Sat\"]\n")
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("day"), "{e}");
+}
+
+#[test]
+fn every_problem_in_a_window_is_one_line_naming_its_key() {
+    let e = Window::parse(
+        &strings(&["Sat", "Caturday"]),
+        "25:00",
+        "0s",
+        "Mars/Olympus",
+    )
+    .unwrap_err();
+    assert_eq!(
+        e,
+        vec![
+            "reboot_window.days: 'Caturday' is not a day of the week (Mon, Tue, ... Sun)",
+            "reboot_window.start: '25:00' is not a time of day (HH:MM, for example 02:00)",
+            "reboot_window.length: must be longer than zero",
+            "reboot_window.time_zone: 'Mars/Olympus' is not a known time zone (an IANA name such \
+             as Europe/Berlin, or UTC)",
+        ]
+    );
+    for p in &e {
+        assert!(!p.contains('\n'));
+    }
+    let e = Window::parse(&[], "02:00", "8d", "UTC").unwrap_err();
+    assert_eq!(
+        e,
+        vec![
+            "reboot_window.days: no day listed",
+            "reboot_window.length: '8d' is longer than a week (7d)",
+        ]
+    );
+    for bad in [
+        "2", "02:0", "02:60", "-1:00", "02:00:00", "ab:cd", "", "24:00", "002:00",
+    ] {
+        let e = Window::parse(&strings(&["Mon"]), bad, "1h", "UTC").unwrap_err();
+        assert_eq!(e.len(), 1, "{bad}: {e:?}");
+        assert!(e[0].starts_with("reboot_window.start:"), "{e:?}");
+    }
+    for bad in ["soon", "1 fortnight", "-1h"] {
+        let e = Window::parse(&strings(&["Mon"]), "02:00", bad, "UTC").unwrap_err();
+        assert!(e[0].starts_with("reboot_window.length:"), "{e:?}");
+    }
+    for bad in ["+01:00", "Europe/Nowhere", "", "Europe/Berlin extra"] {
+        let e = Window::parse(&strings(&["Mon"]), "02:00", "1h", bad).unwrap_err();
+        assert!(e[0].starts_with("reboot_window.time_zone:"), "{bad}: {e:?}");
+    }
+    let w = window(&["Sun"], "0:05", "7d", "UTC");
+    assert_eq!(w.start, Time::constant(0, 5, 0, 0));
+    assert_eq!(w.length, MAX_LENGTH);
+    let all = window(
+        &["monday", "Tue", "wed", "THU", "fri", "sat", "sunday"],
+        "12:00",
+        "1h",
+        "Asia/Kathmandu",
+    );
+    assert_eq!(all.days.len(), 7);
+}
+
+// ---- detection ----
+
+/// A fake NixOS system: `kernel`, `initrd` and `kernel-modules` links into a fake store.
+fn system(root: &Path, name: &str, kernel: &str, initrd: &str, modules: &str) -> PathBuf {
+    let store = root.join("store");
+    for item in [kernel, initrd, modules] {
+        std::fs::create_dir_all(store.join(item)).unwrap();
+    }
+    let modules_dir = store.join(modules).join("lib/modules");
+    if let Some(version) = modules.strip_prefix("modules-") {
+        std::fs::create_dir_all(modules_dir.join(version)).unwrap();
+    }
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    symlink(store.join(kernel).join("bzImage"), dir.join("kernel")).unwrap();
+    std::fs::write(store.join(kernel).join("bzImage"), "").unwrap();
+    symlink(store.join(initrd).join("initrd"), dir.join("initrd")).unwrap();
+    std::fs::write(store.join(initrd).join("initrd"), "").unwrap();
+    symlink(store.join(modules), dir.join("kernel-modules")).unwrap();
+    dir
+}
+
+#[test]
+fn a_new_kernel_initrd_or_modules_requires_a_reboot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tmp.path();
+    let booted = system(r, "booted", "k-linux-6.6.1", "i1", "modules-6.6.1");
+    let same = system(r, "same", "k-linux-6.6.1", "i1", "modules-6.6.1");
+    let kernel = system(r, "kernel", "k-linux-6.6.2", "i1", "modules-6.6.1");
+    let initrd = system(r, "initrd", "k-linux-6.6.1", "i2", "modules-6.6.1");
+    let modules = system(r, "modules", "k-linux-6.6.1", "i1", "modules-6.6.2");
+    assert!(!reboot_required(&booted, &booted));
+    assert!(!reboot_required(&booted, &same));
+    assert!(reboot_required(&booted, &kernel));
+    assert!(reboot_required(&booted, &initrd));
+    assert!(reboot_required(&booted, &modules));
+
+    // The links as NixOS has them: /run/booted-system -> /nix/store/...-nixos-system-...
+    symlink(&booted, r.join("run-booted-system")).unwrap();
+    symlink(&kernel, r.join("run-current-system")).unwrap();
+    assert!(reboot_required(
+        &r.join("run-booted-system"),
+        &r.join("run-current-system")
+    ));
+    // A link to a link to the same kernel is the same kernel.
+    let indirect = r.join("indirect");
+    std::fs::create_dir(&indirect).unwrap();
+    symlink(booted.join("kernel"), indirect.join("kernel")).unwrap();
+    symlink(booted.join("initrd"), indirect.join("initrd")).unwrap();
+    symlink(
+        booted.join("kernel-modules"),
+        indirect.join("kernel-modules"),
+    )
+    .unwrap();
+    assert!(!reboot_required(&booted, &indirect));
+    // One side without modules differs.
+    std::fs::remove_file(indirect.join("kernel-modules")).unwrap();
+    assert!(reboot_required(&booted, &indirect));
+}
+
+#[test]
+fn without_a_booted_system_no_reboot_is_required() {
+    let tmp = tempfile::tempdir().unwrap();
+    let current = system(tmp.path(), "current", "k2", "i2", "m2");
+    assert!(!reboot_required(&tmp.path().join("absent"), &current));
+    assert!(!reboot_required(&current, &tmp.path().join("absent")));
+    // A container: neither system has a kernel.
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    std::fs::create_dir(&a).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    assert!(!reboot_required(&a, &b));
+}
+
+#[test]
+fn the_kernel_version_comes_from_the_modules_or_the_store_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = system(tmp.path(), "s", "abc-linux-6.12.9", "i", "modules-6.12.9");
+    assert_eq!(kernel_version(&s).as_deref(), Some("6.12.9"));
+    let t = system(tmp.path(), "t", "abc-linux-6.1.5", "i", "no-modules");
+    assert_eq!(kernel_version(&t).as_deref(), Some("6.1.5"));
+    assert_eq!(kernel_version(&tmp.path().join("nothing")), None);
+    assert_eq!(
+        resolve_system(&s).unwrap(),
+        std::fs::canonicalize(&s).unwrap()
+    );
+}
+
+// ---- window arithmetic, by example ----
+
+#[test]
+fn the_next_weekend_window_in_berlin() {
+    let w = window(&["Sat", "Sun"], "02:00", "2h", "Europe/Berlin");
+    // Friday noon UTC in November (CET, +01:00): Saturday 02:00 CET is 01:00 UTC.
+    let now = ts("2026-11-27T12:00:00Z");
+    assert_eq!(
+        window_containing_or_next(&w, now),
+        (ts("2026-11-28T01:00:00Z"), ts("2026-11-28T03:00:00Z"))
+    );
+    // Inside Saturday's window: that one.
+    let now = ts("2026-11-28T02:59:59Z");
+    assert_eq!(
+        window_containing_or_next(&w, now).0,
+        ts("2026-11-28T01:00:00Z")
+    );
+    // At its end: Sunday's.
+    let now = ts("2026-11-28T03:00:00Z");
+    assert_eq!(
+        window_containing_or_next(&w, now).0,
+        ts("2026-11-29T01:00:00Z")
+    );
+    // After Sunday's: next Saturday.
+    let now = ts("2026-11-29T03:00:00Z");
+    assert_eq!(
+        window_containing_or_next(&w, now).0,
+        ts("2026-12-05T01:00:00Z")
+    );
+    // Summer time (CEST, +02:00).
+    let now = ts("2026-07-01T00:00:00Z");
+    assert_eq!(
+        window_containing_or_next(&w, now).0,
+        ts("2026-07-04T00:00:00Z")
+    );
+}
+
+#[test]
+fn a_window_crossing_midnight_and_the_weeks_end_belongs_to_its_start_day() {
+    // Sunday 23:00 for 3 hours: open on Monday at 01:00, not open on Sunday at 01:00.
+    let w = window(&["Sun"], "23:00", "3h", "UTC");
+    let sunday_night = ts("2026-11-29T23:00:00Z");
+    assert_eq!(
+        window_containing_or_next(&w, ts("2026-11-30T01:00:00Z")),
+        (sunday_night, ts("2026-11-30T02:00:00Z"))
+    );
+    assert_eq!(
+        window_containing_or_next(&w, ts("2026-11-29T01:00:00Z")).0,
+        sunday_night
+    );
+    assert!(in_window(&w, ts("2026-11-30T01:59:59Z")));
+    assert!(!in_window(&w, ts("2026-11-30T02:00:00Z")));
+    // A week long: always open, from the last Sunday 23:00.
+    let w = window(&["Sun"], "23:00", "7d", "UTC");
+    assert_eq!(
+        window_containing_or_next(&w, ts("2026-11-29T22:59:59Z")),
+        (ts("2026-11-22T23:00:00Z"), sunday_night)
+    );
+}
+
+#[test]
+fn overlapping_windows_give_the_one_that_opened_first() {
+    let w = window(&["Mon", "Tue"], "00:00", "36h", "UTC");
+    // Tuesday 06:00: Monday's window (until Tue 12:00) and Tuesday's are both open.
+    assert_eq!(
+        window_containing_or_next(&w, ts("2026-11-24T06:00:00Z")),
+        (ts("2026-11-23T00:00:00Z"), ts("2026-11-24T12:00:00Z"))
+    );
+    assert_eq!(
+        window_containing_or_next(&w, ts("2026-11-24T12:00:00Z")).0,
+        ts("2026-11-24T00:00:00Z")
+    );
+}
+
+#[test]
+fn a_start_in_the_spring_forward_gap_moves_forward_by_the_gap() {
+    // 2026-03-29 is the last Sunday in March: Berlin goes from 02:00 CET to 03:00 CEST.
+    let w = window(&["Sun"], "02:30", "1h", "Europe/Berlin");
+    let (start, end) = window_containing_or_next(&w, ts("2026-03-28T12:00:00Z"));
+    // 02:30 does not exist; compatible: 03:30 CEST = 01:30 UTC. The length is absolute.
+    assert_eq!(start, ts("2026-03-29T01:30:00Z"));
+    assert_eq!(end, ts("2026-03-29T02:30:00Z"));
+    assert_eq!(
+        start.to_zoned(w.time_zone.clone()).time(),
+        Time::constant(3, 30, 0, 0)
+    );
+}
+
+#[test]
+fn a_start_in_the_autumn_fold_is_its_first_occurrence() {
+    // 2026-10-25: Berlin goes from 03:00 CEST back to 02:00 CET; 02:30 happens twice.
+    let w = window(&["Sun"], "02:30", "2h", "Europe/Berlin");
+    let (start, end) = window_containing_or_next(&w, ts("2026-10-24T12:00:00Z"));
+    assert_eq!(start, ts("2026-10-25T00:30:00Z")); // 02:30 CEST
+    assert_eq!(end, ts("2026-10-25T02:30:00Z")); // 2 hours later: 03:30 CET
+    // During the second 02:30 the window is still open.
+    assert_eq!(
+        window_containing_or_next(&w, ts("2026-10-25T01:30:00Z")).0,
+        start
+    );
+}
+
+#[test]
+fn half_hour_daylight_saving_and_odd_offsets() {
+    // Lord Howe Island moves its clocks by 30 minutes: 2026-10-04 02:00 -> 02:30 (+11:00).
+    let w = window(&["Sun"], "02:10", "1h", "Australia/Lord_Howe");
+    let (start, _) = window_containing_or_next(&w, ts("2026-10-03T00:00:00Z"));
+    assert_eq!(
+        start.to_zoned(w.time_zone.clone()).time(),
+        Time::constant(2, 40, 0, 0)
+    );
+    assert_eq!(start, ts("2026-10-03T15:40:00Z"));
+    // Kathmandu is +05:45 all year.
+    let w = window(&["Mon"], "00:00", "1h", "Asia/Kathmandu");
+    assert_eq!(
+        window_containing_or_next(&w, ts("2026-11-21T12:00:00Z")).0,
+        ts("2026-11-22T18:15:00Z")
+    );
+}
+
+#[test]
+fn moments_are_inside_the_rest_of_the_window() {
+    let (s, e) = (ts("2026-11-28T01:00:00Z"), ts("2026-11-28T03:00:00Z"));
+    let before = ts("2026-11-27T00:00:00Z");
+    assert_eq!(pick_moment(s, e, before, 0.0), s);
+    assert_eq!(pick_moment(s, e, before, 0.5), ts("2026-11-28T02:00:00Z"));
+    assert_eq!(
+        pick_moment(s, e, before, 0.999_999_999_9),
+        ts("2026-11-28T02:59:59Z")
+    );
+    assert_eq!(pick_moment(s, e, before, 7.0), ts("2026-11-28T02:59:59Z"));
+    assert_eq!(pick_moment(s, e, before, f64::NAN), s);
+    assert_eq!(pick_moment(s, e, before, -1.0), s);
+    let inside = ts("2026-11-28T02:00:00Z");
+    assert_eq!(pick_moment(s, e, inside, 0.0), inside);
+    assert_eq!(pick_moment(s, e, inside, 0.5), ts("2026-11-28T02:30:00Z"));
+    // The window is over: nothing later than now.
+    assert_eq!(pick_moment(s, e, e, 0.5), e);
+}
+
+// ---- decisions ----
+
+#[test]
+fn decisions_by_policy() {
+    let w = window(&["Sat"], "02:00", "2h", "UTC");
+    let now = ts("2026-11-27T12:00:00Z"); // Friday
+    for p in [Policy::Never, Policy::WhenNeeded, Policy::Window] {
+        assert_eq!(
+            decide(p, Some(&w), false, now, 0.5, None),
+            Decision::NotRequired
+        );
+    }
+    assert_eq!(
+        decide(Policy::Never, Some(&w), true, now, 0.5, None),
+        Decision::Hold {
+            reason: "reboot required: a new kernel is waiting; reboot = never".into()
+        }
+    );
+    assert_eq!(
+        decide(Policy::WhenNeeded, None, true, now, 0.5, None),
+        Decision::RebootNow
+    );
+    assert_eq!(
+        decide(Policy::Window, None, true, now, 0.5, None),
+        Decision::Hold {
+            reason: HOLD_NO_WINDOW.into()
+        }
+    );
+    assert_eq!(
+        decide(Policy::Window, Some(&w), true, now, 0.5, None),
+        Decision::RebootAt(ts("2026-11-28T03:00:00Z"))
+    );
+}
+
+#[test]
+fn a_planned_moment_is_kept_until_it_comes() {
+    let w = window(&["Sat"], "02:00", "2h", "UTC");
+    let friday = ts("2026-11-27T12:00:00Z");
+    let planned = ts("2026-11-28T03:00:00Z");
+    // Another poll, another random number: the same moment.
+    assert_eq!(
+        decide(Policy::Window, Some(&w), true, friday, 0.1, Some(planned)),
+        Decision::RebootAt(planned)
+    );
+    let saturday = ts("2026-11-28T02:10:00Z");
+    assert_eq!(
+        decide(Policy::Window, Some(&w), true, saturday, 0.9, Some(planned)),
+        Decision::RebootAt(planned)
+    );
+    // It has come, or passed while the window is open (the agent was busy, inhibitors held).
+    assert_eq!(
+        decide(Policy::Window, Some(&w), true, planned, 0.9, Some(planned)),
+        Decision::RebootNow
+    );
+    let later = ts("2026-11-28T03:30:00Z");
+    assert_eq!(
+        decide(Policy::Window, Some(&w), true, later, 0.9, Some(planned)),
+        Decision::RebootNow
+    );
+    // The window closed before it happened: a new moment in next week's window.
+    let after = ts("2026-11-28T04:00:00Z");
+    assert_eq!(
+        decide(Policy::Window, Some(&w), true, after, 0.0, Some(planned)),
+        Decision::RebootAt(ts("2026-12-05T02:00:00Z"))
+    );
+    // A moment planned under another window (the settings changed) is drawn again.
+    assert_eq!(
+        decide(
+            Policy::Window,
+            Some(&w),
+            true,
+            friday,
+            0.0,
+            Some(ts("2026-11-27T13:00:00Z"))
+        ),
+        Decision::RebootAt(ts("2026-11-28T02:00:00Z"))
+    );
+    // Inside the window with r = 0 the moment is now.
+    assert_eq!(
+        decide(Policy::Window, Some(&w), true, saturday, 0.0, None),
+        Decision::RebootNow
+    );
+}
+
+#[test]
+fn status_lines() {
+    let w = window(&["Sat"], "02:00", "2h", "Europe/Berlin");
+    let friday = ts("2026-11-27T12:00:00Z");
+    let d = |p, required, now, planned| describe_next(p, Some(&w), required, now, planned);
+    assert_eq!(d(Policy::Window, false, friday, None), "no reboot required");
+    assert_eq!(d(Policy::Never, true, friday, None), HOLD_NEVER);
+    assert_eq!(
+        d(Policy::WhenNeeded, true, friday, None),
+        "reboot required; rebooting now (reboot = when-needed)"
+    );
+    assert_eq!(
+        d(Policy::Window, true, friday, None),
+        "reboot required; next window Sat 2026-11-28 02:00 Europe/Berlin"
+    );
+    assert_eq!(
+        d(
+            Policy::Window,
+            true,
+            friday,
+            Some(ts("2026-11-28T01:41:00Z"))
+        ),
+        "reboot required; planned for Sat 2026-11-28 02:41 Europe/Berlin (window until Sat 04:00)"
+    );
+    assert_eq!(
+        d(Policy::Window, true, ts("2026-11-28T01:30:00Z"), None),
+        "reboot required; window open since Sat 2026-11-28 02:00 Europe/Berlin until Sat 04:00"
+    );
+    assert_eq!(
+        describe_next(Policy::Window, None, true, friday, None),
+        HOLD_NO_WINDOW
+    );
+}
+
+#[test]
+fn wall_messages() {
+    assert_eq!(
+        wall_message(Duration::from_secs(300), Some("6.12.9")),
+        "hcloud-nixos: rebooting in 5m for a new kernel (6.12.9)"
+    );
+    assert_eq!(
+        wall_message(Duration::from_secs(90), None),
+        "hcloud-nixos: rebooting in 1m 30s for a new kernel"
+    );
+}
+
+#[test]
+fn only_block_locks_on_shutdown_held_by_others_block() {
+    let lock = |what: &str, mode: &str, pid| Inhibitor {
+        what: what.into(),
+        who: "who".into(),
+        why: "why".into(),
+        mode: mode.into(),
+        uid: 0,
+        pid,
+    };
+    let list = [
+        lock("shutdown:sleep", "block", 10),
+        lock("sleep:shutdown", "block", 11),
+        lock("shutdown", "delay", 12),
+        lock("sleep", "block", 13),
+        lock("shutdown", "block-weak", 14),
+        lock("shutdown", "block", 99),
+        lock("handle-power-key", "block", 15),
+    ];
+    assert_eq!(
+        blocking(&list, 99),
+        vec!["who (why, pid 10)", "who (why, pid 11)"]
+    );
+}
+
+// ---- carrying out, with a fake host ----
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Event {
+    Wall(String),
+    Sleep(Duration),
+    Inhibitors(usize),
+    Reboot,
+}
+
+#[derive(Default)]
+struct FakeHost {
+    events: Mutex<Vec<Event>>,
+    /// What each inhibitor check returns, in turn; the last answer repeats. Empty: none.
+    inhibitors: Mutex<VecDeque<Vec<String>>>,
+    wall_fails: bool,
+    reboot_fails: bool,
+}
+
+impl FakeHost {
+    fn with_inhibitors(answers: &[&[&str]]) -> Self {
+        FakeHost {
+            inhibitors: Mutex::new(answers.iter().map(|a| strings(a)).collect()),
+            ..Default::default()
+        }
+    }
+
+    fn events(&self) -> Vec<Event> {
+        self.events.lock().unwrap().clone()
+    }
+
+    fn rebooted(&self) -> bool {
+        self.events().contains(&Event::Reboot)
+    }
+
+    fn log(&self, e: Event) {
+        self.events.lock().unwrap().push(e);
+    }
+}
+
+impl Host for FakeHost {
+    async fn block_inhibitors(&self) -> Result<Vec<String>> {
+        let mut answers = self.inhibitors.lock().unwrap();
+        let answer = if answers.len() > 1 {
+            answers.pop_front().unwrap()
+        } else {
+            answers.front().cloned().unwrap_or_default()
+        };
+        drop(answers);
+        self.log(Event::Inhibitors(answer.len()));
+        Ok(answer)
+    }
+
+    async fn wall(&self, message: &str) -> Result<()> {
+        self.log(Event::Wall(message.to_string()));
+        anyhow::ensure!(!self.wall_fails, "no wall");
+        Ok(())
+    }
+
+    async fn reboot(&self) -> Result<()> {
+        self.log(Event::Reboot);
+        anyhow::ensure!(!self.reboot_fails, "Operation inhibited");
+        Ok(())
+    }
+
+    async fn sleep(&self, d: Duration) {
+        self.log(Event::Sleep(d));
+    }
+}
+
+const GRACE: Duration = Duration::from_secs(300);
+const MAX_WAIT: Duration = Duration::from_secs(12);
+
+#[tokio::test]
+async fn wall_then_grace_then_reboot() {
+    let host = FakeHost::default();
+    let out = carry_out(&host, GRACE, "going down", MAX_WAIT)
+        .await
+        .unwrap();
+    assert_eq!(out, Outcome::Rebooting);
+    assert_eq!(
+        host.events(),
+        vec![
+            Event::Wall("going down".into()),
+            Event::Sleep(GRACE),
+            Event::Inhibitors(0),
+            Event::Reboot,
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_reboot_waits_for_block_inhibitors() {
+    let host =
+        FakeHost::with_inhibitors(&[&["backup (dump, pid 7)"], &["backup (dump, pid 7)"], &[]]);
+    let out = carry_out(&host, GRACE, "m", MAX_WAIT).await.unwrap();
+    assert_eq!(out, Outcome::Rebooting);
+    assert_eq!(
+        host.events(),
+        vec![
+            Event::Wall("m".into()),
+            Event::Sleep(GRACE),
+            Event::Inhibitors(1),
+            Event::Sleep(INHIBITOR_POLL),
+            Event::Inhibitors(1),
+            Event::Sleep(INHIBITOR_POLL),
+            Event::Inhibitors(0),
+            Event::Reboot,
+        ]
+    );
+}
+
+#[tokio::test]
+async fn inhibitors_that_outlast_the_wait_postpone_the_reboot() {
+    let host = FakeHost::with_inhibitors(&[&["backup (dump, pid 7)"]]);
+    let out = carry_out(&host, GRACE, "m", MAX_WAIT).await.unwrap();
+    assert_eq!(out, Outcome::Inhibited(strings(&["backup (dump, pid 7)"])));
+    assert!(!host.rebooted());
+    // 5 + 5 + 2 seconds: the wait is bounded by max_wait exactly.
+    assert_eq!(
+        host.events(),
+        vec![
+            Event::Wall("m".into()),
+            Event::Sleep(GRACE),
+            Event::Inhibitors(1),
+            Event::Sleep(INHIBITOR_POLL),
+            Event::Inhibitors(1),
+            Event::Sleep(INHIBITOR_POLL),
+            Event::Inhibitors(1),
+            Event::Sleep(Duration::from_secs(2)),
+            Event::Inhibitors(1),
+            Event::Wall("hcloud-nixos: reboot postponed; blocked by backup (dump, pid 7)".into()),
+        ]
+    );
+    // No waiting at all.
+    let host = FakeHost::with_inhibitors(&[&["x"]]);
+    let out = carry_out(&host, GRACE, "m", Duration::ZERO).await.unwrap();
+    assert_eq!(out, Outcome::Inhibited(strings(&["x"])));
+}
+
+#[tokio::test]
+async fn a_failed_wall_does_not_stop_the_reboot_but_a_failed_reboot_is_an_error() {
+    let host = FakeHost {
+        wall_fails: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        carry_out(&host, GRACE, "m", MAX_WAIT).await.unwrap(),
+        Outcome::Rebooting
+    );
+    assert!(host.rebooted());
+    let host = FakeHost {
+        reboot_fails: true,
+        ..Default::default()
+    };
+    let e = carry_out(&host, GRACE, "m", MAX_WAIT).await.unwrap_err();
+    assert!(format!("{e:#}").contains("Operation inhibited"), "{e:#}");
+}
+
+/// A kernel change under each policy, from the symlinks to the reboot request.
+#[tokio::test]
+async fn a_kernel_change_under_each_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let booted = system(tmp.path(), "booted", "a-linux-6.6.1", "i1", "modules-6.6.1");
+    let current = system(
+        tmp.path(),
+        "current",
+        "b-linux-6.6.2",
+        "i2",
+        "modules-6.6.2",
+    );
+    let required = reboot_required(&booted, &current);
+    assert!(required);
+    let message = wall_message(GRACE, kernel_version(&current).as_deref());
+    assert_eq!(
+        message,
+        "hcloud-nixos: rebooting in 5m for a new kernel (6.6.2)"
+    );
+    let w = window(&["Sat", "Sun"], "02:00", "2h", "Europe/Berlin");
+    let friday = ts("2026-11-27T12:00:00Z");
+
+    // Runs one agent step: decide, and carry out a reboot now.
+    async fn step(
+        policy: Policy,
+        w: &Window,
+        required: bool,
+        now: Timestamp,
+        planned: Option<Timestamp>,
+        message: &str,
+    ) -> (Decision, FakeHost) {
+        let host = FakeHost::default();
+        let d = decide(policy, Some(w), required, now, 0.25, planned);
+        if d == Decision::RebootNow {
+            carry_out(&host, GRACE, message, MAX_WAIT).await.unwrap();
+        }
+        (d, host)
+    }
+
+    // never: held, no reboot.
+    let (d, host) = step(Policy::Never, &w, required, friday, None, &message).await;
+    assert!(matches!(d, Decision::Hold { .. }));
+    assert!(host.events().is_empty());
+
+    // when-needed: at once.
+    let (d, host) = step(Policy::WhenNeeded, &w, required, friday, None, &message).await;
+    assert_eq!(d, Decision::RebootNow);
+    assert_eq!(host.events().first(), Some(&Event::Wall(message.clone())));
+    assert!(host.rebooted());
+
+    // window: a moment on Saturday between 02:00 and 04:00 Berlin; nothing before it.
+    let (d, host) = step(Policy::Window, &w, required, friday, None, &message).await;
+    let Decision::RebootAt(at) = d else {
+        panic!("{d:?}")
+    };
+    assert_eq!(at, ts("2026-11-28T01:30:00Z"));
+    assert!(!host.rebooted());
+    let (d, host) = step(
+        Policy::Window,
+        &w,
+        required,
+        ts("2026-11-28T01:29:59Z"),
+        Some(at),
+        &message,
+    )
+    .await;
+    assert_eq!(d, Decision::RebootAt(at));
+    assert!(!host.rebooted());
+    let (d, host) = step(Policy::Window, &w, required, at, Some(at), &message).await;
+    assert_eq!(d, Decision::RebootNow);
+    assert!(host.rebooted());
+
+    // After the reboot the booted system is the current one: nothing more to do.
+    let after = reboot_required(&current, &current);
+    for p in [Policy::Never, Policy::WhenNeeded, Policy::Window] {
+        let (d, host) = step(p, &w, after, at, Some(at), &message).await;
+        assert_eq!(d, Decision::NotRequired);
+        assert!(host.events().is_empty());
+    }
+}
+
+// ---- window arithmetic, by property ----
+
+const ZONES: &[&str] = &[
+    "UTC",
+    "Europe/Berlin",
+    "America/New_York",
+    "Australia/Lord_Howe",
+    "Asia/Kathmandu",
+    // Daylight saving started at midnight (00:00 did not exist) until 2019.
+    "America/Sao_Paulo",
+];
+
+const DAY_NAMES: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+
+fn arb_window() -> impl Strategy<Value = Window> {
+    (
+        proptest::sample::subsequence(DAY_NAMES.to_vec(), 1..=7),
+        0u32..24,
+        0u32..60,
+        // Up to a week, in minutes, with short lengths more likely.
+        prop_oneof![1u64..=180, 1u64..=7 * 24 * 60],
+        proptest::sample::select(ZONES),
+    )
+        .prop_map(|(days, h, m, minutes, zone)| {
+            Window::parse(
+                &strings(&days),
+                &format!("{h:02}:{m:02}"),
+                &format!("{minutes}m"),
+                zone,
+            )
+            .unwrap()
+        })
+}
+
+/// 1990 to 2040.
+fn arb_now() -> impl Strategy<Value = Timestamp> {
+    (631_152_000i64..2_208_988_800).prop_map(|s| Timestamp::from_second(s).unwrap())
+}
+
+/// When a window opening on `date` starts, worked out from the offsets (independently of
+/// `Window::opening_on`): the start time with the offset in force before a gap or fold.
+fn expected_opening(w: &Window, d: Date) -> Timestamp {
+    let dt = d.to_datetime(w.start);
+    let offset = match w.time_zone.to_ambiguous_timestamp(dt).offset() {
+        AmbiguousOffset::Unambiguous { offset } => offset,
+        AmbiguousOffset::Gap { before, .. } | AmbiguousOffset::Fold { before, .. } => before,
+    };
+    offset.to_timestamp(dt).unwrap()
+}
+
+fn local_date(w: &Window, t: Timestamp) -> Date {
+    t.to_zoned(w.time_zone.clone()).date()
+}
+
+fn length(w: &Window) -> SignedDuration {
+    SignedDuration::try_from(w.length).unwrap()
+}
+
+/// Checks one window answer against the definition, by enumerating the openings around it.
+fn check_window(w: &Window, now: Timestamp) -> Result<(), TestCaseError> {
+    let (start, end) = window_containing_or_next(w, now);
+    prop_assert!(start != Timestamp::MAX);
+    prop_assert_eq!(end.duration_since(start), length(w));
+    // It contains now or lies ahead: both mean that it ends after now.
+    prop_assert!(now < end);
+    // It opens on a listed day at the start time (moved by a gap when that time did not exist).
+    let local = start.to_zoned(w.time_zone.clone());
+    let opening_day = (-1i64..=1)
+        .filter_map(|o| local.date().checked_add(o.days()).ok())
+        .find(|d| w.days.contains(&d.weekday()) && expected_opening(w, *d) == start);
+    prop_assert!(opening_day.is_some(), "start {} is no opening", local);
+    if local.time() != w.start {
+        let d = opening_day.unwrap();
+        prop_assert!(
+            matches!(
+                w.time_zone
+                    .to_ambiguous_timestamp(d.to_datetime(w.start))
+                    .offset(),
+                AmbiguousOffset::Gap { .. }
+            ),
+            "{} opens at {} but {} exists",
+            d,
+            local,
+            w.start
+        );
+    }
+    // No window opens between now and it; when it is ahead, none is open now; when it is open,
+    // none open now opened before it.
+    let first = local_date(w, now).checked_sub(9.days()).unwrap();
+    let last = local.date().checked_add(1.days()).unwrap();
+    let mut d = first;
+    while d <= last {
+        if w.days.contains(&d.weekday()) {
+            let s = expected_opening(w, d);
+            let e = s.checked_add(length(w)).unwrap();
+            prop_assert!(!(now < s && s < start), "{} opens before {}", s, start);
+            if s <= now && now < e {
+                prop_assert!(
+                    start <= now,
+                    "{} is open at {} but {} was given",
+                    s,
+                    now,
+                    start
+                );
+                prop_assert!(start <= s, "{} opened before {}", s, start);
+            }
+        }
+        d = d.tomorrow().unwrap();
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn windows_contain_now_or_come_next(w in arb_window(), now in arb_now()) {
+        check_window(&w, now)?;
+    }
+
+    #[test]
+    fn moments_and_decisions_stay_inside_the_window(
+        w in arb_window(),
+        now in arb_now(),
+        r in 0.0f64..1.0,
+        r2 in 0.0f64..1.0,
+    ) {
+        let (start, end) = window_containing_or_next(&w, now);
+        let m = pick_moment(start, end, now, r);
+        prop_assert!(start.max(now) <= m && m < end);
+        match decide(Policy::Window, Some(&w), true, now, r, None) {
+            Decision::RebootNow => prop_assert!(start <= now && now < end),
+            Decision::RebootAt(t) => {
+                prop_assert!(t > now && start <= t && t < end);
+                // Planned: the same answer on the next poll, whatever the random number.
+                prop_assert_eq!(
+                    decide(Policy::Window, Some(&w), true, now, r2, Some(t)),
+                    Decision::RebootAt(t)
+                );
+                // And at that moment (a window is open at least until then): reboot now.
+                prop_assert_eq!(
+                    decide(Policy::Window, Some(&w), true, t, r2, Some(t)),
+                    Decision::RebootNow
+                );
+            }
+            other => prop_assert!(false, "{:?}", other),
+        }
+    }
+}
+
+/// Daylight saving transitions in the zones that have them, 1990 to 2040.
+static TRANSITIONS: std::sync::LazyLock<Vec<(&'static str, Timestamp)>> =
+    std::sync::LazyLock::new(|| {
+        let mut all = Vec::new();
+        for zone in ZONES {
+            let tz = time_zone(zone).unwrap();
+            let from = ts("1990-01-01T00:00:00Z");
+            let to = ts("2040-01-01T00:00:00Z");
+            for t in tz.following(from) {
+                if t.timestamp() > to {
+                    break;
+                }
+                all.push((*zone, t.timestamp()));
+            }
+        }
+        all
+    });
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Windows opening in or near a gap or fold, with `now` around the transition.
+    #[test]
+    fn windows_around_daylight_saving_changes(
+        pick in any::<prop::sample::Index>(),
+        // The start time: the local time of the transition, moved by up to 90 minutes.
+        shift in -90i64..=90,
+        now_shift in -3 * 86_400i64..=3 * 86_400,
+        extra_days in proptest::sample::subsequence(DAY_NAMES.to_vec(), 0..=2),
+        minutes in prop_oneof![1u64..=180, 1u64..=7 * 24 * 60],
+    ) {
+        let all = &*TRANSITIONS;
+        prop_assume!(!all.is_empty());
+        let (zone, at) = all[pick.index(all.len())];
+        let tz = time_zone(zone).unwrap();
+        // The wall clock just before the transition, shifted, rounded to a minute.
+        let before = at.checked_sub(SignedDuration::from_secs(1)).unwrap().to_zoned(tz.clone());
+        let clock = before.datetime().checked_add(SignedDuration::from_secs(shift * 60 + 1)).unwrap();
+        let start = format!("{:02}:{:02}", clock.hour(), clock.minute());
+        let mut days = strings(&extra_days);
+        days.push(DAY_NAMES[clock.date().weekday().to_monday_zero_offset() as usize].to_string());
+        let w = Window::parse(&days, &start, &format!("{minutes}m"), zone).unwrap();
+        let now = at.checked_add(SignedDuration::from_secs(now_shift)).unwrap();
+        check_window(&w, now)?;
+    }
+}
