@@ -33,9 +33,16 @@ fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
 
-/// The exact reference the agent must give fh for `version` of acme/`flake`.
-fn fh_line(flake: &str, version: &str, action: &str) -> String {
-    format!("apply nixos {ORG}/{flake}/={version}#{ATTR} {action}")
+/// fh's arguments for fetching `version` of acme/`flake`: the exact reference, and
+/// `dry-activate` (fh makes the profile generation; the agent activates it itself).
+fn fh_fetch(flake: &str, version: &str) -> String {
+    format!("apply nixos {ORG}/{flake}/={version}#{ATTR} dry-activate")
+}
+
+/// Is the deploy in its activation step, with the step's PID written down?
+fn activating(b: &Bench) -> bool {
+    let state = b.state();
+    str_at(&state, "/in_flight/phase") == "activate" && state.pointer("/in_flight/pid").is_some()
 }
 
 fn str_at<'a>(v: &'a serde_json::Value, pointer: &str) -> &'a str {
@@ -72,8 +79,8 @@ fn first_deploy_switches_through_a_new_profile_generation() {
     assert_eq!(b.generations(), vec![(1, base), (2, p1.clone())]);
     assert_eq!(b.current_generation(), 2);
     assert_eq!(b.current_system(), p1);
-    assert_eq!(b.fh_runs(), vec![fh_line("infra", &v1, "switch")]);
-    assert_eq!(b.activations(), vec!["r1 switch"]);
+    assert_eq!(b.fh_runs(), vec![fh_fetch("infra", &v1)]);
+    assert_eq!(b.activations(), vec!["r1 dry-activate", "r1 switch"]);
 
     // determinate-nixd got the token in a root-only file in the run directory, gone afterwards.
     let nixd = b.determinate_log();
@@ -143,10 +150,7 @@ fn a_new_release_is_deployed_and_a_yanked_one_is_not() {
     );
     assert_eq!(b.current_system(), p2);
     assert_eq!(b.current_generation(), 3);
-    assert_eq!(
-        b.fh_runs().last().unwrap(),
-        &fh_line("infra", &v2, "switch")
-    );
+    assert_eq!(b.fh_runs().last().unwrap(), &fh_fetch("infra", &v2));
 
     // 0.1.3 is published and yanked; FlakeHub's /version still names it: the agent looks at
     // every release and stays at 0.1.2, the newest that is not yanked.
@@ -171,17 +175,14 @@ fn a_release_published_during_an_apply_waits_for_the_next_cycle() {
     let status = once.wait(secs(60));
     assert!(status.success(), "{}", once.output());
     // fh was given the exact version the agent resolved, not the constraint: 0.1.1 was applied.
-    assert_eq!(b.fh_runs(), vec![fh_line("infra", &v1, "switch")]);
+    assert_eq!(b.fh_runs(), vec![fh_fetch("infra", &v1)]);
     assert_eq!(b.current_system(), p1);
     assert_eq!(str_at(&b.state(), "/running/version"), v1);
 
     let run = b.once();
     assert!(run.ok(), "{}", run.all());
     assert_eq!(b.current_system(), p2);
-    assert_eq!(
-        b.fh_runs().last().unwrap(),
-        &fh_line("infra", &v2, "switch")
-    );
+    assert_eq!(b.fh_runs().last().unwrap(), &fh_fetch("infra", &v2));
 }
 
 #[test]
@@ -340,12 +341,12 @@ fn fh_failing_is_recorded_and_the_system_is_unchanged() {
     assert!(!run.ok(), "{}", run.all());
     assert_eq!(
         run.stdout.trim(),
-        format!("deploy of {v1} failed: fh exit status: 1; the running system is unchanged")
+        format!("deploy of {v1} failed: fh exited with status 1; the system is unchanged")
     );
     let state = b.state();
     assert_eq!(str_at(&state, "/last_deploy/outcome"), "failed");
     assert_eq!(state["failures"]["count"], 1);
-    assert_eq!(b.fh_runs(), vec![fh_line("infra", &v1, "switch")]);
+    assert_eq!(b.fh_runs(), vec![fh_fetch("infra", &v1)]);
     assert_eq!(b.current_system(), base);
     assert_eq!(b.generations().len(), 1, "no new generation");
     assert!(
@@ -357,7 +358,7 @@ fn fh_failing_is_recorded_and_the_system_is_unchanged() {
 }
 
 #[test]
-fn a_failed_activation_is_detected_although_fh_exits_0() {
+fn a_failed_activation_is_rolled_back_and_the_release_quarantined() {
     let b = bench!("activation_fails");
     let base = b.current_system();
     let (v1, p1) = b.release(1, Kind::ActivationFails);
@@ -366,38 +367,69 @@ fn a_failed_activation_is_detected_although_fh_exits_0() {
     assert_eq!(
         run.stdout.trim(),
         format!(
-            "deploy of {v1} failed: activation failed: the running system is {base}, not the new release"
+            "deploy of {v1} failed and was rolled back: switch-to-configuration switch exited with status 1"
         )
     );
-    assert_eq!(b.activations(), vec!["r1 switch"]);
+    // fh exited 0 (it made generation 2); the activation failed; the base system was activated
+    // again and the profile set back to it (generation 3).
+    assert_eq!(b.fh_runs(), vec![fh_fetch("infra", &v1)]);
+    assert_eq!(
+        b.activations(),
+        vec!["r1 dry-activate", "r1 switch", "base switch"]
+    );
     assert_eq!(b.current_system(), base);
-    // fh made the generation before activating (as the real one does).
-    assert_eq!(b.profile_system(), p1);
+    assert_eq!(b.profile_system(), base);
+    assert_eq!(
+        b.generations(),
+        vec![(1, base.clone()), (2, p1.clone()), (3, base.clone())]
+    );
     let state = b.state();
     assert_eq!(str_at(&state, "/last_deploy/outcome"), "failed");
-    assert_eq!(str_at(&state, "/failures/store_path"), p1);
-    assert!(
-        state
-            .get("running")
-            .is_none_or(|r| r["store_path"] != p1.as_str())
-    );
-}
+    assert_eq!(str_at(&state, "/quarantined/0/store_path"), p1);
+    assert!(state.get("in_flight").is_none(), "{state}");
 
-#[test]
-fn exit_4_after_the_switch_counts_as_deployed() {
-    let b = bench!("exit_4");
-    let (v1, p1) = b.release(1, Kind::Exit4);
+    // Quarantined: not tried again, until a newer release appears.
+    let run = b.once();
+    assert!(!run.ok(), "{}", run.all());
+    assert!(
+        run.stdout.starts_with(&format!("{v1} is quarantined ("))
+            && run.stdout.contains("waiting for a newer release"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(b.fh_runs().len(), 1);
+    let (v2, p2) = b.release(2, Kind::Normal);
     let run = b.once();
     assert!(run.ok(), "{}", run.all());
     assert_eq!(
         run.stdout.trim(),
-        format!("up to date: {v1} (just deployed)")
+        format!("up to date: {v2} (just deployed)")
     );
-    assert_eq!(b.current_system(), p1);
+    assert_eq!(b.current_system(), p2);
 }
 
 #[test]
-fn operation_boot_changes_the_profile_only() {
+fn exit_4_after_the_switch_is_rolled_back() {
+    let b = bench!("exit_4");
+    let base = b.current_system();
+    let (v1, _) = b.release(1, Kind::Exit4);
+    let run = b.once();
+    assert!(!run.ok(), "{}", run.all());
+    assert_eq!(
+        run.stdout.trim(),
+        format!(
+            "deploy of {v1} failed and was rolled back: switch-to-configuration switch exited with status 4"
+        )
+    );
+    assert_eq!(
+        b.activations(),
+        vec!["r1 dry-activate", "r1 switch", "base switch"]
+    );
+    assert_eq!(b.current_system(), base);
+}
+
+#[test]
+fn operation_boot_sets_the_boot_default_and_confirms_after_the_reboot() {
     let b = bench!(
         "operation_boot",
         Options {
@@ -409,17 +441,35 @@ fn operation_boot_changes_the_profile_only() {
     let (v1, p1) = b.release(1, Kind::Normal);
     let run = b.once();
     assert!(run.ok(), "{}", run.all());
-    assert_eq!(b.fh_runs(), vec![fh_line("infra", &v1, "boot")]);
-    assert_eq!(b.activations(), vec!["r1 boot"]);
+    assert_eq!(
+        run.stdout.trim(),
+        format!("{v1} is the boot default; it runs after the next reboot")
+    );
+    assert_eq!(b.fh_runs(), vec![fh_fetch("infra", &v1)]);
+    assert_eq!(b.activations(), vec!["r1 dry-activate", "r1 boot"]);
     assert_eq!(b.profile_system(), p1);
     assert_eq!(b.current_system(), base);
+    // No reboot yet: nothing more to do.
     let run = b.once();
     assert!(run.ok(), "{}", run.all());
-    assert_eq!(b.fh_runs().len(), 1, "boot: the profile is what counts");
+    assert_eq!(b.fh_runs().len(), 1);
+    assert_eq!(b.state()["deploys"], 0);
+
+    b.reboot();
+    let run = b.once();
+    assert!(run.ok(), "{}", run.all());
+    assert_eq!(
+        run.stdout.trim(),
+        format!("up to date: {v1} (just deployed)")
+    );
+    let state = b.state();
+    assert_eq!(str_at(&state, "/running/version"), v1);
+    assert_eq!(state["deploys"], 1);
+    assert_eq!(b.fh_runs().len(), 1);
 }
 
 #[test]
-fn after_retry_limit_failures_a_release_waits_for_a_newer_one() {
+fn after_retry_limit_failed_fetches_a_release_waits_for_a_newer_one() {
     let b = bench!(
         "retry_limit",
         Options {
@@ -427,7 +477,12 @@ fn after_retry_limit_failures_a_release_waits_for_a_newer_one() {
             ..Options::default()
         }
     );
-    let (v1, _) = b.release(1, Kind::ActivationFails);
+    let base = b.current_system();
+    // FlakeHub names a closure its cache cannot deliver: fh fails every time.
+    let v1 = b.publish(
+        1,
+        "/nix/store/0000000000000000000000000000000z-nixos-system-web-r1",
+    );
     for attempt in 1..=2 {
         let run = b.once();
         assert!(!run.ok(), "{}", run.all());
@@ -436,22 +491,28 @@ fn after_retry_limit_failures_a_release_waits_for_a_newer_one() {
     }
     let run = b.once();
     assert!(!run.ok(), "{}", run.all());
-    let line = run.stdout.trim();
-    assert!(
-        line.starts_with(&format!("deploy of {v1} failed 2 times (activation failed"))
-            && line.contains("waiting for a newer release"),
-        "{line}"
+    assert_eq!(
+        run.stdout.trim(),
+        format!(
+            "{v1} is quarantined (fetching it failed 2 times: fh exited with status 1); waiting for a newer release or `hcloud-nixos retry`"
+        )
     );
     assert_eq!(b.fh_runs().len(), 2, "tried a third time");
+    assert_eq!(b.current_system(), base);
+    assert!(b.status().contains("quarantined"), "{}", b.status());
+
+    // `hcloud-nixos retry` lifts the quarantine: one more attempt.
+    let run = b.run(&["retry"], secs(30));
+    assert!(run.ok(), "{}", run.all());
+    let run = b.once();
+    assert!(!run.ok());
+    assert_eq!(b.fh_runs().len(), 3);
 
     let (v2, p2) = b.release(2, Kind::Normal);
     let run = b.once();
     assert!(run.ok(), "{}", run.all());
     assert_eq!(b.current_system(), p2);
-    assert_eq!(
-        b.fh_runs().last().unwrap(),
-        &fh_line("infra", &v2, "switch")
-    );
+    assert_eq!(b.fh_runs().last().unwrap(), &fh_fetch("infra", &v2));
     assert!(b.state().get("failures").is_none());
 }
 
@@ -460,8 +521,8 @@ fn an_agent_killed_during_an_apply_does_not_apply_again() {
     let b = bench!("killed_during_apply");
     let (v1, p1) = b.release(1, Kind::Slow(4));
     let mut first = b.start_agent();
-    b.wait_for(secs(30), "the apply's PID in the state", || {
-        b.state().pointer("/in_flight/pid").is_some()
+    b.wait_for(secs(30), "the activation's PID in the state", || {
+        activating(&b)
     });
     first.kill9();
     // fh goes on without its agent (reparented to the namespace's init, which reaps it).
@@ -472,19 +533,19 @@ fn an_agent_killed_during_an_apply_does_not_apply_again() {
         str_at(&b.state(), "/running/version") == v1
     });
     assert_eq!(b.current_system(), p1);
+    assert_eq!(b.fh_runs(), vec![fh_fetch("infra", &v1)], "fh ran twice");
     assert_eq!(
-        b.fh_runs(),
-        vec![fh_line("infra", &v1, "switch")],
-        "fh ran twice"
+        b.activations(),
+        vec!["r1 dry-activate", "r1 switch"],
+        "activated twice"
     );
     assert!(
         second
             .output()
-            .contains("fh started by an earlier agent is still running"),
+            .contains("a step started by an earlier agent is still running"),
         "{}",
         second.output()
     );
-    assert_eq!(b.activations(), vec!["r1 switch"]);
     let state = b.state();
     assert_eq!(state["deploys"], 1, "{state}");
     assert_eq!(str_at(&state, "/last_deploy/outcome"), "success");
@@ -529,7 +590,7 @@ fn sighup_follows_changed_user_data_without_a_restart() {
     });
     assert_eq!(
         b.fh_runs().last().unwrap(),
-        &fh_line("infra-next", &v_next, "switch")
+        &fh_fetch("infra-next", &v_next)
     );
     assert!(agent.running(), "the agent exited: {}", agent.output());
     assert_eq!(b.fh_runs().len(), 2);
@@ -599,10 +660,7 @@ fn user_data_in_every_encoding_is_followed() {
         let run = b.once();
         assert!(run.ok(), "{encoding:?}: {}", run.all());
         assert_eq!(b.current_system(), path, "{encoding:?}");
-        assert_eq!(
-            b.fh_runs().last().unwrap(),
-            &fh_line(&flake, &version, "switch")
-        );
+        assert_eq!(b.fh_runs().last().unwrap(), &fh_fetch(&flake, &version));
     }
 }
 
@@ -711,13 +769,11 @@ fn the_token_leaks_nowhere_with_fh_auth_file_even_verbose() {
 }
 
 #[test]
-fn sigterm_during_a_direct_apply_waits_for_fh() {
+fn sigterm_during_a_direct_activation_waits_for_it() {
     let b = bench!("sigterm_during_apply");
     let (v1, p1) = b.release(1, Kind::Slow(3));
     let mut agent = b.start_agent();
-    b.wait_for(secs(30), "the apply", || {
-        b.state().pointer("/in_flight/pid").is_some()
-    });
+    b.wait_for(secs(30), "the activation", || activating(&b));
     agent.signal(Signal::SIGTERM);
     std::thread::sleep(Duration::from_millis(1000));
     assert!(agent.running(), "stopped in the middle of the apply");
@@ -735,11 +791,9 @@ fn an_apply_that_ended_while_the_agent_was_away_is_recorded_once() {
     let b = bench!("apply_ended_while_away");
     let (v1, p1) = b.release(1, Kind::Slow(2));
     let mut first = b.start_agent();
-    b.wait_for(secs(30), "the apply", || {
-        b.state().pointer("/in_flight/pid").is_some()
-    });
+    b.wait_for(secs(30), "the activation", || activating(&b));
     first.kill9();
-    b.wait_for(secs(30), "fh to finish the switch", || {
+    b.wait_for(secs(30), "the orphaned activation to switch", || {
         b.current_system() == p1
     });
     let run = b.once();
@@ -749,6 +803,7 @@ fn an_apply_that_ended_while_the_agent_was_away_is_recorded_once() {
         format!("up to date: {v1} (just deployed)")
     );
     assert_eq!(b.fh_runs().len(), 1);
+    assert_eq!(b.activations(), vec!["r1 dry-activate", "r1 switch"]);
     let state = b.state();
     assert_eq!(state["deploys"], 1);
     assert_eq!(str_at(&state, "/last_deploy/outcome"), "success");
@@ -756,7 +811,7 @@ fn an_apply_that_ended_while_the_agent_was_away_is_recorded_once() {
 }
 
 #[test]
-fn an_apply_over_its_timeout_is_failed_and_the_next_cycle_sees_the_system() {
+fn an_activation_over_its_timeout_is_stopped_and_rolled_back() {
     let b = bench!(
         "apply_timeout",
         Options {
@@ -771,16 +826,12 @@ fn an_apply_over_its_timeout_is_failed_and_the_next_cycle_sees_the_system() {
     assert_eq!(
         run.stdout.trim(),
         format!(
-            "deploy of {v1} failed: fh did not finish within 2s and was stopped; the running system is unchanged"
+            "deploy of {v1} failed and was rolled back: switch-to-configuration switch did not finish within 2s and was stopped"
         )
     );
     assert_eq!(b.current_system(), base);
-    // Only fh was stopped: switch-to-configuration, its child, goes on and switches.
-    b.wait_for(secs(15), "the orphaned switch-to-configuration", || {
-        b.current_system() == p1
-    });
-    let run = b.once();
-    assert!(run.ok(), "{}", run.all());
-    assert_eq!(run.stdout.trim(), format!("up to date: {v1}"));
-    assert_eq!(b.fh_runs().len(), 1);
+    // Stopped for good: it does not switch later behind the agent's back.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(b.current_system(), base);
+    assert_eq!(str_at(&b.state(), "/quarantined/0/store_path"), p1);
 }

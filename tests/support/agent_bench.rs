@@ -385,6 +385,7 @@ impl Bench {
         ]);
         std::os::unix::fs::symlink(&base, bench.current_link()).unwrap();
         std::os::unix::fs::symlink(&base, bench.root.join("booted-system")).unwrap();
+        std::fs::write(bench.root.join("boot_id"), "boot-1\n").unwrap();
         Some(bench)
     }
 
@@ -439,6 +440,7 @@ impl Bench {
             r#"poll_interval = "{poll}"
 max_backoff = "2s"
 retry_limit = {retry}
+confirm_timeout = "10s"
 {extra}
 [flakehub]
 api_url = "{api}"
@@ -459,6 +461,8 @@ system_profile = "{profile}"
 fh = "{fh}"
 determinate_nixd = "{determinate}"
 nix = "/usr/bin/nix"
+nix_env = "/usr/bin/nix-env"
+boot_id = "{boot_id}"
 fh_auth_file = "{auth}"
 switch_lock = "{lock}"
 "#,
@@ -476,6 +480,7 @@ switch_lock = "{lock}"
             fh = r("bin/fh"),
             auth = r("home/.config/flakehub/auth"),
             lock = r("switch-to-configuration.lock"),
+            boot_id = r("boot_id"),
         );
         std::fs::write(&self.config, text).unwrap();
     }
@@ -817,6 +822,19 @@ esac
     /// What `current-system` points at.
     pub fn current_system(&self) -> String {
         canonical(&self.current_link())
+    }
+
+    /// A reboot into what the profile points at: a new boot ID, `booted-system` and
+    /// `current-system` pointing at the profile's system.
+    pub fn reboot(&self) {
+        let n = std::fs::read_to_string(self.root.join("boot_id")).unwrap_or_default();
+        std::fs::write(self.root.join("boot_id"), format!("{}-next\n", n.trim())).unwrap();
+        let system = self.profile_system();
+        for link in ["booted-system", "current-system"] {
+            let tmp = self.root.join(format!("{link}.new"));
+            std::os::unix::fs::symlink(&system, &tmp).unwrap();
+            std::fs::rename(&tmp, self.root.join(link)).unwrap();
+        }
     }
 
     /// What the system profile points at.
