@@ -750,6 +750,18 @@ esac
         }
     }
 
+    /// Starts `argv` in the bench's PID namespace (an operator's command, say); the caller waits
+    /// for it (the namespace's end kills it at the latest).
+    pub fn spawn_in_namespace(&self, argv: &[&str]) -> Child {
+        Command::new("nsenter")
+            .arg(format!("--target={}", self.init_pid))
+            .args(["--pid", "--mount", "--"])
+            .args(argv)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("nsenter")
+    }
+
     /// `hcloud-nixos agent --once`.
     pub fn once(&self) -> Run {
         self.run(&["agent", "--once"], Duration::from_secs(90))
