@@ -105,11 +105,9 @@ pub async fn context(loaded: Loaded) -> Result<Context> {
         &settings.flakehub_api_url,
         settings.token.as_ref().map(|t| t.secret().clone()),
     )?;
-    let applier = Applier::new(settings.apply_mode, settings.paths.fh.clone())
-        .await
-        .context(
-            "apply.mode = \"transient-unit\" needs systemd; use \"direct\" on machines without it",
-        )?;
+    let applier = Applier::new(settings.apply_mode).await.context(
+        "apply.mode = \"transient-unit\" needs systemd; use \"direct\" on machines without it",
+    )?;
     let login = login::method(
         &settings.paths.determinate_nixd,
         &settings.paths.fh_auth_file,
@@ -227,9 +225,10 @@ pub async fn serve(config_path: PathBuf) -> Result<()> {
             notify(&[NotifyState::Ready]);
             ready = true;
         }
-        failures = match &outcome {
-            Outcome::Failed { .. } => failures.saturating_add(1),
-            _ => 0,
+        failures = if outcome.failed() {
+            failures.saturating_add(1)
+        } else {
+            0
         };
         if stop {
             break;
@@ -287,7 +286,9 @@ async fn stop_signal(term: &mut Signal, int: &mut Signal) {
 
 fn log_outcome(outcome: &Outcome, state: &State) {
     match outcome {
-        Outcome::Failed { .. } | Outcome::GivenUp { .. } => tracing::warn!("{}", state.status),
+        Outcome::Failed { .. } | Outcome::RolledBack { .. } | Outcome::Quarantined { .. } => {
+            tracing::warn!("{}", state.status)
+        }
         _ => tracing::info!("{}", state.status),
     }
 }
@@ -332,6 +333,32 @@ pub fn request_check(config_path: &Path) -> Result<u32> {
     )
     .with_context(|| format!("cannot signal the agent (PID {pid})"))?;
     Ok(pid as u32)
+}
+
+/// `hcloud-nixos retry`: lifts every quarantine and forgets past failures, so that the agent
+/// tries the current release again; then asks a running agent to check now. Returns the
+/// versions that were quarantined.
+pub fn retry(config_path: &Path) -> Result<Vec<String>> {
+    let file = config::read_file(config_path).map_err(anyhow::Error::msg)?;
+    let defaults = config::Paths::default();
+    let state_dir = file.paths.state_dir.clone().unwrap_or(defaults.state_dir);
+    let run_dir = file.paths.run_dir.clone().unwrap_or(defaults.run_dir);
+    // The agent reads and writes the state under this lock: wait for a running cycle to end.
+    let lock = deploy::take_lock(&run_dir, true)?;
+    let mut state = State::load(&state_dir)?;
+    let lifted: Vec<String> = state
+        .quarantined
+        .iter()
+        .map(|q| q.version.clone())
+        .collect();
+    state.quarantined.clear();
+    state.failures = None;
+    state.save(&state_dir)?;
+    drop(lock);
+    if let Err(e) = request_check(config_path) {
+        tracing::debug!("no agent to ask for a check: {e:#}");
+    }
+    Ok(lifted)
 }
 
 /// `hcloud-nixos status`: the state for a person, or as JSON.
@@ -395,6 +422,26 @@ pub fn describe_state(state: &State) -> String {
                 .as_deref()
                 .map(|u| format!(" in {u}"))
                 .unwrap_or_default()
+        );
+    }
+    for q in &state.quarantined {
+        let _ = writeln!(
+            out,
+            "quarantined:  {} since {}: {}",
+            q.version, q.at, q.reason
+        );
+    }
+    if let Some(p) = &state.pending_boot {
+        let _ = writeln!(
+            out,
+            "next boot:    {} (applied with operation = boot at {})",
+            p.version, p.at
+        );
+    }
+    if state.reboot_required {
+        let _ = writeln!(
+            out,
+            "reboot:       required (a new kernel, initrd or kernel modules)"
         );
     }
     if let Some(f) = &state.failures {

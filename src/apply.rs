@@ -1,100 +1,169 @@
-//! Running `fh apply nixos` for one exact release: in a transient systemd unit, or as a child.
+//! Running the steps of a deploy (fetch with fh, activate, roll back): each in a transient systemd
+//! unit of its own, or as a child process.
+//!
+//! A deploy is split in two so that nothing is hidden: `fh apply nixos <ref> dry-activate`
+//! fetches the closure and makes it the system profile's new generation (fh's steps 1-3), then
+//! `<store path>/bin/switch-to-configuration <operation>` activates it, and its exit status (4 when
+//! units failed) is seen as it is. `fh apply nixos <ref> switch` would run the same command but
+//! ignore its exit status.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
 
 use crate::config::{ApplyMode, Operation};
 use crate::systemd::{Systemd, TransientService};
 
-/// One apply to start.
+/// Which step of a deploy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepKind {
+    /// `fh apply nixos <ref> dry-activate`: the closure and the profile generation.
+    Fetch,
+    /// `switch-to-configuration` of the new system.
+    Activate,
+    /// `switch-to-configuration` of the system that ran before.
+    Rollback,
+}
+
+impl StepKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepKind::Fetch => "fetch",
+            StepKind::Activate => "activate",
+            StepKind::Rollback => "rollback",
+        }
+    }
+}
+
+/// One command to run, never through a shell.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    /// `org/flake/=<version>#<attr>`: the exact version, so that nothing newer slips in.
-    pub reference: String,
+pub struct Step {
+    pub kind: StepKind,
+    /// The absolute program path, then its arguments.
+    pub argv: Vec<String>,
+    /// The release this step is about (for the journal and the unit's description).
     pub version: String,
-    pub operation: Operation,
 }
 
-/// The arguments of `fh` for a request (no shell is involved anywhere).
-pub fn fh_args(req: &Request) -> Vec<String> {
-    vec![
-        "apply".into(),
-        "nixos".into(),
-        req.reference.clone(),
-        req.operation.as_str().into(),
-    ]
+impl Step {
+    /// `fh apply nixos <org>/<flake>/=<version>#<attr> dry-activate`.
+    pub fn fetch(fh: &Path, reference: &str, version: &str) -> Result<Step> {
+        let fh = crate::exec::find_program(fh)
+            .with_context(|| format!("cannot find fh ('{}'); is it installed?", fh.display()))?;
+        Ok(Step {
+            kind: StepKind::Fetch,
+            argv: vec![
+                fh.to_string_lossy().into_owned(),
+                "apply".into(),
+                "nixos".into(),
+                reference.into(),
+                "dry-activate".into(),
+            ],
+            version: version.into(),
+        })
+    }
+
+    /// `<system>/bin/switch-to-configuration <operation>`, for a new system or the previous one.
+    pub fn switch(kind: StepKind, system: &str, operation: Operation, version: &str) -> Step {
+        Step {
+            kind,
+            argv: vec![
+                format!("{system}/bin/switch-to-configuration"),
+                operation.as_str().into(),
+            ],
+            version: version.into(),
+        }
+    }
+
+    fn description(&self) -> String {
+        match self.kind {
+            StepKind::Fetch => format!("hcloud-nixos: fetch {} with fh", self.version),
+            StepKind::Activate => format!("hcloud-nixos: activate {}", self.version),
+            StepKind::Rollback => format!("hcloud-nixos: roll back from {}", self.version),
+        }
+    }
 }
 
-/// A name for the transient unit of an apply started at `unix_secs`.
-pub fn unit_name(unix_secs: u64) -> String {
-    format!("hcloud-nixos-apply-{unix_secs}.service")
+/// A name for the transient unit of a step started at `unix_secs`.
+pub fn unit_name(kind: StepKind, unix_secs: u64) -> String {
+    format!("hcloud-nixos-{}-{unix_secs}.service", kind.as_str())
 }
 
-/// How an apply ended, as far as fh's exit status tells (which is no proof of success).
+/// Is this one of the units the agent starts?
+pub fn is_step_unit(name: &str) -> bool {
+    ["fetch", "activate", "rollback", "apply"]
+        .iter()
+        .any(|k| name.starts_with(&format!("hcloud-nixos-{k}-")))
+}
+
+/// How a step's process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finished {
-    pub fh_succeeded: bool,
+    /// Exit status 0.
+    pub succeeded: bool,
+    /// `exited with status 4`, for messages.
     pub detail: String,
 }
 
-/// What a restarted agent finds of an apply it had started.
+/// What a restarted agent finds of a step an earlier agent process started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Found {
-    /// Still running: wait for it.
+    /// Still running in its unit: wait for it.
     Running,
     /// Still running as a process of an earlier agent (direct mode).
     RunningOrphan(u32),
     Finished(Finished),
-    /// Nothing to find (no unit, or direct mode): only the system's state can tell.
+    /// Nothing to find (no unit, no process): only the system's state can tell.
     Unknown,
 }
 
-/// An apply under way.
+/// A step under way.
 pub enum Running {
     Unit(String),
     Child(tokio::process::Child),
-    /// fh started by an earlier agent process (direct mode), found still running.
+    /// A process started by an earlier agent process (direct mode), found still running.
     Orphan(u32),
 }
 
-/// Is `pid` a running `fh apply` for `reference` (and not a process that reused the PID)?
-/// An interpreter may stand first (`bash /path/fh apply ...`), so the words are looked for
-/// anywhere in the command line.
-pub fn is_our_fh(pid: u32, reference: &str) -> bool {
+/// Is `pid` running exactly `argv` (and not a process that reused the PID)? An interpreter may
+/// stand first (`bash /path/fh apply ...`), so `argv` is looked for anywhere in the command line.
+pub fn is_running(pid: u32, argv: &[String]) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    args.windows(3)
-        .any(|w| w[0] == b"apply" && w[1] == b"nixos" && w[2] == reference.as_bytes())
+    !argv.is_empty()
+        && args
+            .windows(argv.len())
+            .any(|w| w.iter().zip(argv).all(|(a, b)| *a == b.as_bytes()))
 }
 
-/// Starts applies and waits for them.
+/// Starts steps and waits for them.
 #[derive(Clone)]
 pub struct Applier {
     pub mode: ApplyMode,
-    pub fh: PathBuf,
     systemd: Option<Systemd>,
 }
 
 impl Applier {
-    pub async fn new(mode: ApplyMode, fh: PathBuf) -> Result<Self> {
+    pub async fn new(mode: ApplyMode) -> Result<Self> {
         let systemd = match mode {
             ApplyMode::TransientUnit => Some(Systemd::connect().await?),
             ApplyMode::Direct => None,
         };
-        Ok(Applier { mode, fh, systemd })
+        Ok(Applier { mode, systemd })
     }
 
-    /// Starts `fh apply`. `unit` names the transient unit (ignored in direct mode).
-    pub async fn start(&self, req: &Request, unit: &str) -> Result<Running> {
-        let fh = crate::exec::find_program(&self.fh).with_context(|| {
-            format!("cannot find fh ('{}'); is it installed?", self.fh.display())
-        })?;
-        let mut argv = vec![fh.to_string_lossy().into_owned()];
-        argv.extend(fh_args(req));
+    /// The system manager, when the agent talks to one.
+    pub fn systemd(&self) -> Option<&Systemd> {
+        self.systemd.as_ref()
+    }
+
+    /// Starts a step; `unit` names its transient unit (ignored in direct mode).
+    pub async fn start(&self, step: &Step, unit: &str) -> Result<Running> {
         match &self.systemd {
             Some(systemd) => {
                 // A transient unit starts with an empty environment: hand on what fh needs.
@@ -111,114 +180,106 @@ impl Applier {
                 systemd
                     .start_transient_service(&TransientService {
                         name: unit.to_string(),
-                        description: format!(
-                            "hcloud-nixos: fh apply nixos {} ({})",
-                            req.version,
-                            req.operation.as_str()
-                        ),
-                        argv,
+                        description: step.description(),
+                        argv: step.argv.clone(),
                         environment,
-                        log_fields: vec![format!("HCLOUD_NIXOS_VERSION={}", req.version)],
+                        log_fields: vec![
+                            format!("HCLOUD_NIXOS_VERSION={}", step.version),
+                            format!("HCLOUD_NIXOS_STEP={}", step.kind.as_str()),
+                        ],
                     })
                     .await?;
                 Ok(Running::Unit(unit.to_string()))
             }
             None => {
-                let child = tokio::process::Command::new(&argv[0])
-                    .args(&argv[1..])
+                let child = tokio::process::Command::new(&step.argv[0])
+                    .args(&step.argv[1..])
                     .stdin(std::process::Stdio::null())
                     .kill_on_drop(false)
                     .spawn()
-                    .with_context(|| format!("cannot run {}", argv[0]))?;
+                    .with_context(|| format!("cannot run {}", step.argv[0]))?;
                 Ok(Running::Child(child))
             }
         }
     }
 
-    /// Waits for the apply to end; after `timeout` it is stopped and counts as failed.
+    /// Waits for the step to end; after `timeout` it is stopped and counts as failed.
     pub async fn wait(&self, running: Running, timeout: Duration) -> Result<Finished> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let timed_out = || Finished {
+            succeeded: false,
+            detail: format!(
+                "did not finish within {}s and was stopped",
+                timeout.as_secs()
+            ),
+        };
         match running {
             Running::Child(mut child) => match tokio::time::timeout(timeout, child.wait()).await {
                 Ok(status) => {
-                    let status = status.context("cannot wait for fh")?;
+                    let status = status.context("cannot wait for the step's process")?;
                     Ok(Finished {
-                        fh_succeeded: status.success(),
-                        detail: format!("fh {status}"),
+                        succeeded: status.success(),
+                        detail: match status.code() {
+                            Some(code) => format!("exited with status {code}"),
+                            None => format!("ended by {status}"),
+                        },
                     })
                 }
                 Err(_) => {
                     let _ = child.kill().await;
-                    Ok(Finished {
-                        fh_succeeded: false,
-                        detail: format!(
-                            "fh did not finish within {}s and was stopped",
-                            timeout.as_secs()
-                        ),
-                    })
+                    Ok(timed_out())
                 }
             },
             Running::Orphan(pid) => {
-                let deadline = tokio::time::Instant::now() + timeout;
-                while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                while Path::new(&format!("/proc/{pid}")).exists() {
                     if tokio::time::Instant::now() >= deadline {
                         let _ = nix::sys::signal::kill(
                             nix::unistd::Pid::from_raw(pid as i32),
                             nix::sys::signal::Signal::SIGTERM,
                         );
-                        break;
+                        return Ok(timed_out());
                     }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                // Not our child: its exit status is gone; the system's state tells.
+                // Not our child: its exit status is gone. The system's state tells.
                 Ok(Finished {
-                    fh_succeeded: true,
-                    detail: format!("fh (pid {pid}, started by an earlier agent) ended"),
+                    succeeded: true,
+                    detail: format!(
+                        "ended (PID {pid}, started by an earlier agent; exit status unknown)"
+                    ),
                 })
             }
-            Running::Unit(name) => {
-                let deadline = tokio::time::Instant::now() + timeout;
-                loop {
-                    match self.find(&name).await? {
-                        Found::Finished(f) => return Ok(f),
-                        Found::Unknown => {
-                            bail!("the unit {name} running fh disappeared before it finished")
-                        }
-                        Found::Running | Found::RunningOrphan(_) => {}
-                    }
-                    if tokio::time::Instant::now() >= deadline {
-                        if let Some(systemd) = &self.systemd {
-                            systemd.forget_unit(&name).await;
-                        }
-                        return Ok(Finished {
-                            fh_succeeded: false,
-                            detail: format!(
-                                "fh did not finish within {}s; {name} was stopped",
-                                timeout.as_secs()
-                            ),
-                        });
-                    }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+            Running::Unit(name) => loop {
+                match self.find(&name).await? {
+                    Found::Finished(f) => return Ok(f),
+                    Found::Unknown => bail!("the unit {name} disappeared before it finished"),
+                    Found::Running | Found::RunningOrphan(_) => {}
                 }
-            }
+                if tokio::time::Instant::now() >= deadline {
+                    self.forget(&name).await;
+                    return Ok(timed_out());
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            },
         }
     }
 
-    /// What became of an apply started by an earlier agent process: in `unit`, or (direct mode)
-    /// as process `pid` running `reference`.
+    /// What became of a step an earlier agent process started: in `unit`, or (direct mode) as
+    /// process `pid` running `argv`.
     pub async fn find_earlier(
         &self,
         unit: Option<&str>,
         pid: Option<u32>,
-        reference: &str,
+        argv: &[String],
     ) -> Result<Found> {
         match (unit, pid) {
-            (Some(unit), _) => self.find(unit).await,
-            (None, Some(pid)) if is_our_fh(pid, reference) => Ok(Found::RunningOrphan(pid)),
+            (Some(unit), _) if self.systemd.is_some() => self.find(unit).await,
+            (_, Some(pid)) if is_running(pid, argv) => Ok(Found::RunningOrphan(pid)),
             _ => Ok(Found::Unknown),
         }
     }
 
-    /// What became of the apply in `unit`.
+    /// What became of the step in `unit`.
     pub async fn find(&self, unit: &str) -> Result<Found> {
         let Some(systemd) = &self.systemd else {
             return Ok(Found::Unknown);
@@ -227,8 +288,8 @@ impl Applier {
             None => Found::Unknown,
             Some(s) if !s.finished() => Found::Running,
             Some(s) => Found::Finished(Finished {
-                fh_succeeded: s.succeeded(),
-                detail: format!("fh in {unit} {}", s.describe()),
+                succeeded: s.succeeded(),
+                detail: s.describe(),
             }),
         })
     }
@@ -246,24 +307,60 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fh_gets_the_exact_reference_and_operation() {
-        let req = Request {
-            reference: "org/infra/=0.1.42+rev-abc#nixosConfigurations.web".into(),
-            version: "0.1.42+rev-abc".into(),
-            operation: Operation::Boot,
-        };
+    fn steps_run_exact_commands() {
+        let fetch = Step::fetch(
+            Path::new("/bin/sh"),
+            "org/infra/=0.1.42+rev-abc#nixosConfigurations.web",
+            "0.1.42+rev-abc",
+        )
+        .unwrap();
         assert_eq!(
-            fh_args(&req),
+            fetch.argv,
             [
+                "/bin/sh",
                 "apply",
                 "nixos",
                 "org/infra/=0.1.42+rev-abc#nixosConfigurations.web",
-                "boot"
+                "dry-activate"
             ]
         );
-        assert_eq!(
-            unit_name(1700000000),
-            "hcloud-nixos-apply-1700000000.service"
+        let activate = Step::switch(
+            StepKind::Activate,
+            "/nix/store/abc-system",
+            Operation::Boot,
+            "0.1.42",
         );
+        assert_eq!(
+            activate.argv,
+            ["/nix/store/abc-system/bin/switch-to-configuration", "boot"]
+        );
+        assert_eq!(
+            unit_name(StepKind::Rollback, 1700000000),
+            "hcloud-nixos-rollback-1700000000.service"
+        );
+        assert!(is_step_unit("hcloud-nixos-activate-1.service"));
+        assert!(!is_step_unit("hcloud-nixos-agent.service"));
+        assert!(Step::fetch(Path::new("no-such-fh-anywhere"), "a/b/=1#c", "1").is_err());
+    }
+
+    #[test]
+    fn finds_a_running_command_line_behind_an_interpreter() {
+        // `; true` keeps the shell from exec'ing sleep in its place.
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 5; true", "apply", "nixos"])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let argv = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let wanted = argv(&["sleep 5; true", "apply", "nixos"]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !is_running(pid, &wanted) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(is_running(pid, &wanted));
+        assert!(!is_running(pid, &argv(&["apply", "nixos", "other"])));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!is_running(pid, &wanted));
     }
 }

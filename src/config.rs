@@ -67,6 +67,10 @@ pub struct FileConfig {
     pub poll_interval: Option<String>,
     pub max_backoff: Option<String>,
     pub retry_limit: Option<u32>,
+    pub confirm_timeout: Option<String>,
+    pub min_release_age: Option<String>,
+    #[serde(default)]
+    pub health_check: Vec<crate::health::CheckConfig>,
     #[serde(default)]
     pub flakehub: FlakehubSection,
     #[serde(default)]
@@ -108,8 +112,10 @@ pub struct PathsSection {
     pub fh: Option<PathBuf>,
     pub determinate_nixd: Option<PathBuf>,
     pub nix: Option<PathBuf>,
+    pub nix_env: Option<PathBuf>,
     pub fh_auth_file: Option<PathBuf>,
     pub switch_lock: Option<PathBuf>,
+    pub boot_id: Option<PathBuf>,
 }
 
 /// Every path the agent touches, with its NixOS default.
@@ -124,10 +130,14 @@ pub struct Paths {
     pub fh: PathBuf,
     pub determinate_nixd: PathBuf,
     pub nix: PathBuf,
+    /// Sets the system profile back to the previous system in a rollback.
+    pub nix_env: PathBuf,
     /// fh's own token file, used where determinate-nixd is absent.
     pub fh_auth_file: PathBuf,
     /// NixOS's switch-to-configuration lock; held while someone switches by hand.
     pub switch_lock: PathBuf,
+    /// This boot's identity, to tell that a reboot happened.
+    pub boot_id: PathBuf,
 }
 
 impl Default for Paths {
@@ -141,8 +151,10 @@ impl Default for Paths {
             fh: "fh".into(),
             determinate_nixd: "determinate-nixd".into(),
             nix: "nix".into(),
+            nix_env: "nix-env".into(),
             fh_auth_file: "/root/.config/flakehub/auth".into(),
             switch_lock: "/run/nixos/switch-to-configuration.lock".into(),
+            boot_id: "/proc/sys/kernel/random/boot_id".into(),
         }
     }
 }
@@ -186,6 +198,11 @@ pub struct Settings {
     pub apply_mode: ApplyMode,
     /// How long one `fh apply` may take before it counts as failed.
     pub apply_timeout: Duration,
+    /// How long a new system has to prove healthy before it is rolled back.
+    pub confirm_timeout: Duration,
+    /// A release is applied only once it has been published this long.
+    pub min_release_age: Duration,
+    pub health_checks: Vec<crate::health::Check>,
     pub paths: Paths,
 }
 
@@ -271,6 +288,12 @@ pub fn resolve(
         None,
         Duration::from_secs(3600),
     );
+    let confirm_timeout = seconds(
+        "confirm_timeout",
+        file.confirm_timeout.as_deref(),
+        user.and_then(|u| u.confirm_timeout),
+        Duration::from_secs(120),
+    );
     let token = match &file.flakehub.token_file {
         Some(path) => match read_token(path) {
             Ok(text) if !text.trim().is_empty() && !text.trim().contains(char::is_whitespace) => {
@@ -318,6 +341,27 @@ pub fn resolve(
             "metadata.url: '{metadata_url}' is not an http(s) URL"
         ));
     }
+    let min_release_age = match (
+        file.min_release_age.as_deref(),
+        user.and_then(|u| u.min_release_age),
+    ) {
+        (None, Some(d)) => d,
+        (None, None) => Duration::ZERO,
+        // Zero is a valid age here (canaries), unlike for the other durations.
+        (Some(t), _) => humantime::parse_duration(t).unwrap_or_else(|_| {
+            problems.push(format!(
+                "min_release_age: '{t}' is not a duration (for example 0s, 2h)"
+            ));
+            Duration::ZERO
+        }),
+    };
+    let mut health_checks = Vec::new();
+    for (i, c) in file.health_check.iter().enumerate() {
+        match crate::health::Check::from_config(c, i) {
+            Ok(check) => health_checks.push(check),
+            Err(e) => problems.push(e),
+        }
+    }
     let retry_limit = file.retry_limit.unwrap_or(3);
     if retry_limit == 0 {
         problems.push("retry_limit: must be at least 1".to_string());
@@ -333,8 +377,10 @@ pub fn resolve(
         fh: p.fh.clone().unwrap_or(d.fh),
         determinate_nixd: p.determinate_nixd.clone().unwrap_or(d.determinate_nixd),
         nix: p.nix.clone().unwrap_or(d.nix),
+        nix_env: p.nix_env.clone().unwrap_or(d.nix_env),
         fh_auth_file: p.fh_auth_file.clone().unwrap_or(d.fh_auth_file),
         switch_lock: p.switch_lock.clone().unwrap_or(d.switch_lock),
+        boot_id: p.boot_id.clone().unwrap_or(d.boot_id),
     };
     for (key, path) in [
         ("paths.state_dir", &paths.state_dir),
@@ -368,6 +414,9 @@ pub fn resolve(
         metadata_url,
         apply_mode: file.apply.mode.unwrap_or_default(),
         apply_timeout,
+        confirm_timeout,
+        min_release_age,
+        health_checks,
         paths,
     })
 }

@@ -1,4 +1,14 @@
-//! One deploy cycle: resolve the reference, compare with the running system, apply, verify, record.
+//! One deploy cycle: resolve the reference, compare, fetch, activate, confirm health, roll back
+//! when anything fails, record.
+//!
+//! A deploy is a small state machine persisted in the state file (`in_flight.phase`):
+//! `fetch` (fh makes the closure the profile's new generation) → `activate`
+//! (switch-to-configuration, its exit status seen) → `confirm` (no new failed unit, FlakeHub
+//! reachable, every health check passing, within `confirm_timeout`) → recorded. A failure after
+//! activation goes to `rollback`: the profile is set back to what it was and the system that ran
+//! before is activated and checked the same way; the failed store path is quarantined. Each step
+//! is written down before it starts, so a restarted agent (or a rebooted server) carries on where
+//! it stood, and nothing is applied twice.
 
 use std::fs::File;
 use std::path::Path;
@@ -8,11 +18,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result};
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::apply::{self, Applier, Found};
+use crate::apply::{self, Applier, Found, Step, StepKind};
 use crate::config::{Operation, Settings};
 use crate::flakehub::{self, Resolved};
+use crate::health;
 use crate::login;
-use crate::state::{self, Deploy, Failures, InFlight, Outcome as Recorded, State, Target};
+use crate::state::{
+    self, Deploy, Failures, InFlight, Outcome as Recorded, PendingBoot, Phase, Quarantined, State,
+    Target,
+};
+
+/// How many quarantined store paths are remembered.
+const QUARANTINE_KEEP: usize = 20;
 
 /// Everything a cycle needs besides the state.
 pub struct Context {
@@ -35,18 +52,33 @@ pub enum Outcome {
     /// Nothing to follow: no reference configured.
     Idle(String),
     UpToDate(Target),
+    /// Deployed and confirmed healthy.
     Deployed(Target),
-    /// Could not check or deploy; `transient` failures (network, FlakeHub) are retried sooner.
+    /// Applied as the boot default (`operation = "boot"`); it is checked after the next boot.
+    PendingReboot(Target),
+    /// Could not check or deploy; nothing was activated. `transient` failures (network,
+    /// FlakeHub) are retried sooner.
     Failed {
         target: Option<Target>,
         error: String,
         transient: bool,
     },
-    /// This store path failed `attempts` times; it is not tried again until another appears.
-    GivenUp {
+    /// The deploy failed after activation and the system went back to what ran before.
+    RolledBack {
         target: Target,
-        attempts: u32,
         error: String,
+        /// The rollback itself worked (the previous system runs and is healthy).
+        rollback_ok: bool,
+    },
+    /// This store path failed before; it waits for another release or `hcloud-nixos retry`.
+    Quarantined {
+        target: Target,
+        reason: String,
+    },
+    /// A release is there but too young (`min_release_age`).
+    Waiting {
+        target: Target,
+        until: String,
     },
     /// Someone else is switching the system right now.
     Busy(String),
@@ -57,8 +89,16 @@ impl Outcome {
     pub fn ok(&self) -> bool {
         matches!(
             self,
-            Outcome::Idle(_) | Outcome::UpToDate(_) | Outcome::Deployed(_)
+            Outcome::Idle(_)
+                | Outcome::UpToDate(_)
+                | Outcome::Deployed(_)
+                | Outcome::PendingReboot(_)
         )
+    }
+
+    /// A failure that counts for backoff.
+    pub fn failed(&self) -> bool {
+        matches!(self, Outcome::Failed { .. } | Outcome::RolledBack { .. })
     }
 
     /// The one line an operator reads in `systemctl status`.
@@ -70,6 +110,10 @@ impl Outcome {
             Outcome::Idle(why) => format!("idle: {why}"),
             Outcome::UpToDate(t) => format!("up to date: {}", t.version),
             Outcome::Deployed(t) => format!("up to date: {} (just deployed)", t.version),
+            Outcome::PendingReboot(t) => format!(
+                "{} is the boot default; it runs after the next reboot{running}",
+                t.version
+            ),
             Outcome::Failed {
                 target: Some(t),
                 error,
@@ -80,14 +124,32 @@ impl Outcome {
                 error,
                 ..
             } => format!("check failed: {error}{running}"),
-            Outcome::GivenUp {
+            Outcome::RolledBack {
                 target,
-                attempts,
                 error,
+                rollback_ok: true,
             } => format!(
-                "deploy of {} failed {attempts} times ({error}); waiting for a newer release{running}",
+                "deploy of {} failed and was rolled back: {error}{running}",
                 target.version
             ),
+            Outcome::RolledBack {
+                target,
+                error,
+                rollback_ok: false,
+            } => format!(
+                "deploy of {} failed ({error}) and the rollback did not end healthy{running}; look at `journalctl -u 'hcloud-nixos-*'`",
+                target.version
+            ),
+            Outcome::Quarantined { target, reason } => format!(
+                "{} is quarantined ({reason}); waiting for a newer release or `hcloud-nixos retry`{running}",
+                target.version
+            ),
+            Outcome::Waiting { target, until } => {
+                format!(
+                    "{} waits until {until} (min_release_age){running}",
+                    target.version
+                )
+            }
             Outcome::Busy(why) => format!("waiting: {why}{running}"),
         }
     }
@@ -98,45 +160,86 @@ impl Outcome {
 pub enum Decision {
     UpToDate,
     Apply,
-    GiveUp { attempts: u32, error: String },
+    /// Quarantined, or failed `retry_limit` times before activation.
+    Hold {
+        reason: String,
+    },
+    /// Too young: wait until then (RFC 3339).
+    Wait {
+        until: String,
+    },
 }
 
-/// Pure: compare the desired store path with the running one and with past failures.
+/// Pure: compare the desired release with the running system, the quarantine, past failures and
+/// the release's age.
 pub fn decide(
     desired: &Target,
     current: Option<&str>,
-    failures: Option<&Failures>,
+    state: &State,
     retry_limit: u32,
+    published_at: Option<SystemTime>,
+    min_release_age: Duration,
+    now: SystemTime,
 ) -> Decision {
     if current == Some(desired.store_path.as_str()) {
         return Decision::UpToDate;
     }
-    match failures {
-        Some(f) if f.store_path == desired.store_path && f.count >= retry_limit => {
-            Decision::GiveUp {
-                attempts: f.count,
-                error: f.last_error.clone(),
+    if let Some(q) = state
+        .quarantined
+        .iter()
+        .find(|q| q.store_path == desired.store_path)
+    {
+        return Decision::Hold {
+            reason: q.reason.clone(),
+        };
+    }
+    if let Some(f) = &state.failures
+        && f.store_path == desired.store_path
+        && f.count >= retry_limit
+    {
+        return Decision::Hold {
+            reason: format!("failed {} times: {}", f.count, f.last_error),
+        };
+    }
+    if !min_release_age.is_zero() {
+        // A release whose age cannot be told is not applied early.
+        let ready = published_at.map(|p| p + min_release_age);
+        match ready {
+            Some(ready) if ready <= now => {}
+            Some(ready) => {
+                return Decision::Wait {
+                    until: humantime::format_rfc3339_seconds(ready).to_string(),
+                };
+            }
+            None => {
+                return Decision::Hold {
+                    reason: "its publication time is unknown and min_release_age is set".into(),
+                };
             }
         }
-        _ => Decision::Apply,
     }
+    Decision::Apply
 }
 
-/// The store path the system is at: the running system for switch and test, the profile (what
-/// boots next) for boot.
-pub fn system_path(settings: &Settings, operation: Operation) -> Option<String> {
-    let link = match operation {
-        Operation::Switch | Operation::Test => &settings.paths.current_system,
-        Operation::Boot => &settings.paths.system_profile,
-    };
+/// Where a link points, fully resolved.
+fn resolve_link(link: &Path) -> Option<String> {
     std::fs::canonicalize(link)
         .ok()
         .map(|p| p.to_string_lossy().into_owned())
 }
 
+/// The store path the system is at: the running system for switch and test, the profile (what
+/// boots next) for boot.
+pub fn system_path(settings: &Settings, operation: Operation) -> Option<String> {
+    match operation {
+        Operation::Switch | Operation::Test => resolve_link(&settings.paths.current_system),
+        Operation::Boot => resolve_link(&settings.paths.system_profile),
+    }
+}
+
 /// The version of what runs, when we know it.
 pub fn running_version(state: &State, settings: &Settings) -> Option<String> {
-    let current = system_path(settings, Operation::Switch)?;
+    let current = resolve_link(&settings.paths.current_system)?;
     state
         .running
         .as_ref()
@@ -144,41 +247,48 @@ pub fn running_version(state: &State, settings: &Settings) -> Option<String> {
         .map(|t| t.version.clone())
 }
 
-/// Records a deploy's result; clears the in-flight marker in the same write.
-fn record(state: &mut State, in_flight: &InFlight, error: Option<String>) {
+fn boot_id(settings: &Settings) -> String {
+    std::fs::read_to_string(&settings.paths.boot_id)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Records a finished deploy; clears the in-flight marker in the same write.
+fn record(state: &mut State, f: &InFlight, error: Option<String>) {
     let target = Target {
-        version: in_flight.version.clone(),
-        store_path: in_flight.store_path.clone(),
-    };
-    let outcome = if error.is_none() {
-        Recorded::Success
-    } else {
-        Recorded::Failed
+        version: f.version.clone(),
+        store_path: f.store_path.clone(),
     };
     state.last_deploy = Some(Deploy {
-        version: in_flight.version.clone(),
-        store_path: in_flight.store_path.clone(),
-        operation: in_flight.operation.clone(),
-        started_at: in_flight.started_at.clone(),
+        version: f.version.clone(),
+        store_path: f.store_path.clone(),
+        operation: f.operation.clone(),
+        started_at: f.started_at.clone(),
         finished_at: state::now(),
-        outcome,
+        outcome: if error.is_none() {
+            Recorded::Success
+        } else {
+            Recorded::Failed
+        },
         error: error.clone(),
     });
     state.deploys += 1;
     state.in_flight = None;
     match error {
         None => {
+            state.counters.deploys_succeeded += 1;
             state.running = Some(target);
             state.failures = None;
         }
         Some(error) => {
+            state.counters.deploys_failed += 1;
             let count = match &state.failures {
-                Some(f) if f.store_path == in_flight.store_path => f.count + 1,
+                Some(prev) if prev.store_path == f.store_path => prev.count + 1,
                 _ => 1,
             };
             state.failures = Some(Failures {
-                store_path: in_flight.store_path.clone(),
-                version: in_flight.version.clone(),
+                store_path: f.store_path.clone(),
+                version: f.version.clone(),
                 count,
                 last_error: error,
             });
@@ -186,8 +296,23 @@ fn record(state: &mut State, in_flight: &InFlight, error: Option<String>) {
     }
 }
 
-/// A lock that keeps two applies apart: this agent's and an operator's `agent --once`.
-fn take_lock(run_dir: &Path) -> Result<Option<Flock<File>>> {
+/// Puts a store path in quarantine (newest first, a bounded list).
+fn quarantine(state: &mut State, f: &InFlight, reason: &str) {
+    state.quarantined.retain(|q| q.store_path != f.store_path);
+    state.quarantined.insert(
+        0,
+        Quarantined {
+            version: f.version.clone(),
+            store_path: f.store_path.clone(),
+            reason: reason.to_string(),
+            at: state::now(),
+        },
+    );
+    state.quarantined.truncate(QUARANTINE_KEEP);
+}
+
+/// A lock that keeps two agents apart (this one and an operator's `agent --once` or `retry`).
+pub fn take_lock(run_dir: &Path, wait: bool) -> Result<Option<Flock<File>>> {
     crate::files::create_dir_all_mode(run_dir, 0o700)?;
     let path = run_dir.join("apply.lock");
     let file = File::options()
@@ -196,7 +321,12 @@ fn take_lock(run_dir: &Path) -> Result<Option<Flock<File>>> {
         .write(true)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+    let how = if wait {
+        FlockArg::LockExclusive
+    } else {
+        FlockArg::LockExclusiveNonblock
+    };
+    match Flock::lock(file, how) {
         Ok(lock) => Ok(Some(lock)),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
         Err((_, e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
@@ -236,46 +366,64 @@ fn is_fh_apply(cmdline: &[u8]) -> bool {
     })
 }
 
-/// Runs one cycle. `report` receives status lines while it works ("applying 0.1.43").
+/// Runs one cycle. The state is read from disk under the lock and written back, so that
+/// `hcloud-nixos retry` and a second agent never lose each other's changes. `report` receives
+/// status lines while it works ("applying 0.1.43").
 pub async fn cycle(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + Sync)) -> Outcome {
+    let state_dir = &ctx.settings.paths.state_dir;
+    let lock = match take_lock(&ctx.settings.paths.run_dir, false) {
+        Ok(Some(lock)) => lock,
+        Ok(None) => return Outcome::Busy("another hcloud-nixos agent holds the apply lock".into()),
+        Err(e) => {
+            return Outcome::Failed {
+                target: None,
+                error: format!("{e:#}"),
+                transient: false,
+            };
+        }
+    };
+    match State::load(state_dir) {
+        Ok(fresh) => *state = fresh,
+        Err(e) => {
+            return Outcome::Failed {
+                target: None,
+                error: format!("{e:#}"),
+                transient: false,
+            };
+        }
+    }
     let outcome = cycle_inner(ctx, state, report).await;
     let running = running_version(state, &ctx.settings);
     state.status = outcome.status_line(running.as_deref());
-    let ok = !matches!(
-        outcome,
-        Outcome::Failed { target: None, .. } | Outcome::Busy(_)
-    );
+    state.consecutive_failures = if outcome.failed() {
+        state.consecutive_failures.saturating_add(1)
+    } else {
+        0
+    };
     state.last_check = Some(state::Check {
         at: state::now(),
-        ok,
+        ok: !matches!(
+            outcome,
+            Outcome::Failed { target: None, .. } | Outcome::Busy(_)
+        ),
         message: state.status.clone(),
     });
-    if let Err(e) = state.save(&ctx.settings.paths.state_dir) {
+    if let Err(e) = state.save(state_dir) {
         tracing::error!(error = %format!("{e:#}"), "cannot record the state");
     }
+    drop(lock);
     outcome
 }
 
 async fn cycle_inner(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + Sync)) -> Outcome {
     let settings = &ctx.settings;
-    let failed = |target: Option<Target>, error: String, transient: bool| Outcome::Failed {
-        target,
-        error,
-        transient,
-    };
-    let Some(_lock) = (match take_lock(&settings.paths.run_dir) {
-        Ok(lock) => lock,
-        Err(e) => return failed(None, format!("{e:#}"), false),
-    }) else {
-        return Outcome::Busy("another hcloud-nixos apply is running".into());
-    };
-
-    if let Some(in_flight) = state.in_flight.clone()
-        && let Some(outcome) = finish_in_flight(ctx, state, &in_flight, report).await
-    {
+    if let Some(outcome) = check_pending_boot(ctx, state, report).await {
         return outcome;
     }
-
+    if state.in_flight.is_some() {
+        tracing::info!("carrying on with the deploy an earlier agent process started");
+        return drive(ctx, state, report).await;
+    }
     let Some(flake) = &settings.flake else {
         let why = ctx
             .why_no_reference
@@ -292,7 +440,13 @@ async fn cycle_inner(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + 
         match login::ensure(&ctx.login, token.secret(), &settings.paths.run_dir, state).await {
             Ok(true) => tracing::info!(token_from = %token.origin(), "logged in to FlakeHub"),
             Ok(false) => tracing::debug!("already logged in to FlakeHub"),
-            Err(e) => return failed(None, format!("FlakeHub login: {e:#}"), false),
+            Err(e) => {
+                return Outcome::Failed {
+                    target: None,
+                    error: format!("FlakeHub login: {e:#}"),
+                    transient: false,
+                };
+            }
         }
         ctx.login_checked.store(true, Ordering::Relaxed);
     }
@@ -301,7 +455,11 @@ async fn cycle_inner(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + 
         Ok(r) => r,
         Err(e) => {
             let transient = e.is_transient();
-            return failed(None, e.to_string(), transient);
+            return Outcome::Failed {
+                target: None,
+                error: e.to_string(),
+                transient,
+            };
         }
     };
     let desired = Target {
@@ -309,23 +467,41 @@ async fn cycle_inner(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + 
         store_path: resolved.store_path.clone(),
     };
     state.desired = Some(desired.clone());
+    // A quarantine ends when a different release appears.
+    let before = state.quarantined.len();
+    state
+        .quarantined
+        .retain(|q| q.store_path == desired.store_path);
+    if state.quarantined.len() < before {
+        tracing::info!(version = %desired.version, "a different release appeared; earlier quarantined releases may be tried again");
+    }
     let current = system_path(settings, settings.operation);
+    let published = resolved
+        .published_at
+        .as_deref()
+        .and_then(|p| humantime::parse_rfc3339_weak(p).ok());
     match decide(
         &desired,
         current.as_deref(),
-        state.failures.as_ref(),
+        state,
         settings.retry_limit,
+        published,
+        settings.min_release_age,
+        SystemTime::now(),
     ) {
         Decision::UpToDate => {
-            if state.running.as_ref() != Some(&desired) {
+            if state.running.as_ref() != Some(&desired) && settings.operation != Operation::Boot {
                 state.running = Some(desired.clone());
             }
             Outcome::UpToDate(desired)
         }
-        Decision::GiveUp { attempts, error } => Outcome::GivenUp {
+        Decision::Hold { reason } => Outcome::Quarantined {
             target: desired,
-            attempts,
-            error,
+            reason,
+        },
+        Decision::Wait { until } => Outcome::Waiting {
+            target: desired,
+            until,
         },
         Decision::Apply => {
             if switch_in_progress(&settings.paths.switch_lock) {
@@ -334,209 +510,590 @@ async fn cycle_inner(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + 
             if let Some(pid) = fh_apply_running() {
                 return Outcome::Busy(format!("someone is running fh apply (PID {pid})"));
             }
-            let reference = flake.exact(&resolved.version, &attr);
-            apply_release(ctx, state, desired, reference, current, report).await
+            let failed_before = match ctx.applier.systemd() {
+                Some(systemd) if settings.operation != Operation::Boot => {
+                    systemd.failed_units().await.unwrap_or_default()
+                }
+                _ => Vec::new(),
+            };
+            state.in_flight = Some(InFlight {
+                version: desired.version.clone(),
+                store_path: desired.store_path.clone(),
+                operation: settings.operation.as_str().to_string(),
+                reference: flake.exact(&resolved.version, &attr),
+                phase: Phase::Fetch,
+                unit: None,
+                pid: None,
+                previous_path: resolve_link(&settings.paths.current_system),
+                previous_profile: resolve_link(&settings.paths.system_profile),
+                failed_before,
+                confirm_until: None,
+                failure: None,
+                started_at: state::now(),
+            });
+            tracing::info!(
+                version = %desired.version,
+                store_path = %desired.store_path,
+                operation = settings.operation.as_str(),
+                already_failed = state.in_flight.as_ref().map_or(0, |f| f.failed_before.len()),
+                "deploying a new release"
+            );
+            drive(ctx, state, report).await
         }
     }
 }
 
-async fn apply_release(
+/// Saves the state; a deploy must not go on when its next step cannot be written down.
+fn persist(ctx: &Context, state: &State) -> Result<(), String> {
+    state
+        .save(&ctx.settings.paths.state_dir)
+        .map_err(|e| format!("cannot record the deploy's progress: {e:#}"))
+}
+
+/// Runs the step of the in-flight deploy's current phase to its end: starts it (after writing
+/// down its unit name), or picks it up when an earlier agent started it. `Ok(None)`: nothing is
+/// known of how it ended (it left no trace); `Err`: it could not be run.
+async fn run_step(
     ctx: &Context,
     state: &mut State,
-    desired: Target,
-    reference: String,
-    previous: Option<String>,
-    report: &(dyn Fn(&str) + Sync),
-) -> Outcome {
-    let settings = &ctx.settings;
+    step: &Step,
+) -> Result<Option<apply::Finished>, String> {
+    let timeout = ctx.settings.apply_timeout;
+    let f = state.in_flight.clone().expect("a deploy is in flight");
+    if f.unit.is_some() || f.pid.is_some() {
+        match ctx
+            .applier
+            .find_earlier(f.unit.as_deref(), f.pid, &step.argv)
+            .await
+        {
+            Ok(Found::Running) => {
+                let unit = f.unit.clone().unwrap_or_default();
+                tracing::info!(unit = %unit, "a step started by an earlier agent is still running; waiting for it");
+                let finished = ctx
+                    .applier
+                    .wait(apply::Running::Unit(unit.clone()), timeout)
+                    .await;
+                ctx.applier.forget(&unit).await;
+                return finished.map(Some).map_err(|e| format!("{e:#}"));
+            }
+            Ok(Found::RunningOrphan(pid)) => {
+                tracing::info!(
+                    pid,
+                    "a step started by an earlier agent is still running; waiting for it"
+                );
+                return ctx
+                    .applier
+                    .wait(apply::Running::Orphan(pid), timeout)
+                    .await
+                    .map(Some)
+                    .map_err(|e| format!("{e:#}"));
+            }
+            Ok(Found::Finished(done)) => {
+                tracing::info!(step = step.kind.as_str(), result = %done.detail, "a step finished while the agent was away");
+                if let Some(unit) = &f.unit {
+                    ctx.applier.forget(unit).await;
+                }
+                return Ok(Some(done));
+            }
+            Ok(Found::Unknown) => return Ok(None),
+            Err(e) => {
+                return Err(format!(
+                    "cannot find out what became of the {} step: {e:#}",
+                    step.kind.as_str()
+                ));
+            }
+        }
+    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let unit = match ctx.applier.mode {
-        crate::config::ApplyMode::TransientUnit => Some(apply::unit_name(now)),
-        crate::config::ApplyMode::Direct => None,
-    };
-    let mut in_flight = InFlight {
-        version: desired.version.clone(),
-        store_path: desired.store_path.clone(),
-        operation: settings.operation.as_str().to_string(),
-        unit: unit.clone(),
-        reference: reference.clone(),
-        pid: None,
-        previous_path: previous,
-        started_at: state::now(),
-    };
-    // Written before anything starts: a restarted agent must find it.
-    state.in_flight = Some(in_flight.clone());
-    if let Err(e) = state.save(&settings.paths.state_dir) {
-        state.in_flight = None;
-        return Outcome::Failed {
-            target: Some(desired),
-            error: format!("{e:#}"),
-            transient: false,
-        };
+    let unit = apply::unit_name(step.kind, now);
+    if let Some(f) = state.in_flight.as_mut() {
+        f.unit = Some(unit.clone());
     }
-    report(&format!("applying {}", desired.version));
-    tracing::info!(version = %desired.version, store_path = %desired.store_path, reference = %reference, unit = unit.as_deref().unwrap_or("-"), operation = settings.operation.as_str(), "applying release");
-    let request = apply::Request {
-        reference,
-        version: desired.version.clone(),
-        operation: settings.operation,
-    };
-    let finished = match ctx
+    persist(ctx, state)?;
+    tracing::info!(step = step.kind.as_str(), unit = %unit, command = %step.argv.join(" "), "starting");
+    let running = ctx
         .applier
-        .start(&request, unit.as_deref().unwrap_or(""))
+        .start(step, &unit)
         .await
+        .map_err(|e| format!("cannot start the {} step: {e:#}", step.kind.as_str()))?;
+    if let apply::Running::Child(child) = &running
+        && let Some(f) = state.in_flight.as_mut()
     {
-        Ok(running) => {
-            if let apply::Running::Child(child) = &running {
-                in_flight.pid = child.id();
-                state.in_flight = Some(in_flight.clone());
-                if let Err(e) = state.save(&settings.paths.state_dir) {
-                    tracing::error!(error = %format!("{e:#}"), "cannot record the apply's PID");
+        f.pid = child.id();
+        if let Err(e) = persist(ctx, state) {
+            tracing::error!("{e}");
+        }
+    }
+    let finished = ctx
+        .applier
+        .wait(running, timeout)
+        .await
+        .map_err(|e| format!("{e:#}"));
+    ctx.applier.forget(&unit).await;
+    finished.map(Some)
+}
+
+/// Moves the in-flight deploy to `phase` and writes it down.
+fn enter(
+    ctx: &Context,
+    state: &mut State,
+    phase: Phase,
+    failure: Option<String>,
+) -> Result<(), String> {
+    if let Some(f) = state.in_flight.as_mut() {
+        f.phase = phase;
+        f.unit = None;
+        f.pid = None;
+        if failure.is_some() {
+            f.failure = failure;
+        }
+        if phase == Phase::Confirm && f.confirm_until.is_none() {
+            let until = SystemTime::now() + ctx.settings.confirm_timeout;
+            f.confirm_until = Some(humantime::format_rfc3339_seconds(until).to_string());
+        }
+    }
+    persist(ctx, state)
+}
+
+/// Drives the in-flight deploy through its phases to an end.
+async fn drive(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + Sync)) -> Outcome {
+    // Each step that left no trace is started again, once per agent process.
+    let mut restarted = false;
+    loop {
+        let f = state.in_flight.clone().expect("a deploy is in flight");
+        let operation: Operation = f.operation.parse().unwrap_or(ctx.settings.operation);
+        let target = Target {
+            version: f.version.clone(),
+            store_path: f.store_path.clone(),
+        };
+        let step_result = match f.phase {
+            Phase::Fetch => {
+                report(&format!("fetching {}", f.version));
+                let step = match Step::fetch(&ctx.settings.paths.fh, &f.reference, &f.version) {
+                    Ok(step) => step,
+                    Err(e) => return fail_before_activation(ctx, state, format!("{e:#}")).await,
+                };
+                let result = run_step(ctx, state, &step).await;
+                let profile = resolve_link(&ctx.settings.paths.system_profile);
+                if profile.as_deref() == Some(f.store_path.as_str()) {
+                    Ok(Phase::Activate)
+                } else {
+                    let error = match result {
+                        Ok(None) if !restarted => {
+                            restarted = true;
+                            tracing::warn!(
+                                "the fetch step was interrupted before it finished; starting it again"
+                            );
+                            if let Err(e) = enter(ctx, state, Phase::Fetch, None) {
+                                return failed(Some(target), e);
+                            }
+                            continue;
+                        }
+                        Err(e) => e,
+                        Ok(Some(done)) if !done.succeeded => format!("fh {}", done.detail),
+                        _ => "fh ended but the system profile is not the new release".into(),
+                    };
+                    // Nothing was activated: no rollback.
+                    return fail_before_activation(ctx, state, error).await;
                 }
             }
-            ctx.applier.wait(running, settings.apply_timeout).await
-        }
-        Err(e) => Err(e),
-    };
-    let finished = finished.map_err(|e| {
-        tracing::warn!(error = %format!("{e:#}"), "fh apply could not be run");
-        format!("cannot run fh: {e:#}")
-    });
-    conclude(ctx, state, &in_flight, finished.map(Some)).await
-}
-
-/// Verifies and records an apply that has ended (or whose end we only see in the system).
-/// `finished` is fh's end as far as it is known: `Err` when fh could not be run at all, `Ok(None)`
-/// when nothing is known of it (it ran under an earlier agent and left no trace).
-async fn conclude(
-    ctx: &Context,
-    state: &mut State,
-    in_flight: &InFlight,
-    finished: Result<Option<apply::Finished>, String>,
-) -> Outcome {
-    let operation = in_flight
-        .operation
-        .parse()
-        .unwrap_or(ctx.settings.operation);
-    let now_at = system_path(&ctx.settings, operation);
-    let target = Target {
-        version: in_flight.version.clone(),
-        store_path: in_flight.store_path.clone(),
-    };
-    let detail = match &finished {
-        Ok(Some(f)) => Some(f.detail.clone()),
-        _ => None,
-    };
-    let error = if now_at.as_deref() == Some(in_flight.store_path.as_str()) {
-        None
-    } else {
-        // fh's exit status is no proof: it exits 0 after a failed activation.
-        let what = if operation == Operation::Boot {
-            "the boot profile"
-        } else {
-            "the running system"
+            Phase::Activate => {
+                report(&format!("applying {}", f.version));
+                let step = Step::switch(StepKind::Activate, &f.store_path, operation, &f.version);
+                let result = run_step(ctx, state, &step).await;
+                let at_target =
+                    system_path(&ctx.settings, operation).as_deref() == Some(f.store_path.as_str());
+                match (result, at_target) {
+                    (Ok(Some(done)), true) if done.succeeded => Ok(Phase::Confirm),
+                    (Ok(None), true) => Ok(Phase::Confirm),
+                    (Ok(None), false) if !restarted => {
+                        restarted = true;
+                        tracing::warn!(
+                            "the activation was interrupted before it finished; starting it again"
+                        );
+                        if let Err(e) = enter(ctx, state, Phase::Activate, None) {
+                            return failed(Some(target), e);
+                        }
+                        continue;
+                    }
+                    (Ok(Some(done)), _) if !done.succeeded => Err(format!(
+                        "switch-to-configuration {} {}",
+                        operation.as_str(),
+                        done.detail
+                    )),
+                    (Err(e), _) => Err(e),
+                    _ => Err(format!(
+                        "activation failed: {} is not the new release",
+                        if operation == Operation::Boot {
+                            "the boot profile"
+                        } else {
+                            "the running system"
+                        }
+                    )),
+                }
+            }
+            Phase::Confirm => {
+                report(&format!("confirming {}", f.version));
+                let until = f
+                    .confirm_until
+                    .as_deref()
+                    .and_then(|u| humantime::parse_rfc3339_weak(u).ok())
+                    .unwrap_or_else(|| SystemTime::now() + ctx.settings.confirm_timeout);
+                match confirm(ctx, &f.failed_before, until).await {
+                    Ok(()) => {
+                        tracing::info!(version = %f.version, "deploy confirmed: the new release runs and is healthy");
+                        record(state, &f, None);
+                        return Outcome::Deployed(target);
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Phase::Rollback => {
+                report(&format!("rolling back from {}", f.version));
+                return roll_back(ctx, state, &mut restarted).await;
+            }
         };
-        Some(match (&finished, &now_at) {
-            (Err(why), _) => format!("{why}; {what} is unchanged"),
-            (Ok(Some(f)), _) if !f.fh_succeeded => format!("{}; {what} is unchanged", f.detail),
-            (_, Some(path)) => format!("activation failed: {what} is {path}, not the new release"),
-            (_, None) => format!("activation failed: {what} cannot be read"),
-        })
-    };
-    match &error {
-        None => {
-            tracing::info!(version = %in_flight.version, fh = detail.as_deref().unwrap_or("-"), "deploy confirmed: the system runs the new release")
+        match step_result {
+            Ok(Phase::Confirm) if operation == Operation::Boot => {
+                // The boot default is set; the check happens after the reboot.
+                let f = state.in_flight.clone().expect("in flight");
+                state.pending_boot = Some(PendingBoot {
+                    version: f.version.clone(),
+                    store_path: f.store_path.clone(),
+                    previous_profile: f.previous_profile.clone(),
+                    boot_id: boot_id(&ctx.settings),
+                    at: state::now(),
+                });
+                state.in_flight = None;
+                tracing::info!(version = %f.version, "the new release is the boot default; it is checked after the next boot");
+                return Outcome::PendingReboot(target);
+            }
+            Ok(next) => {
+                restarted = false;
+                if let Err(e) = enter(ctx, state, next, None) {
+                    return failed(Some(target), e);
+                }
+            }
+            Err(e) => {
+                tracing::error!(version = %f.version, error = %e, "deploy failed; rolling back");
+                restarted = false;
+                if let Err(save) = enter(ctx, state, Phase::Rollback, Some(e)) {
+                    return failed(Some(target), save);
+                }
+            }
         }
-        Some(e) => tracing::error!(version = %in_flight.version, error = %e, "deploy failed"),
-    }
-    record(state, in_flight, error.clone());
-    if error.is_some() {
-        // fh may have failed for want of a login (it was removed by hand, say): check it again.
-        ctx.login_checked.store(false, Ordering::Relaxed);
-    }
-    if let Some(unit) = &in_flight.unit {
-        ctx.applier.forget(unit).await;
-    }
-    match error {
-        None => Outcome::Deployed(target),
-        Some(error) => Outcome::Failed {
-            target: Some(target),
-            error,
-            transient: false,
-        },
     }
 }
 
-/// Picks up an apply started before the agent was restarted. `None`: nothing was found of it
-/// and the system is not at its release, so the cycle goes on and applies again.
-async fn finish_in_flight(
+fn failed(target: Option<Target>, error: String) -> Outcome {
+    Outcome::Failed {
+        target,
+        error,
+        transient: false,
+    }
+}
+
+/// The fetch failed: nothing was activated. The profile is put back if fh changed it, the
+/// failure is counted (the same store path is tried `retry_limit` times), and after that many
+/// it is quarantined.
+async fn fail_before_activation(ctx: &Context, state: &mut State, error: String) -> Outcome {
+    let f = state.in_flight.clone().expect("in flight");
+    let target = Target {
+        version: f.version.clone(),
+        store_path: f.store_path.clone(),
+    };
+    if let Some(previous) = &f.previous_profile
+        && resolve_link(&ctx.settings.paths.system_profile).as_deref() != Some(previous.as_str())
+        && let Err(e) = set_profile(ctx, previous).await
+    {
+        tracing::error!(error = %e, "cannot set the system profile back");
+    }
+    tracing::error!(version = %f.version, error = %error, "deploy failed before activation; the system is unchanged");
+    record(state, &f, Some(error.clone()));
+    ctx.login_checked.store(false, Ordering::Relaxed);
+    if state
+        .failures
+        .as_ref()
+        .is_some_and(|x| x.count >= ctx.settings.retry_limit)
+    {
+        quarantine(
+            state,
+            &f,
+            &format!(
+                "fetching it failed {} times: {error}",
+                ctx.settings.retry_limit
+            ),
+        );
+    }
+    Outcome::Failed {
+        target: Some(target),
+        error: format!("{error}; the system is unchanged"),
+        transient: false,
+    }
+}
+
+/// `nix-env -p <profile> --set <path>`: the profile's new generation points at `path`.
+async fn set_profile(ctx: &Context, path: &str) -> Result<(), String> {
+    let program = crate::exec::find_program(&ctx.settings.paths.nix_env).ok_or_else(|| {
+        format!(
+            "cannot find nix-env ('{}')",
+            ctx.settings.paths.nix_env.display()
+        )
+    })?;
+    let profile = ctx
+        .settings
+        .paths
+        .system_profile
+        .to_string_lossy()
+        .into_owned();
+    let out = crate::exec::run(
+        &program,
+        &["-p", &profile, "--set", path],
+        Duration::from_secs(120),
+    )
+    .await
+    .map_err(|e| format!("{e:#}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nix-env --set failed ({}): {}",
+            out.status,
+            out.last_line()
+        ))
+    }
+}
+
+/// Waits until every health condition holds, or `until` passes (then says what failed last).
+async fn confirm(ctx: &Context, failed_before: &[String], until: SystemTime) -> Result<(), String> {
+    let http = crate::tls::client_builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| format!("cannot set up HTTP health checks: {e}"))?;
+    loop {
+        match check_health(ctx, failed_before, &http).await {
+            Ok(()) => return Ok(()),
+            Err(Unhealthy::Final(why)) => return Err(why),
+            Err(Unhealthy::Passing(why)) if SystemTime::now() >= until => {
+                return Err(format!(
+                    "not healthy within {}s: {why}",
+                    ctx.settings.confirm_timeout.as_secs()
+                ));
+            }
+            Err(Unhealthy::Passing(why)) => tracing::debug!(reason = %why, "not healthy yet"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// One round of health checks.
+async fn check_health(
+    ctx: &Context,
+    failed_before: &[String],
+    http: &reqwest::Client,
+) -> Result<(), Unhealthy> {
+    if let Some(systemd) = ctx.applier.systemd() {
+        let now_failed = systemd
+            .failed_units()
+            .await
+            .map_err(|e| Unhealthy::Passing(format!("cannot list failed units: {e:#}")))?;
+        let new = health::new_failures(failed_before, &now_failed);
+        if !new.is_empty() {
+            // A failed unit stays failed (one that restarts itself is "activating", not
+            // "failed"): no point in waiting for it.
+            return Err(Unhealthy::Final(format!(
+                "units failed: {}",
+                new.join(", ")
+            )));
+        }
+    }
+    if let Some(flake) = &ctx.settings.flake {
+        ctx.flakehub
+            .release(flake)
+            .await
+            .map_err(|e| Unhealthy::Passing(format!("FlakeHub is not reachable: {e}")))?;
+    }
+    for check in &ctx.settings.health_checks {
+        check.run(http).await.map_err(Unhealthy::Passing)?;
+    }
+    Ok(())
+}
+
+/// Why a health round failed: something that may still come right (a service starting, the
+/// network settling), or something that will not.
+enum Unhealthy {
+    Passing(String),
+    Final(String),
+}
+
+/// Goes back to what ran before: the profile first, then the previous system's activation in
+/// its own unit, then the same health checks. The failed store path is quarantined.
+async fn roll_back(ctx: &Context, state: &mut State, restarted: &mut bool) -> Outcome {
+    loop {
+        let f = state.in_flight.clone().expect("in flight");
+        let operation: Operation = f.operation.parse().unwrap_or(ctx.settings.operation);
+        let target = Target {
+            version: f.version.clone(),
+            store_path: f.store_path.clone(),
+        };
+        let error = f
+            .failure
+            .clone()
+            .unwrap_or_else(|| "the deploy failed".into());
+        let finish = |state: &mut State, ok: bool, detail: Option<String>| {
+            let f = state.in_flight.clone().expect("in flight");
+            record(state, &f, Some(error.clone()));
+            quarantine(state, &f, &error);
+            if ok {
+                state.counters.rollbacks_succeeded += 1;
+                state.running = state
+                    .running
+                    .clone()
+                    .filter(|r| Some(&r.store_path) == f.previous_path.as_ref());
+            } else {
+                state.counters.rollbacks_failed += 1;
+            }
+            if let Some(d) = detail {
+                tracing::error!(error = %d, "the rollback did not end healthy");
+            }
+            Outcome::RolledBack {
+                target: target.clone(),
+                error: error.clone(),
+                rollback_ok: ok,
+            }
+        };
+        // What to go back to: the running system before (switch, test) or the boot default before.
+        let back_to = match operation {
+            Operation::Boot => f.previous_profile.clone(),
+            _ => f.previous_path.clone(),
+        };
+        let Some(back_to) = back_to else {
+            return finish(
+                state,
+                false,
+                Some("the system before the deploy is unknown; nothing to roll back to".into()),
+            );
+        };
+        if f.unit.is_none()
+            && f.pid.is_none()
+            && let Some(profile) = f.previous_profile.as_deref()
+            && resolve_link(&ctx.settings.paths.system_profile).as_deref() != Some(profile)
+            && let Err(e) = set_profile(ctx, profile).await
+        {
+            tracing::error!(error = %e, "cannot set the system profile back");
+        }
+        let step = Step::switch(StepKind::Rollback, &back_to, operation, &f.version);
+        let result = run_step(ctx, state, &step).await;
+        let at_previous =
+            system_path(&ctx.settings, operation).as_deref() == Some(back_to.as_str());
+        match (result, at_previous) {
+            (Ok(None), false) if !*restarted => {
+                *restarted = true;
+                tracing::warn!(
+                    "the rollback was interrupted before it finished; starting it again"
+                );
+                if let Some(f) = state.in_flight.as_mut() {
+                    f.unit = None;
+                    f.pid = None;
+                }
+                if let Err(e) = persist(ctx, state) {
+                    return failed(Some(target), e);
+                }
+                continue;
+            }
+            (Ok(Some(done)), _) if !done.succeeded => {
+                return finish(
+                    state,
+                    false,
+                    Some(format!("switch-to-configuration {}", done.detail)),
+                );
+            }
+            (Err(e), _) => return finish(state, false, Some(e)),
+            (_, false) => {
+                return finish(
+                    state,
+                    false,
+                    Some("the previous system is not running after the rollback".into()),
+                );
+            }
+            _ => {}
+        }
+        if operation == Operation::Boot {
+            return finish(state, true, None);
+        }
+        let until = SystemTime::now() + ctx.settings.confirm_timeout;
+        return match confirm(ctx, &f.failed_before, until).await {
+            Ok(()) => {
+                tracing::info!(version = %f.version, "rolled back; the previous system runs and is healthy");
+                finish(state, true, None)
+            }
+            Err(e) => finish(state, false, Some(e)),
+        };
+    }
+}
+
+/// After a reboot, checks a release that was applied with `operation = "boot"`: the booted
+/// system must be it and healthy; if not, the previous boot default is restored.
+async fn check_pending_boot(
     ctx: &Context,
     state: &mut State,
-    in_flight: &InFlight,
     report: &(dyn Fn(&str) + Sync),
 ) -> Option<Outcome> {
-    let found = ctx
-        .applier
-        .find_earlier(
-            in_flight.unit.as_deref(),
-            in_flight.pid,
-            &in_flight.reference,
-        )
-        .await;
-    let found = match found {
-        Ok(found) => found,
-        Err(e) => {
-            return Some(Outcome::Failed {
-                target: None,
-                error: format!(
-                    "cannot find out what became of the apply of {}: {e:#}",
-                    in_flight.version
-                ),
-                transient: true,
-            });
-        }
+    let pending = state.pending_boot.clone()?;
+    if boot_id(&ctx.settings) == pending.boot_id {
+        // Not rebooted yet.
+        return None;
+    }
+    let target = Target {
+        version: pending.version.clone(),
+        store_path: pending.store_path.clone(),
     };
-    match found {
-        Found::RunningOrphan(pid) => {
-            report(&format!("applying {}", in_flight.version));
-            tracing::info!(version = %in_flight.version, pid, "fh started by an earlier agent is still running; waiting for it");
-            let finished = ctx
-                .applier
-                .wait(apply::Running::Orphan(pid), ctx.settings.apply_timeout)
-                .await
-                .ok();
-            Some(conclude(ctx, state, in_flight, Ok(finished)).await)
+    report(&format!("checking {} after the reboot", pending.version));
+    let booted = resolve_link(&ctx.settings.paths.booted_system);
+    let f = InFlight {
+        version: pending.version.clone(),
+        store_path: pending.store_path.clone(),
+        operation: Operation::Boot.as_str().into(),
+        reference: String::new(),
+        phase: Phase::Confirm,
+        unit: None,
+        pid: None,
+        previous_path: booted.clone(),
+        previous_profile: pending.previous_profile.clone(),
+        failed_before: Vec::new(),
+        confirm_until: None,
+        failure: None,
+        started_at: pending.at.clone(),
+    };
+    state.pending_boot = None;
+    let verdict = if booted.as_deref() != Some(pending.store_path.as_str()) {
+        Err(format!(
+            "the booted system is {}, not the new release",
+            booted.as_deref().unwrap_or("unknown")
+        ))
+    } else {
+        confirm(ctx, &[], SystemTime::now() + ctx.settings.confirm_timeout).await
+    };
+    match verdict {
+        Ok(()) => {
+            tracing::info!(version = %pending.version, "booted into the new release and it is healthy");
+            record(state, &f, None);
+            Some(Outcome::Deployed(target))
         }
-        Found::Running => {
-            report(&format!("applying {}", in_flight.version));
-            tracing::info!(version = %in_flight.version, "an apply started before this agent is still running; waiting for it");
-            let unit = in_flight.unit.clone().unwrap_or_default();
-            let finished = ctx
-                .applier
-                .wait(apply::Running::Unit(unit), ctx.settings.apply_timeout)
-                .await
-                .ok();
-            Some(conclude(ctx, state, in_flight, Ok(finished)).await)
-        }
-        Found::Finished(f) => {
-            tracing::info!(version = %in_flight.version, "an apply finished while the agent was away; recording it");
-            Some(conclude(ctx, state, in_flight, Ok(Some(f))).await)
-        }
-        Found::Unknown => {
-            let operation = in_flight
-                .operation
-                .parse()
-                .unwrap_or(ctx.settings.operation);
-            if system_path(&ctx.settings, operation).as_deref()
-                == Some(in_flight.store_path.as_str())
-            {
-                return Some(conclude(ctx, state, in_flight, Ok(None)).await);
+        Err(e) => {
+            tracing::error!(version = %pending.version, error = %e, "the new release failed after the reboot; restoring the previous boot default");
+            state.in_flight = Some(InFlight {
+                phase: Phase::Rollback,
+                failure: Some(e),
+                ..f
+            });
+            if let Err(e) = persist(ctx, state) {
+                return Some(failed(Some(target), e));
             }
-            tracing::warn!(version = %in_flight.version, "an apply was interrupted before it finished (nothing is left of it); applying again");
-            state.in_flight = None;
-            None
+            let mut restarted = false;
+            Some(roll_back(ctx, state, &mut restarted).await)
         }
     }
 }

@@ -83,6 +83,11 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Try a quarantined release again (lift every quarantine and forget past failures).
+    Retry {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Print what the agent runs, wants and last did.
     Status {
         #[command(flatten)]
@@ -197,6 +202,18 @@ async fn run(command: Command) -> Result<Done> {
             eprintln!(
                 "asked the agent (PID {pid}) to check now; `hcloud-nixos status` shows the result"
             );
+            Ok(Done::Ok)
+        }
+        Command::Retry { config } => {
+            let lifted = agent::retry(&config.config)?;
+            if lifted.is_empty() {
+                eprintln!("nothing was quarantined; past failures are forgotten");
+            } else {
+                eprintln!(
+                    "lifted the quarantine of {}; the agent tries again at its next check",
+                    lifted.join(", ")
+                );
+            }
             Ok(Done::Ok)
         }
         Command::Status { config, json } => {

@@ -44,26 +44,67 @@ pub struct Deploy {
     pub error: Option<String>,
 }
 
-/// A deploy that was started and whose result is not yet recorded. Persisted before the apply
-/// starts, so that an agent restarted meanwhile picks up its result instead of applying again.
+/// Where a deploy under way stands. Persisted before each step starts, so that an agent restarted
+/// meanwhile picks up the step's result instead of starting it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// fh fetches the closure and makes it the profile's new generation.
+    #[default]
+    Fetch,
+    /// switch-to-configuration of the new system.
+    Activate,
+    /// Waiting for the new system to prove healthy.
+    Confirm,
+    /// Going back to what ran before.
+    Rollback,
+}
+
+/// A deploy that was started and whose result is not yet recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InFlight {
     pub version: String,
     pub store_path: String,
     pub operation: String,
-    /// The transient unit running `fh apply`, when there is one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unit: Option<String>,
     /// The exact reference given to fh.
     #[serde(default)]
     pub reference: String,
-    /// fh's PID in direct mode, so that a restarted agent waits for it instead of starting another.
+    #[serde(default)]
+    pub phase: Phase,
+    /// The transient unit running the current step, once it has been named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// The current step's PID in direct mode, so that a restarted agent waits for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
-    /// What ran before (for the record and for rollback).
+    /// The system that ran before: what a rollback goes back to, and no further.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_path: Option<String>,
+    /// What the system profile (the boot default) pointed at before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_profile: Option<String>,
+    /// Units already failed before the deploy; they do not count against it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_before: Vec<String>,
+    /// Until when the confirm phase waits (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm_until: Option<String>,
+    /// Why the deploy is being rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
     pub started_at: String,
+}
+
+/// A release applied with `operation = "boot"`, to be checked after the next boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingBoot {
+    pub version: String,
+    pub store_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_profile: Option<String>,
+    /// The boot it was applied in (`/proc/sys/kernel/random/boot_id`).
+    pub boot_id: String,
+    pub at: String,
 }
 
 /// Repeated failures at one store path.
@@ -114,6 +155,8 @@ pub struct State {
     pub last_deploy: Option<Deploy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<InFlight>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_boot: Option<PendingBoot>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failures: Option<Failures>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -191,7 +234,12 @@ mod tests {
                 operation: "switch".into(),
                 unit: Some("hcloud-nixos-apply-1.service".into()),
                 reference: "o/f/=0.1.2#a".into(),
+                phase: Phase::Activate,
                 pid: None,
+                previous_profile: None,
+                failed_before: vec!["x.service".into()],
+                confirm_until: None,
+                failure: None,
                 previous_path: None,
                 started_at: now(),
             }),

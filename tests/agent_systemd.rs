@@ -3,11 +3,13 @@
 //! stand-ins for FlakeHub (169.254.169.253:8080) and the metadata service (169.254.169.254:80)
 //! in a second network namespace joined by a veth pair, and an `fh` stand-in script.
 //!
-//! 1. `agent --once`: fh runs in a transient unit `hcloud-nixos-apply-*.service`, its output is
-//!    in the journal with `HCLOUD_NIXOS_VERSION`, the system switches, the state records one
-//!    successful deploy, and the unit is unloaded.
-//! 2. The agent as a service is killed while a slow apply runs in its unit: the apply goes on
-//!    and completes, and the restarted agent records it exactly once without applying again.
+//! 1. `agent --once`: `fh apply nixos ... dry-activate` runs in a transient unit
+//!    `hcloud-nixos-fetch-*.service` and the activation in `hcloud-nixos-activate-*.service`;
+//!    fh's output is in the journal with `HCLOUD_NIXOS_VERSION`, the system switches, the state
+//!    records one successful deploy, and the units are unloaded.
+//! 2. The agent as a service is killed while a slow activation runs in its unit: the activation
+//!    goes on and completes, and the restarted agent confirms and records it exactly once
+//!    without applying again.
 //! 3. `Type=notify`: the agent's unit is `activating` until its first cycle ends (FlakeHub is
 //!    slow), then `active` with the status line `up to date: <version>`.
 //!
@@ -281,10 +283,16 @@ fn make_system(root: &Path, n: u32) {
         .to_string();
     let script = format!(
         r#"#!/bin/sh
-# switch-to-configuration stand-in: "activates" this system by pointing current-system at it.
+# switch-to-configuration stand-in: switch and test "activate" this system by pointing
+# current-system at it (after <root>/switch-delay seconds); boot and dry-activate change nothing.
 self=$(dirname "$(dirname "$(readlink -f "$0")")")
-echo "switch-to-configuration $1: activating $self"
-ln -sfn "$self" '{root}/current-system'
+case "$1" in
+  switch|test)
+    sleep "$(cat '{root}/switch-delay' 2>/dev/null || echo 0)"
+    echo "switch-to-configuration $1: activating $self"
+    ln -sfn "$self" '{root}/current-system' ;;
+  *) echo "switch-to-configuration $1: nothing to do for $self" ;;
+esac
 "#,
         root = root.display()
     );
@@ -459,6 +467,7 @@ fn agent_applies_in_transient_units_under_real_systemd() {
     write_executable(&root.join("bin/fh"), &fh_script(&root));
     std::fs::write(root.join("token"), format!("{TOKEN}\n")).unwrap();
     std::fs::write(root.join("fh-delay"), "0").unwrap();
+    std::fs::write(root.join("switch-delay"), "0").unwrap();
     let config = root.join("agent.toml");
     std::fs::write(&config, agent_config(&root)).unwrap();
     std::os::unix::fs::symlink(store_path(0), root.join("current-system")).unwrap();
@@ -521,7 +530,9 @@ fn agent_applies_in_transient_units_under_real_systemd() {
     let fh = fh_log(&root);
     assert_eq!(
         fh,
-        [format!("apply nixos {ORG}/{FLAKE}/={v1}#{ATTR} switch")],
+        [format!(
+            "apply nixos {ORG}/{FLAKE}/={v1}#{ATTR} dry-activate"
+        )],
         "fh ran once with the exact reference"
     );
     log(&format!("fh ran once: {}", fh[0]));
@@ -543,7 +554,7 @@ fn agent_applies_in_transient_units_under_real_systemd() {
         let out = c.exec(
             Duration::from_secs(10),
             "journalctl",
-            &["--no-pager", "-o", "json", "-u", "hcloud-nixos-apply-*"],
+            &["--no-pager", "-o", "json", "-u", "hcloud-nixos-fetch-*"],
         );
         journal = String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -574,7 +585,7 @@ fn agent_applies_in_transient_units_under_real_systemd() {
         .unwrap_or("")
         .to_string();
     assert!(
-        unit.starts_with("hcloud-nixos-apply-") && unit.ends_with(".service"),
+        unit.starts_with("hcloud-nixos-fetch-") && unit.ends_with(".service"),
         "fh ran in {unit:?}"
     );
     for e in &fh_lines {
@@ -585,9 +596,13 @@ fn agent_applies_in_transient_units_under_real_systemd() {
         "journal: fh's {} lines came from {unit}, each with HCLOUD_NIXOS_VERSION={v1}",
         fh_lines.len()
     ));
-    let left = c.units("hcloud-nixos-apply-*");
-    assert!(left.is_empty(), "apply units still loaded: {left:?}");
-    log("no hcloud-nixos-apply-* unit is loaded any more");
+    let left = [
+        c.units("hcloud-nixos-fetch-*"),
+        c.units("hcloud-nixos-activate-*"),
+    ]
+    .concat();
+    assert!(left.is_empty(), "step units still loaded: {left:?}");
+    log("no hcloud-nixos-fetch-* or -activate-* unit is loaded any more");
     let auth = hub.requests();
     assert!(
         auth.iter().all(|(_, ok)| *ok) && auth.len() >= 3,
@@ -601,9 +616,9 @@ fn agent_applies_in_transient_units_under_real_systemd() {
     // ---- Step 2: the agent is killed mid-apply; the restarted agent picks up the result ------
     let v2 = version(2);
     hub.publish(&v2, &store_path(2));
-    std::fs::write(root.join("fh-delay"), "5").unwrap();
+    std::fs::write(root.join("switch-delay"), "5").unwrap();
     log(&format!(
-        "STEP 2: published {v2} -> {} with a slow switch (5 s); starting the agent as {AGENT_UNIT}",
+        "STEP 2: published {v2} -> {} with a slow activation (5 s); starting the agent as {AGENT_UNIT}",
         store_path(2)
     ));
     start_agent_service(&c, &config);
@@ -612,7 +627,8 @@ fn agent_applies_in_transient_units_under_real_systemd() {
         apply_unit = read_state_opt(&root)
             .and_then(|s| s["in_flight"]["unit"].as_str().map(str::to_string))
             .unwrap_or_default();
-        !apply_unit.is_empty() && c.unit_state(&apply_unit) == "active/running"
+        apply_unit.starts_with("hcloud-nixos-activate-")
+            && c.unit_state(&apply_unit) == "active/running"
     });
     assert!(
         running,
@@ -666,7 +682,7 @@ fn agent_applies_in_transient_units_under_real_systemd() {
         "systemctl",
         &["reset-failed", AGENT_UNIT],
     );
-    std::fs::write(root.join("fh-delay"), "0").unwrap();
+    std::fs::write(root.join("switch-delay"), "0").unwrap();
     log("starting the agent again");
     start_agent_service(&c, &config);
     let active = poll(Duration::from_secs(30), Duration::from_millis(100), || {
@@ -689,11 +705,15 @@ fn agent_applies_in_transient_units_under_real_systemd() {
     assert_eq!(for_v2, 1, "fh ran once for {v2}: {fh:?}");
     assert_eq!(fh.len(), 2, "fh calls: {fh:?}");
     assert_eq!(current(), store_path(2));
-    let left = c.units("hcloud-nixos-apply-*");
-    assert!(left.is_empty(), "apply units still loaded: {left:?}");
+    let left = [
+        c.units("hcloud-nixos-fetch-*"),
+        c.units("hcloud-nixos-activate-*"),
+    ]
+    .concat();
+    assert!(left.is_empty(), "step units still loaded: {left:?}");
     let journal = agent_journal(&c);
     assert!(
-        journal.contains("an apply finished while the agent was away"),
+        journal.contains("a step finished while the agent was away"),
         "the restarted agent's log:\n{journal}"
     );
     log(&format!(

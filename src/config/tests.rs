@@ -16,6 +16,8 @@ fn user() -> UserSettings {
         flake: Some("org/infra/0.1#nixosConfigurations.web".parse().unwrap()),
         poll_interval: Some(Duration::from_secs(30)),
         operation: Some(Operation::Boot),
+        confirm_timeout: Some(Duration::from_secs(30)),
+        min_release_age: None,
     }
 }
 

@@ -18,33 +18,112 @@ fn failures(t: &Target, count: u32) -> Failures {
     }
 }
 
+fn decide_now(desired: &Target, current: Option<&str>, state: &State) -> Decision {
+    decide(
+        desired,
+        current,
+        state,
+        3,
+        None,
+        Duration::ZERO,
+        SystemTime::now(),
+    )
+}
+
 #[test]
 fn decide_compares_store_paths_and_counts_failures() {
     let new = target("0.1.43");
     let old = target("0.1.42");
+    let mut state = State::default();
     assert_eq!(
-        decide(&new, Some(&new.store_path), None, 3),
+        decide_now(&new, Some(&new.store_path), &state),
         Decision::UpToDate
     );
     assert_eq!(
-        decide(&new, Some(&old.store_path), None, 3),
+        decide_now(&new, Some(&old.store_path), &state),
         Decision::Apply
     );
-    assert_eq!(decide(&new, None, None, 3), Decision::Apply);
+    assert_eq!(decide_now(&new, None, &state), Decision::Apply);
+    state.failures = Some(failures(&new, 2));
     assert_eq!(
-        decide(&new, Some(&old.store_path), Some(&failures(&new, 2)), 3),
+        decide_now(&new, Some(&old.store_path), &state),
         Decision::Apply
     );
+    state.failures = Some(failures(&new, 3));
+    assert!(matches!(
+        decide_now(&new, Some(&old.store_path), &state),
+        Decision::Hold { .. }
+    ));
+    // Failures of another release do not hold this one back.
+    state.failures = Some(failures(&old, 9));
     assert_eq!(
-        decide(&new, Some(&old.store_path), Some(&failures(&new, 3)), 3),
-        Decision::GiveUp {
-            attempts: 3,
-            error: "activation failed".into()
+        decide_now(&new, Some(&old.store_path), &state),
+        Decision::Apply
+    );
+}
+
+#[test]
+fn quarantined_store_paths_are_held() {
+    let new = target("0.1.43");
+    let mut state = State::default();
+    quarantine(&mut state, &in_flight(&new), "health check failed");
+    assert_eq!(
+        decide_now(&new, Some("/nix/store/x"), &state),
+        Decision::Hold {
+            reason: "health check failed".into()
         }
     );
-    // Failures of another release do not hold this one back.
     assert_eq!(
-        decide(&new, Some(&old.store_path), Some(&failures(&old, 9)), 3),
+        decide_now(&target("0.1.44"), Some("/nix/store/x"), &state),
+        Decision::Apply
+    );
+    for i in 0..30 {
+        quarantine(&mut state, &in_flight(&target(&format!("1.{i}"))), "x");
+    }
+    assert_eq!(state.quarantined.len(), QUARANTINE_KEEP);
+    assert_eq!(state.quarantined[0].version, "1.29", "newest first");
+}
+
+#[test]
+fn min_release_age_waits_until_the_release_is_old_enough() {
+    let new = target("0.1.43");
+    let state = State::default();
+    let published = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let hour = Duration::from_secs(3600);
+    let at = |now: SystemTime| {
+        decide(
+            &new,
+            Some("/nix/store/x"),
+            &state,
+            3,
+            Some(published),
+            hour,
+            now,
+        )
+    };
+    assert_eq!(
+        at(published + Duration::from_secs(60)),
+        Decision::Wait {
+            until: "2023-11-14T23:13:20Z".into()
+        }
+    );
+    assert_eq!(at(published + hour), Decision::Apply);
+    // Unknown age with a minimum set: held, never applied early.
+    assert!(matches!(
+        decide(&new, Some("/nix/store/x"), &state, 3, None, hour, published),
+        Decision::Hold { .. }
+    ));
+    // Zero means no waiting at all (canaries).
+    assert_eq!(
+        decide(
+            &new,
+            Some("/nix/store/x"),
+            &state,
+            3,
+            Some(published),
+            Duration::ZERO,
+            published
+        ),
         Decision::Apply
     );
 }
@@ -54,10 +133,15 @@ fn in_flight(t: &Target) -> InFlight {
         version: t.version.clone(),
         store_path: t.store_path.clone(),
         operation: "switch".into(),
-        unit: None,
         reference: format!("org/f/={}#a", t.version),
+        phase: Phase::Fetch,
+        unit: None,
         pid: None,
         previous_path: None,
+        previous_profile: None,
+        failed_before: Vec::new(),
+        confirm_until: None,
+        failure: None,
         started_at: state::now(),
     }
 }
@@ -110,13 +194,25 @@ fn status_lines_read_well() {
         .status_line(None),
         "check failed: cannot reach FlakeHub"
     );
-    let given_up = Outcome::GivenUp {
-        target: t,
-        attempts: 3,
-        error: "x".into(),
+    let held = Outcome::Quarantined {
+        target: t.clone(),
+        reason: "health check failed".into(),
     };
-    assert!(given_up.status_line(None).contains("failed 3 times"));
-    assert!(!given_up.ok());
+    assert!(
+        held.status_line(None)
+            .contains("is quarantined (health check failed)")
+    );
+    assert!(!held.ok());
+    let rolled = Outcome::RolledBack {
+        target: t,
+        error: "units failed: web.service".into(),
+        rollback_ok: true,
+    };
+    assert_eq!(
+        rolled.status_line(Some("0.1.42")),
+        "deploy of 0.1.43 failed and was rolled back: units failed: web.service; running 0.1.42"
+    );
+    assert!(rolled.failed());
     assert!(Outcome::Idle("no reference".into()).ok());
 }
 
@@ -136,14 +232,14 @@ fn delays_jitter_and_back_off() {
 #[test]
 fn locks_keep_applies_apart() {
     let dir = tempfile::tempdir().unwrap();
-    let first = take_lock(dir.path()).unwrap();
+    let first = take_lock(dir.path(), false).unwrap();
     assert!(first.is_some());
     assert!(
-        take_lock(dir.path()).unwrap().is_none(),
+        take_lock(dir.path(), false).unwrap().is_none(),
         "second lock must fail"
     );
     drop(first);
-    assert!(take_lock(dir.path()).unwrap().is_some());
+    assert!(take_lock(dir.path(), false).unwrap().is_some());
 }
 
 #[test]

@@ -83,6 +83,10 @@ pub struct UserSettings {
     pub poll_interval: Option<Duration>,
     /// What `fh apply nixos` does with a new release.
     pub operation: Option<Operation>,
+    /// How long a new release has to prove healthy before it is rolled back.
+    pub confirm_timeout: Option<Duration>,
+    /// Apply a release only once it has been published this long.
+    pub min_release_age: Option<Duration>,
 }
 
 /// What the user-data says, as far as hcloud-nixos is concerned.
@@ -145,7 +149,66 @@ const FIELDS: &[Field] = &[
         set: set_operation,
         show: |s| s.operation.map(|o| o.as_str().to_string()),
     },
+    Field {
+        key: "confirm_timeout",
+        set: |v, s| {
+            s.confirm_timeout = Some(duration_in(
+                v,
+                Duration::from_secs(5),
+                Duration::from_secs(3600),
+            )?);
+            Ok(())
+        },
+        show: |s| {
+            s.confirm_timeout
+                .map(|d| humantime::format_duration(d).to_string())
+        },
+    },
+    Field {
+        key: "min_release_age",
+        set: |v, s| {
+            s.min_release_age = Some(duration_in(
+                v,
+                Duration::ZERO,
+                Duration::from_secs(30 * 24 * 3600),
+            )?);
+            Ok(())
+        },
+        show: |s| {
+            s.min_release_age
+                .map(|d| humantime::format_duration(d).to_string())
+        },
+    },
 ];
+
+/// A duration written with its unit ("120s", "2h", "0s"), within `min..=max`.
+fn duration_in(value: &Value, min: Duration, max: Duration) -> Result<Duration, String> {
+    let text = match value {
+        Value::String(text) => text,
+        Value::Number(_) => {
+            return Err(
+                "is a number without a unit; write a duration with its unit, e.g. \"120s\"".into(),
+            );
+        }
+        other => {
+            return Err(format!(
+                "is {}, not a duration; write e.g. \"120s\"",
+                kind(other)
+            ));
+        }
+    };
+    let shown = shown(text);
+    let d = humantime::parse_duration(text)
+        .map_err(|e| format!("{shown} is not a duration ({e}); write e.g. \"120s\" or \"2h\""))?;
+    if d < min || d > max {
+        return Err(format!(
+            "{shown} is out of range; use {} to {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
+}
 
 /// The keys the `hcloud_nixos` section knows, in the order they are documented.
 pub fn known_keys() -> impl Iterator<Item = &'static str> {

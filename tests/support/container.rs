@@ -100,6 +100,9 @@ impl ContainerNet {
 }
 
 /// What to boot.
+/// Host units that have no business in the test machine.
+pub const MASKED: &[&str] = &["ssh.service", "ssh.socket", "nftables.service"];
+
 pub struct Spec {
     /// Machine name (also the container's hostname); unique per test run.
     pub machine: String,
@@ -223,7 +226,11 @@ impl Container {
             args.push(format!("--bind={}", dir.display()));
         }
         // Arguments after `--` go to the container's systemd.
+        // The host's own services that the tests install (openssh-server for the uploader,
+        // nftables for the firewall test) fail in a container with a bare /etc; masked, they
+        // cannot pass for units a deploy broke.
         args.extend(["--".into(), "systemd.firstboot=off".into()]);
+        args.extend(MASKED.iter().map(|u| format!("systemd.mask={u}")));
         // A small shell moves itself into the container's own cgroups, then becomes nspawn.
         let mut script = String::from("set -e\n");
         for dir in &cgroups {
