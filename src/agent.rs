@@ -19,6 +19,9 @@ const USERDATA_DEADLINE: Duration = Duration::from_secs(30);
 
 pub const PID_FILE: &str = "agent.pid";
 
+/// How soon to look again when someone else was switching the system.
+const BUSY_RECHECK: Duration = Duration::from_secs(10);
+
 /// Settings, and what the user-data said besides.
 pub struct Loaded {
     pub settings: Settings,
@@ -234,12 +237,16 @@ pub async fn serve(config_path: PathBuf) -> Result<()> {
             break;
         }
         if !reload {
-            let delay = deploy::next_delay(
+            let mut delay = deploy::next_delay(
                 ctx.settings.poll_interval,
                 ctx.settings.max_backoff,
                 failures,
                 fastrand::f64(),
             );
+            if matches!(outcome, Outcome::Busy(_)) {
+                // Someone else is switching: look again soon, not a whole poll interval later.
+                delay = delay.min(BUSY_RECHECK);
+            }
             tracing::debug!(seconds = delay.as_secs_f64(), "next check");
             let sleep = tokio::time::sleep(delay);
             tokio::pin!(sleep);

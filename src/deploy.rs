@@ -910,10 +910,12 @@ async fn check_health(
         }
     }
     if let Some(flake) = &ctx.settings.flake {
-        ctx.flakehub
-            .release(flake)
-            .await
-            .map_err(|e| Unhealthy::Passing(format!("FlakeHub is not reachable: {e}")))?;
+        // Any answer proves the network works; only not getting one counts against the deploy.
+        if let Err(e @ flakehub::Error::Unreachable { .. }) = ctx.flakehub.release(flake).await {
+            return Err(Unhealthy::Passing(format!(
+                "FlakeHub is not reachable: {e}"
+            )));
+        }
     }
     for check in &ctx.settings.health_checks {
         check.run(http).await.map_err(Unhealthy::Passing)?;
