@@ -12,7 +12,7 @@ use crate::config::{self, ApplyMode, FileConfig, Settings};
 use crate::deploy::{self, Context, Outcome};
 use crate::metadata::client::{Client as MetadataClient, Settings as MetadataSettings};
 use crate::state::State;
-use crate::{files, flakehub, login, userdata};
+use crate::{files, flakehub, login, metrics, userdata};
 
 /// How long to wait for the metadata service when reading user-data.
 const USERDATA_DEADLINE: Duration = Duration::from_secs(30);
@@ -175,6 +175,14 @@ pub async fn once(config_path: &Path) -> Result<bool> {
     let ctx = context(loaded).await?;
     let mut state = State::load(&ctx.settings.paths.state_dir)?;
     let outcome = deploy::cycle(&ctx, &mut state, &|line| tracing::info!("{line}")).await;
+    // A one-off run writes the textfile (it serves no HTTP).
+    let textfile_only = metrics::Metrics {
+        listen: None,
+        textfile: ctx.settings.metrics.textfile.clone(),
+    };
+    if let Ok(mut publisher) = metrics::Publisher::start(&textfile_only, &state).await {
+        publisher.publish(&state);
+    }
     println!("{}", state.status);
     Ok(outcome.ok())
 }
@@ -187,6 +195,9 @@ pub async fn serve(config_path: PathBuf) -> Result<()> {
     let mut ctx = context(loaded).await?;
     let mut state = State::load(&ctx.settings.paths.state_dir)?;
     let pid_file = write_pid_file(&ctx.settings.paths.run_dir)?;
+    let mut publisher = metrics::Publisher::start(&ctx.settings.metrics, &state)
+        .await
+        .context("cannot start the metrics server (metrics.listen)")?;
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
     let mut ready = false;
     let mut failures: u32 = 0;
@@ -223,6 +234,7 @@ pub async fn serve(config_path: PathBuf) -> Result<()> {
             break;
         };
         log_outcome(&outcome, &state);
+        publisher.publish(&state);
         notify(&[NotifyState::Status(&state.status)]);
         if !ready {
             notify(&[NotifyState::Ready]);
@@ -247,6 +259,17 @@ pub async fn serve(config_path: PathBuf) -> Result<()> {
                 // Someone else is switching: look again soon, not a whole poll interval later.
                 delay = delay.min(BUSY_RECHECK);
             }
+            // A reboot planned inside the window is not missed by a long poll interval.
+            if let Some(until) = state
+                .reboot_planned
+                .as_deref()
+                .and_then(|p| p.parse::<jiff::Timestamp>().ok())
+                .map(|at| at.duration_since(jiff::Timestamp::now()))
+                // A moment already past: look at once.
+                .map(|d| Duration::try_from(d).unwrap_or(Duration::ZERO))
+            {
+                delay = delay.min(until.max(Duration::from_secs(1)));
+            }
             tracing::debug!(seconds = delay.as_secs_f64(), "next check");
             let sleep = tokio::time::sleep(delay);
             tokio::pin!(sleep);
@@ -268,6 +291,11 @@ pub async fn serve(config_path: PathBuf) -> Result<()> {
                     log_notes(&loaded.notes);
                     match context(loaded).await {
                         Ok(new) => {
+                            if new.settings.metrics != ctx.settings.metrics {
+                                tracing::warn!(
+                                    "a changed [metrics] takes effect when the agent restarts"
+                                );
+                            }
                             ctx = new;
                             tracing::info!("configuration and user-data reloaded");
                         }

@@ -71,6 +71,13 @@ pub struct FileConfig {
     pub min_release_age: Option<String>,
     #[serde(default)]
     pub health_check: Vec<crate::health::CheckConfig>,
+    pub reboot: Option<crate::reboot::Policy>,
+    pub reboot_window: Option<crate::reboot::WindowConfig>,
+    pub reboot_grace: Option<String>,
+    pub reboot_inhibitor_timeout: Option<String>,
+    #[serde(default)]
+    pub hook: Vec<crate::hooks::HookConfig>,
+    pub metrics: Option<crate::metrics::MetricsConfig>,
     #[serde(default)]
     pub flakehub: FlakehubSection,
     #[serde(default)]
@@ -203,6 +210,16 @@ pub struct Settings {
     /// A release is applied only once it has been published this long.
     pub min_release_age: Duration,
     pub health_checks: Vec<crate::health::Check>,
+    /// When to reboot into a new kernel.
+    pub reboot: crate::reboot::Policy,
+    /// The maintenance window, for `reboot = "window"`.
+    pub reboot_window: Option<crate::reboot::Window>,
+    /// Between the wall message and the reboot.
+    pub reboot_grace: Duration,
+    /// How long a reboot waits for block-mode inhibitor locks before it is postponed.
+    pub reboot_inhibitor_timeout: Duration,
+    pub hooks: Vec<crate::hooks::Hook>,
+    pub metrics: crate::metrics::Metrics,
     pub paths: Paths,
 }
 
@@ -362,6 +379,49 @@ pub fn resolve(
             Err(e) => problems.push(e),
         }
     }
+    let reboot = file
+        .reboot
+        .or_else(|| user.and_then(|u| u.reboot))
+        .unwrap_or_default();
+    // The window is checked whenever it is written, so that a typo shows before it matters.
+    let reboot_window = match (&file.reboot_window, reboot) {
+        (Some(w), _) => w.resolve().map_err(|e| problems.extend(e)).ok(),
+        (None, crate::reboot::Policy::Window) => crate::reboot::WindowConfig::default()
+            .resolve()
+            .map_err(|e| problems.extend(e))
+            .ok(),
+        (None, _) => None,
+    };
+    let mut lenient = |key: &str, text: Option<&str>, default: Duration| match text {
+        None => default,
+        Some(t) => humantime::parse_duration(t).unwrap_or_else(|_| {
+            problems.push(format!(
+                "{key}: '{t}' is not a duration (for example 1m, 0s)"
+            ));
+            default
+        }),
+    };
+    let reboot_grace = lenient(
+        "reboot_grace",
+        file.reboot_grace.as_deref(),
+        Duration::from_secs(60),
+    );
+    let reboot_inhibitor_timeout = lenient(
+        "reboot_inhibitor_timeout",
+        file.reboot_inhibitor_timeout.as_deref(),
+        Duration::from_secs(600),
+    );
+    let hooks = crate::hooks::Hook::from_configs(&file.hook).unwrap_or_else(|e| {
+        problems.extend(e);
+        Vec::new()
+    });
+    let metrics = match &file.metrics {
+        None => crate::metrics::Metrics::default(),
+        Some(m) => crate::metrics::Metrics::from_config(m).unwrap_or_else(|e| {
+            problems.extend(e);
+            crate::metrics::Metrics::default()
+        }),
+    };
     let retry_limit = file.retry_limit.unwrap_or(3);
     if retry_limit == 0 {
         problems.push("retry_limit: must be at least 1".to_string());
@@ -417,6 +477,12 @@ pub fn resolve(
         confirm_timeout,
         min_release_age,
         health_checks,
+        reboot,
+        reboot_window,
+        reboot_grace,
+        reboot_inhibitor_timeout,
+        hooks,
+        metrics,
         paths,
     })
 }

@@ -22,10 +22,11 @@ use crate::apply::{self, Applier, Found, Step, StepKind};
 use crate::config::{Operation, Settings};
 use crate::flakehub::{self, Resolved};
 use crate::health;
+use crate::hooks::{self, EventKind};
 use crate::login;
 use crate::state::{
-    self, Deploy, Failures, InFlight, Outcome as Recorded, PendingBoot, Phase, Quarantined, State,
-    Target,
+    self, Deploy, Failures, InFlight, LastReboot, Outcome as Recorded, PendingBoot, Phase,
+    Quarantined, RebootRequest, State, Target,
 };
 
 /// How many quarantined store paths are remembered.
@@ -262,6 +263,7 @@ fn record(state: &mut State, f: &InFlight, error: Option<String>) {
     state.last_deploy = Some(Deploy {
         version: f.version.clone(),
         store_path: f.store_path.clone(),
+        previous_path: f.previous_path.clone(),
         operation: f.operation.clone(),
         started_at: f.started_at.clone(),
         finished_at: state::now(),
@@ -393,8 +395,17 @@ pub async fn cycle(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + Sy
         }
     }
     let outcome = cycle_inner(ctx, state, report).await;
+    let mut events = deploy_events(&outcome, state);
+    let reboot_note = if state.in_flight.is_none() {
+        reboots(ctx, state, &mut events).await
+    } else {
+        None
+    };
     let running = running_version(state, &ctx.settings);
     state.status = outcome.status_line(running.as_deref());
+    if let Some(note) = reboot_note {
+        state.status = format!("{}; {note}", state.status);
+    }
     state.consecutive_failures = if outcome.failed() {
         state.consecutive_failures.saturating_add(1)
     } else {
@@ -412,7 +423,189 @@ pub async fn cycle(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + Sy
         tracing::error!(error = %format!("{e:#}"), "cannot record the state");
     }
     drop(lock);
+    for event in &events {
+        hooks::run_all(&ctx.settings.hooks, event).await;
+    }
     outcome
+}
+
+/// Hook events for what a cycle did to the system.
+pub fn deploy_events(outcome: &Outcome, state: &State) -> Vec<hooks::Event> {
+    let previous = |t: &Target| {
+        state
+            .last_deploy
+            .as_ref()
+            .filter(|d| d.store_path == t.store_path)
+            .and_then(|d| d.previous_path.clone())
+    };
+    let event = |kind, t: &Target, outcome: &str, error: Option<&String>| hooks::Event {
+        kind,
+        version: Some(t.version.clone()),
+        store_path: Some(t.store_path.clone()),
+        previous_path: previous(t),
+        outcome: outcome.to_string(),
+        error: error.cloned(),
+    };
+    match outcome {
+        Outcome::Deployed(t) => vec![event(EventKind::Deploy, t, "success", None)],
+        Outcome::PendingReboot(t) => vec![event(EventKind::Deploy, t, "pending-reboot", None)],
+        Outcome::Failed {
+            target: Some(t),
+            error,
+            ..
+        } => vec![event(EventKind::Deploy, t, "failed", Some(error))],
+        Outcome::RolledBack {
+            target,
+            error,
+            rollback_ok,
+        } => vec![
+            event(EventKind::Deploy, target, "rolled-back", Some(error)),
+            event(
+                EventKind::Rollback,
+                target,
+                if *rollback_ok { "success" } else { "failed" },
+                Some(error),
+            ),
+        ],
+        _ => Vec::new(),
+    }
+}
+
+/// Reboots for a new kernel (or a release applied with `operation = "boot"`) as the policy
+/// allows, and confirms a reboot the agent asked for. Returns a note for the status line.
+async fn reboots(
+    ctx: &Context,
+    state: &mut State,
+    events: &mut Vec<hooks::Event>,
+) -> Option<String> {
+    let settings = &ctx.settings;
+    let this_boot = boot_id(settings);
+    if let Some(req) = state.reboot_request.clone()
+        && req.boot_id != this_boot
+    {
+        let booted = resolve_link(&settings.paths.booted_system);
+        let ok = booted.as_deref() == Some(req.system.as_str());
+        if ok {
+            tracing::info!(system = %req.system, "rebooted into the expected system");
+        } else {
+            tracing::error!(expected = %req.system, booted = booted.as_deref().unwrap_or("-"), "rebooted, but not into the expected system");
+        }
+        state.last_reboot = Some(LastReboot {
+            at: state::now(),
+            system: req.system.clone(),
+            booted,
+            ok,
+        });
+        state.reboot_request = None;
+        state.reboot_planned = None;
+    }
+    let current = resolve_link(&settings.paths.current_system);
+    let (required, system_after) = match &state.pending_boot {
+        // A release applied with operation = boot runs only after a reboot.
+        Some(p) => (true, Some(p.store_path.clone())),
+        None => (
+            crate::reboot::reboot_required(
+                &settings.paths.booted_system,
+                &settings.paths.current_system,
+            ),
+            current.clone(),
+        ),
+    };
+    let was_required = state.reboot_required;
+    state.reboot_required = required;
+    let now = jiff::Timestamp::now();
+    let planned = state
+        .reboot_planned
+        .as_deref()
+        .and_then(|p| p.parse::<jiff::Timestamp>().ok());
+    let window = settings.reboot_window.as_ref();
+    let reboot_event = |outcome: &str, error: Option<String>| hooks::Event {
+        kind: EventKind::Reboot,
+        version: state.running.as_ref().map(|r| r.version.clone()),
+        store_path: system_after.clone(),
+        previous_path: resolve_link(&settings.paths.booted_system),
+        outcome: outcome.to_string(),
+        error,
+    };
+    match crate::reboot::decide(
+        settings.reboot,
+        window,
+        required,
+        now,
+        fastrand::f64(),
+        planned,
+    ) {
+        crate::reboot::Decision::NotRequired => {
+            state.reboot_planned = None;
+            None
+        }
+        crate::reboot::Decision::Hold { reason } => {
+            if !was_required {
+                events.push(reboot_event("held", Some(reason.clone())));
+            }
+            // For a release applied with operation = boot the status says so already.
+            state.pending_boot.is_none().then_some(reason)
+        }
+        crate::reboot::Decision::RebootAt(at) => {
+            let note =
+                crate::reboot::describe_next(settings.reboot, window, required, now, Some(at));
+            if planned != Some(at) {
+                tracing::info!(at = %at, "reboot planned inside the maintenance window");
+                events.push(reboot_event("scheduled", None));
+            }
+            state.reboot_planned = Some(at.to_string());
+            Some(note)
+        }
+        crate::reboot::Decision::RebootNow => {
+            let Some(system) = system_after.clone() else {
+                return Some("reboot required, but the system to boot is unknown".into());
+            };
+            state.reboot_request = Some(RebootRequest {
+                system,
+                boot_id: this_boot,
+                at: state::now(),
+            });
+            state.status = "rebooting for a new kernel".into();
+            if let Err(e) = persist(ctx, state) {
+                state.reboot_request = None;
+                return Some(format!("reboot postponed: {e}"));
+            }
+            // The hooks hear of it before the machine goes down.
+            hooks::run_all(&settings.hooks, &reboot_event("rebooting", None)).await;
+            let kernel = current
+                .as_deref()
+                .and_then(|c| crate::reboot::kernel_version(Path::new(c)));
+            let message = crate::reboot::wall_message(settings.reboot_grace, kernel.as_deref());
+            let result = match crate::reboot::Logind::connect().await {
+                Ok(host) => {
+                    crate::reboot::carry_out(
+                        &host,
+                        settings.reboot_grace,
+                        &message,
+                        settings.reboot_inhibitor_timeout,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(crate::reboot::Outcome::Rebooting) => Some("rebooting for a new kernel".into()),
+                Ok(crate::reboot::Outcome::Inhibited(by)) => {
+                    state.reboot_request = None;
+                    let why = format!("reboot postponed: blocked by {}", by.join(", "));
+                    events.push(reboot_event("inhibited", Some(why.clone())));
+                    Some(why)
+                }
+                Err(e) => {
+                    state.reboot_request = None;
+                    let why = format!("reboot failed: {e:#}");
+                    tracing::error!("{why}");
+                    events.push(reboot_event("failed", Some(why.clone())));
+                    Some(why)
+                }
+            }
+        }
+    }
 }
 
 async fn cycle_inner(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + Sync)) -> Outcome {

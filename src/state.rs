@@ -36,6 +36,9 @@ pub enum Outcome {
 pub struct Deploy {
     pub version: String,
     pub store_path: String,
+    /// What ran before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_path: Option<String>,
     pub operation: String,
     pub started_at: String,
     pub finished_at: String,
@@ -133,6 +136,27 @@ pub struct Quarantined {
     pub at: String,
 }
 
+/// A reboot the agent asked for, to be confirmed after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebootRequest {
+    /// The system that should be booted afterwards.
+    pub system: String,
+    /// The boot it was asked in.
+    pub boot_id: String,
+    pub at: String,
+}
+
+/// The last reboot the agent asked for, as seen after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastReboot {
+    pub at: String,
+    pub system: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub booted: Option<String>,
+    /// The booted system is the one the reboot was for.
+    pub ok: bool,
+}
+
 /// Totals since the state file was created, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Counters {
@@ -174,6 +198,13 @@ pub struct State {
     /// The running system needs a reboot (a new kernel, initrd or kernel modules).
     #[serde(default)]
     pub reboot_required: bool,
+    /// The moment chosen inside the maintenance window (RFC 3339), kept across polls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot_planned: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot_request: Option<RebootRequest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reboot: Option<LastReboot>,
     /// The one-line status an operator reads.
     #[serde(default)]
     pub status: String,

@@ -228,6 +228,7 @@ fn sample_state() -> State {
             message: "FlakeHub answered 503".into(),
         }),
         last_deploy: Some(Deploy {
+            previous_path: None,
             version: "0.1.42".into(),
             store_path: "/nix/store/aaaa-nixos-system-web-25.11".into(),
             operation: "switch".into(),

@@ -18,6 +18,7 @@ fn user() -> UserSettings {
         operation: Some(Operation::Boot),
         confirm_timeout: Some(Duration::from_secs(30)),
         min_release_age: None,
+        reboot: Some(crate::reboot::Policy::WhenNeeded),
     }
 }
 
@@ -151,4 +152,67 @@ fn missing_file_means_defaults() {
     std::fs::write(dir.path().join("agent.toml"), "\nflake = 1\n").unwrap();
     let e = read_file(&dir.path().join("agent.toml")).unwrap_err();
     assert!(e.contains("agent.toml: line 2"), "{e}");
+}
+
+#[test]
+fn safe_deploy_settings_parse_and_validate() {
+    let text = r#"
+confirm_timeout = "90s"
+min_release_age = "2h"
+reboot = "window"
+reboot_grace = "30s"
+[reboot_window]
+days = ["Sat", "Sun"]
+start = "02:00"
+length = "2h"
+time_zone = "Europe/Berlin"
+[[health_check]]
+command = ["/run/current-system/sw/bin/curl", "-fsS", "http://127.0.0.1:8080/healthz"]
+timeout = "10s"
+[[health_check]]
+url = "http://127.0.0.1:8080/healthz"
+[[hook]]
+command = ["/run/current-system/sw/bin/logger", "-t", "deploy"]
+[metrics]
+listen = "127.0.0.1:9945"
+textfile = "/var/lib/prometheus-node-exporter-text/hcloud-nixos.prom"
+"#;
+    let s = resolve(&parse_file(text).unwrap(), None, no_token_file).unwrap();
+    assert_eq!(s.confirm_timeout, Duration::from_secs(90));
+    assert_eq!(s.min_release_age, Duration::from_secs(7200));
+    assert_eq!(s.reboot, crate::reboot::Policy::Window);
+    assert_eq!(
+        s.reboot_window.as_ref().unwrap().time_zone_name(),
+        "Europe/Berlin"
+    );
+    assert_eq!(s.reboot_grace, Duration::from_secs(30));
+    assert_eq!(s.health_checks.len(), 2);
+    assert_eq!(s.hooks.len(), 1);
+    assert!(s.metrics.listen.is_some() && s.metrics.textfile.is_some());
+
+    let defaults = resolve(&FileConfig::default(), None, no_token_file).unwrap();
+    assert_eq!(defaults.confirm_timeout, Duration::from_secs(120));
+    assert_eq!(defaults.min_release_age, Duration::ZERO);
+    assert_eq!(defaults.reboot, crate::reboot::Policy::Never);
+    assert!(defaults.reboot_window.is_none());
+    assert!(!defaults.metrics.is_enabled());
+
+    let bad = "reboot = \"window\"\n[reboot_window]\nstart = \"25:00\"\n[[health_check]]\ncommand = [\"curl\"]\n[metrics]\nlisten = \"nowhere\"\n";
+    let problems = resolve(&parse_file(bad).unwrap(), None, no_token_file).unwrap_err();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("reboot_window.start")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("health_check[0].command")),
+        "{problems:?}"
+    );
+    assert!(
+        problems.iter().any(|p| p.starts_with("metrics.listen")),
+        "{problems:?}"
+    );
 }

@@ -268,3 +268,39 @@ fn recognises_fh_apply_command_lines() {
     assert!(!is_fh_apply(b"/bin/myfh\0apply\0nixos\0"));
     assert!(!is_fh_apply(b""));
 }
+
+#[test]
+fn hooks_hear_of_deploys_and_rollbacks() {
+    let t = target("0.1.43");
+    let mut state = State::default();
+    let mut f = in_flight(&t);
+    f.previous_path = Some("/nix/store/prev".into());
+    record(&mut state, &f, None);
+    let events = deploy_events(&Outcome::Deployed(t.clone()), &state);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, EventKind::Deploy);
+    assert_eq!(events[0].outcome, "success");
+    assert_eq!(events[0].previous_path.as_deref(), Some("/nix/store/prev"));
+    let rolled = Outcome::RolledBack {
+        target: t.clone(),
+        error: "units failed: web.service".into(),
+        rollback_ok: false,
+    };
+    let events = deploy_events(&rolled, &state);
+    let kinds: Vec<(EventKind, &str)> = events
+        .iter()
+        .map(|e| (e.kind, e.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (EventKind::Deploy, "rolled-back"),
+            (EventKind::Rollback, "failed")
+        ]
+    );
+    assert_eq!(
+        events[1].error.as_deref(),
+        Some("units failed: web.service")
+    );
+    assert!(deploy_events(&Outcome::UpToDate(t), &state).is_empty());
+}

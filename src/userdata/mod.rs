@@ -87,6 +87,8 @@ pub struct UserSettings {
     pub confirm_timeout: Option<Duration>,
     /// Apply a release only once it has been published this long.
     pub min_release_age: Option<Duration>,
+    /// When to reboot into a new kernel.
+    pub reboot: Option<crate::reboot::Policy>,
 }
 
 /// What the user-data says, as far as hcloud-nixos is concerned.
