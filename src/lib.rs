@@ -3,3 +3,4 @@
 
 pub mod metadata;
 pub mod tls;
+pub mod upload;
