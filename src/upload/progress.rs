@@ -136,9 +136,8 @@ impl Phase {
 
     pub fn done(self) {
         let took = self.start.elapsed();
-        match &self.bar {
-            Some(b) => b.finish_and_clear(),
-            None => {}
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
         }
         let line = format!(
             "{}: {} done in {:.1} s",
