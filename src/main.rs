@@ -23,6 +23,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
         .with_max_level(tracing::Level::WARN)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -41,6 +43,8 @@ fn main() -> std::process::ExitCode {
             Command::Cleanup(a) => upload::run_cleanup(a).await,
         }
     });
+    // Do not wait for a hashing thread that an interrupt left behind.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

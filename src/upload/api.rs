@@ -415,7 +415,7 @@ impl Client {
                     } else {
                         backoff(self.policy.base, self.policy.max, attempt - 1)
                     };
-                    tracing::info!("{what}: {e}; retrying in {wait:?}");
+                    tracing::warn!("{what}: {e}; retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
                     continue;
                 }
@@ -430,7 +430,7 @@ impl Client {
                 });
             }
             let wait = backoff(self.policy.base, self.policy.max, attempt - 1);
-            tracing::info!("{err}; retrying in {wait:?}");
+            tracing::warn!("{err}; retrying in {wait:?}");
             tokio::time::sleep(wait).await;
         }
     }

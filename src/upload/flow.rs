@@ -498,6 +498,7 @@ async fn upload_one(ctx: &Ctx, job: &Job, mine: &Leftovers) -> anyhow::Result<Ou
     let (sha, size) = match (&local, &url_plan) {
         (Some((img, pre_sha, pre_size)), _) => {
             let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
+            let started = std::time::Instant::now();
             let count = Arc::new(AtomicU64::new(0));
             let bar = ctx
                 .report
@@ -526,6 +527,14 @@ async fn upload_one(ctx: &Ctx, job: &Job, mine: &Leftovers) -> anyhow::Result<Ou
                 );
             }
             let (sha, size) = read?;
+            let secs = started.elapsed().as_secs_f64();
+            ctx.report.line(
+                &p,
+                &format!(
+                    "streamed {size} bytes in {secs:.2} s ({:.1} MiB/s)",
+                    size as f64 / secs.max(0.001) / 1048576.0
+                ),
+            );
             if sha != *pre_sha || size != *pre_size {
                 anyhow::bail!(
                     "the image file changed during the upload (sha256 {pre_sha} before, {sha} while sending): upload it again once it is complete"

@@ -46,13 +46,13 @@ fn dd(device: &str, sparse: bool) -> String {
     )
 }
 
-/// Writes stdin (compressed as `c`) to the device, then flushes it.
+/// Writes stdin (compressed as `c`) to the device. `verify` flushes it to the disk afterwards.
 pub fn write_stdin(device: &str, c: Compression, sparse: bool) -> String {
     let pipe = match decompressor(c) {
         Some(d) => format!("{d} | {}", dd(device, sparse)),
         None => dd(device, sparse),
     };
-    wrap(&format!("{pipe}\nsync"))
+    wrap(&pipe)
 }
 
 /// Downloads a URL on the rescue system and writes it to the device. Prints `sha256=<hex> size=<n>`
@@ -69,17 +69,16 @@ sha256sum < "$t/h" > "$t/sum" & hp=$!
 wc -c < "$t/n" > "$t/size" & np=$!
 curl -fsSL --retry 3 --connect-timeout 20 {url}{decomp} | tee "$t/h" "$t/n" | {dd}
 wait $hp; wait $np
-sync
 echo "sha256=$(cut -d' ' -f1 "$t/sum") size=$(tr -d ' ' < "$t/size")""#,
         url = quote(url),
         dd = dd(device, sparse),
     ))
 }
 
-/// Prints the SHA-256 of the first `size` bytes of the device.
+/// Flushes what was written to the disk, then prints the SHA-256 of the device's first `size` bytes.
 pub fn verify(device: &str, size: u64) -> String {
     wrap(&format!(
-        "head -c {size} {} | sha256sum | cut -d' ' -f1",
+        "sync\nhead -c {size} {} | sha256sum | cut -d' ' -f1",
         quote(device)
     ))
 }

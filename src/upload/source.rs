@@ -392,6 +392,9 @@ pub fn spawn_stream(
                     .unwrap_or(1);
                 let mut enc = zstd::stream::write::Encoder::new(sender, 3)?;
                 enc.multithread(zstd_workers(cores))?;
+                // Small jobs and window keep zstd's buffers to a few MiB per worker.
+                enc.set_parameter(zstd::stream::raw::CParameter::WindowLog(20))?;
+                enc.set_parameter(zstd::stream::raw::CParameter::JobSize(1 << 20))?;
                 Out::Zstd(enc)
             }
         };
