@@ -768,3 +768,83 @@ async fn several_images_in_one_run() {
     assert_disk_holds(&b, &new);
     assert_nothing_left(&b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_leaves_at_once_and_lists_what_is_left() {
+    let Some(b) = bench("second-signal", None).await else {
+        return;
+    };
+    b.api
+        .with(|s| s.ssh_ready_after = Duration::from_secs(3600));
+    // Deleting the server keeps failing, so cleanup is slow enough to interrupt.
+    b.api.fault(Fault {
+        method: Method::DELETE,
+        path_contains: "/v1/servers/".into(),
+        status: 503,
+        body: error_body("unavailable", "service unavailable"),
+        headers: vec![],
+        times: 100,
+    });
+    let img = b.dir.path().join("img.raw");
+    write(&img, &image_bytes(1 << 20, 9));
+    let child = upload_cmd(
+        &b,
+        &["--image", img.to_str().unwrap(), "--architecture", "x86"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let t = Instant::now();
+    while !b
+        .api
+        .with(|s| s.count(&Method::POST, "/actions/poweron") > 0)
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "never powered on");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid = child.id().unwrap().to_string();
+    StdCommand::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    // Wait until cleanup has started (a DELETE was tried), then interrupt again.
+    let t = Instant::now();
+    while b.api.with(|s| s.count(&Method::DELETE, "/v1/servers/")) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "cleanup never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let signalled = Instant::now();
+    StdCommand::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("a second signal did not stop the upload")
+        .unwrap();
+    assert!(signalled.elapsed() < Duration::from_secs(3));
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    let server = b
+        .api
+        .with(|s| *s.servers.keys().next().expect("the server is left"));
+    assert!(err.contains("interrupted twice"), "{err}");
+    assert!(err.contains(&format!("server {server}")), "{err}");
+    assert!(err.contains("hcloud-nixos cleanup"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn help_hides_the_test_flags() {
+    let out = StdCommand::new(env!("CARGO_BIN_EXE_hcloud-nixos"))
+        .args(["upload", "--help"])
+        .output()
+        .unwrap();
+    let help = text(&out.stdout);
+    assert!(help.contains("--architecture"), "{help}");
+    assert!(!help.contains("--rescue-ssh-port"), "{help}");
+    assert!(!help.contains("--rescue-device"), "{help}");
+}
