@@ -55,6 +55,12 @@ fn timed(cmd: &mut Command) -> (f64, u64, String) {
     (secs, rss, err)
 }
 
+/// Flushes dirty pages so that no run pays for the previous run's writeback.
+fn settle() {
+    assert!(Command::new("sync").status().unwrap().success());
+    std::thread::sleep(Duration::from_millis(500));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run tests/bench/upload.sh"]
 async fn bench_upload_against_openssh() {
@@ -97,6 +103,7 @@ async fn bench_upload_against_openssh() {
             key = key.display(),
             disk = disk.display()
         );
+        settle();
         let (secs, _, err) = timed(Command::new("bash").arg("-c").arg(&script));
         let cpu = err
             .lines()
@@ -130,6 +137,7 @@ async fn bench_upload_against_openssh() {
         if force {
             c.arg("--force");
         }
+        settle();
         let (secs, rss, err) = timed(&mut c);
         let stream = err
             .lines()
