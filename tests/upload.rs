@@ -848,3 +848,47 @@ async fn help_hides_the_test_flags() {
     assert!(!help.contains("--rescue-ssh-port"), "{help}");
     assert!(!help.contains("--rescue-device"), "{help}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_anywhere_in_the_remote_pipe_fails_the_upload() {
+    // The rescue system's zstd reads its input and then fails; dd alone would succeed.
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("bin");
+    std::fs::create_dir(&fake).unwrap();
+    std::fs::write(
+        fake.join("zstd"),
+        "#!/bin/sh\ncat >/dev/null\necho 'zstd: simulated decoding error' >&2\nexit 1\n",
+    )
+    .unwrap();
+    let wrapper = dir.path().join("wrap.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nPATH={}:$PATH exec bash -c \"$SSH_ORIGINAL_COMMAND\"\n",
+            fake.display()
+        ),
+    )
+    .unwrap();
+    for p in [fake.join("zstd"), wrapper.clone()] {
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let Some(b) = bench("pipefail", Some(wrapper.to_str().unwrap())).await else {
+        return;
+    };
+    let img = b.dir.path().join("img.raw");
+    write(&img, &image_bytes(1 << 20, 30));
+    let out = run(upload_cmd(
+        &b,
+        &["--image", img.to_str().unwrap(), "--architecture", "x86"],
+    ))
+    .await;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("writing the image on the rescue system failed")
+            && err.contains("simulated decoding error"),
+        "{err}"
+    );
+    assert_nothing_left(&b);
+    b.api.with(|s| assert!(s.images.is_empty()));
+}
