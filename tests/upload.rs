@@ -362,8 +362,15 @@ async fn url_is_downloaded_by_the_rescue_system_onto_a_loop_device() {
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let url = format!("http://127.0.0.1:{port}/images/nixos.raw.xz");
     let out = run(upload_cmd(&b, &["--image", &url, "--architecture", "x86"])).await;
-    server.abort();
     let id = snapshot_id(&out);
+    // The same URL again: downloaded and hashed, then the existing snapshot is reused.
+    let again = run(upload_cmd(&b, &["--image", &url, "--architecture", "x86"])).await;
+    server.abort();
+    assert_eq!(snapshot_id(&again), id);
+    b.api.with(|s| {
+        assert_eq!(s.count(&Method::POST, "/actions/create_image"), 1);
+        assert_eq!(s.images.len(), 1);
+    });
     assert_snapshot(&b, id, &raw, "x86");
     let mut dev = std::fs::read(&backing).unwrap();
     dev.truncate(raw.len());

@@ -121,6 +121,12 @@ pub async fn run_upload(args: UploadArgs) -> anyhow::Result<()> {
             );
         }
     }
+    if !args.rescue_device.starts_with('/') {
+        anyhow::bail!(
+            "--rescue-device {}: give an absolute path such as /dev/sda",
+            args.rescue_device
+        );
+    }
     let token = token::resolve(args.token_file.as_deref())?;
     let api = Client::new(&endpoint(), token, RetryPolicy::default())?;
     let ctx = Arc::new(Ctx {
@@ -585,6 +591,25 @@ async fn upload_one(ctx: &Ctx, job: &Job, mine: &Leftovers) -> anyhow::Result<Ou
         ),
     }
     rescue.close().await;
+
+    // A URL's hash is known only now: reuse an earlier snapshot of the same image all the same.
+    if local.is_none()
+        && !args.force
+        && let Some(id) = existing_snapshot(api, &sha, arch).await?
+    {
+        ctx.report.line(
+            &p,
+            &format!("snapshot {id} holds this image already (--force uploads anyway)"),
+        );
+        return Ok(Outcome {
+            image: job.image.clone(),
+            architecture: arch,
+            snapshot_id: id,
+            sha256: sha,
+            size,
+            reused: true,
+        });
+    }
 
     // 6. Power off through the API, wait until off.
     let phase = ctx.report.phase(&p, "powering off");
