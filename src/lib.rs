@@ -25,4 +25,5 @@ pub mod sshkeys;
 pub mod state;
 pub mod systemd;
 pub mod tls;
+pub mod upload;
 pub mod userdata;

@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use hcloud_nixos::hostname::Policy;
 use hcloud_nixos::metadata::client::DEFAULT_URL;
-use hcloud_nixos::{agent, config, logging, provision, sshkeys, userdata};
+use hcloud_nixos::{agent, config, logging, provision, sshkeys, upload, userdata};
 
 #[derive(Parser)]
 #[command(name = "hcloud-nixos", version, about = "NixOS on Hetzner Cloud")]
@@ -101,6 +101,10 @@ enum Command {
         #[command(subcommand)]
         command: UserdataCommand,
     },
+    /// Upload a disk image as a Hetzner Cloud snapshot; prints the snapshot ID.
+    Upload(upload::UploadArgs),
+    /// Delete temporary servers and SSH keys that uploads left behind.
+    Cleanup(upload::CleanupArgs),
     /// Print what the metadata service says about this server.
     Metadata {
         #[command(flatten)]
@@ -139,17 +143,28 @@ enum Done {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.verbose);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // Uploads compress and hash on several cores; everything else is one thread's work.
+    let multi_thread = matches!(cli.command, Command::Upload(_) | Command::Cleanup(_));
+    let runtime = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let result = runtime.block_on(run(cli.command));
+    // Do not wait for a hashing thread that an interrupted upload left behind.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(Done::Ok) => ExitCode::SUCCESS,
         Ok(Done::Failed) => ExitCode::FAILURE,
         Err(e) => {
@@ -202,6 +217,14 @@ async fn run(command: Command) -> Result<Done> {
             eprintln!(
                 "asked the agent (PID {pid}) to check now; `hcloud-nixos status` shows the result"
             );
+            Ok(Done::Ok)
+        }
+        Command::Upload(args) => {
+            upload::run_upload(args).await?;
+            Ok(Done::Ok)
+        }
+        Command::Cleanup(args) => {
+            upload::run_cleanup(args).await?;
             Ok(Done::Ok)
         }
         Command::Retry { config } => {

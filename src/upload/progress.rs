@@ -1,0 +1,195 @@
+//! Progress on stderr: indicatif bars and spinners on a terminal, plain log lines otherwise.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Shows what each upload is doing.
+#[derive(Clone)]
+pub struct Reporter {
+    multi: Option<MultiProgress>,
+}
+
+impl Reporter {
+    /// Bars on a terminal, lines otherwise.
+    pub fn new() -> Self {
+        let multi = std::io::stderr()
+            .is_terminal()
+            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        Reporter { multi }
+    }
+
+    /// One line on stderr, above any bars.
+    pub fn line(&self, prefix: &str, msg: &str) {
+        let text = format!("{prefix}: {msg}");
+        match &self.multi {
+            Some(m) => {
+                let _ = m.println(text);
+            }
+            None => eprintln!("{text}"),
+        }
+    }
+
+    /// A waiting phase: a spinner, or a line when it starts and one when it ends.
+    pub fn phase(&self, prefix: &str, msg: &str) -> Phase {
+        let bar = self.multi.as_ref().map(|m| {
+            let b = m.add(ProgressBar::new_spinner());
+            b.set_style(
+                ProgressStyle::with_template("{spinner} {prefix}: {msg} ({elapsed})")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            b.set_prefix(prefix.to_string());
+            b.set_message(msg.to_string());
+            b.enable_steady_tick(Duration::from_millis(120));
+            b
+        });
+        if bar.is_none() {
+            eprintln!("{prefix}: {msg} ...");
+        }
+        Phase {
+            bar,
+            prefix: prefix.to_string(),
+            msg: msg.to_string(),
+            start: Instant::now(),
+        }
+    }
+
+    /// A byte counter shown as a bar with rate and ETA until the returned guard is dropped.
+    pub fn bytes(&self, prefix: &str, msg: &str, total: u64, count: Arc<AtomicU64>) -> BytesGuard {
+        let bar = self.multi.as_ref().map(|m| {
+            let b = m.add(ProgressBar::new(total));
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{prefix}: {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b.set_prefix(prefix.to_string());
+            b.set_message(msg.to_string());
+            b
+        });
+        let prefix = prefix.to_string();
+        let msg = msg.to_string();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let bar2 = bar.clone();
+        let task = tokio::spawn(async move {
+            let start = Instant::now();
+            let mut last_line = Instant::now();
+            loop {
+                let done = tokio::time::timeout(Duration::from_millis(200), &mut stopped)
+                    .await
+                    .is_ok();
+                let n = count.load(Ordering::Relaxed);
+                match &bar2 {
+                    Some(b) => b.set_position(n),
+                    None if done || last_line.elapsed() >= Duration::from_secs(10) => {
+                        last_line = Instant::now();
+                        let secs = start.elapsed().as_secs_f64().max(0.001);
+                        eprintln!(
+                            "{prefix}: {msg}: {} of {} MiB, {:.1} MiB/s",
+                            n >> 20,
+                            total >> 20,
+                            n as f64 / secs / 1048576.0
+                        );
+                    }
+                    None => {}
+                }
+                if done {
+                    break;
+                }
+            }
+        });
+        BytesGuard {
+            bar,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+}
+
+impl Default for Reporter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A phase in progress; call `done` when it succeeds (dropping it clears the spinner).
+pub struct Phase {
+    bar: Option<ProgressBar>,
+    prefix: String,
+    msg: String,
+    start: Instant,
+}
+
+impl Phase {
+    pub fn set_message(&self, msg: &str) {
+        if let Some(b) = &self.bar {
+            b.set_message(format!("{}: {msg}", self.msg));
+        } else {
+            eprintln!("{}: {}: {msg}", self.prefix, self.msg);
+        }
+    }
+
+    pub fn done(self) {
+        let took = self.start.elapsed();
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+        let line = format!(
+            "{}: {} done in {:.1} s",
+            self.prefix,
+            self.msg,
+            took.as_secs_f64()
+        );
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+impl Drop for Phase {
+    fn drop(&mut self) {
+        if let Some(b) = &self.bar
+            && !b.is_finished()
+        {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Stops the byte counter when dropped or finished.
+pub struct BytesGuard {
+    bar: Option<ProgressBar>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl BytesGuard {
+    pub async fn finish(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl Drop for BytesGuard {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,531 @@
+//! The image to upload: where it is, how it is compressed and formatted, and the local read, hash and compress pipeline.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+/// How an image file is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compression {
+    /// Detect from the file's first bytes, or a URL's name.
+    Auto,
+    None,
+    Zstd,
+    Xz,
+    Bz2,
+}
+
+/// The disk image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Detect from the (decompressed) first bytes, or a URL's name.
+    Auto,
+    Raw,
+    Qcow2,
+}
+
+/// How the local image travels over SSH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transfer {
+    /// Compressed with zstd on all cores, decompressed by the rescue system.
+    Zstd,
+    /// As raw bytes.
+    None,
+}
+
+/// Where the image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Path(PathBuf),
+    Url(String),
+}
+
+/// Tells a URL from a local path.
+pub fn parse_location(arg: &str) -> Location {
+    let lower = arg.to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        Location::Url(arg.to_string())
+    } else {
+        Location::Path(PathBuf::from(arg))
+    }
+}
+
+/// The compression a file starts with, from its magic bytes.
+pub fn compression_from_magic(head: &[u8]) -> Compression {
+    if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Compression::Zstd
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
+        Compression::Xz
+    } else if head.starts_with(b"BZh") {
+        Compression::Bz2
+    } else {
+        Compression::None
+    }
+}
+
+/// The compression a file or URL name suggests (query strings ignored).
+pub fn compression_from_name(name: &str) -> Compression {
+    let name = name
+        .split(['?', '#'])
+        .next()
+        .unwrap_or(name)
+        .to_ascii_lowercase();
+    if name.ends_with(".zst") || name.ends_with(".zstd") {
+        Compression::Zstd
+    } else if name.ends_with(".xz") {
+        Compression::Xz
+    } else if name.ends_with(".bz2") {
+        Compression::Bz2
+    } else {
+        Compression::None
+    }
+}
+
+/// The format the decompressed first bytes show.
+pub fn format_from_magic(head: &[u8]) -> Format {
+    if head.starts_with(b"QFI\xfb") {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    }
+}
+
+/// The format a name suggests (`disk.qcow2`, `disk.qcow2.xz`).
+pub fn format_from_name(name: &str) -> Format {
+    let name = name
+        .split(['?', '#'])
+        .next()
+        .unwrap_or(name)
+        .to_ascii_lowercase();
+    let stem = [".zst", ".zstd", ".xz", ".bz2"]
+        .iter()
+        .find_map(|e| name.strip_suffix(e))
+        .unwrap_or(&name);
+    if stem.ends_with(".qcow2") || stem.ends_with(".qcow") {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    }
+}
+
+/// Settles `auto` for a URL from its name.
+pub fn resolve_url(url: &str, c: Compression, f: Format) -> (Compression, Format) {
+    let c = if c == Compression::Auto {
+        compression_from_name(url)
+    } else {
+        c
+    };
+    let f = if f == Format::Auto {
+        format_from_name(url)
+    } else {
+        f
+    };
+    (c, f)
+}
+
+/// A reader that counts the bytes read from the file underneath, for progress.
+struct Counting<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+fn read_head(path: &Path) -> io::Result<Vec<u8>> {
+    let mut f = File::open(path)?;
+    let mut head = vec![0u8; 16];
+    let mut n = 0;
+    while n < head.len() {
+        let r = f.read(&mut head[n..])?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+    }
+    head.truncate(n);
+    Ok(head)
+}
+
+/// Opens a file and decompresses it on the fly; `count` counts the file's (compressed) bytes.
+pub fn open_decoded(
+    path: &Path,
+    compression: Compression,
+    count: Arc<AtomicU64>,
+) -> io::Result<Box<dyn Read + Send>> {
+    let file = Counting {
+        inner: File::open(path)?,
+        count,
+    };
+    let buffered = BufReader::with_capacity(1 << 20, file);
+    Ok(match compression {
+        Compression::None | Compression::Auto => Box::new(buffered),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
+        Compression::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(buffered)),
+        Compression::Bz2 => Box::new(bzip2::bufread::MultiBzDecoder::new(buffered)),
+    })
+}
+
+/// A local image ready to stream: raw once decompressed with `compression`.
+pub struct LocalImage {
+    pub path: PathBuf,
+    pub compression: Compression,
+    /// Size of `path` on disk, for progress.
+    pub file_size: u64,
+    /// Holds a converted qcow2 image until the upload ends.
+    _scratch: Option<tempfile::TempDir>,
+}
+
+/// Reads `n` bytes or up to the end.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Settles compression and format of a local file; converts qcow2 to a sparse raw file with `qemu-img`.
+pub fn prepare_local(
+    path: &Path,
+    compression: Compression,
+    format: Format,
+) -> anyhow::Result<LocalImage> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| anyhow::anyhow!("cannot read the image {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        anyhow::bail!("the image {} is not a regular file", path.display());
+    }
+    let head = read_head(path)
+        .map_err(|e| anyhow::anyhow!("cannot read the image {}: {e}", path.display()))?;
+    let compression = match compression {
+        Compression::Auto => compression_from_magic(&head),
+        c => c,
+    };
+    let format = match format {
+        Format::Auto => {
+            let mut r = open_decoded(path, compression, Arc::new(AtomicU64::new(0)))?;
+            let mut h = [0u8; 4];
+            let n = read_full(&mut r, &mut h).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot decompress {} as {compression:?}: {e}; check --compression",
+                    path.display()
+                )
+            })?;
+            format_from_magic(&h[..n])
+        }
+        f => f,
+    };
+    if format == Format::Raw {
+        return Ok(LocalImage {
+            path: path.to_path_buf(),
+            compression,
+            file_size: meta.len(),
+            _scratch: None,
+        });
+    }
+    // qcow2: qemu-img needs a seekable file; decompress first when needed, then convert.
+    let scratch = tempfile::Builder::new()
+        .prefix("hcloud-nixos-upload.")
+        .tempdir()?;
+    let qcow = if compression == Compression::None {
+        path.to_path_buf()
+    } else {
+        let p = scratch.path().join("image.qcow2");
+        let mut r = open_decoded(path, compression, Arc::new(AtomicU64::new(0)))?;
+        let mut w = File::create(&p)?;
+        io::copy(&mut r, &mut w)?;
+        p
+    };
+    let raw = scratch.path().join("image.raw");
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&qcow)
+        .arg(&raw)
+        .output()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot run qemu-img to convert the qcow2 image: {e}; install qemu-utils"
+            )
+        })?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "qemu-img could not convert {} to raw: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let file_size = std::fs::metadata(&raw)?.len();
+    Ok(LocalImage {
+        path: raw,
+        compression: Compression::None,
+        file_size,
+        _scratch: Some(scratch),
+    })
+}
+
+/// SHA-256 (hex) and size of the raw image.
+pub fn hash_image(img: &LocalImage, count: Arc<AtomicU64>) -> anyhow::Result<(String, u64)> {
+    let mut r = open_decoded(&img.path, img.compression, count)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = read_full(&mut r, &mut buf)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", img.path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((hex(&h.finalize()), size))
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Sends what is written to it as chunks on a bounded channel (the pipe's only buffer).
+struct ChunkSender {
+    tx: mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+    chunk: usize,
+}
+
+impl ChunkSender {
+    fn flush_buf(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let b = std::mem::replace(&mut self.buf, Vec::with_capacity(self.chunk));
+        self.tx
+            .blocking_send(b)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the SSH stream stopped"))
+    }
+}
+
+impl Write for ChunkSender {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = self.chunk - self.buf.len();
+        let n = room.min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= self.chunk {
+            self.flush_buf()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.flush_buf()
+    }
+}
+
+/// The sending end of the pipe: plain or zstd-compressed.
+enum Out {
+    Plain(ChunkSender),
+    Zstd(zstd::stream::write::Encoder<'static, ChunkSender>),
+}
+
+impl Out {
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Out::Plain(w) => w.write_all(data),
+            Out::Zstd(w) => w.write_all(data),
+        }
+    }
+
+    /// Ends the zstd frame and sends what is buffered.
+    fn finish(self) -> io::Result<()> {
+        let mut sender = match self {
+            Out::Plain(w) => w,
+            Out::Zstd(w) => w.finish()?,
+        };
+        sender.flush()
+    }
+}
+
+/// Number of zstd worker threads: every core, at most 8 so memory stays bounded on big machines.
+pub fn zstd_workers(cores: usize) -> u32 {
+    cores.clamp(1, 8) as u32
+}
+
+/// Chunk size for the pipe to SSH.
+pub const CHUNK: usize = 256 * 1024;
+
+/// Reads, decompresses, hashes and (optionally) zstd-compresses the image on a thread, sending
+/// chunks on `tx`. Returns the raw image's SHA-256 (hex) and size.
+pub fn spawn_stream(
+    path: PathBuf,
+    compression: Compression,
+    transfer: Transfer,
+    tx: mpsc::Sender<Vec<u8>>,
+    count: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<anyhow::Result<(String, u64)>> {
+    std::thread::spawn(move || {
+        let mut r = open_decoded(&path, compression, count)?;
+        let sender = ChunkSender {
+            tx,
+            buf: Vec::with_capacity(CHUNK),
+            chunk: CHUNK,
+        };
+        let mut out = match transfer {
+            Transfer::None => Out::Plain(sender),
+            Transfer::Zstd => {
+                let cores = std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1);
+                let mut enc = zstd::stream::write::Encoder::new(sender, 3)?;
+                enc.multithread(zstd_workers(cores))?;
+                // Small jobs and window keep zstd's buffers to a few MiB per worker.
+                enc.set_parameter(zstd::stream::raw::CParameter::WindowLog(20))?;
+                enc.set_parameter(zstd::stream::raw::CParameter::JobSize(1 << 20))?;
+                Out::Zstd(enc)
+            }
+        };
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut size = 0u64;
+        loop {
+            let n = read_full(&mut r, &mut buf)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+            size += n as u64;
+        }
+        out.finish()?;
+        Ok((hex(&h.finalize()), size))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations() {
+        assert_eq!(
+            parse_location("https://x/y.raw"),
+            Location::Url("https://x/y.raw".into())
+        );
+        assert_eq!(
+            parse_location("HTTP://x/y"),
+            Location::Url("HTTP://x/y".into())
+        );
+        assert_eq!(
+            parse_location("./disk.raw"),
+            Location::Path("./disk.raw".into())
+        );
+    }
+
+    #[test]
+    fn magic() {
+        assert_eq!(
+            compression_from_magic(&[0x28, 0xb5, 0x2f, 0xfd, 0]),
+            Compression::Zstd
+        );
+        assert_eq!(compression_from_magic(b"\xfd7zXZ\x00\x00"), Compression::Xz);
+        assert_eq!(compression_from_magic(b"BZh91AY"), Compression::Bz2);
+        assert_eq!(compression_from_magic(b"\0\0\0\0"), Compression::None);
+        assert_eq!(compression_from_magic(b""), Compression::None);
+        assert_eq!(format_from_magic(b"QFI\xfb\0\0\0\x03"), Format::Qcow2);
+        assert_eq!(format_from_magic(b"\xeb\x63\x90"), Format::Raw);
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(compression_from_name("a.raw.zst"), Compression::Zstd);
+        assert_eq!(compression_from_name("a.img.xz?sig=1"), Compression::Xz);
+        assert_eq!(compression_from_name("a.bz2"), Compression::Bz2);
+        assert_eq!(compression_from_name("a.raw"), Compression::None);
+        assert_eq!(format_from_name("a.qcow2.xz"), Format::Qcow2);
+        assert_eq!(format_from_name("a.raw.xz"), Format::Raw);
+        assert_eq!(
+            resolve_url("https://h/x.qcow2", Compression::Auto, Format::Auto),
+            (Compression::None, Format::Qcow2)
+        );
+        assert_eq!(
+            resolve_url("https://h/x.img", Compression::Xz, Format::Raw),
+            (Compression::Xz, Format::Raw)
+        );
+    }
+
+    #[test]
+    fn workers_bounded() {
+        assert_eq!(zstd_workers(0), 1);
+        assert_eq!(zstd_workers(2), 2);
+        assert_eq!(zstd_workers(64), 8);
+    }
+
+    fn sha(data: &[u8]) -> String {
+        hex(&Sha256::digest(data))
+    }
+
+    #[test]
+    fn stream_hashes_raw_and_compresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let p = dir.path().join("img.raw");
+        std::fs::write(&p, &data).unwrap();
+        let compressed = dir.path().join("img.raw.zst");
+        std::fs::write(&compressed, zstd::encode_all(&data[..], 1).unwrap()).unwrap();
+
+        let img = prepare_local(&compressed, Compression::Auto, Format::Auto).unwrap();
+        assert_eq!(img.compression, Compression::Zstd);
+        let (h, n) = hash_image(&img, Arc::new(AtomicU64::new(0))).unwrap();
+        assert_eq!((h.as_str(), n), (sha(&data).as_str(), data.len() as u64));
+
+        for transfer in [Transfer::None, Transfer::Zstd] {
+            let (tx, mut rx) = mpsc::channel(4);
+            let t = spawn_stream(
+                compressed.clone(),
+                Compression::Zstd,
+                transfer,
+                tx,
+                Arc::new(AtomicU64::new(0)),
+            );
+            let mut got = Vec::new();
+            while let Some(c) = rx.blocking_recv() {
+                got.extend(c);
+            }
+            let (h, n) = t.join().unwrap().unwrap();
+            assert_eq!(h, sha(&data));
+            assert_eq!(n, data.len() as u64);
+            let raw = match transfer {
+                Transfer::None => got,
+                Transfer::Zstd => zstd::decode_all(&got[..]).unwrap(),
+            };
+            assert_eq!(raw, data);
+        }
+    }
+
+    #[test]
+    fn bad_compression_flag_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img.raw");
+        std::fs::write(&p, b"plain bytes, not xz").unwrap();
+        let e = prepare_local(&p, Compression::Xz, Format::Auto)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("--compression"), "{e}");
+    }
+}

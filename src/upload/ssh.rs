@@ -1,0 +1,302 @@
+//! SSH to the rescue system with an in-memory ed25519 key: connect with bounded retries, run commands, stream stdin.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use russh::ChannelMsg;
+use russh::client;
+use russh::keys::ssh_key::private::Ed25519Keypair;
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use tokio::sync::mpsc;
+
+/// A fresh ed25519 key that lives only in memory.
+pub fn new_key() -> anyhow::Result<PrivateKey> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed)
+        .map_err(|e| anyhow::anyhow!("no randomness for the SSH key: {e}"))?;
+    let pair = Ed25519Keypair::from_seed(&seed);
+    seed.fill(0);
+    Ok(PrivateKey::from(pair))
+}
+
+/// The public half in OpenSSH's one-line format.
+pub fn public_openssh(key: &PrivateKey) -> anyhow::Result<String> {
+    Ok(key.public_key().to_openssh()?)
+}
+
+/// Accepts any host key: the rescue system's key is new at each boot and cannot be known in
+/// advance. The session only ever carries the image, never a secret.
+struct Handler;
+
+impl client::Handler for Handler {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+/// What a remote command gave back.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Exit status; `None` when the command ended without one (killed by a signal).
+    pub status: Option<u32>,
+    pub signal: Option<String>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.status == Some(0)
+    }
+
+    /// One line describing a failure: the exit status and the last line of stderr.
+    pub fn failure_summary(&self) -> String {
+        let err = String::from_utf8_lossy(&self.stderr);
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim();
+        let how = match (&self.status, &self.signal) {
+            (Some(s), _) => format!("exit status {s}"),
+            (None, Some(sig)) => format!("signal {sig}"),
+            (None, None) => "no exit status".to_string(),
+        };
+        if last.is_empty() {
+            how
+        } else {
+            format!("{how}: {last}")
+        }
+    }
+}
+
+/// Keeps at most this much of a command's stdout and stderr.
+const MAX_CAPTURE: usize = 64 * 1024;
+
+fn push_capped(buf: &mut Vec<u8>, data: &[u8]) {
+    // Keep the tail: error messages come last.
+    buf.extend_from_slice(data);
+    if buf.len() > MAX_CAPTURE {
+        let excess = buf.len() - MAX_CAPTURE;
+        buf.drain(..excess);
+    }
+}
+
+/// A logged-in session on the rescue system.
+pub struct Rescue {
+    handle: client::Handle<Handler>,
+}
+
+fn config() -> client::Config {
+    client::Config {
+        // AES-GCM first: ring runs it with AES-NI, faster than ChaCha20 on both ends.
+        preferred: russh::Preferred {
+            cipher: Cow::Borrowed(&[
+                russh::cipher::AES_128_GCM,
+                russh::cipher::AES_256_GCM,
+                russh::cipher::CHACHA20_POLY1305,
+            ]),
+            ..Default::default()
+        },
+        window_size: 16 * 1024 * 1024,
+        maximum_packet_size: 256 * 1024,
+        channel_buffer_size: 256,
+        nodelay: true,
+        keepalive_interval: Some(Duration::from_secs(15)),
+        keepalive_max: 8,
+        ..Default::default()
+    }
+}
+
+/// Why one attempt to log in failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("the server does not accept the key (yet)")]
+    Denied,
+}
+
+/// One attempt to connect and log in as root.
+pub async fn connect_once(
+    addr: SocketAddr,
+    key: Arc<PrivateKey>,
+    timeout: Duration,
+) -> Result<Rescue, AttemptError> {
+    let attempt = async {
+        let mut handle = client::connect(Arc::new(config()), addr, Handler)
+            .await
+            .map_err(|e| AttemptError::Connect(e.to_string()))?;
+        let res = handle
+            .authenticate_publickey("root", PrivateKeyWithHashAlg::new(key, None))
+            .await
+            .map_err(|e| AttemptError::Connect(e.to_string()))?;
+        if res.success() {
+            Ok(Rescue { handle })
+        } else {
+            Err(AttemptError::Denied)
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(AttemptError::Connect(format!(
+            "no answer within {timeout:?}"
+        ))),
+    }
+}
+
+/// Delay before connection attempt `n` (1-based): 1 s, then 2 s, then 3 s at most.
+pub fn retry_delay(n: u32) -> Duration {
+    Duration::from_secs(u64::from(n.clamp(1, 3)))
+}
+
+/// Connects until the rescue system lets us in or `deadline` passes (bounded in time and count).
+pub async fn connect_retrying(
+    addr: SocketAddr,
+    key: Arc<PrivateKey>,
+    deadline: Duration,
+    mut on_retry: impl FnMut(u32, &AttemptError),
+) -> anyhow::Result<Rescue> {
+    let start = Instant::now();
+    let mut n = 0u32;
+    loop {
+        n += 1;
+        let left = deadline.saturating_sub(start.elapsed());
+        let err = match connect_once(addr, key.clone(), left.min(Duration::from_secs(20))).await {
+            Ok(r) => return Ok(r),
+            Err(e) => e,
+        };
+        let d = retry_delay(n);
+        if start.elapsed() + d >= deadline || n >= 1000 {
+            anyhow::bail!(
+                "the rescue system at {addr} did not let us in within {}: {err} (after {n} attempts)",
+                humantime::format_duration(deadline)
+            );
+        }
+        on_retry(n, &err);
+        tokio::time::sleep(d).await;
+    }
+}
+
+impl Rescue {
+    /// Runs a command with no input.
+    pub async fn run(&self, command: &str) -> anyhow::Result<Output> {
+        let (_tx, rx) = mpsc::channel(1);
+        drop(_tx);
+        self.run_with_input(command, rx).await
+    }
+
+    /// Runs a command, feeding it the chunks from `input` on stdin, then EOF.
+    pub async fn run_with_input(
+        &self,
+        command: &str,
+        mut input: mpsc::Receiver<Vec<u8>>,
+    ) -> anyhow::Result<Output> {
+        let channel = self.handle.channel_open_session().await?;
+        channel.exec(true, command).await?;
+        let (mut read, write) = channel.split();
+        let writer = async move {
+            while let Some(chunk) = input.recv().await {
+                write.data_bytes(chunk).await?;
+            }
+            write.eof().await?;
+            Ok::<_, anyhow::Error>(write)
+        };
+        let reader = async move {
+            let mut out = Output::default();
+            while let Some(msg) = read.wait().await {
+                match msg {
+                    ChannelMsg::Data { data } => push_capped(&mut out.stdout, &data),
+                    ChannelMsg::ExtendedData { data, ext: 1 } => {
+                        push_capped(&mut out.stderr, &data)
+                    }
+                    ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
+                    ChannelMsg::ExitSignal { signal_name, .. } => {
+                        out.signal = Some(format!("{signal_name:?}"))
+                    }
+                    _ => {}
+                }
+            }
+            out
+        };
+        tokio::pin!(writer);
+        tokio::pin!(reader);
+        // If the remote command ends early (a failure), stop writing and report its status.
+        let mut writer_done = false;
+        let mut write_err = None;
+        let out = loop {
+            tokio::select! {
+                w = &mut writer, if !writer_done => {
+                    writer_done = true;
+                    if let Err(e) = w { write_err = Some(e); }
+                }
+                out = &mut reader => break out,
+            }
+        };
+        if out.status.is_none()
+            && out.signal.is_none()
+            && let Some(e) = write_err
+        {
+            return Err(e.context("the SSH stream to the rescue system broke"));
+        }
+        Ok(out)
+    }
+
+    pub async fn close(self) {
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, "", "en")
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_is_fresh_ed25519() {
+        let a = new_key().unwrap();
+        let b = new_key().unwrap();
+        let pa = public_openssh(&a).unwrap();
+        assert!(pa.starts_with("ssh-ed25519 "));
+        assert_ne!(pa, public_openssh(&b).unwrap());
+    }
+
+    #[test]
+    fn failure_summary_uses_last_stderr_line() {
+        let o = Output {
+            status: Some(1),
+            stderr: b"zstd: error\ndd: /dev/sda: No space left on device\n\n".to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(
+            o.failure_summary(),
+            "exit status 1: dd: /dev/sda: No space left on device"
+        );
+        assert!(!o.success());
+    }
+
+    #[test]
+    fn capture_is_bounded() {
+        let mut b = Vec::new();
+        for _ in 0..100 {
+            push_capped(&mut b, &[b'x'; 4096]);
+        }
+        assert_eq!(b.len(), MAX_CAPTURE);
+    }
+
+    #[test]
+    fn retry_delays_bounded() {
+        assert_eq!(retry_delay(1), Duration::from_secs(1));
+        assert_eq!(retry_delay(100), Duration::from_secs(3));
+    }
+}
