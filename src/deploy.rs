@@ -500,9 +500,18 @@ async fn reboots(
         state.reboot_planned = None;
     }
     let current = resolve_link(&settings.paths.current_system);
+    let profile = resolve_link(&settings.paths.system_profile);
     let (required, system_after) = match &state.pending_boot {
         // A release applied with operation = boot runs only after a reboot.
         Some(p) => (true, Some(p.store_path.clone())),
+        // With operation = boot, a boot default other than what runs (after a rollback of a
+        // release that failed after its reboot) takes a reboot back.
+        None if settings.operation == Operation::Boot
+            && profile.is_some()
+            && profile != current =>
+        {
+            (true, profile.clone())
+        }
         None => (
             crate::reboot::reboot_required(
                 &settings.paths.booted_system,
@@ -511,6 +520,19 @@ async fn reboots(
             current.clone(),
         ),
     };
+    // A reboot that did not bring up the system it was for is not tried again for that system:
+    // rebooting in a loop helps nobody.
+    if required
+        && let Some(last) = &state.last_reboot
+        && !last.ok
+        && Some(&last.system) == system_after.as_ref()
+    {
+        state.reboot_required = true;
+        return Some(format!(
+            "reboot required, but the last reboot for it booted {} instead; not rebooting again",
+            last.booted.as_deref().unwrap_or("an unknown system")
+        ));
+    }
     let was_required = state.reboot_required;
     state.reboot_required = required;
     let now = jiff::Timestamp::now();
@@ -672,7 +694,8 @@ async fn cycle_inner(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + 
     let published = resolved
         .published_at
         .as_deref()
-        .and_then(|p| humantime::parse_rfc3339_weak(p).ok());
+        .and_then(|p| p.parse::<jiff::Timestamp>().ok())
+        .map(SystemTime::from);
     match decide(
         &desired,
         current.as_deref(),
