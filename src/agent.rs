@@ -337,13 +337,20 @@ fn write_pid_file(run_dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The state and runtime directories the configuration file names (or their defaults), for the
+/// commands that talk to a running agent without loading user-data.
+fn dirs(config_path: &Path) -> Result<(PathBuf, PathBuf)> {
+    let file = config::read_file(config_path).map_err(anyhow::Error::msg)?;
+    let defaults = config::Paths::default();
+    Ok((
+        file.paths.state_dir.unwrap_or(defaults.state_dir),
+        file.paths.run_dir.unwrap_or(defaults.run_dir),
+    ))
+}
+
 /// `hcloud-nixos check`: asks the running agent to check now (SIGUSR1).
 pub fn request_check(config_path: &Path) -> Result<u32> {
-    let file = config::read_file(config_path).map_err(anyhow::Error::msg)?;
-    let run_dir = file
-        .paths
-        .run_dir
-        .unwrap_or_else(|| config::Paths::default().run_dir);
+    let (_, run_dir) = dirs(config_path)?;
     let pid_path = run_dir.join(PID_FILE);
     let text = std::fs::read_to_string(&pid_path).with_context(|| {
         format!(
@@ -374,10 +381,7 @@ pub fn request_check(config_path: &Path) -> Result<u32> {
 /// tries the current release again; then asks a running agent to check now. Returns the
 /// versions that were quarantined.
 pub fn retry(config_path: &Path) -> Result<Vec<String>> {
-    let file = config::read_file(config_path).map_err(anyhow::Error::msg)?;
-    let defaults = config::Paths::default();
-    let state_dir = file.paths.state_dir.clone().unwrap_or(defaults.state_dir);
-    let run_dir = file.paths.run_dir.clone().unwrap_or(defaults.run_dir);
+    let (state_dir, run_dir) = dirs(config_path)?;
     // The agent reads and writes the state under this lock: wait for a running cycle to end.
     let lock = deploy::take_lock(&run_dir, true)?;
     let mut state = State::load(&state_dir)?;
@@ -398,11 +402,7 @@ pub fn retry(config_path: &Path) -> Result<Vec<String>> {
 
 /// `hcloud-nixos status`: the state for a person, or as JSON.
 pub fn status(config_path: &Path, json: bool) -> Result<String> {
-    let file = config::read_file(config_path).map_err(anyhow::Error::msg)?;
-    let state_dir = file
-        .paths
-        .state_dir
-        .unwrap_or_else(|| config::Paths::default().state_dir);
+    let (state_dir, _) = dirs(config_path)?;
     let state = State::load(&state_dir)?;
     if json {
         return Ok(serde_json::to_string_pretty(&state)? + "\n");
