@@ -63,7 +63,8 @@ pub enum Down {
 pub struct Release {
     /// Full version with build metadata: `0.1.42+rev-<40 hex>`.
     pub version: String,
-    pub published_at: String,
+    /// `None`: the answer has `"published_at": null`.
+    pub published_at: Option<String>,
     pub yanked_at: Option<String>,
     /// Output attribute path (`nixosConfigurations.web`) to store path.
     pub outputs: BTreeMap<String, String>,
@@ -131,6 +132,9 @@ struct State {
     /// The bearer token every request must carry; `None`: no check.
     token: Option<String>,
     down: Option<Down>,
+    /// Down in this way while this file exists (a system under test "cuts the network" by
+    /// creating it, and the system rolled back to removes it).
+    down_while: Option<(std::path::PathBuf, Down)>,
     delay: Option<Duration>,
     /// `org/flake` answered 404 everywhere.
     not_found: HashSet<String>,
@@ -204,7 +208,7 @@ impl FlakeHub {
             .or_default()
             .push(Release {
                 version: version.to_string(),
-                published_at,
+                published_at: Some(published_at),
                 yanked_at: None,
                 outputs,
             });
@@ -227,6 +231,33 @@ impl FlakeHub {
 
     pub fn set_down(&self, down: Option<Down>) {
         self.lock().down = down;
+    }
+
+    /// Down (`how`) whenever `file` exists; `None`: no such condition.
+    pub fn set_down_while_file_exists(&self, file: Option<(&std::path::Path, Down)>) {
+        self.lock().down_while = file.map(|(f, how)| (f.to_path_buf(), how));
+    }
+
+    /// Sets a published release's `published_at` (`None`: FlakeHub does not say); true when the
+    /// release exists.
+    pub fn set_published_at(
+        &self,
+        org: &str,
+        flake: &str,
+        version: &str,
+        at: Option<&str>,
+    ) -> bool {
+        let mut s = self.lock();
+        let Some(releases) = s.flakes.get_mut(&format!("{org}/{flake}")) else {
+            return false;
+        };
+        match releases.iter_mut().find(|r| r.version == version) {
+            Some(r) => {
+                r.published_at = at.map(str::to_string);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Every answer waits this long first.
@@ -440,7 +471,13 @@ fn answer(
     authorization: Option<&str>,
     user_agent: bool,
 ) -> Answer {
-    match s.down {
+    let down = s.down.or_else(|| {
+        s.down_while
+            .as_ref()
+            .filter(|(f, _)| f.exists())
+            .map(|(_, d)| *d)
+    });
+    match down {
         Some(Down::Close) => return Answer::Close,
         Some(Down::Status(code)) => return error(code, "FlakeHub is unavailable"),
         None => {}

@@ -59,6 +59,10 @@ pub enum Kind {
     Exit4,
     /// Waits this many seconds, then switches.
     Slow(u64),
+    /// Switches, then creates `<root>/flags/<name>` (a system that breaks something a health
+    /// check or a stand-in looks at). Every other kind's switch removes all flags: the system
+    /// rolled back to repairs what the release broke.
+    SetsFlag(&'static str),
 }
 
 /// How the machine logs in to FlakeHub.
@@ -90,8 +94,11 @@ pub struct Options {
     pub retry_limit: u32,
     pub poll_interval: &'static str,
     pub apply_timeout: &'static str,
+    pub confirm_timeout: &'static str,
     /// More top-level TOML lines (`operation = "boot"`).
     pub extra: String,
+    /// TOML tables appended at the end (`[[health_check]]`, `[[hook]]`, `[metrics]`).
+    pub tables: String,
 }
 
 impl Default for Options {
@@ -101,7 +108,9 @@ impl Default for Options {
             retry_limit: 3,
             poll_interval: "1s",
             apply_timeout: "60s",
+            confirm_timeout: "10s",
             extra: String::new(),
+            tables: String::new(),
         }
     }
 }
@@ -338,6 +347,7 @@ impl Bench {
             "systems",
             "nix-conf",
             "home/.config/flakehub",
+            "flags",
         ] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
@@ -440,7 +450,7 @@ impl Bench {
             r#"poll_interval = "{poll}"
 max_backoff = "2s"
 retry_limit = {retry}
-confirm_timeout = "10s"
+confirm_timeout = "{confirm}"
 {extra}
 [flakehub]
 api_url = "{api}"
@@ -465,10 +475,12 @@ nix_env = "/usr/bin/nix-env"
 boot_id = "{boot_id}"
 fh_auth_file = "{auth}"
 switch_lock = "{lock}"
-"#,
+{tables}"#,
             poll = o.poll_interval,
             retry = o.retry_limit,
             extra = o.extra,
+            confirm = o.confirm_timeout,
+            tables = o.tables,
             api = self.flakehub.url(),
             metadata = self.metadata.base_url(),
             timeout = o.apply_timeout,
@@ -482,7 +494,20 @@ switch_lock = "{lock}"
             lock = r("switch-to-configuration.lock"),
             boot_id = r("boot_id"),
         );
+        // Tables may name files in the root, which only exists now.
+        let text = text.replace("@ROOT@", &self.root.display().to_string());
         std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Writes an executable script at `rel` in the root (`@ROOT@` in `text` is the root);
+    /// returns its path.
+    pub fn script(&self, rel: &str, text: &str) -> PathBuf {
+        let path = self.root.join(rel);
+        write_exec(
+            &path,
+            &text.replace("@ROOT@", &self.root.display().to_string()),
+        );
+        path
     }
 
     /// Serves this user-data document (cloud-config with `flake`, `token`) in `encoding`.
@@ -616,20 +641,52 @@ esac
 
     /// A NixOS "system" as a real store path; returns it.
     pub fn system(&self, name: &str, kind: Kind) -> String {
+        self.system_with_kernel(name, kind, None)
+    }
+
+    /// A kernel package as a real store path (`bzImage`, `initrd`, `lib/modules/<version>`),
+    /// the same path for the same version within this bench; returns it.
+    pub fn kernel(&self, version: &str) -> String {
+        let dir = self.root.join("systems").join(format!("linux-{version}"));
+        std::fs::create_dir_all(dir.join(format!("lib/modules/{version}"))).unwrap();
+        std::fs::write(dir.join("bzImage"), format!("kernel {version}\n")).unwrap();
+        std::fs::write(dir.join("initrd"), format!("initrd {version}\n")).unwrap();
+        std::fs::write(
+            dir.join(format!("lib/modules/{version}/modules.dep")),
+            format!("{}\n", self.root.display()),
+        )
+        .unwrap();
+        self.nix(&["nix-store", "--add", dir.to_str().unwrap()])
+    }
+
+    /// A system whose `kernel`, `initrd` and `kernel-modules` lead into the kernel package of
+    /// `kernel` (as NixOS's do), or that has none (`None`).
+    pub fn system_with_kernel(&self, name: &str, kind: Kind, kernel: Option<&str>) -> String {
         let dir = self
             .root
             .join("systems")
             .join(format!("nixos-system-web-{name}"));
         std::fs::create_dir_all(dir.join("bin")).unwrap();
+        if let Some(version) = kernel {
+            let package = self.kernel(version);
+            for (link, to) in [
+                ("kernel", format!("{package}/bzImage")),
+                ("initrd", format!("{package}/initrd")),
+                ("kernel-modules", package.clone()),
+            ] {
+                std::os::unix::fs::symlink(to, dir.join(link)).unwrap();
+            }
+        }
         // The root's path makes the store path unique to this bench.
         std::fs::write(
             dir.join("marker"),
             format!("{name} {:?} {}\n", kind, self.root.display()),
         )
         .unwrap();
-        let activate = "ln -sfn \"$self\" \"$CURRENT.new\" && mv -T \"$CURRENT.new\" \"$CURRENT\"";
+        let activate = "ln -sfn \"$self\" \"$CURRENT.new\" && mv -T \"$CURRENT.new\" \"$CURRENT\" && rm -f \"$FLAGS\"/*";
         let body = match kind {
             Kind::Normal => format!("{activate}\nexit 0"),
+            Kind::SetsFlag(flag) => format!("{activate}\ntouch \"$FLAGS\"/{}\nexit 0", sq(flag)),
             Kind::ActivationFails => "echo \"error: the activation script of the new system failed; the old one still runs\" >&2\nexit 1".to_string(),
             Kind::Exit4 => format!(
                 "{activate}\necho \"warning: the following units failed: broken.service\" >&2\nexit 4"
@@ -644,8 +701,10 @@ esac
 # switch-to-configuration of the test system {name}
 set -u
 CURRENT={current}
+FLAGS={flags}
 self=$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd -P)
 printf '%s %s\n' {name} "${{1-}}" >>{log}
+printf '%s %s %s\n' {name} "${{1-}}" "$(date +%s.%N)" >>{times}
 case "${{1-}}" in
   switch|test) ;;
   boot|dry-activate) exit 0 ;;
@@ -655,6 +714,8 @@ esac
 "#,
             current = sq(&self.current_link().display().to_string()),
             log = sq(&self.path("logs/activations.log").display().to_string()),
+            times = sq(&self.path("logs/activation-times.log").display().to_string()),
+            flags = sq(&self.path("flags").display().to_string()),
         );
         write_exec(&dir.join("bin/switch-to-configuration"), &script);
         let path = self.nix(&["nix-store", "--add", dir.to_str().unwrap()]);
@@ -680,6 +741,35 @@ esac
         (self.publish(n, &path), path)
     }
 
+    /// `release` with a kernel package (see [`Bench::system_with_kernel`]).
+    pub fn release_with_kernel(&self, n: u64, kind: Kind, kernel: &str) -> (String, String) {
+        let path = self.system_with_kernel(&format!("r{n}"), kind, Some(kernel));
+        (self.publish(n, &path), path)
+    }
+
+    /// As if the machine had booted `system` (a store path): it is the profile's new
+    /// generation, `current-system` and `booted-system`.
+    pub fn boot_into(&self, system: &str) {
+        self.nix(&[
+            "nix-env",
+            "-p",
+            self.profile().to_str().unwrap(),
+            "--set",
+            system,
+        ]);
+        for link in ["booted-system", "current-system"] {
+            let tmp = self.root.join(format!("{link}.new"));
+            let _ = std::fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(system, &tmp).unwrap();
+            std::fs::rename(&tmp, self.root.join(link)).unwrap();
+        }
+    }
+
+    /// `<root>/flags/<name>`: set by [`Kind::SetsFlag`] systems, cleared by the others.
+    pub fn flag(&self, name: &str) -> PathBuf {
+        self.root.join("flags").join(name)
+    }
+
     /// `hcloud-nixos ARGS --config FILE` in the bench's PID namespace.
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("nsenter");
@@ -701,6 +791,11 @@ esac
             )
             .env("NIX_CONF_DIR", self.root.join("nix-conf"))
             .env("HOME", self.root.join("home"))
+            // Never the machine's own logind: a reboot the agent asks for must not reach it.
+            .env(
+                "DBUS_SYSTEM_BUS_ADDRESS",
+                format!("unix:path={}", self.root.join("no-system-bus").display()),
+            )
             .env_remove("RUST_LOG")
             .env_remove("JOURNAL_STREAM")
             .env_remove("NOTIFY_SOCKET")
@@ -824,6 +919,18 @@ esac
 
     pub fn determinate_log(&self) -> Vec<String> {
         lines(&self.path("logs/determinate-nixd.log"))
+    }
+
+    /// `switch-to-configuration` calls so far with their time: (`<system name> <action>`,
+    /// seconds since the epoch).
+    pub fn activation_times(&self) -> Vec<(String, f64)> {
+        lines(&self.path("logs/activation-times.log"))
+            .into_iter()
+            .filter_map(|l| {
+                let (what, at) = l.rsplit_once(' ')?;
+                Some((what.to_string(), at.parse().ok()?))
+            })
+            .collect()
     }
 
     /// `switch-to-configuration` calls so far: `<system name> <action>`.
@@ -996,5 +1103,70 @@ impl Drop for Bench {
             let _ = ns.kill();
             let _ = ns.wait();
         }
+    }
+}
+
+/// An HTTP health endpoint for `[[health_check]] url`: `GET` anything answers 500 while
+/// `broken_while` exists, else 200. Counts requests. Stops when dropped.
+pub struct HealthEndpoint {
+    pub url: String,
+    hits: std::sync::Arc<AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HealthEndpoint {
+    pub fn start(broken_while: PathBuf) -> HealthEndpoint {
+        use std::io::{BufRead as _, BufReader};
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}/health", listener.local_addr().unwrap());
+        let hits = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (hits2, stop2) = (hits.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut reader = BufReader::new(&stream);
+                loop {
+                    let mut line = String::new();
+                    match reader.read_line(&mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) if line == "\r\n" || line == "\n" => break,
+                        Ok(_) => {}
+                    }
+                }
+                hits2.fetch_add(1, Ordering::SeqCst);
+                let (status, body) = if broken_while.exists() {
+                    ("500 Internal Server Error", "broken\n")
+                } else {
+                    ("200 OK", "ok\n")
+                };
+                let mut out = &stream;
+                let _ = write!(
+                    out,
+                    "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        HealthEndpoint { url, hits, stop }
+    }
+
+    /// Requests answered so far.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for HealthEndpoint {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
