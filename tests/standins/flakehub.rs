@@ -156,7 +156,25 @@ pub struct FlakeHub {
 impl FlakeHub {
     /// Serves on `addr` (`127.0.0.1:0` for a free port), with no releases and no token check.
     pub fn start(addr: &str) -> io::Result<Self> {
-        let listener = TcpListener::bind(addr)?;
+        Self::serve(TcpListener::bind(addr)?)
+    }
+
+    /// Serves on `addr` inside the named network namespace (`/run/netns/NAME`): a thread joins
+    /// the namespace and binds there (the socket stays in it), the usual loop serves it.
+    pub fn start_in_netns(netns: &str, addr: &str) -> io::Result<Self> {
+        let path = format!("/run/netns/{netns}");
+        let addr = addr.to_string();
+        let listener = thread::spawn(move || {
+            let ns = std::fs::File::open(&path)?;
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+            TcpListener::bind(&addr)
+        })
+        .join()
+        .map_err(|_| io::Error::other("the binding thread panicked"))??;
+        Self::serve(listener)
+    }
+
+    fn serve(listener: TcpListener) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
