@@ -7,6 +7,7 @@ pub mod config;
 pub mod deploy;
 pub mod exec;
 pub mod files;
+pub mod fleet;
 pub mod flakehub;
 pub mod flakeref;
 pub mod health;

@@ -1,0 +1,587 @@
+//! The etcd backend: one key per slot, taken by create-if-absent under a lease. See the module
+//! documentation of `fleet` for the key layout and why it is safe.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Acquired, Backend, Error, ErrorKind, Fleet, FleetStatus, GuardInner, Holder, Member, Pause,
+    Purpose, SlotGuard,
+};
+
+/// How long one request may take before etcd counts as unreachable.
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Confirmed releases remembered per group.
+const CONFIRMED_KEEP: usize = 20;
+/// Takes tried in one acquire when others win the race for the same free slot.
+const ATTEMPTS: usize = 5;
+
+/// What `canaries/<id>` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CanaryRecord {
+    host: String,
+    since: String,
+}
+
+/// What `confirmed/<release>` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Confirmation {
+    by: String,
+    host: String,
+    at: String,
+}
+
+/// The etcd side of a [`SlotGuard`]: the slot's key, its lease, and the task keeping it alive.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    key: String,
+    id: i64,
+    lost: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    pub(crate) fn lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Everything under `<prefix>/<group>/`, read at one revision.
+#[derive(Debug, Default)]
+struct GroupView {
+    /// Slot index -> (holder, lease id).
+    slots: BTreeMap<u32, (Holder, i64)>,
+    paused: Vec<Pause>,
+    canaries: Vec<(String, CanaryRecord)>,
+    /// (release, create revision)
+    confirmed: Vec<(String, i64)>,
+}
+
+pub struct EtcdCoordinator {
+    fleet: Fleet,
+    me: Member,
+    endpoints: Vec<String>,
+    options: ConnectOptions,
+    client: tokio::sync::Mutex<Option<Client>>,
+    /// `<prefix>/<group>/`
+    base: String,
+    lease_ttl: Duration,
+    reboot_ttl: Duration,
+}
+
+impl std::fmt::Debug for EtcdCoordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdCoordinator")
+            .field("group", &self.fleet.group)
+            .field("me", &self.me)
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_pem(key: &str, path: &std::path::Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|e| {
+        Error::new(
+            ErrorKind::Config,
+            format!("{key}: cannot read {}: {e}", path.display()),
+        )
+    })
+}
+
+/// etcd-client's error on one line, sorted into unreachable or refused.
+fn classify(what: &str, endpoints: &[String], e: etcd_client::Error) -> Error {
+    use etcd_client::Error as E;
+    let unreachable = match &e {
+        E::TransportError(_) | E::IoError(_) | E::LeaseKeepAliveError(_) => true,
+        E::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown
+                | tonic::Code::Aborted
+        ),
+        _ => false,
+    };
+    let text = match &e {
+        E::GRpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
+        other => other.to_string(),
+    };
+    let eps = endpoints.join(", ");
+    if unreachable {
+        Error::new(
+            ErrorKind::Unreachable,
+            format!("etcd unreachable ({eps}) while {what}: {text}"),
+        )
+    } else {
+        Error::new(
+            ErrorKind::Refused,
+            format!("etcd ({eps}) refused {what}: {text}"),
+        )
+    }
+}
+
+impl EtcdCoordinator {
+    pub fn new(fleet: &Fleet, me: Member) -> Result<Self, Error> {
+        let settings = fleet
+            .etcd
+            .clone()
+            .ok_or_else(|| Error::new(ErrorKind::Config, "fleet.etcd: missing for backend etcd"))?;
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(OP_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if settings.tls() {
+            crate::tls::install_crypto_provider();
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &settings.ca_file {
+                tls =
+                    tls.ca_certificate(Certificate::from_pem(read_pem("fleet.etcd.ca_file", ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&settings.cert_file, &settings.key_file) {
+                tls = tls.identity(Identity::from_pem(
+                    read_pem("fleet.etcd.cert_file", cert)?,
+                    read_pem("fleet.etcd.key_file", key)?,
+                ));
+            }
+            options = options.with_tls(tls);
+        }
+        Ok(EtcdCoordinator {
+            base: format!("{}/{}/", settings.prefix, fleet.group),
+            fleet: fleet.clone(),
+            me,
+            endpoints: settings.endpoints.clone(),
+            options,
+            client: tokio::sync::Mutex::new(None),
+            lease_ttl: settings.lease_ttl,
+            reboot_ttl: settings.reboot_ttl,
+        })
+    }
+
+    pub fn fleet(&self) -> &Fleet {
+        &self.fleet
+    }
+
+    fn unreachable(&self, what: &str, why: &str) -> Error {
+        Error::new(
+            ErrorKind::Unreachable,
+            format!(
+                "etcd unreachable ({}) while {what}: {why}",
+                self.endpoints.join(", ")
+            ),
+        )
+    }
+
+    async fn client(&self) -> Result<Client, Error> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = &*slot {
+            return Ok(c.clone());
+        }
+        let connect = Client::connect(&self.endpoints, Some(self.options.clone()));
+        let client = match tokio::time::timeout(OP_TIMEOUT, connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(classify("connecting", &self.endpoints, e)),
+            Err(_) => return Err(self.unreachable("connecting", "timed out")),
+        };
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    /// One request under [`OP_TIMEOUT`], its error on one line.
+    async fn call<T, F>(&self, what: &str, fut: F) -> Result<T, Error>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match tokio::time::timeout(OP_TIMEOUT, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(classify(what, &self.endpoints, e)),
+            Err(_) => Err(self.unreachable(what, "timed out")),
+        }
+    }
+
+    fn slot_key(&self, i: u32) -> String {
+        format!("{}slots/{i}", self.base)
+    }
+
+    fn paused_key(&self, release: &str) -> String {
+        format!("{}paused/{release}", self.base)
+    }
+
+    async fn view(&self, what: &str) -> Result<GroupView, Error> {
+        let mut c = self.client().await?;
+        let resp = self
+            .call(
+                what,
+                c.get(self.base.as_str(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        let mut view = GroupView::default();
+        for kv in resp.kvs() {
+            let Ok(key) = kv.key_str() else { continue };
+            let Some(rest) = key.strip_prefix(&self.base) else {
+                continue;
+            };
+            let value = kv.value();
+            if let Some(i) = rest.strip_prefix("slots/") {
+                let (Ok(i), Ok(h)) = (i.parse::<u32>(), serde_json::from_slice::<Holder>(value))
+                else {
+                    continue;
+                };
+                view.slots.insert(i, (h, kv.lease()));
+            } else if rest.starts_with("paused/") {
+                if let Ok(p) = serde_json::from_slice::<Pause>(value) {
+                    view.paused.push(p);
+                }
+            } else if let Some(id) = rest.strip_prefix("canaries/") {
+                if let Ok(r) = serde_json::from_slice::<CanaryRecord>(value) {
+                    view.canaries.push((id.to_string(), r));
+                }
+            } else if let Some(release) = rest.strip_prefix("confirmed/") {
+                view.confirmed
+                    .push((release.to_string(), kv.create_revision()));
+            }
+        }
+        view.confirmed.sort_by_key(|(_, rev)| *rev);
+        Ok(view)
+    }
+
+    fn guard(
+        &self,
+        client: Client,
+        purpose: Purpose,
+        slot: u32,
+        lease: i64,
+        ttl: Duration,
+    ) -> SlotGuard {
+        let lost = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(keep_alive(client, lease, ttl, lost.clone()));
+        SlotGuard {
+            purpose,
+            slot: Some(slot),
+            inner: GuardInner::Etcd(Lease {
+                key: self.slot_key(slot),
+                id: lease,
+                lost,
+                task,
+            }),
+        }
+    }
+
+    pub async fn acquire(&self, purpose: Purpose) -> Result<Acquired, Error> {
+        let what = "taking a fleet slot";
+        for _ in 0..ATTEMPTS {
+            let view = self.view(what).await?;
+            // Ours already: an agent restarted mid-deploy, a server back from its reboot.
+            if let Some((&i, (h, lease))) = view.slots.iter().find(|(_, (h, _))| h.id == self.me.id)
+            {
+                let ttl = match h.purpose {
+                    Purpose::Reboot => self.reboot_ttl,
+                    Purpose::Deploy { .. } => self.lease_ttl,
+                };
+                tracing::info!(slot = i, purpose = %h.purpose, "this server holds a fleet slot already; keeping it");
+                let client = self.client().await?;
+                return Ok(Acquired::Granted(
+                    self.guard(client, purpose, i, *lease, ttl),
+                ));
+            }
+            if let Some(release) = purpose.release() {
+                if let Some(p) = view.paused.iter().find(|p| p.release == release) {
+                    return Ok(Acquired::Paused(p.clone()));
+                }
+                if !self.fleet.canary
+                    && !view.canaries.is_empty()
+                    && !view.confirmed.iter().any(|(r, _)| r == release)
+                {
+                    let names: Vec<&str> =
+                        view.canaries.iter().map(|(_, r)| r.host.as_str()).collect();
+                    return Ok(Acquired::Waiting {
+                        holders: holders(&view),
+                        slots: self.fleet.slots,
+                        detail: Some(format!(
+                            "release {release} is not yet confirmed by a canary ({})",
+                            names.join(", ")
+                        )),
+                    });
+                }
+            }
+            let Some(free) = (0..self.fleet.slots).find(|i| !view.slots.contains_key(i)) else {
+                return Ok(Acquired::Waiting {
+                    holders: holders(&view),
+                    slots: self.fleet.slots,
+                    detail: None,
+                });
+            };
+            let ttl = match purpose {
+                Purpose::Reboot => self.reboot_ttl,
+                Purpose::Deploy { .. } => self.lease_ttl,
+            };
+            let mut c = self.client().await?;
+            let lease = self
+                .call(what, c.lease_grant(ttl.as_secs() as i64, None))
+                .await?
+                .id();
+            let holder = Holder {
+                slot: Some(free),
+                id: self.me.id.clone(),
+                host: self.me.host.clone(),
+                purpose: purpose.clone(),
+                since: super::now(),
+                canary: self.fleet.canary,
+            };
+            let key = self.slot_key(free);
+            let mut compares = vec![Compare::create_revision(key.as_str(), CompareOp::Equal, 0)];
+            if let Some(release) = purpose.release() {
+                compares.push(Compare::create_revision(
+                    self.paused_key(release),
+                    CompareOp::Equal,
+                    0,
+                ));
+            }
+            let mut ops = vec![TxnOp::put(
+                key.as_str(),
+                serde_json::to_vec(&holder).expect("serialisable"),
+                Some(PutOptions::new().with_lease(lease)),
+            )];
+            if self.fleet.canary {
+                let record = CanaryRecord {
+                    host: self.me.host.clone(),
+                    since: super::now(),
+                };
+                ops.push(TxnOp::put(
+                    format!("{}canaries/{}", self.base, self.me.id),
+                    serde_json::to_vec(&record).expect("serialisable"),
+                    None,
+                ));
+            }
+            let txn = Txn::new().when(compares).and_then(ops);
+            let taken = match self.call(what, c.txn(txn)).await {
+                Ok(r) => r.succeeded(),
+                Err(e) => {
+                    let _ = tokio::time::timeout(OP_TIMEOUT, c.lease_revoke(lease)).await;
+                    return Err(e);
+                }
+            };
+            if taken {
+                tracing::info!(slot = free, purpose = %purpose, group = %self.fleet.group, "took a fleet slot");
+                return Ok(Acquired::Granted(self.guard(c, purpose, free, lease, ttl)));
+            }
+            // Someone took that slot (or paused the release) between the read and the take.
+            let _ = tokio::time::timeout(OP_TIMEOUT, c.lease_revoke(lease)).await;
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(5..50))).await;
+        }
+        let view = self.view(what).await?;
+        Ok(Acquired::Waiting {
+            holders: holders(&view),
+            slots: self.fleet.slots,
+            detail: None,
+        })
+    }
+
+    /// Deletes the slot key if it is still bound to our lease, then revokes the lease.
+    async fn drop_slot(&self, key: &str, lease: i64) -> Result<(), Error> {
+        let what = "giving back a fleet slot";
+        let mut c = self.client().await?;
+        let txn = Txn::new()
+            .when(vec![Compare::lease(key, CompareOp::Equal, lease)])
+            .and_then(vec![TxnOp::delete(key, None)]);
+        self.call(what, c.txn(txn)).await?;
+        match self.call(what, c.lease_revoke(lease)).await {
+            Ok(_) => Ok(()),
+            // Already expired or revoked: nothing left to give back.
+            Err(e) if e.kind == ErrorKind::Refused => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn release(&self, guard: SlotGuard) -> Result<(), Error> {
+        let GuardInner::Etcd(lease) = &guard.inner else {
+            return Ok(());
+        };
+        // The keep-alive stops here whatever happens next: on an error the slot expires.
+        lease.task.abort();
+        let result = self.drop_slot(&lease.key, lease.id).await;
+        if result.is_ok() {
+            tracing::info!(slot = ?guard.slot, group = %self.fleet.group, "gave back the fleet slot");
+        }
+        result
+    }
+
+    pub async fn release_own(&self) -> Result<(), Error> {
+        let view = self.view("giving back a fleet slot").await?;
+        for (&i, (h, lease)) in &view.slots {
+            if h.id == self.me.id {
+                self.drop_slot(&self.slot_key(i), *lease).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn confirm(&self, release: &str) -> Result<(), Error> {
+        let what = "recording a canary's confirmation";
+        let mut c = self.client().await?;
+        let record = Confirmation {
+            by: self.me.id.clone(),
+            host: self.me.host.clone(),
+            at: super::now(),
+        };
+        self.call(
+            what,
+            c.put(
+                format!("{}confirmed/{release}", self.base),
+                serde_json::to_vec(&record).expect("serialisable"),
+                None,
+            ),
+        )
+        .await?;
+        let view = self.view(what).await?;
+        let excess = view.confirmed.len().saturating_sub(CONFIRMED_KEEP);
+        for (old, _) in view.confirmed.iter().take(excess) {
+            self.call(
+                what,
+                c.delete(format!("{}confirmed/{old}", self.base), None),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn pause(&self, release: &str, reason: &str) -> Result<(), Error> {
+        let mut c = self.client().await?;
+        let pause = Pause {
+            release: release.to_string(),
+            by: self.me.id.clone(),
+            host: self.me.host.clone(),
+            reason: reason.replace('\n', " "),
+            at: super::now(),
+        };
+        // The first failure's record stays: put only if absent.
+        let key = self.paused_key(release);
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::put(
+                key.as_str(),
+                serde_json::to_vec(&pause).expect("serialisable"),
+                None,
+            )]);
+        self.call("pausing the group", c.txn(txn)).await?;
+        tracing::warn!(release, group = %self.fleet.group, "paused the fleet group for a failed release");
+        Ok(())
+    }
+
+    pub async fn resume(&self, release: Option<&str>) -> Result<Vec<String>, Error> {
+        let what = "clearing a pause";
+        let mut c = self.client().await?;
+        let resp = match release {
+            Some(r) => {
+                self.call(
+                    what,
+                    c.delete(
+                        self.paused_key(r),
+                        Some(DeleteOptions::new().with_prev_key()),
+                    ),
+                )
+                .await?
+            }
+            None => {
+                self.call(
+                    what,
+                    c.delete(
+                        format!("{}paused/", self.base),
+                        Some(DeleteOptions::new().with_prefix().with_prev_key()),
+                    ),
+                )
+                .await?
+            }
+        };
+        let prefix = format!("{}paused/", self.base);
+        Ok(resp
+            .prev_kvs()
+            .iter()
+            .filter_map(|kv| kv.key_str().ok()?.strip_prefix(&prefix).map(str::to_string))
+            .collect())
+    }
+
+    pub async fn forget_canary(&self, id: &str) -> Result<bool, Error> {
+        let mut c = self.client().await?;
+        let resp = self
+            .call(
+                "forgetting a canary",
+                c.delete(format!("{}canaries/{id}", self.base), None),
+            )
+            .await?;
+        Ok(resp.deleted() > 0)
+    }
+
+    pub async fn status(&self) -> Result<FleetStatus, Error> {
+        let view = self.view("reading the fleet status").await?;
+        Ok(FleetStatus {
+            backend: Backend::Etcd,
+            group: self.fleet.group.clone(),
+            slots: self.fleet.slots,
+            holders_known: true,
+            holders: view.slots.values().map(|(h, _)| h.clone()).collect(),
+            paused: view.paused,
+            canaries: view
+                .canaries
+                .iter()
+                .map(|(id, r)| format!("{} (id {id})", r.host))
+                .collect(),
+            confirmed: view.confirmed.into_iter().map(|(r, _)| r).collect(),
+        })
+    }
+}
+
+fn holders(view: &GroupView) -> Vec<String> {
+    view.slots
+        .values()
+        .map(|(h, _)| h.name().to_string())
+        .collect()
+}
+
+/// Refreshes the lease every third of its TTL until aborted. A broken stream (etcd restarting,
+/// the network gone) is opened again; an answer with TTL 0 means the lease is gone: `lost`.
+async fn keep_alive(mut client: Client, lease: i64, ttl: Duration, lost: Arc<AtomicBool>) {
+    let every = (ttl / 3).max(Duration::from_millis(500));
+    loop {
+        if let Ok(Ok((mut keeper, mut stream))) =
+            tokio::time::timeout(OP_TIMEOUT, client.lease_keep_alive(lease)).await
+        {
+            loop {
+                if keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(every, stream.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() <= 0 => {
+                        tracing::warn!(lease, "the fleet slot's lease expired; the slot is lost");
+                        lost.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    Ok(Ok(Some(_))) => {}
+                    _ => break,
+                }
+                tokio::time::sleep(every).await;
+            }
+        }
+        tracing::debug!(lease, "cannot refresh the fleet slot's lease; trying again");
+        tokio::time::sleep(Duration::from_secs(1).min(every)).await;
+    }
+}

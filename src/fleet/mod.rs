@@ -1,0 +1,525 @@
+//! Fleet coordination: at most `slots` servers of a group between "starting a deploy or reboot"
+//! and "confirmed healthy" at once, through an existing distributed engine (etcd, or a FleetLock
+//! server such as airlock), never a coordinator of our own.
+//!
+//! The cycle asks [`Coordinator::acquire`] before it applies a release or reboots. It gets a
+//! [`SlotGuard`] (go ahead), or is told to wait (the group's slots are taken, or a canary has not
+//! confirmed the release yet), or that the release is paused (it failed on a server of the group).
+//! After the deploy is confirmed (or rolled back and the old system confirmed) it hands the guard
+//! back with [`Coordinator::release`]. A backend that cannot be reached is an [`Error`] whose
+//! [`Error::unreachable`] is true: the agent then deploys nothing, reboots nothing, and backs off.
+//!
+//! # etcd
+//! Keys under `<prefix>/<group>/`:
+//! - `slots/<i>` for `i` in `0..slots`: one key per slot, bound to the holder's lease, holding
+//!   [`Holder`] as JSON. A slot is taken by a transaction whose only compare is
+//!   `create_revision(slots/<i>) == 0` (the key does not exist) and whose success branch puts
+//!   the key with the lease. etcd serialises transactions, so two servers can never both create
+//!   the same key; only the indices `0..slots` exist, so at most `slots` keys can be held. A
+//!   holder that dies stops refreshing its lease and etcd deletes the key when the lease expires
+//!   (`lease_ttl`, default 30 s, refreshed every third of it).
+//! - `paused/<release>`: [`Pause`] as JSON, written by a server whose deploy of that release
+//!   failed (with `pause_on_failure`, and always by a canary). The slot transaction also compares
+//!   `create_revision(paused/<release>) == 0`, so a server never starts a release that was paused
+//!   between its read and its take.
+//! - `canaries/<id>`: written by a canary server when it takes a slot (no lease): from then on the
+//!   group has a canary. `confirmed/<release>`: written by a canary when it releases its slot
+//!   after that release was confirmed healthy on it. While the group has a canary, the other
+//!   servers wait until the release they want is confirmed. Give the canary
+//!   `min_release_age = "0s"` and the fleet a longer age, or none: either way the fleet follows
+//!   only a release the canary ran healthy, and a release that fails on the canary pauses the
+//!   group. `hcloud-nixos fleet forget-canary ID` retires a canary.
+//!
+//! A reboot takes a slot with a lease of `reboot_ttl` (default 15 min), long enough for the server
+//! to come back; after the boot the agent finds its own slot again by its id (acquire is
+//! re-entrant) or drops it with [`Coordinator::release_own`].
+//!
+//! # FleetLock
+//! `POST /v1/pre-reboot` (200: granted; any other answer: wait) before a deploy or reboot, and
+//! `POST /v1/steady-state` after confirmation, both with `fleet-lock-protocol: true` and
+//! `{"client_params": {"id": "<instance id>", "group": "<group>"}}`. The protocol has no holders
+//! list, no pauses and no canaries: status says "holders unknown", `pause_on_failure` and
+//! `canary` are refused by the configuration, and a holder that dies keeps its slot until an
+//! operator unlocks it on the server (there are no leases).
+
+mod config;
+mod etcd;
+mod fleetlock;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use config::{
+    Backend, EtcdConfig, EtcdSettings, Fleet, FleetConfig, FleetLockConfig, FleetLockSettings,
+    from_user_data,
+};
+pub use etcd::EtcdCoordinator;
+pub use fleetlock::FleetLockCoordinator;
+
+/// This server, as the fleet knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The Hetzner instance id: what slots and pauses are recorded under.
+    pub id: String,
+    /// The hostname, for people reading the status.
+    pub host: String,
+}
+
+/// What a slot is taken for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Purpose {
+    Deploy { release: String },
+    Reboot,
+}
+
+impl Purpose {
+    pub fn release(&self) -> Option<&str> {
+        match self {
+            Purpose::Deploy { release } => Some(release),
+            Purpose::Reboot => None,
+        }
+    }
+}
+
+impl fmt::Display for Purpose {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Purpose::Deploy { release } => write!(f, "deploy {release}"),
+            Purpose::Reboot => f.write_str("reboot"),
+        }
+    }
+}
+
+/// How the work a slot was taken for ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// The release runs and was confirmed healthy (a canary records it as confirmed).
+    Deployed { release: String },
+    /// The release failed (rolled back and the old system confirmed, or failed before
+    /// activation). With `pause_on_failure`, or on a canary, the group is paused for it.
+    Failed { release: String, reason: String },
+    /// Anything else: a reboot done and confirmed, a deploy that turned out not to be needed.
+    Done,
+}
+
+/// A release the group does not start until an operator clears it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pause {
+    pub release: String,
+    /// The instance id of the server it failed on.
+    pub by: String,
+    /// Its hostname.
+    #[serde(default)]
+    pub host: String,
+    pub reason: String,
+    /// RFC 3339.
+    pub at: String,
+}
+
+/// A server holding one of the group's slots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// The slot's index (etcd); absent where the backend does not number slots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
+    pub id: String,
+    pub host: String,
+    pub purpose: Purpose,
+    /// RFC 3339.
+    pub since: String,
+    #[serde(default)]
+    pub canary: bool,
+}
+
+impl Holder {
+    /// The name shown to people: the hostname, else the id.
+    pub fn name(&self) -> &str {
+        if self.host.is_empty() {
+            &self.id
+        } else {
+            &self.host
+        }
+    }
+}
+
+/// The answer to [`Coordinator::acquire`].
+#[derive(Debug)]
+pub enum Acquired {
+    /// Go ahead; hand the guard back with [`Coordinator::release`] once confirmed.
+    Granted(SlotGuard),
+    /// Not now: poll again later (with jitter). `holders` is empty where the backend cannot tell.
+    Waiting {
+        holders: Vec<String>,
+        slots: u32,
+        /// Why, when it is not simply that the slots are taken (a canary has not confirmed the
+        /// release yet; the FleetLock server's answer).
+        detail: Option<String>,
+    },
+    /// The release failed on a server of the group; nobody starts it until `fleet resume`.
+    Paused(Pause),
+}
+
+impl Acquired {
+    /// The agent's status line for anything but a grant.
+    pub fn status_line(&self) -> String {
+        match self {
+            Acquired::Granted(g) => format!("holding a fleet slot for {}", g.purpose()),
+            Acquired::Waiting {
+                holders,
+                slots,
+                detail: Some(d),
+            } if holders.is_empty() => format!("waiting for a fleet slot ({slots} slots): {d}"),
+            Acquired::Waiting {
+                detail: Some(d), ..
+            } if d.contains("canary") => format!("waiting: {d}"),
+            Acquired::Waiting { holders, slots, .. } if holders.is_empty() => {
+                format!("waiting for a fleet slot ({slots} slots; holders unknown)")
+            }
+            Acquired::Waiting { holders, slots, .. } => format!(
+                "waiting for a fleet slot: {} of {slots} taken by {}",
+                holders.len(),
+                holders.join(", ")
+            ),
+            Acquired::Paused(p) => format!(
+                "fleet paused for release {}: it failed on {} ({}) at {}; clear it with hcloud-nixos fleet resume",
+                p.release,
+                if p.host.is_empty() { &p.by } else { &p.host },
+                p.reason,
+                p.at
+            ),
+        }
+    }
+}
+
+/// Why a backend could not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorKind {
+    /// Could not be reached, timed out, or answered that it cannot serve now (no leader, 5xx):
+    /// nothing is deployed or rebooted, the agent backs off and tries again.
+    Unreachable,
+    /// It answered, but not as expected (permission denied, a malformed answer).
+    Refused,
+    /// The backend cannot do this (FleetLock: pauses, status).
+    Unsupported,
+    /// Local set-up: a certificate that cannot be read, an endpoint that is not a URL.
+    Config,
+}
+
+/// One line, naming the backend and whether it could be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into().replace('\n', " "),
+        }
+    }
+
+    /// The backend could not be reached: deploy nothing, reboot nothing, back off.
+    pub fn unreachable(&self) -> bool {
+        self.kind == ErrorKind::Unreachable
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// A taken slot. While it lives, an etcd slot's lease is kept alive by a background task (the
+/// agent's runtime must keep running: every await of the cycle lets it). Dropping the guard
+/// without [`Coordinator::release`] stops the keep-alive: the slot is freed when the lease
+/// expires, as if the server had died.
+#[derive(Debug)]
+pub struct SlotGuard {
+    purpose: Purpose,
+    slot: Option<u32>,
+    pub(crate) inner: GuardInner,
+}
+
+#[derive(Debug)]
+pub(crate) enum GuardInner {
+    Etcd(etcd::Lease),
+    FleetLock,
+}
+
+impl SlotGuard {
+    pub fn purpose(&self) -> &Purpose {
+        &self.purpose
+    }
+
+    /// The slot's index, where the backend numbers them.
+    pub fn slot(&self) -> Option<u32> {
+        self.slot
+    }
+
+    /// The backend says the slot is no longer ours (the etcd lease expired while the server
+    /// could not reach etcd). The work in progress goes on; the status should say so.
+    pub fn lost(&self) -> bool {
+        match &self.inner {
+            GuardInner::Etcd(l) => l.lost(),
+            GuardInner::FleetLock => false,
+        }
+    }
+
+    /// Stops keeping the slot without giving it back, as a dying server would (tests).
+    pub fn abandon(self) {}
+}
+
+/// The group as the backend sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FleetStatus {
+    pub backend: Backend,
+    pub group: String,
+    pub slots: u32,
+    /// False where the backend cannot list them (FleetLock).
+    pub holders_known: bool,
+    pub holders: Vec<Holder>,
+    pub paused: Vec<Pause>,
+    /// Canary servers registered in the group (ids with hostnames).
+    pub canaries: Vec<String>,
+    /// Releases a canary confirmed healthy, oldest first.
+    pub confirmed: Vec<String>,
+}
+
+impl FleetStatus {
+    /// A few readable lines for `hcloud-nixos fleet status`.
+    pub fn describe(&self) -> String {
+        let mut out = format!(
+            "group {} ({}): {} slot{}",
+            self.group,
+            self.backend.as_str(),
+            self.slots,
+            if self.slots == 1 { "" } else { "s" }
+        );
+        if !self.holders_known {
+            out.push_str(
+                "\nfleetlock: holders unknown (the protocol does not list them; pauses and canaries are not recorded)",
+            );
+            return out;
+        }
+        out.push_str(&format!(", {} taken", self.holders.len()));
+        for h in &self.holders {
+            out.push_str(&format!(
+                "\n  slot {}: {} (id {}) {} since {}{}",
+                h.slot.map_or("?".to_string(), |s| s.to_string()),
+                h.name(),
+                h.id,
+                h.purpose,
+                h.since,
+                if h.canary { ", canary" } else { "" }
+            ));
+        }
+        if self.paused.is_empty() {
+            out.push_str("\nno paused releases");
+        }
+        for p in &self.paused {
+            out.push_str(&format!(
+                "\npaused: release {} failed on {} (id {}) at {}: {}",
+                p.release,
+                if p.host.is_empty() { &p.by } else { &p.host },
+                p.by,
+                p.at,
+                p.reason
+            ));
+        }
+        if !self.canaries.is_empty() {
+            out.push_str(&format!("\ncanaries: {}", self.canaries.join(", ")));
+            out.push_str(&format!(
+                "\nconfirmed by a canary: {}",
+                if self.confirmed.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    self.confirmed.join(", ")
+                }
+            ));
+        }
+        out
+    }
+}
+
+/// The group's coordinator: one per agent, built from the validated settings.
+#[derive(Debug)]
+pub enum Coordinator {
+    Etcd(Box<EtcdCoordinator>),
+    FleetLock(Box<FleetLockCoordinator>),
+}
+
+impl Coordinator {
+    /// Reads the TLS files and builds the client; no network traffic (the first call connects).
+    pub fn new(fleet: &Fleet, me: Member) -> Result<Self, Error> {
+        match fleet.backend {
+            Backend::Etcd => Ok(Coordinator::Etcd(Box::new(EtcdCoordinator::new(
+                fleet, me,
+            )?))),
+            Backend::FleetLock => Ok(Coordinator::FleetLock(Box::new(FleetLockCoordinator::new(
+                fleet, me,
+            )?))),
+        }
+    }
+
+    pub fn fleet(&self) -> &Fleet {
+        match self {
+            Coordinator::Etcd(c) => c.fleet(),
+            Coordinator::FleetLock(c) => c.fleet(),
+        }
+    }
+
+    /// Asks for a slot. Re-entrant: a server that holds a slot already (an agent restarted
+    /// mid-deploy, a server back from its reboot) gets that slot again.
+    pub async fn acquire(&self, purpose: Purpose) -> Result<Acquired, Error> {
+        match self {
+            Coordinator::Etcd(c) => c.acquire(purpose).await,
+            Coordinator::FleetLock(c) => c.acquire(purpose).await,
+        }
+    }
+
+    /// Gives the slot back once the work is confirmed; records a canary's confirmation or a
+    /// failure (see [`Ending`]). On an error the slot is still freed in the end (etcd: when its
+    /// lease expires, since the guard no longer keeps it alive).
+    pub async fn release(&self, guard: SlotGuard, ending: Ending) -> Result<(), Error> {
+        self.record(&ending).await?;
+        match self {
+            Coordinator::Etcd(c) => c.release(guard).await,
+            Coordinator::FleetLock(c) => c.release_own().await,
+        }
+    }
+
+    /// Like [`Coordinator::release`] without the guard: for a deploy or reboot that an earlier
+    /// agent process (or boot) started. Nothing held is not an error.
+    pub async fn release_own(&self, ending: Ending) -> Result<(), Error> {
+        self.record(&ending).await?;
+        match self {
+            Coordinator::Etcd(c) => c.release_own().await,
+            Coordinator::FleetLock(c) => c.release_own().await,
+        }
+    }
+
+    async fn record(&self, ending: &Ending) -> Result<(), Error> {
+        match ending {
+            Ending::Deployed { release } if self.fleet().canary => {
+                if let Coordinator::Etcd(c) = self {
+                    c.confirm(release).await?;
+                }
+                Ok(())
+            }
+            Ending::Failed { release, reason } => {
+                self.report_failure(release, reason).await.map(|_| ())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Pauses the group for `release` when this server has `pause_on_failure` or is a canary.
+    /// `Ok(true)`: the group is paused.
+    pub async fn report_failure(&self, release: &str, reason: &str) -> Result<bool, Error> {
+        let fleet = self.fleet();
+        if !(fleet.pause_on_failure || fleet.canary) {
+            return Ok(false);
+        }
+        match self {
+            Coordinator::Etcd(c) => c.pause(release, reason).await.map(|_| true),
+            Coordinator::FleetLock(_) => Ok(false),
+        }
+    }
+
+    /// Clears the pause of one release, or of every release: returns the releases cleared.
+    pub async fn resume(&self, release: Option<&str>) -> Result<Vec<String>, Error> {
+        match self {
+            Coordinator::Etcd(c) => c.resume(release).await,
+            Coordinator::FleetLock(_) => Err(Error::new(
+                ErrorKind::Unsupported,
+                "fleetlock: the protocol has no pauses; there is nothing to resume",
+            )),
+        }
+    }
+
+    /// Retires a canary (by its instance id): the group stops waiting for its confirmations.
+    pub async fn forget_canary(&self, id: &str) -> Result<bool, Error> {
+        match self {
+            Coordinator::Etcd(c) => c.forget_canary(id).await,
+            Coordinator::FleetLock(_) => Err(Error::new(
+                ErrorKind::Unsupported,
+                "fleetlock: the protocol has no canaries",
+            )),
+        }
+    }
+
+    pub async fn status(&self) -> Result<FleetStatus, Error> {
+        match self {
+            Coordinator::Etcd(c) => c.status().await,
+            Coordinator::FleetLock(c) => Ok(c.status()),
+        }
+    }
+}
+
+/// Now, RFC 3339 in UTC to the second.
+pub(crate) fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// `hcloud-nixos fleet ...`: the operator's commands (add as a clap subcommand).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum FleetCommand {
+    /// Slots, holders, paused releases and canaries of this server's group.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Clear the pause of a release (all paused releases without RELEASE).
+    Resume { release: Option<String> },
+    /// Retire a canary (by instance id): the group stops waiting for its confirmations.
+    ForgetCanary { id: String },
+}
+
+/// Runs an operator's command: the text to print, or a one-line error.
+pub async fn run_command(
+    coordinator: &Coordinator,
+    command: &FleetCommand,
+) -> Result<String, Error> {
+    match command {
+        FleetCommand::Status { json: false } => Ok(coordinator.status().await?.describe()),
+        FleetCommand::Status { json: true } => {
+            Ok(serde_json::to_string_pretty(&coordinator.status().await?).expect("serialisable"))
+        }
+        FleetCommand::Resume { release } => {
+            let cleared = coordinator.resume(release.as_deref()).await?;
+            let group = &coordinator.fleet().group;
+            Ok(match (cleared.is_empty(), release) {
+                (true, Some(r)) => format!("release {r} was not paused in group {group}"),
+                (true, None) => format!("nothing was paused in group {group}"),
+                (false, _) => format!(
+                    "group {group} resumed for release{} {}",
+                    if cleared.len() == 1 { "" } else { "s" },
+                    cleared.join(", ")
+                ),
+            })
+        }
+        FleetCommand::ForgetCanary { id } => Ok(if coordinator.forget_canary(id).await? {
+            format!(
+                "canary {id} forgotten in group {}",
+                coordinator.fleet().group
+            )
+        } else {
+            format!(
+                "{id} was not a canary of group {}",
+                coordinator.fleet().group
+            )
+        }),
+    }
+}

@@ -1,0 +1,676 @@
+//! Fleet coordination against a real etcd (Debian's etcd-server, started here on loopback ports
+//! in a temporary directory) and against a FleetLock stand-in. The "servers" are agents of the
+//! fleet module: separate processes (this test binary run again as `fleet_child`), each with its
+//! own etcd client and id, or tasks with coordinators of their own. Without etcd the etcd tests
+//! print SKIP, and fail under CI=true.
+
+#[path = "support/etcd.rs"]
+mod etcd;
+#[path = "standins/fleetlock.rs"]
+mod fleetlock;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hcloud_nixos::fleet::{
+    Acquired, Coordinator, Ending, ErrorKind, FleetConfig, Member, Purpose, from_user_data,
+};
+
+const TTL: &str = "2s";
+
+fn fleet_config(backend: &str, url: &str, group: &str, slots: u32) -> FleetConfig {
+    let mut v = serde_json::json!({"group": group, "slots": slots, "backend": backend});
+    if backend == "etcd" {
+        v["etcd"] = serde_json::json!({"endpoints": [url], "prefix": "/test", "lease_ttl": TTL});
+    } else {
+        v["fleetlock"] = serde_json::json!({"url": url});
+        v["pause_on_failure"] = serde_json::json!(false);
+    }
+    from_user_data(&v).unwrap()
+}
+
+fn coordinator(cfg: &FleetConfig, id: &str) -> Coordinator {
+    let fleet = cfg.resolve().unwrap();
+    Coordinator::new(
+        &fleet,
+        Member {
+            id: id.to_string(),
+            host: format!("web-{id}"),
+        },
+    )
+    .unwrap()
+}
+
+fn canary(cfg: &FleetConfig, on: bool) -> FleetConfig {
+    FleetConfig {
+        canary: Some(on),
+        ..cfg.clone()
+    }
+}
+
+fn deploy(release: &str) -> Purpose {
+    Purpose::Deploy {
+        release: release.to_string(),
+    }
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Waits until `acquire` grants, polling with jitter; panics after `limit`.
+async fn wait_granted(
+    c: &Coordinator,
+    purpose: Purpose,
+    limit: Duration,
+) -> hcloud_nixos::fleet::SlotGuard {
+    let deadline = Instant::now() + limit;
+    loop {
+        match c.acquire(purpose.clone()).await {
+            Ok(Acquired::Granted(g)) => return g,
+            Ok(other) => assert!(
+                Instant::now() < deadline,
+                "no slot within {limit:?}: {}",
+                other.status_line()
+            ),
+            Err(e) => panic!("acquire failed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(30..90))).await;
+    }
+}
+
+/// (id, start ms, end ms) deploy windows; none may overlap another when there is one slot.
+fn assert_one_at_a_time(mut windows: Vec<(String, u128, u128)>) {
+    windows.sort_by_key(|w| w.1);
+    for pair in windows.windows(2) {
+        assert!(
+            pair[1].1 >= pair[0].2,
+            "deploys overlap: {} ran {}..{} and {} started at {}",
+            pair[0].0,
+            pair[0].1,
+            pair[0].2,
+            pair[1].0,
+            pair[1].1
+        );
+    }
+}
+
+// ---- the child process: one agent ------------------------------------------------------------
+
+/// Not a test of its own: the body of the agent processes the tests start (this binary run
+/// again with FLEET_CHILD set). Without FLEET_CHILD it does nothing.
+#[test]
+fn fleet_child() {
+    let Ok(mode) = std::env::var("FLEET_CHILD") else {
+        return;
+    };
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set"));
+    let cfg = fleet_config(&var("FLEET_BACKEND"), &var("FLEET_URL"), "web", 1);
+    let c = coordinator(&cfg, &var("FLEET_ID"));
+    let rt = runtime();
+    rt.block_on(async {
+        match mode.as_str() {
+            // Takes the slot and holds it until killed.
+            "holder" => {
+                let g = wait_granted(&c, deploy("1"), Duration::from_secs(30)).await;
+                println!("HELD slot {:?}", g.slot());
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            // Deploys `FLEET_DEPLOYS` times, each `FLEET_DEPLOY_MS` long, and prints the windows.
+            "agent" => {
+                let n: u32 = var("FLEET_DEPLOYS").parse().unwrap();
+                let ms: u64 = var("FLEET_DEPLOY_MS").parse().unwrap();
+                for i in 0..n {
+                    let g =
+                        wait_granted(&c, deploy(&format!("r{i}")), Duration::from_secs(60)).await;
+                    let start = now_ms();
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    let end = now_ms();
+                    println!("WINDOW {start} {end}");
+                    c.release(
+                        g,
+                        Ending::Deployed {
+                            release: format!("r{i}"),
+                        },
+                    )
+                    .await
+                    .unwrap();
+                }
+            }
+            other => panic!("unknown FLEET_CHILD mode {other}"),
+        }
+    });
+}
+
+fn spawn_child(mode: &str, backend: &str, url: &str, id: &str, extra: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "fleet_child",
+        "--exact",
+        "--nocapture",
+        "--quiet",
+        "--test-threads=1",
+    ])
+    .env("FLEET_CHILD", mode)
+    .env("FLEET_BACKEND", backend)
+    .env("FLEET_URL", url)
+    .env("FLEET_ID", id)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("the test binary again")
+}
+
+/// Several agent processes, one slot: their deploys run one after another.
+fn processes_take_turns(backend: &str, url: &str) {
+    let children: Vec<(String, Child)> = (1..=3)
+        .map(|i| {
+            let id = format!("{}{i}", &backend[..1]);
+            let child = spawn_child(
+                "agent",
+                backend,
+                url,
+                &id,
+                &[("FLEET_DEPLOYS", "2"), ("FLEET_DEPLOY_MS", "300")],
+            );
+            (id, child)
+        })
+        .collect();
+    let mut windows = Vec::new();
+    for (id, child) in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "agent {id} failed");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(rest) = line.strip_prefix("WINDOW ") {
+                let (a, b) = rest.split_once(' ').unwrap();
+                windows.push((id.clone(), a.parse().unwrap(), b.parse().unwrap()));
+            }
+        }
+    }
+    assert_eq!(windows.len(), 6, "every agent deployed twice: {windows:?}");
+    assert_one_at_a_time(windows);
+}
+
+/// Starts a holder process and waits until it says it holds the slot.
+fn start_holder(backend: &str, url: &str, id: &str) -> Child {
+    use std::io::BufRead;
+    let mut child = spawn_child("holder", backend, url, id, &[]);
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.starts_with("HELD") => break,
+            Some(_) => {}
+            None => panic!("the holder process ended without taking the slot"),
+        }
+    }
+    child
+}
+
+// ---- etcd --------------------------------------------------------------------------------
+
+#[test]
+fn etcd_agents_in_processes_never_overlap() {
+    let Some(etcd) = etcd::Etcd::start("etcd_agents_in_processes_never_overlap") else {
+        return;
+    };
+    processes_take_turns("etcd", &etcd.url());
+}
+
+#[test]
+fn etcd_tasks_never_overlap_and_waiters_see_the_holder() {
+    let Some(etcd) = etcd::Etcd::start("etcd_tasks_never_overlap") else {
+        return;
+    };
+    let cfg = fleet_config("etcd", &etcd.url(), "web", 1);
+    runtime().block_on(async {
+        let coordinators: Vec<Coordinator> =
+            (1..=5).map(|i| coordinator(&cfg, &i.to_string())).collect();
+        let first = wait_granted(&coordinators[0], deploy("2"), Duration::from_secs(5)).await;
+        assert_eq!(first.slot(), Some(0));
+        match coordinators[1].acquire(deploy("2")).await.unwrap() {
+            w @ Acquired::Waiting { .. } => assert_eq!(
+                w.status_line(),
+                "waiting for a fleet slot: 1 of 1 taken by web-1"
+            ),
+            other => panic!("expected to wait: {other:?}"),
+        }
+        let status = coordinators[1].status().await.unwrap();
+        assert_eq!(status.holders.len(), 1);
+        assert_eq!(status.holders[0].id, "1");
+        assert_eq!(status.holders[0].purpose, deploy("2"));
+        coordinators[0]
+            .release(
+                first,
+                Ending::Deployed {
+                    release: "2".into(),
+                },
+            )
+            .await
+            .unwrap();
+
+        let windows = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let local = tokio::task::LocalSet::new();
+        for c in coordinators {
+            let windows = windows.clone();
+            local.spawn_local(async move {
+                for r in ["3", "4"] {
+                    let g = wait_granted(&c, deploy(r), Duration::from_secs(30)).await;
+                    let start = now_ms();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let name = format!("{} {r}", c.fleet().group);
+                    windows.borrow_mut().push((name, start, now_ms()));
+                    c.release(g, Ending::Deployed { release: r.into() })
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+        local.await;
+        let windows = windows.borrow().clone();
+        assert_eq!(windows.len(), 10);
+        assert_one_at_a_time(windows);
+    });
+}
+
+#[test]
+fn etcd_killed_holder_loses_the_slot_when_its_lease_expires() {
+    let Some(etcd) = etcd::Etcd::start("etcd_killed_holder") else {
+        return;
+    };
+    let mut holder = start_holder("etcd", &etcd.url(), "dead");
+    let cfg = fleet_config("etcd", &etcd.url(), "web", 1);
+    runtime().block_on(async {
+        let next = coordinator(&cfg, "next");
+        // The holder is alive: its lease is kept, however long we wait.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(matches!(
+            next.acquire(deploy("1")).await.unwrap(),
+            Acquired::Waiting { .. }
+        ));
+        let _ = holder.kill();
+        let _ = holder.wait();
+        let killed = Instant::now();
+        let g = wait_granted(&next, deploy("1"), Duration::from_secs(10)).await;
+        let after = killed.elapsed();
+        assert!(
+            after <= Duration::from_secs(5),
+            "the slot came back only after {after:?}"
+        );
+        println!("the killed holder's slot came back after {after:?} (lease TTL {TTL})");
+        next.release(g, Ending::Done).await.unwrap();
+    });
+}
+
+#[test]
+fn etcd_a_failed_release_pauses_the_group_until_resumed() {
+    let Some(etcd) = etcd::Etcd::start("etcd_a_failed_release_pauses") else {
+        return;
+    };
+    let cfg = fleet_config("etcd", &etcd.url(), "web", 2);
+    runtime().block_on(async {
+        let a = coordinator(&cfg, "a");
+        let b = coordinator(&cfg, "b");
+        let g = wait_granted(&a, deploy("5"), Duration::from_secs(5)).await;
+        a.release(
+            g,
+            Ending::Failed {
+                release: "5".into(),
+                reason: "health check web failed".into(),
+            },
+        )
+        .await
+        .unwrap();
+        match b.acquire(deploy("5")).await.unwrap() {
+            Acquired::Paused(p) => {
+                assert_eq!((p.release.as_str(), p.by.as_str()), ("5", "a"));
+                assert_eq!(p.reason, "health check web failed");
+            }
+            other => panic!("expected a pause: {other:?}"),
+        }
+        // Another release, and reboots, are not paused.
+        let g = wait_granted(&b, deploy("6"), Duration::from_secs(5)).await;
+        b.release(g, Ending::Done).await.unwrap();
+        let g = wait_granted(&b, Purpose::Reboot, Duration::from_secs(5)).await;
+        b.release(g, Ending::Done).await.unwrap();
+        let status = b.status().await.unwrap();
+        assert_eq!(status.paused.len(), 1);
+        assert!(
+            status
+                .describe()
+                .contains("paused: release 5 failed on web-a")
+        );
+        assert_eq!(b.resume(Some("5")).await.unwrap(), ["5"]);
+        assert!(b.resume(None).await.unwrap().is_empty());
+        let g = wait_granted(&b, deploy("5"), Duration::from_secs(5)).await;
+        b.release(
+            g,
+            Ending::Deployed {
+                release: "5".into(),
+            },
+        )
+        .await
+        .unwrap();
+
+        // Without pause_on_failure a failure is not recorded.
+        let quiet = FleetConfig {
+            pause_on_failure: Some(false),
+            ..cfg.clone()
+        };
+        let c = coordinator(&quiet, "c");
+        assert!(!c.report_failure("7", "broken").await.unwrap());
+        assert!(matches!(
+            b.acquire(deploy("7")).await.unwrap(),
+            Acquired::Granted(_)
+        ));
+    });
+}
+
+#[test]
+fn etcd_canary_goes_first_and_its_failure_pauses_the_fleet() {
+    let Some(etcd) = etcd::Etcd::start("etcd_canary") else {
+        return;
+    };
+    let cfg = FleetConfig {
+        pause_on_failure: Some(false),
+        ..fleet_config("etcd", &etcd.url(), "web", 2)
+    };
+    runtime().block_on(async {
+        let can = coordinator(&canary(&cfg, true), "c1");
+        let fleet = coordinator(&cfg, "f1");
+        // No canary registered yet: the fleet is not held back.
+        let g = wait_granted(&fleet, deploy("1"), Duration::from_secs(5)).await;
+        fleet
+            .release(
+                g,
+                Ending::Deployed {
+                    release: "1".into(),
+                },
+            )
+            .await
+            .unwrap();
+
+        let g = wait_granted(&can, deploy("2"), Duration::from_secs(5)).await;
+        match fleet.acquire(deploy("2")).await.unwrap() {
+            w @ Acquired::Waiting { .. } => assert!(
+                w.status_line()
+                    .contains("not yet confirmed by a canary (web-c1)"),
+                "{}",
+                w.status_line()
+            ),
+            other => panic!("the fleet must wait for the canary: {other:?}"),
+        }
+        can.release(
+            g,
+            Ending::Deployed {
+                release: "2".into(),
+            },
+        )
+        .await
+        .unwrap();
+        let g = wait_granted(&fleet, deploy("2"), Duration::from_secs(5)).await;
+        fleet
+            .release(
+                g,
+                Ending::Deployed {
+                    release: "2".into(),
+                },
+            )
+            .await
+            .unwrap();
+
+        // A canary's failure pauses the group even without pause_on_failure.
+        let g = wait_granted(&can, deploy("3"), Duration::from_secs(5)).await;
+        can.release(
+            g,
+            Ending::Failed {
+                release: "3".into(),
+                reason: "rolled back".into(),
+            },
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            fleet.acquire(deploy("3")).await.unwrap(),
+            Acquired::Paused(_)
+        ));
+        let status = fleet.status().await.unwrap();
+        assert_eq!(status.confirmed, ["2"]);
+        assert_eq!(status.canaries, ["web-c1 (id c1)"]);
+        assert!(fleet.forget_canary("c1").await.unwrap());
+        assert_eq!(fleet.resume(None).await.unwrap(), ["3"]);
+        assert!(matches!(
+            fleet.acquire(deploy("3")).await.unwrap(),
+            Acquired::Granted(_)
+        ));
+    });
+}
+
+#[test]
+fn etcd_acquire_is_reentrant_for_a_restarted_agent() {
+    let Some(etcd) = etcd::Etcd::start("etcd_reentrant") else {
+        return;
+    };
+    let cfg = fleet_config("etcd", &etcd.url(), "web", 1);
+    runtime().block_on(async {
+        let first = coordinator(&cfg, "a");
+        let g = wait_granted(&first, deploy("1"), Duration::from_secs(5)).await;
+        // The agent restarts mid-deploy: a new coordinator with the same id keeps the slot.
+        drop(first);
+        let again = coordinator(&cfg, "a");
+        let g2 = wait_granted(&again, deploy("1"), Duration::from_secs(1)).await;
+        assert_eq!(g2.slot(), g.slot());
+        g.abandon();
+        // The new keep-alive holds it past the TTL.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let other = coordinator(&cfg, "b");
+        assert!(matches!(
+            other.acquire(deploy("1")).await.unwrap(),
+            Acquired::Waiting { .. }
+        ));
+        g2.abandon();
+        again.release_own(Ending::Done).await.unwrap();
+        assert!(matches!(
+            other.acquire(deploy("1")).await.unwrap(),
+            Acquired::Granted(_)
+        ));
+    });
+}
+
+#[test]
+fn etcd_down_nobody_deploys_and_no_stale_slot_after() {
+    let Some(mut etcd) = etcd::Etcd::start("etcd_down") else {
+        return;
+    };
+    let cfg = fleet_config("etcd", &etcd.url(), "web", 1);
+    let rt = runtime();
+    let (a, b, held) = rt.block_on(async {
+        let a = coordinator(&cfg, "a");
+        let b = coordinator(&cfg, "b");
+        let held = wait_granted(&a, deploy("1"), Duration::from_secs(5)).await;
+        (a, b, held)
+    });
+    etcd.stop();
+    rt.block_on(async {
+        let t = Instant::now();
+        let e = b.acquire(deploy("1")).await.unwrap_err();
+        assert!(e.unreachable(), "{e}");
+        assert_eq!(e.kind, ErrorKind::Unreachable);
+        assert!(e.to_string().starts_with("etcd unreachable ("), "{e}");
+        assert!(!e.to_string().contains('\n'));
+        assert!(
+            t.elapsed() < Duration::from_secs(12),
+            "took {:?}",
+            t.elapsed()
+        );
+        let fresh = coordinator(&cfg, "c");
+        assert!(fresh.acquire(deploy("1")).await.unwrap_err().unreachable());
+        // The holder finishes while etcd is away: its release fails, and its keep-alive stops.
+        let e = a.release(held, Ending::Done).await.unwrap_err();
+        assert!(e.unreachable(), "{e}");
+    });
+    etcd.resume();
+    rt.block_on(async {
+        // The stale slot goes when its lease runs out (etcd renews leases at a restart).
+        let g = wait_granted(&b, deploy("1"), Duration::from_secs(15)).await;
+        let status = b.status().await.unwrap();
+        assert_eq!(status.holders.len(), 1);
+        assert_eq!(status.holders[0].id, "b");
+        b.release(g, Ending::Done).await.unwrap();
+        assert!(b.status().await.unwrap().holders.is_empty());
+    });
+}
+
+#[test]
+fn etcd_unreachable_from_the_start_is_an_unreachable_error() {
+    let cfg = fleet_config("etcd", "http://127.0.0.1:9", "web", 1);
+    runtime().block_on(async {
+        let c = coordinator(&cfg, "a");
+        let e = c.acquire(Purpose::Reboot).await.unwrap_err();
+        assert!(e.unreachable(), "{e}");
+        assert!(c.status().await.unwrap_err().unreachable());
+    });
+}
+
+// ---- FleetLock -----------------------------------------------------------------------------
+
+#[test]
+fn fleetlock_agents_in_processes_never_overlap() {
+    let server = fleetlock::FleetLockStandin::start(1);
+    processes_take_turns("fleetlock", &server.url());
+    assert_eq!(server.protocol_errors(), 0);
+    assert!(server.holders("web").is_empty());
+}
+
+#[test]
+fn fleetlock_slots_are_shared_and_given_back() {
+    let server = fleetlock::FleetLockStandin::start(2);
+    let cfg = fleet_config("fleetlock", &server.url(), "web", 2);
+    runtime().block_on(async {
+        let a = coordinator(&cfg, "4711");
+        let b = coordinator(&cfg, "4712");
+        let c = coordinator(&cfg, "4713");
+        let ga = wait_granted(&a, deploy("1"), Duration::from_secs(5)).await;
+        let gb = wait_granted(&b, Purpose::Reboot, Duration::from_secs(5)).await;
+        match c.acquire(deploy("1")).await.unwrap() {
+            w @ Acquired::Waiting { .. } => {
+                let line = w.status_line();
+                assert!(line.contains("409 failed_lock"), "{line}");
+                assert!(line.contains("holders unknown"), "{line}");
+            }
+            other => panic!("expected to wait: {other:?}"),
+        }
+        assert_eq!(server.holders("web"), ["4711", "4712"]);
+        // Recursive: the holder asking again (a restarted agent) keeps its slot.
+        assert!(matches!(
+            a.acquire(deploy("1")).await.unwrap(),
+            Acquired::Granted(_)
+        ));
+        a.release(
+            ga,
+            Ending::Deployed {
+                release: "1".into(),
+            },
+        )
+        .await
+        .unwrap();
+        let gc = wait_granted(&c, deploy("1"), Duration::from_secs(5)).await;
+        b.release(gb, Ending::Done).await.unwrap();
+        c.release(gc, Ending::Done).await.unwrap();
+        assert!(server.holders("web").is_empty());
+        // What FleetLock cannot express.
+        assert!(!a.report_failure("1", "x").await.unwrap());
+        assert_eq!(
+            a.resume(None).await.unwrap_err().kind,
+            ErrorKind::Unsupported
+        );
+        let status = a.status().await.unwrap();
+        assert!(!status.holders_known);
+        assert!(status.describe().contains("fleetlock: holders unknown"));
+    });
+    assert_eq!(server.protocol_errors(), 0);
+}
+
+#[test]
+fn fleetlock_killed_holder_keeps_its_slot_until_it_comes_back() {
+    let server = fleetlock::FleetLockStandin::start(1);
+    let mut holder = start_holder("fleetlock", &server.url(), "dead");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let cfg = fleet_config("fleetlock", &server.url(), "web", 1);
+    runtime().block_on(async {
+        let next = coordinator(&cfg, "next");
+        // FleetLock has no leases: the dead server's slot stays taken...
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(matches!(
+            next.acquire(deploy("1")).await.unwrap(),
+            Acquired::Waiting { .. }
+        ));
+        // ...until it boots again and reports steady state.
+        let back = coordinator(&cfg, "dead");
+        back.release_own(Ending::Done).await.unwrap();
+        let g = wait_granted(&next, deploy("1"), Duration::from_secs(5)).await;
+        next.release(g, Ending::Done).await.unwrap();
+    });
+}
+
+#[test]
+fn fleetlock_down_nobody_deploys_and_it_works_again_after() {
+    let mut server = fleetlock::FleetLockStandin::start(1);
+    let cfg = fleet_config("fleetlock", &server.url(), "web", 1);
+    let rt = runtime();
+    let a = coordinator(&cfg, "a");
+    let b = coordinator(&cfg, "b");
+    let held = rt.block_on(wait_granted(&a, deploy("1"), Duration::from_secs(5)));
+    server.stop();
+    rt.block_on(async {
+        let e = b.acquire(deploy("1")).await.unwrap_err();
+        assert!(e.unreachable(), "{e}");
+        assert!(e.to_string().starts_with("fleetlock unreachable ("), "{e}");
+        assert!(
+            a.release(held, Ending::Done)
+                .await
+                .unwrap_err()
+                .unreachable()
+        );
+    });
+    server.resume();
+    rt.block_on(async {
+        // The holder reports steady state again once the server is back (the agent retries).
+        a.release_own(Ending::Done).await.unwrap();
+        let g = wait_granted(&b, deploy("1"), Duration::from_secs(5)).await;
+        b.release(g, Ending::Done).await.unwrap();
+    });
+    assert!(server.holders("web").is_empty());
+}
+
+#[test]
+fn fleetlock_standin_enforces_the_protocol_header() {
+    let server = fleetlock::FleetLockStandin::start(1);
+    let status = runtime().block_on(async {
+        hcloud_nixos::tls::client_builder()
+            .build()
+            .unwrap()
+            .post(format!("{}/v1/pre-reboot", server.url()))
+            .json(&serde_json::json!({"client_params": {"id": "x", "group": "web"}}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status.as_u16(), 400);
+    assert_eq!(server.protocol_errors(), 1);
+    assert!(server.holders("web").is_empty());
+}
