@@ -1795,3 +1795,222 @@ fn metrics_are_served_over_http_by_the_service() {
     assert_eq!(metric(&m, "hcloud_nixos_last_check_success"), 1.0);
     assert!(agent.running(), "{}", agent.output());
 }
+
+/// What the agent writes just before logind takes the machine down (the container test
+/// `agent_reboot_systemd` shows it there): the request, with the boot it was made in.
+fn inject_reboot_request(b: &Bench, system: &str) {
+    let mut state = b.state();
+    state["reboot_request"] = serde_json::json!({
+        "system": system,
+        "boot_id": std::fs::read_to_string(b.path("boot_id")).unwrap().trim(),
+        "at": now_rfc3339(),
+    });
+    std::fs::write(
+        b.state_dir().join("state.json"),
+        serde_json::to_vec_pretty(&state).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn after_the_reboot_for_a_new_kernel_the_booted_system_is_confirmed() {
+    let Some((b, _, v1, p1)) = kernel_bench("reboot_confirmed", "when-needed") else {
+        return;
+    };
+    let run = b.once();
+    assert!(run.ok(), "{}", run.all());
+    inject_reboot_request(&b, &p1);
+    b.reboot();
+    let run = b.once();
+    assert!(run.ok(), "{}", run.all());
+    assert_eq!(run.stdout.trim(), format!("up to date: {v1}"));
+    let state = b.state();
+    assert_eq!(state["last_reboot"]["ok"], true, "{state}");
+    assert_eq!(str_at(&state, "/last_reboot/system"), p1);
+    assert_eq!(str_at(&state, "/last_reboot/booted"), p1);
+    assert_eq!(state["reboot_required"], false, "{state}");
+    assert!(state.get("reboot_request").is_none(), "{state}");
+    assert_eq!(
+        metric(&metrics_file(&b), "hcloud_nixos_reboot_required"),
+        0.0
+    );
+    assert_eq!(b.fh_runs().len(), 1);
+}
+
+/// The boot loader fell back to the old generation: the reboot is recorded as failed, the
+/// release is applied again (the running system is not it), and the agent does not reboot
+/// again for it (no reboot loop).
+#[test]
+fn a_reboot_that_comes_up_in_the_old_system_is_recorded_and_not_repeated() {
+    let Some((b, booted, v1, p1)) = kernel_bench("reboot_into_old", "when-needed") else {
+        return;
+    };
+    let run = b.once();
+    assert!(run.ok(), "{}", run.all());
+    assert_eq!(hook_events(&b).len(), 3);
+    inject_reboot_request(&b, &p1);
+    std::fs::write(b.path("boot_id"), "boot-2\n").unwrap();
+    b.boot_into(&booted);
+    let run = b.once();
+    assert!(run.ok(), "{}", run.all());
+    assert_eq!(
+        run.stdout.trim(),
+        format!(
+            "up to date: {v1} (just deployed); reboot required, but the last reboot for it booted {booted} instead; not rebooting again"
+        )
+    );
+    let state = b.state();
+    assert_eq!(state["last_reboot"]["ok"], false, "{state}");
+    assert_eq!(str_at(&state, "/last_reboot/system"), p1);
+    assert_eq!(str_at(&state, "/last_reboot/booted"), booted);
+    assert!(state.get("reboot_request").is_none(), "{state}");
+    assert_eq!(b.current_system(), p1);
+    assert_eq!(b.fh_runs().len(), 2);
+    // Only the deploy: no second "rebooting".
+    assert_eq!(hook_kinds(&b)[3..], kinds(&[("deploy", "success")])[..]);
+    let run = b.once();
+    assert!(run.stdout.contains("not rebooting again"), "{}", run.stdout);
+    assert_eq!(hook_events(&b).len(), 4);
+}
+
+/// The service with a long poll interval: a release that is too young is applied once it is
+/// old enough, not a whole poll interval later (as a planned reboot is not missed either).
+#[test]
+#[ignore = "bug: src/agent.rs serve() sleeps the whole poll_interval after Outcome::Waiting; the delay should be at most the time until the release is old enough (as for reboot_planned)"]
+fn the_service_applies_a_young_release_once_it_is_old_enough() {
+    let b = bench!(
+        "min_release_age_service",
+        Options {
+            poll_interval: "1h",
+            extra: "min_release_age = \"3s\"".into(),
+            ..Options::default()
+        }
+    );
+    let (v1, p1) = b.release(1, Kind::Normal);
+    assert!(
+        b.flakehub
+            .set_published_at(ORG, "infra", &v1, Some(&now_rfc3339()))
+    );
+    let _agent = b.start_agent();
+    b.wait_for(secs(20), "the release waiting", || {
+        b.state()["status"]
+            .as_str()
+            .is_some_and(|s| s.contains("waits until"))
+    });
+    b.wait_for(secs(20), "the release applied after its 3 s", || {
+        str_at(&b.state(), "/running/version") == v1
+    });
+    assert_eq!(b.current_system(), p1);
+}
+
+/// The system rolled back to fails its own activation: the status says the rollback did not end
+/// healthy, the hooks hear `rollback` `failed`, the metrics count a failed rollback.
+#[test]
+fn a_rollback_that_fails_is_reported_to_status_hooks_and_metrics() {
+    let b = bench!(
+        "rollback_fails",
+        Options {
+            tables: format!("{HOOKS}\n[metrics]\ntextfile = \"@ROOT@/metrics.prom\"\n"),
+            ..Options::default()
+        }
+    );
+    write_hook_recorder(&b);
+    // What runs now activates, but not a second time.
+    let old = b.system("old", Kind::ActivationFails);
+    b.boot_into(&old);
+    let (v1, p1) = b.release(1, Kind::Exit4);
+    let run = b.once();
+    assert!(!run.ok(), "{}", run.all());
+    assert_eq!(
+        run.stdout.trim(),
+        format!(
+            "deploy of {v1} failed (switch-to-configuration switch exited with status 4) and the rollback did not end healthy; look at `journalctl -u 'hcloud-nixos-*'`"
+        )
+    );
+    assert_eq!(
+        b.activations(),
+        vec!["r1 dry-activate", "r1 switch", "old switch"]
+    );
+    assert_eq!(
+        hook_kinds(&b),
+        kinds(&[("deploy", "rolled-back"), ("rollback", "failed")])
+    );
+    let m = metrics_file(&b);
+    assert_eq!(
+        metric(&m, "hcloud_nixos_rollbacks_total{outcome=\"failed\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "hcloud_nixos_rollbacks_total{outcome=\"success\"}"),
+        0.0
+    );
+    let state = b.state();
+    assert_eq!(str_at(&state, "/quarantined/0/store_path"), p1);
+    assert!(state.get("in_flight").is_none(), "{state}");
+    // Not tried again.
+    b.once();
+    assert_eq!(b.fh_runs().len(), 1);
+}
+
+/// After a rollback that did not end healthy the failed release may still run. The next cycle
+/// must not call that "up to date" (nor record it as the healthy running release).
+#[test]
+#[ignore = "bug: src/deploy.rs decide() answers UpToDate when the running store path is the desired one before looking at the quarantine, so after a failed rollback the next cycle reports the quarantined release as `up to date`, ok, and records it as running"]
+fn after_a_failed_rollback_the_failed_release_is_not_called_up_to_date() {
+    let b = bench!("rollback_fails_then_up_to_date");
+    let old = b.system("old", Kind::ActivationFails);
+    b.boot_into(&old);
+    let (v1, p1) = b.release(1, Kind::Exit4);
+    assert!(!b.once().ok());
+    // The rollback could not switch back: the failed release still runs.
+    assert_eq!(b.current_system(), p1);
+    let run = b.once();
+    assert_eq!(b.fh_runs().len(), 1, "tried again");
+    assert!(
+        !run.ok() && !run.stdout.starts_with(&format!("up to date: {v1}")),
+        "{}",
+        run.all()
+    );
+    assert!(b.state().get("running").is_none(), "{}", b.state());
+}
+
+/// The agent is killed while the rollback's activation runs: the next agent waits for that
+/// activation instead of starting another, and records the rollback once.
+#[test]
+fn an_agent_killed_during_a_rollback_finishes_it_once() {
+    let b = bench!("killed_during_rollback");
+    let old = b.system("old", Kind::Slow(3));
+    b.boot_into(&old);
+    let (v1, p1) = b.release(1, Kind::ActivationFails);
+    let mut first = b.start_agent();
+    b.wait_for(secs(30), "the rollback's activation with its PID", || {
+        let s = b.state();
+        str_at(&s, "/in_flight/phase") == "rollback" && s.pointer("/in_flight/pid").is_some()
+    });
+    first.kill9();
+    let run = b.once();
+    assert!(!run.ok(), "{}", run.all());
+    assert_eq!(
+        run.stdout.trim(),
+        format!(
+            "deploy of {v1} failed and was rolled back: switch-to-configuration switch exited with status 1"
+        )
+    );
+    assert!(
+        run.stderr
+            .contains("a step started by an earlier agent is still running"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        b.activations(),
+        vec!["r1 dry-activate", "r1 switch", "old switch"],
+        "the rollback ran twice"
+    );
+    assert_eq!(b.current_system(), old);
+    let state = b.state();
+    assert_eq!(state["deploys"], 1, "{state}");
+    assert_eq!(state["counters"]["rollbacks_succeeded"], 1, "{state}");
+    assert_eq!(str_at(&state, "/quarantined/0/store_path"), p1);
+    assert!(state.get("in_flight").is_none(), "{state}");
+}
