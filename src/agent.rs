@@ -1,6 +1,7 @@
 //! The long-running agent: loads settings, runs deploy cycles on a timer, talks to systemd.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
@@ -199,12 +200,19 @@ pub async fn serve(config_path: PathBuf) -> Result<()> {
         .await
         .context("cannot start the metrics server (metrics.listen)")?;
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
-    let mut ready = false;
+    let ready_sent = AtomicBool::new(false);
     let mut failures: u32 = 0;
     let mut stop = false;
     let mut reload = false;
     while !stop {
-        let report = |line: &str| notify(&[NotifyState::Status(line)]);
+        // READY=1 goes out at the latest when the first cycle starts a step: an activation may
+        // restart this very unit, and systemd runs that restart only once the start is done.
+        let report = |line: &str| {
+            if !ready_sent.swap(true, Ordering::Relaxed) {
+                notify(&[NotifyState::Ready]);
+            }
+            notify(&[NotifyState::Status(line)]);
+        };
         let outcome = {
             let cycle = deploy::cycle(&ctx, &mut state, &report);
             tokio::pin!(cycle);
@@ -236,9 +244,8 @@ pub async fn serve(config_path: PathBuf) -> Result<()> {
         log_outcome(&outcome, &state);
         publisher.publish(&state);
         notify(&[NotifyState::Status(&state.status)]);
-        if !ready {
+        if !ready_sent.swap(true, Ordering::Relaxed) {
             notify(&[NotifyState::Ready]);
-            ready = true;
         }
         failures = if outcome.failed() {
             failures.saturating_add(1)
@@ -255,6 +262,16 @@ pub async fn serve(config_path: PathBuf) -> Result<()> {
                 failures,
                 fastrand::f64(),
             );
+            // A release that is too young yet is applied when it is old enough, not a poll later.
+            if let Outcome::Waiting {
+                until: Some(until), ..
+            } = &outcome
+                && let Ok(at) = until.parse::<jiff::Timestamp>()
+            {
+                let wait = Duration::try_from(at.duration_since(jiff::Timestamp::now()))
+                    .unwrap_or(Duration::ZERO);
+                delay = delay.min(wait + Duration::from_secs(1));
+            }
             if matches!(outcome, Outcome::Busy(_)) {
                 // Someone else is switching: look again soon, not a whole poll interval later.
                 delay = delay.min(BUSY_RECHECK);

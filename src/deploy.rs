@@ -79,7 +79,8 @@ pub enum Outcome {
     /// A release is there but too young (`min_release_age`).
     Waiting {
         target: Target,
-        until: String,
+        /// `None`: its publication time is unknown, so it waits for good.
+        until: Option<String>,
     },
     /// Someone else is switching the system right now.
     Busy(String),
@@ -145,12 +146,20 @@ impl Outcome {
                 "{} is quarantined ({reason}); waiting for a newer release or `hcloud-nixos retry`{running}",
                 target.version
             ),
-            Outcome::Waiting { target, until } => {
-                format!(
-                    "{} waits until {until} (min_release_age){running}",
-                    target.version
-                )
-            }
+            Outcome::Waiting {
+                target,
+                until: Some(until),
+            } => format!(
+                "{} waits until {until} (min_release_age){running}",
+                target.version
+            ),
+            Outcome::Waiting {
+                target,
+                until: None,
+            } => format!(
+                "{} waits: its publication time is unknown and min_release_age is set{running}",
+                target.version
+            ),
             Outcome::Busy(why) => format!("waiting: {why}{running}"),
         }
     }
@@ -167,7 +176,8 @@ pub enum Decision {
     },
     /// Too young: wait until then (RFC 3339).
     Wait {
-        until: String,
+        /// `None`: the release's age cannot be told.
+        until: Option<String>,
     },
 }
 
@@ -182,9 +192,8 @@ pub fn decide(
     min_release_age: Duration,
     now: SystemTime,
 ) -> Decision {
-    if current == Some(desired.store_path.as_str()) {
-        return Decision::UpToDate;
-    }
+    // The quarantine first: after a rollback that could not switch back, the failed release is
+    // what runs, and it must not be called up to date.
     if let Some(q) = state
         .quarantined
         .iter()
@@ -193,6 +202,9 @@ pub fn decide(
         return Decision::Hold {
             reason: q.reason.clone(),
         };
+    }
+    if current == Some(desired.store_path.as_str()) {
+        return Decision::UpToDate;
     }
     if let Some(f) = &state.failures
         && f.store_path == desired.store_path
@@ -209,14 +221,10 @@ pub fn decide(
             Some(ready) if ready <= now => {}
             Some(ready) => {
                 return Decision::Wait {
-                    until: humantime::format_rfc3339_seconds(ready).to_string(),
+                    until: Some(humantime::format_rfc3339_seconds(ready).to_string()),
                 };
             }
-            None => {
-                return Decision::Hold {
-                    reason: "its publication time is unknown and min_release_age is set".into(),
-                };
-            }
+            None => return Decision::Wait { until: None },
         }
     }
     Decision::Apply

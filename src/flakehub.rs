@@ -209,7 +209,7 @@ impl Client {
             let all = self.releases(flake).await?;
             release = newest_unyanked(&all, &flake.version).ok_or_else(|| {
                 Error::NotFound(format!(
-                    "release of {}/{} matching '{}' that is not yanked",
+                    "FlakeHub has no release of {}/{} matching '{}' that is not yanked",
                     flake.org, flake.flake, flake.version
                 ))
             })?;

@@ -1392,7 +1392,6 @@ fn a_yanked_release_is_never_applied_even_when_it_is_the_only_one() {
 /// messages ("FlakeHub has no ..."); it says "release of ... that is not yanked", which reads as
 /// if one had been found.
 #[test]
-#[ignore = "bug: src/flakehub.rs Client::resolve builds Error::NotFound without the \"FlakeHub has no\" prefix"]
 fn all_releases_yanked_is_reported_as_none_found() {
     let b = bench!("all_yanked_message");
     let (v1, _) = b.release(1, Kind::Normal);
@@ -1408,7 +1407,6 @@ fn all_releases_yanked_is_reported_as_none_found() {
 /// A release held because its publication time is unknown is not quarantined (it is not in the
 /// quarantine list, and `hcloud-nixos retry` does not help), so the status must not say so.
 #[test]
-#[ignore = "bug: src/deploy.rs cycle_inner maps decide()'s Hold for an unknown publication time to Outcome::Quarantined (\"is quarantined ...; waiting for a newer release or `hcloud-nixos retry`\")"]
 fn a_release_of_unknown_age_is_held_without_being_called_quarantined() {
     let b = bench!(
         "unknown_age_status",
@@ -1876,7 +1874,6 @@ fn a_reboot_that_comes_up_in_the_old_system_is_recorded_and_not_repeated() {
 /// The service with a long poll interval: a release that is too young is applied once it is
 /// old enough, not a whole poll interval later (as a planned reboot is not missed either).
 #[test]
-#[ignore = "bug: src/agent.rs serve() sleeps the whole poll_interval after Outcome::Waiting; the delay should be at most the time until the release is old enough (as for reboot_planned)"]
 fn the_service_applies_a_young_release_once_it_is_old_enough() {
     let b = bench!(
         "min_release_age_service",
@@ -1955,7 +1952,6 @@ fn a_rollback_that_fails_is_reported_to_status_hooks_and_metrics() {
 /// After a rollback that did not end healthy the failed release may still run. The next cycle
 /// must not call that "up to date" (nor record it as the healthy running release).
 #[test]
-#[ignore = "bug: src/deploy.rs decide() answers UpToDate when the running store path is the desired one before looking at the quarantine, so after a failed rollback the next cycle reports the quarantined release as `up to date`, ok, and records it as running"]
 fn after_a_failed_rollback_the_failed_release_is_not_called_up_to_date() {
     let b = bench!("rollback_fails_then_up_to_date");
     let old = b.system("old", Kind::ActivationFails);

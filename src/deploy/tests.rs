@@ -63,6 +63,18 @@ fn decide_compares_store_paths_and_counts_failures() {
 }
 
 #[test]
+fn a_quarantined_release_is_held_even_when_it_runs() {
+    // After a rollback that could not switch back, the failed release runs: not "up to date".
+    let new = target("0.1.43");
+    let mut state = State::default();
+    quarantine(&mut state, &in_flight(&new), "units failed");
+    assert!(matches!(
+        decide_now(&new, Some(&new.store_path), &state),
+        Decision::Hold { .. }
+    ));
+}
+
+#[test]
 fn quarantined_store_paths_are_held() {
     let new = target("0.1.43");
     let mut state = State::default();
@@ -104,15 +116,15 @@ fn min_release_age_waits_until_the_release_is_old_enough() {
     assert_eq!(
         at(published + Duration::from_secs(60)),
         Decision::Wait {
-            until: "2023-11-14T23:13:20Z".into()
+            until: Some("2023-11-14T23:13:20Z".into())
         }
     );
     assert_eq!(at(published + hour), Decision::Apply);
-    // Unknown age with a minimum set: held, never applied early.
-    assert!(matches!(
+    // Unknown age with a minimum set: waits for good, never applied early.
+    assert_eq!(
         decide(&new, Some("/nix/store/x"), &state, 3, None, hour, published),
-        Decision::Hold { .. }
-    ));
+        Decision::Wait { until: None }
+    );
     // Zero means no waiting at all (canaries).
     assert_eq!(
         decide(
