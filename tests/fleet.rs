@@ -105,6 +105,19 @@ fn assert_one_at_a_time(mut windows: Vec<(String, u128, u128)>) {
     }
 }
 
+/// The most deploy windows open at one instant (an end at the same millisecond as a start
+/// counts as before it).
+fn max_overlap(windows: &[(String, u128, u128)]) -> usize {
+    let mut events: Vec<(u128, i32)> = windows.iter().flat_map(|w| [(w.1, 1), (w.2, -1)]).collect();
+    events.sort();
+    let (mut open, mut most) = (0i32, 0i32);
+    for (_, d) in events {
+        open += d;
+        most = most.max(open);
+    }
+    most as usize
+}
+
 // ---- the child process: one agent ------------------------------------------------------------
 
 /// Not a test of its own: the body of the agent processes the tests start (this binary run
@@ -282,6 +295,42 @@ fn etcd_tasks_never_overlap_and_waiters_see_the_holder() {
         let windows = windows.borrow().clone();
         assert_eq!(windows.len(), 10);
         assert_one_at_a_time(windows);
+    });
+}
+
+#[test]
+fn etcd_two_slots_are_used_and_never_exceeded() {
+    let Some(etcd) = etcd::Etcd::start("etcd_two_slots") else {
+        return;
+    };
+    let cfg = fleet_config("etcd", &etcd.url(), "web", 2);
+    runtime().block_on(async {
+        let windows = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let local = tokio::task::LocalSet::new();
+        for i in 0..8 {
+            let c = coordinator(&cfg, &format!("s{i}"));
+            let windows = windows.clone();
+            local.spawn_local(async move {
+                let g = wait_granted(&c, deploy("9"), Duration::from_secs(30)).await;
+                let start = now_ms();
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                windows
+                    .borrow_mut()
+                    .push((format!("s{i}"), start, now_ms()));
+                c.release(
+                    g,
+                    Ending::Deployed {
+                        release: "9".into(),
+                    },
+                )
+                .await
+                .unwrap();
+            });
+        }
+        local.await;
+        let windows = windows.borrow().clone();
+        assert_eq!(windows.len(), 8);
+        assert_eq!(max_overlap(&windows), 2, "{windows:?}");
     });
 }
 
@@ -490,6 +539,43 @@ fn etcd_acquire_is_reentrant_for_a_restarted_agent() {
 }
 
 #[test]
+fn etcd_a_deploys_slot_is_kept_through_its_reboot() {
+    let Some(etcd) = etcd::Etcd::start("etcd_reboot") else {
+        return;
+    };
+    let mut cfg = fleet_config("etcd", &etcd.url(), "web", 1);
+    cfg.etcd.as_mut().unwrap().reboot_ttl = Some("8s".into());
+    runtime().block_on(async {
+        let a = coordinator(&cfg, "a");
+        let other = coordinator(&cfg, "b");
+        let deploying = wait_granted(&a, deploy("1"), Duration::from_secs(5)).await;
+        // The release needs a reboot: the same slot, now for the reboot.
+        let rebooting = wait_granted(&a, Purpose::Reboot, Duration::from_secs(1)).await;
+        assert_eq!(rebooting.slot(), deploying.slot());
+        let status = other.status().await.unwrap();
+        assert_eq!(status.holders[0].purpose, Purpose::Reboot);
+        // The server goes down: nothing refreshes the lease, yet the slot outlives lease_ttl.
+        deploying.abandon();
+        rebooting.abandon();
+        drop(a);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(matches!(
+            other.acquire(deploy("1")).await.unwrap(),
+            Acquired::Waiting { .. }
+        ));
+        // Back from the reboot and confirmed: the agent gives it back.
+        let back = coordinator(&cfg, "a");
+        back.release_own(Ending::Deployed {
+            release: "1".into(),
+        })
+        .await
+        .unwrap();
+        let g = wait_granted(&other, deploy("1"), Duration::from_secs(1)).await;
+        other.release(g, Ending::Done).await.unwrap();
+    });
+}
+
+#[test]
 fn etcd_down_nobody_deploys_and_no_stale_slot_after() {
     let Some(mut etcd) = etcd::Etcd::start("etcd_down") else {
         return;
@@ -530,6 +616,34 @@ fn etcd_down_nobody_deploys_and_no_stale_slot_after() {
         assert_eq!(status.holders[0].id, "b");
         b.release(g, Ending::Done).await.unwrap();
         assert!(b.status().await.unwrap().holders.is_empty());
+    });
+}
+
+#[test]
+fn etcd_over_tls_with_a_client_certificate() {
+    let Some(etcd) = etcd::Etcd::start_tls("etcd_over_tls") else {
+        return;
+    };
+    let certs = etcd.certs().unwrap().to_path_buf();
+    let mut cfg = fleet_config("etcd", &etcd.url(), "web", 1);
+    let tls = cfg.etcd.as_mut().unwrap();
+    tls.ca_file = Some(certs.join("ca.pem"));
+    tls.cert_file = Some(certs.join("client.pem"));
+    tls.key_file = Some(certs.join("client-key.pem"));
+    runtime().block_on(async {
+        let a = coordinator(&cfg, "a");
+        let g = wait_granted(&a, deploy("1"), Duration::from_secs(10)).await;
+        assert_eq!(a.status().await.unwrap().holders.len(), 1);
+        a.release(g, Ending::Done).await.unwrap();
+        // Without the client certificate etcd refuses the handshake: no slot, an error.
+        let mut anonymous = cfg.clone();
+        let e = anonymous.etcd.as_mut().unwrap();
+        e.cert_file = None;
+        e.key_file = None;
+        let b = coordinator(&anonymous, "b");
+        let err = b.acquire(deploy("1")).await.unwrap_err();
+        println!("without a client certificate: {err}");
+        assert!(!err.message.contains('\n'), "{err}");
     });
 }
 

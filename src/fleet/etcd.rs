@@ -118,10 +118,25 @@ fn classify(what: &str, endpoints: &[String], e: etcd_client::Error) -> Error {
         ),
         _ => false,
     };
-    let text = match &e {
+    let mut text = match &e {
         E::GRpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
         other => other.to_string(),
     };
+    // The innermost cause says the most (a refused connection, a failed TLS handshake).
+    let mut source = match &e {
+        E::GRpcStatus(s) => std::error::Error::source(s),
+        E::TransportError(t) => std::error::Error::source(t),
+        _ => None,
+    };
+    let mut last = None;
+    while let Some(cause) = source {
+        last = Some(cause.to_string());
+        source = cause.source();
+    }
+    if let Some(last) = last.filter(|l| !text.contains(l.as_str())) {
+        text.push_str(": ");
+        text.push_str(&last);
+    }
     let eps = endpoints.join(", ");
     if unreachable {
         Error::new(
@@ -282,22 +297,88 @@ impl EtcdCoordinator {
         }
     }
 
+    /// A deploy's slot lives `lease_ttl` past its holder's last sign of life; a reboot's
+    /// `reboot_ttl`, long enough for the server to come back.
+    fn ttl(&self, purpose: &Purpose) -> Duration {
+        match purpose {
+            Purpose::Reboot => self.reboot_ttl,
+            Purpose::Deploy { .. } => self.lease_ttl,
+        }
+    }
+
+    /// Moves our slot to a new lease of the new purpose's lifetime (a deploy's slot kept for
+    /// the reboot that follows it): the key is put again under the new lease only while it is
+    /// still bound to the old one, then the old lease is revoked.
+    async fn rebind(
+        &self,
+        mut c: Client,
+        i: u32,
+        old: &Holder,
+        old_lease: i64,
+        purpose: Purpose,
+    ) -> Result<Acquired, Error> {
+        let what = "keeping the fleet slot for a reboot";
+        let ttl = self.ttl(&purpose);
+        let lease = self
+            .call(what, c.lease_grant(ttl.as_secs() as i64, None))
+            .await?
+            .id();
+        let holder = Holder {
+            purpose: purpose.clone(),
+            since: super::now(),
+            ..old.clone()
+        };
+        let key = self.slot_key(i);
+        let txn = Txn::new()
+            .when(vec![Compare::lease(
+                key.as_str(),
+                CompareOp::Equal,
+                old_lease,
+            )])
+            .and_then(vec![TxnOp::put(
+                key.as_str(),
+                serde_json::to_vec(&holder).expect("serialisable"),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let moved = match self.call(what, c.txn(txn)).await {
+            Ok(r) => r.succeeded(),
+            Err(e) => {
+                let _ = tokio::time::timeout(OP_TIMEOUT, c.lease_revoke(lease)).await;
+                return Err(e);
+            }
+        };
+        if !moved {
+            // The old lease ran out in between: ask again from the start.
+            let _ = tokio::time::timeout(OP_TIMEOUT, c.lease_revoke(lease)).await;
+            return Box::pin(self.acquire(purpose)).await;
+        }
+        let _ = tokio::time::timeout(OP_TIMEOUT, c.lease_revoke(old_lease)).await;
+        tracing::info!(slot = i, purpose = %purpose, ttl = ?ttl, "kept this server's fleet slot under a new lease");
+        Ok(Acquired::Granted(self.guard(c, purpose, i, lease, ttl)))
+    }
+
     pub async fn acquire(&self, purpose: Purpose) -> Result<Acquired, Error> {
         let what = "taking a fleet slot";
         for _ in 0..ATTEMPTS {
             let view = self.view(what).await?;
-            // Ours already: an agent restarted mid-deploy, a server back from its reboot.
+            // Ours already: an agent restarted mid-deploy, a server back from its reboot, or a
+            // deploy's slot now wanted for the reboot it needs.
             if let Some((&i, (h, lease))) = view.slots.iter().find(|(_, (h, _))| h.id == self.me.id)
             {
-                let ttl = match h.purpose {
-                    Purpose::Reboot => self.reboot_ttl,
-                    Purpose::Deploy { .. } => self.lease_ttl,
-                };
-                tracing::info!(slot = i, purpose = %h.purpose, "this server holds a fleet slot already; keeping it");
                 let client = self.client().await?;
-                return Ok(Acquired::Granted(
-                    self.guard(client, purpose, i, *lease, ttl),
-                ));
+                let same_lifetime = matches!(
+                    (&h.purpose, &purpose),
+                    (Purpose::Reboot, Purpose::Reboot)
+                        | (Purpose::Deploy { .. }, Purpose::Deploy { .. })
+                );
+                if same_lifetime {
+                    tracing::info!(slot = i, purpose = %h.purpose, "this server holds a fleet slot already; keeping it");
+                    let ttl = self.ttl(&h.purpose);
+                    return Ok(Acquired::Granted(
+                        self.guard(client, purpose, i, *lease, ttl),
+                    ));
+                }
+                return self.rebind(client, i, h, *lease, purpose).await;
             }
             if let Some(release) = purpose.release() {
                 if let Some(p) = view.paused.iter().find(|p| p.release == release) {
@@ -326,10 +407,7 @@ impl EtcdCoordinator {
                     detail: None,
                 });
             };
-            let ttl = match purpose {
-                Purpose::Reboot => self.reboot_ttl,
-                Purpose::Deploy { .. } => self.lease_ttl,
-            };
+            let ttl = self.ttl(&purpose);
             let mut c = self.client().await?;
             let lease = self
                 .call(what, c.lease_grant(ttl.as_secs() as i64, None))

@@ -380,7 +380,9 @@ impl Coordinator {
     }
 
     /// Asks for a slot. Re-entrant: a server that holds a slot already (an agent restarted
-    /// mid-deploy, a server back from its reboot) gets that slot again.
+    /// mid-deploy, a server back from its reboot) gets that slot again. Asking for
+    /// [`Purpose::Reboot`] while holding a deploy's slot keeps that slot for the reboot (etcd:
+    /// moved to a lease of `reboot_ttl`, so that it outlives the agent while the server is down).
     pub async fn acquire(&self, purpose: Purpose) -> Result<Acquired, Error> {
         match self {
             Coordinator::Etcd(c) => c.acquire(purpose).await,
@@ -388,25 +390,31 @@ impl Coordinator {
         }
     }
 
-    /// Gives the slot back once the work is confirmed; records a canary's confirmation or a
-    /// failure (see [`Ending`]). On an error the slot is still freed in the end (etcd: when its
-    /// lease expires, since the guard no longer keeps it alive).
+    /// Gives the slot back once the work is confirmed, and records how it ended (a canary's
+    /// confirmation, a failure that pauses the group: see [`Ending`]). The slot is given back
+    /// even when recording fails; the first error is returned. After an error the agent should
+    /// call [`Coordinator::release_own`] with the same ending on its next cycles until it
+    /// succeeds (both steps are idempotent). An etcd slot whose release failed is freed anyway
+    /// when its lease expires, since the guard no longer keeps it alive.
     pub async fn release(&self, guard: SlotGuard, ending: Ending) -> Result<(), Error> {
-        self.record(&ending).await?;
-        match self {
+        let recorded = self.record(&ending).await;
+        let released = match self {
             Coordinator::Etcd(c) => c.release(guard).await,
             Coordinator::FleetLock(c) => c.release_own().await,
-        }
+        };
+        recorded.and(released)
     }
 
     /// Like [`Coordinator::release`] without the guard: for a deploy or reboot that an earlier
-    /// agent process (or boot) started. Nothing held is not an error.
+    /// agent process (or boot) started, or to retry a release that failed. Nothing held is not
+    /// an error.
     pub async fn release_own(&self, ending: Ending) -> Result<(), Error> {
-        self.record(&ending).await?;
-        match self {
+        let recorded = self.record(&ending).await;
+        let released = match self {
             Coordinator::Etcd(c) => c.release_own().await,
             Coordinator::FleetLock(c) => c.release_own().await,
-        }
+        };
+        recorded.and(released)
     }
 
     async fn record(&self, ending: &Ending) -> Result<(), Error> {
@@ -522,4 +530,10 @@ pub async fn run_command(
             )
         }),
     }
+}
+
+/// How long to wait before asking again after [`Acquired::Waiting`]: `interval` with ±25 %
+/// jitter, so that the servers of a group do not ask in step.
+pub fn jittered(interval: std::time::Duration) -> std::time::Duration {
+    interval.mul_f64(0.75 + fastrand::f64() * 0.5)
 }

@@ -16,6 +16,87 @@ pub struct Etcd {
     client_port: u16,
     peer_port: u16,
     child: Option<Child>,
+    /// Client TLS with client certificates: the certificates' directory.
+    tls: Option<PathBuf>,
+}
+
+/// PEM files made with the openssl command for a TLS etcd: `ca.pem`, `server.pem` and
+/// `server-key.pem` (for 127.0.0.1), `client.pem` and `client-key.pem`.
+pub fn make_certs(dir: &std::path::Path) -> Result<(), String> {
+    let run = |args: &[&str]| -> Result<(), String> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map_err(|e| format!("cannot run openssl: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    let ext =
+        |name: &str, text: &str| std::fs::write(dir.join(name), text).map_err(|e| e.to_string());
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test etcd CA",
+    ])?;
+    ext(
+        "server.ext",
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )?;
+    ext("client.ext", "extendedKeyUsage=clientAuth\n")?;
+    for (name, subject) in [("server", "/CN=127.0.0.1"), ("client", "/CN=hcloud-nixos")] {
+        run(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}-key.pem"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            subject,
+        ])?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ])?;
+    }
+    Ok(())
 }
 
 fn free_port() -> u16 {
@@ -53,13 +134,32 @@ impl Etcd {
             client_port: free_port(),
             peer_port: free_port(),
             child: None,
+            tls: None,
         };
         etcd.resume();
         Some(etcd)
     }
 
+    /// Like [`Etcd::start`], serving clients over TLS and requiring a client certificate
+    /// signed by the test CA. The certificates are in [`Etcd::certs`].
+    pub fn start_tls(test: &str) -> Option<Etcd> {
+        let mut etcd = Etcd::start(test)?;
+        etcd.stop();
+        let certs = etcd.dir.path().join("certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        make_certs(&certs).unwrap_or_else(|e| panic!("{test}: {e}"));
+        etcd.tls = Some(certs);
+        etcd.resume();
+        Some(etcd)
+    }
+
+    pub fn certs(&self) -> Option<&std::path::Path> {
+        self.tls.as_deref()
+    }
+
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -90,6 +190,14 @@ impl Etcd {
             .arg("--election-timeout=500")
             .arg("--log-level=warn")
             .arg("--logger=zap")
+            .args(self.tls.iter().flat_map(|d| {
+                [
+                    format!("--cert-file={}", d.join("server.pem").display()),
+                    format!("--key-file={}", d.join("server-key.pem").display()),
+                    format!("--trusted-ca-file={}", d.join("ca.pem").display()),
+                    "--client-cert-auth".to_string(),
+                ]
+            }))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
@@ -121,6 +229,23 @@ impl Etcd {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
             return false;
         };
+        if let Some(certs) = &self.tls {
+            // Over TLS: ask with curl when there is one, else take an open port as ready.
+            drop(s);
+            let out = Command::new("curl")
+                .args(["-sS", "--max-time", "2", "--cacert"])
+                .arg(certs.join("ca.pem"))
+                .arg("--cert")
+                .arg(certs.join("client.pem"))
+                .arg("--key")
+                .arg(certs.join("client-key.pem"))
+                .arg(format!("{}/health", self.url()))
+                .output();
+            return match out {
+                Ok(o) => String::from_utf8_lossy(&o.stdout).contains("\"health\":\"true\""),
+                Err(_) => true,
+            };
+        }
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
         if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
             .is_err()
