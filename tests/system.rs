@@ -17,9 +17,10 @@
 //! 1. Boot: network unit before networkd and `network-online.target`; static IPv6 and the
 //!    default route via fe80::1 on eth0 (the fixture's MAC); hostname through hostnamed; SSH key
 //!    file in place, root-only.
-//! 2. The agent (`Type=notify`) is active only after its first cycle; it read the user-data,
-//!    logged in through determinate-nixd, deployed the release in transient units; the token is
-//!    nowhere in the journal; `hcloud-nixos status` and `systemctl status` say so.
+//! 2. The agent (`Type=notify`) is active only after READY=1, which comes once it has read the
+//!    user-data and logged in through determinate-nixd, as its first step begins; it deploys the
+//!    release in transient units; the token is nowhere in the journal; `hcloud-nixos status` and
+//!    `systemctl status` say so.
 //! 3. A new release is deployed within one poll interval; `hcloud-nixos check` makes the next
 //!    one immediate.
 //! 4. A release whose activation restarts the agent's unit: the deploy completes, recorded once.
@@ -416,10 +417,56 @@ impl Server<'_> {
         let s = read_state(self.root);
         assert!(
             ok,
-            "{what}: not within {timeout:?}\nstate.json: {s:#}\n--- journal ---\n{}",
+            "{what}: not within {timeout:?}\n{}state.json: {s:#}\n--- journal ---\n{}",
+            race_note(&self.stopped_steps()),
             self.agent_journal()
         );
         s
+    }
+
+    /// Journal lines in which systemd stops a step unit that still runs. The agent stops step
+    /// units only when they time out (none does in this test); otherwise this is the race of
+    /// [`race_note`].
+    fn stopped_steps(&self) -> Vec<String> {
+        self.journal(&["-u", "hcloud-nixos-*"])
+            .lines()
+            .filter(|l| {
+                ["fetch", "activate", "rollback"]
+                    .iter()
+                    .any(|k| l.contains(&format!("Stopping hcloud-nixos-{k}-")))
+            })
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// What it means when the agent stopped a step unit right after starting it.
+fn race_note(stopped: &[String]) -> String {
+    if stopped.is_empty() {
+        return String::new();
+    }
+    format!(
+        "RACE (src/apply.rs Applier::wait, src/systemd.rs UnitStatus::finished): the agent stopped a \
+         step unit it had just started. StartTransientUnit returns once the start job is queued; \
+         if the first GetUnit comes before the job ran, ActiveState is still \"inactive\", \
+         finished() says true (Result=success, status 0: \"finished successfully\"), and run_step's \
+         forget() sends StopUnit, which kills fh or switch-to-configuration. Lines:\n{}\n",
+        stopped.join("\n")
+    )
+}
+
+/// Records the race of [`race_note`] once per journal line, without stopping the scenario.
+fn check_race(srv: &Server, seen: &mut Vec<String>, failures: &mut Vec<String>) {
+    let new: Vec<String> = srv
+        .stopped_steps()
+        .into_iter()
+        .filter(|l| !seen.contains(l))
+        .collect();
+    if !new.is_empty() {
+        seen.extend(new.iter().cloned());
+        let note = race_note(&new);
+        eprintln!("FAILED: {note}");
+        failures.push(note);
     }
 }
 
@@ -440,6 +487,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     // Failures that need not stop the scenario (the later steps still run and report); the test
     // fails at the end if there are any.
     let mut failures: Vec<String> = Vec::new();
+    let mut races_seen: Vec<String> = Vec::new();
     let log = |msg: &str| eprintln!("[{}] {msg}", container::elapsed(t0));
     let step = |msg: &str| eprintln!("\n[{}] ===== {msg}", container::elapsed(t0));
     let id = netns::unique();
@@ -721,32 +769,52 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
         "{}",
         srv.agent_journal()
     );
+    // READY=1 goes out once the agent has read the user-data, logged in and found a release
+    // to deploy, at the latest when its first cycle starts a step (an activation may restart
+    // this very unit, and systemd runs that restart only once the start is done).
     let started = srv.mono(AGENT, "ExecMainStartTimestampMonotonic");
     let active = srv.mono(AGENT, "ActiveEnterTimestampMonotonic");
-    let confirmed = srv
-        .journal_json(&["-u", AGENT])
+    let agent_entries = srv.journal_json(&["-u", AGENT]);
+    let at = |prefix: &str| {
+        agent_entries
+            .iter()
+            .find(|e| e["MESSAGE"].as_str().is_some_and(|m| m.starts_with(prefix)))
+            .and_then(|e| e["__MONOTONIC_TIMESTAMP"].as_str()?.parse::<u64>().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no '{prefix}' in the agent's journal:\n{}{}",
+                    race_note(&srv.stopped_steps()),
+                    srv.agent_journal()
+                )
+            })
+    };
+    let logged_in = at("logged in to FlakeHub");
+    let confirmed = at("deploy confirmed");
+    let first_step = srv
+        .journal_json(&["-u", "hcloud-nixos-fetch-*"])
         .iter()
-        .find(|e| {
-            e["MESSAGE"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("deploy confirmed"))
-        })
-        .and_then(|e| e["__MONOTONIC_TIMESTAMP"].as_str()?.parse::<u64>().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "no 'deploy confirmed' in the agent's journal:\n{}",
-                srv.agent_journal()
-            )
-        });
+        .filter_map(|e| e["__MONOTONIC_TIMESTAMP"].as_str()?.parse::<u64>().ok())
+        .min()
+        .unwrap_or(0);
     assert!(
-        started < confirmed && confirmed <= active,
-        "started {started}, deploy confirmed {confirmed}, unit active {active} (us, monotonic)"
+        started < logged_in && logged_in < active && active < confirmed,
+        "started {started}, logged in {logged_in}, unit active {active}, deploy confirmed {confirmed} (us, monotonic)\n{}{}",
+        race_note(&srv.stopped_steps()),
+        srv.agent_journal()
+    );
+    // The fetch unit starts right after READY=1 is sent; systemd may read the two sockets in
+    // either order.
+    assert!(
+        active <= first_step + 200_000,
+        "active at {active} us, the first step's unit at {first_step} us"
     );
     log(&format!(
-        "{AGENT}: started at {:.3} s, deploy confirmed at {:.3} s, active (READY=1) at {:.3} s: active only after its first cycle",
+        "{AGENT}: started at {:.3} s, logged in at {:.3} s, active (READY=1) at {:.3} s as its first step began ({:.3} s), deploy confirmed at {:.3} s [monotonic]",
         started as f64 / 1e6,
-        confirmed as f64 / 1e6,
-        active as f64 / 1e6
+        logged_in as f64 / 1e6,
+        active as f64 / 1e6,
+        first_step as f64 / 1e6,
+        confirmed as f64 / 1e6
     ));
     let userdata_requests = metadata.requests("userdata");
     assert!(
@@ -888,6 +956,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     ));
 
     // ---- Step 3: new releases, by polling and by `hcloud-nixos check` ------------------------
+    check_race(&srv, &mut races_seen, &mut failures);
     step(&format!(
         "STEP 3: a new release is deployed within one poll interval ({} s, +-10%)",
         POLL.as_secs()
@@ -921,9 +990,13 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     let t = Instant::now();
     let asked = srv.c.run("hcloud-nixos", &["check"]);
     log(&format!(
-        "published {} -> system 3 right after; `hcloud-nixos check`: {}",
+        "published {} -> system 3 right after; `hcloud-nixos check` asked the agent (SIGUSR1){}",
         v(3),
-        asked.trim()
+        if asked.trim().is_empty() {
+            String::new()
+        } else {
+            format!(": {}", asked.trim())
+        }
     ));
     let s = srv.wait_state(
         "release 3 deployed after `hcloud-nixos check`",
@@ -946,6 +1019,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     ));
 
     // ---- Step 4: an activation that restarts the agent -----------------------------------------
+    check_race(&srv, &mut races_seen, &mut failures);
     step("STEP 4: a release whose activation restarts hcloud-nixos-agent.service");
     let pid_before = srv.c.unit_property(AGENT, "MainPID");
     hub.publish(&v(4), &systems[4]);
@@ -1030,6 +1104,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     ));
 
     // ---- Step 5: a broken release --------------------------------------------------------------
+    check_race(&srv, &mut races_seen, &mut failures);
     step("STEP 5: a broken release is rolled back and quarantined");
     let gens = srv.generations();
     hub.publish(&v(5), &systems[5]);
@@ -1117,6 +1192,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     ));
 
     // ---- Step 6: killed in the middle of an activation -----------------------------------------
+    check_race(&srv, &mut races_seen, &mut failures);
     step("STEP 6: the server is killed in the middle of an activation and boots again");
     std::fs::write(root.join("switch-delay"), "120").unwrap();
     hub.publish(&v(6), &systems[6]);
@@ -1138,6 +1214,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
         v(6),
         s["in_flight"]["unit"]
     ));
+    check_race(&srv, &mut races_seen, &mut failures);
     drop(srv);
     fresh_nic();
     std::fs::write(root.join("switch-delay"), "0").unwrap();
@@ -1164,8 +1241,12 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
         "{}",
         srv.agent_journal()
     );
-    let s = read_state(&root);
-    assert!(s["in_flight"].is_null(), "{s:#}");
+    // The agent is ready as soon as it carries on with the deploy; wait for the deploy's end.
+    let s = srv.wait_state(
+        "the interrupted deploy finished after the reboot",
+        Duration::from_secs(60),
+        |s| s["in_flight"].is_null(),
+    );
     assert_eq!(deploys(&s), d0 + 1, "recorded exactly once: {s:#}");
     assert_eq!(s["last_deploy"]["version"], v(6).as_str(), "{s:#}");
     assert_eq!(s["last_deploy"]["outcome"], "success", "{s:#}");
@@ -1198,6 +1279,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     ));
 
     // ---- Step 7: the watchdog ------------------------------------------------------------------
+    check_race(&srv, &mut races_seen, &mut failures);
     step("STEP 7: a hung agent is restarted by systemd's watchdog");
     let dropin_dir = "/run/systemd/system/hcloud-nixos-agent.service.d";
     srv.c.sh(&format!(
@@ -1259,6 +1341,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     let s = read_state(&root);
     assert_eq!(deploys(&s), d0 + 1, "nothing deployed meanwhile: {s:#}");
 
+    check_race(&srv, &mut races_seen, &mut failures);
     if failures.is_empty() {
         step(&format!(
             "DONE: every step passed in {:.1} s; cleaning up",
