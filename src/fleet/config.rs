@@ -97,9 +97,11 @@ pub struct FleetLockSettings {
     pub url: String,
 }
 
-/// The `fleet` mapping of user-data, with the same keys as `[fleet]`.
+/// The `fleet` mapping of user-data, with the same keys as `[fleet]`. The problems do not name
+/// the section (the caller puts `hcloud_nixos.fleet: ` before them); the keys' values are
+/// checked by [`FleetConfig::resolve`].
 pub fn from_user_data(value: &serde_json::Value) -> Result<FleetConfig, Vec<String>> {
-    serde_json::from_value(value.clone()).map_err(|e| vec![format!("fleet: {e}")])
+    serde_json::from_value(value.clone()).map_err(|e| vec![e.to_string()])
 }
 
 fn group_ok(group: &str) -> bool {
@@ -153,6 +155,27 @@ impl FleetConfig {
             etcd,
             fleetlock,
         }
+    }
+
+    /// One line for `hcloud-nixos userdata` and the like: "group web, 2 slots, etcd".
+    pub fn summary(&self) -> String {
+        let mut parts = vec![format!(
+            "group {}",
+            self.group.as_deref().unwrap_or("(none)")
+        )];
+        if let Some(n) = self.slots {
+            parts.push(format!("{n} slot{}", if n == 1 { "" } else { "s" }));
+        }
+        if let Some(b) = self.backend {
+            parts.push(b.as_str().to_string());
+        }
+        if self.canary == Some(true) {
+            parts.push("canary".into());
+        }
+        if let Some(p) = self.pause_on_failure {
+            parts.push(format!("pause_on_failure {p}"));
+        }
+        parts.join(", ")
     }
 
     /// Validates; every problem is one line naming the key.

@@ -95,8 +95,10 @@ impl fmt::Display for Purpose {
     }
 }
 
-/// How the work a slot was taken for ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How the work a slot was taken for ended. Serialisable, so that the agent can keep one in its
+/// state until [`Coordinator::release_own`] succeeds (across restarts and reboots).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Ending {
     /// The release runs and was confirmed healthy (a canary records it as confirmed).
     Deployed { release: String },

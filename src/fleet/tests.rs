@@ -121,7 +121,17 @@ fn user_data_has_the_same_keys_and_the_file_wins() {
     assert_eq!(etcd.prefix, "/file");
     assert_eq!(etcd.endpoints, ["http://10.0.0.5:2379"]);
     let e = from_user_data(&serde_json::json!({"group": "web", "slotz": 1})).unwrap_err();
-    assert!(e[0].starts_with("fleet: unknown field `slotz`"), "{e:?}");
+    assert!(e[0].starts_with("unknown field `slotz`"), "{e:?}");
+    assert_eq!(user.summary(), "group web, 3 slots, etcd");
+    let ending: Ending =
+        serde_json::from_str(r#"{"kind":"failed","release":"1","reason":"x"}"#).unwrap();
+    assert_eq!(
+        ending,
+        Ending::Failed {
+            release: "1".into(),
+            reason: "x".into()
+        }
+    );
 }
 
 #[test]
