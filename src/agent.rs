@@ -13,7 +13,7 @@ use crate::config::{self, ApplyMode, FileConfig, Settings};
 use crate::deploy::{self, Context, Outcome};
 use crate::metadata::client::{Client as MetadataClient, Settings as MetadataSettings};
 use crate::state::State;
-use crate::{files, flakehub, login, metrics, userdata};
+use crate::{files, flakehub, fleet, login, metrics, userdata};
 
 /// How long to wait for the metadata service when reading user-data.
 const USERDATA_DEADLINE: Duration = Duration::from_secs(30);
@@ -23,6 +23,9 @@ pub const PID_FILE: &str = "agent.pid";
 /// How soon to look again when someone else was switching the system.
 const BUSY_RECHECK: Duration = Duration::from_secs(10);
 
+/// How soon to ask again for a fleet slot (with jitter).
+const FLEET_RECHECK: Duration = Duration::from_secs(30);
+
 /// Settings, and what the user-data said besides.
 pub struct Loaded {
     pub settings: Settings,
@@ -30,6 +33,9 @@ pub struct Loaded {
     pub notes: Vec<String>,
     /// Why the user-data gave no reference, for the status line when there is none.
     pub why_no_reference: Option<String>,
+    /// The Hetzner instance id (what a fleet knows this server by), when a fleet is configured;
+    /// or why it could not be read.
+    pub instance_id: Option<Result<String, String>>,
 }
 
 /// Reads the configuration file, fetches and parses the user-data, and merges them.
@@ -52,11 +58,38 @@ pub async fn load(config_path: &Path) -> Result<Loaded> {
     } else {
         Some("the user-data's hcloud_nixos section has no flake".to_string())
     };
+    let instance_id = match &settings.fleet {
+        None => None,
+        Some(_) => Some(fetch_instance_id(&settings.metadata_url).await),
+    };
     Ok(Loaded {
         settings,
         notes,
         why_no_reference,
+        instance_id,
     })
+}
+
+/// `metadata/instance-id`, plain text.
+async fn fetch_instance_id(url: &str) -> Result<String, String> {
+    let client = MetadataClient::new(MetadataSettings {
+        base_url: url.to_string(),
+        ..Default::default()
+    })
+    .map_err(|e| e.to_string())?;
+    let body = client
+        .get(
+            "metadata/instance-id",
+            tokio::time::Instant::now() + USERDATA_DEADLINE,
+        )
+        .await
+        .map_err(|e| format!("cannot read this server's instance id: {e}"))?
+        .unwrap_or_default();
+    let id = String::from_utf8_lossy(&body).trim().to_string();
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("the metadata service gave no instance id ('{id}')"));
+    }
+    Ok(id)
 }
 
 async fn fetch_userdata(file: &FileConfig) -> (userdata::UserData, Vec<String>) {
@@ -103,6 +136,7 @@ pub async fn context(loaded: Loaded) -> Result<Context> {
     let Loaded {
         settings,
         why_no_reference,
+        instance_id,
         ..
     } = loaded;
     let flakehub = flakehub::Client::new(
@@ -120,6 +154,20 @@ pub async fn context(loaded: Loaded) -> Result<Context> {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_default();
+    let (fleet, fleet_problem) = match (&settings.fleet, instance_id) {
+        (Some(f), Some(Ok(id))) => match fleet::Coordinator::new(
+            f,
+            fleet::Member {
+                id,
+                host: hostname.clone(),
+            },
+        ) {
+            Ok(c) => (Some(c), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+        (Some(_), Some(Err(e))) => (None, Some(e)),
+        _ => (None, None),
+    };
     Ok(Context {
         settings,
         hostname,
@@ -128,6 +176,8 @@ pub async fn context(loaded: Loaded) -> Result<Context> {
         login,
         login_checked: Default::default(),
         why_no_reference,
+        fleet,
+        fleet_problem,
     })
 }
 
@@ -272,6 +322,11 @@ pub async fn serve(config_path: PathBuf) -> Result<()> {
                     .unwrap_or(Duration::ZERO);
                 delay = delay.min(wait + Duration::from_secs(1));
             }
+            if outcome.fleet_waiting() {
+                delay = delay.min(fleet::jittered(
+                    ctx.settings.poll_interval.min(FLEET_RECHECK),
+                ));
+            }
             if matches!(outcome, Outcome::Busy(_)) {
                 // Someone else is switching: look again soon, not a whole poll interval later.
                 delay = delay.min(BUSY_RECHECK);
@@ -415,6 +470,31 @@ pub fn retry(config_path: &Path) -> Result<Vec<String>> {
         tracing::debug!("no agent to ask for a check: {e:#}");
     }
     Ok(lifted)
+}
+
+/// `hcloud-nixos fleet ...`: the operator's view of this server's fleet group.
+pub async fn fleet_command(config_path: &Path, command: &fleet::FleetCommand) -> Result<String> {
+    let loaded = load(config_path).await?;
+    let Some(f) = &loaded.settings.fleet else {
+        bail!(
+            "this server is in no fleet: neither {} nor the user-data has a [fleet] section",
+            config_path.display()
+        );
+    };
+    let id = match loaded.instance_id {
+        Some(Ok(id)) => id,
+        Some(Err(e)) => bail!("{e}"),
+        None => bail!("this server's instance id is unknown"),
+    };
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let coordinator = fleet::Coordinator::new(f, fleet::Member { id, host })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    fleet::run_command(&coordinator, command)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// `hcloud-nixos status`: the state for a person, or as JSON.

@@ -78,6 +78,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub hook: Vec<crate::hooks::HookConfig>,
     pub metrics: Option<crate::metrics::MetricsConfig>,
+    pub fleet: Option<crate::fleet::FleetConfig>,
     #[serde(default)]
     pub flakehub: FlakehubSection,
     #[serde(default)]
@@ -220,6 +221,8 @@ pub struct Settings {
     pub reboot_inhibitor_timeout: Duration,
     pub hooks: Vec<crate::hooks::Hook>,
     pub metrics: crate::metrics::Metrics,
+    /// Deploys and reboots take turns with the other servers of a group.
+    pub fleet: Option<crate::fleet::Fleet>,
     pub paths: Paths,
 }
 
@@ -422,6 +425,14 @@ pub fn resolve(
             crate::metrics::Metrics::default()
         }),
     };
+    // The file wins key by key over user-data's `fleet` mapping.
+    let fleet = match (&file.fleet, user.and_then(|u| u.fleet.as_ref())) {
+        (None, None) => None,
+        (Some(f), None) => Some(f.clone()),
+        (None, Some(u)) => Some(u.clone()),
+        (Some(f), Some(u)) => Some(f.or(u)),
+    }
+    .and_then(|f| f.resolve().map_err(|e| problems.extend(e)).ok());
     let retry_limit = file.retry_limit.unwrap_or(3);
     if retry_limit == 0 {
         problems.push("retry_limit: must be at least 1".to_string());
@@ -483,6 +494,7 @@ pub fn resolve(
         reboot_inhibitor_timeout,
         hooks,
         metrics,
+        fleet,
         paths,
     })
 }

@@ -21,6 +21,7 @@ use nix::fcntl::{Flock, FlockArg};
 use crate::apply::{self, Applier, Found, Step, StepKind};
 use crate::config::{Operation, Settings};
 use crate::flakehub::{self, Resolved};
+use crate::fleet::{self, Acquired, Ending, Purpose, SlotGuard};
 use crate::health;
 use crate::hooks::{self, EventKind};
 use crate::login;
@@ -45,6 +46,11 @@ pub struct Context {
     pub login_checked: AtomicBool,
     /// Why there is no reference to follow (from loading the user-data), for the status.
     pub why_no_reference: Option<String>,
+    /// The fleet this server takes turns with, when `[fleet]` is configured.
+    pub fleet: Option<fleet::Coordinator>,
+    /// Why a configured fleet cannot be used (its instance id unknown, its TLS files unreadable):
+    /// then nothing is deployed and nothing rebooted.
+    pub fleet_problem: Option<String>,
 }
 
 /// How a cycle ended.
@@ -84,6 +90,13 @@ pub enum Outcome {
     },
     /// Someone else is switching the system right now.
     Busy(String),
+    /// The fleet's slots are taken (or its canary has not confirmed the release yet).
+    FleetWaiting(String),
+    /// The release failed on another server of the group; it waits for `hcloud-nixos fleet resume`.
+    FleetPaused {
+        target: Target,
+        line: String,
+    },
 }
 
 impl Outcome {
@@ -101,6 +114,11 @@ impl Outcome {
     /// A failure that counts for backoff.
     pub fn failed(&self) -> bool {
         matches!(self, Outcome::Failed { .. } | Outcome::RolledBack { .. })
+    }
+
+    /// Waiting for the fleet: ask again soon (with jitter), not a whole poll interval later.
+    pub fn fleet_waiting(&self) -> bool {
+        matches!(self, Outcome::FleetWaiting(_))
     }
 
     /// The one line an operator reads in `systemctl status`.
@@ -161,6 +179,8 @@ impl Outcome {
                 target.version
             ),
             Outcome::Busy(why) => format!("waiting: {why}{running}"),
+            Outcome::FleetWaiting(line) => format!("{line}{running}"),
+            Outcome::FleetPaused { line, .. } => format!("{line}{running}"),
         }
     }
 }
@@ -600,6 +620,32 @@ async fn reboots(
                 state.reboot_request = None;
                 return Some(format!("reboot postponed: {e}"));
             }
+            // A reboot takes a turn in the fleet like a deploy; the slot outlives the reboot and is
+            // handed back by the cycle after it.
+            if let Some(problem) = &ctx.fleet_problem {
+                state.reboot_request = None;
+                return Some(format!("reboot postponed: fleet: {problem}"));
+            }
+            let guard = match &ctx.fleet {
+                None => None,
+                Some(coordinator) => match coordinator.acquire(Purpose::Reboot).await {
+                    Ok(Acquired::Granted(guard)) => Some(guard),
+                    Ok(other) => {
+                        state.reboot_request = None;
+                        return Some(format!("reboot waits: {}", other.status_line()));
+                    }
+                    Err(e) => {
+                        state.reboot_request = None;
+                        return Some(format!("reboot postponed: {e}"));
+                    }
+                },
+            };
+            if guard.is_some() {
+                state.fleet_release = Some(Ending::Done);
+                if let Err(e) = persist(ctx, state) {
+                    tracing::error!("{e}");
+                }
+            }
             // The hooks hear of it before the machine goes down.
             hooks::run_all(&settings.hooks, &reboot_event("rebooting", None)).await;
             let kernel = current
@@ -618,6 +664,15 @@ async fn reboots(
                 }
                 Err(e) => Err(e),
             };
+            if !matches!(result, Ok(crate::reboot::Outcome::Rebooting))
+                && let (Some(coordinator), Some(guard)) = (&ctx.fleet, guard)
+            {
+                // No reboot after all: the turn goes back at once.
+                match coordinator.release(guard, Ending::Done).await {
+                    Ok(()) => state.fleet_release = None,
+                    Err(e) => tracing::warn!("cannot hand the fleet slot back yet: {e}"),
+                }
+            }
             match result {
                 Ok(crate::reboot::Outcome::Rebooting) => Some("rebooting for a new kernel".into()),
                 Ok(crate::reboot::Outcome::Inhibited(by)) => {
@@ -643,9 +698,33 @@ async fn cycle_inner(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + 
     if let Some(outcome) = check_pending_boot(ctx, state, report).await {
         return outcome;
     }
-    if state.in_flight.is_some() {
+    if let Some(ending) = state.fleet_release.clone()
+        && let Some(coordinator) = &ctx.fleet
+    {
+        match coordinator.release_own(ending).await {
+            Ok(()) => state.fleet_release = None,
+            Err(e) => tracing::debug!("the fleet slot is still to be handed back: {e}"),
+        }
+    }
+    if let Some(f) = state.in_flight.clone() {
         tracing::info!("carrying on with the deploy an earlier agent process started");
-        return drive(ctx, state, report).await;
+        // The slot is ours again (a restarted agent finds it by its id); a deploy under way is
+        // finished whatever the fleet says.
+        let guard = match &ctx.fleet {
+            Some(coordinator) => match coordinator
+                .acquire(Purpose::Deploy {
+                    release: f.version.clone(),
+                })
+                .await
+            {
+                Ok(Acquired::Granted(guard)) => Some(guard),
+                _ => None,
+            },
+            None => None,
+        };
+        let outcome = drive(ctx, state, report).await;
+        hand_back(ctx, state, guard, &outcome).await;
+        return outcome;
     }
     let Some(flake) = &settings.flake else {
         let why = ctx
@@ -734,6 +813,38 @@ async fn cycle_inner(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + 
             if let Some(pid) = fh_apply_running() {
                 return Outcome::Busy(format!("someone is running fh apply (PID {pid})"));
             }
+            if let Some(problem) = &ctx.fleet_problem {
+                return Outcome::Failed {
+                    target: Some(desired),
+                    error: format!("fleet: {problem}"),
+                    transient: true,
+                };
+            }
+            let guard = match &ctx.fleet {
+                None => None,
+                Some(coordinator) => match coordinator
+                    .acquire(Purpose::Deploy {
+                        release: desired.version.clone(),
+                    })
+                    .await
+                {
+                    Ok(Acquired::Granted(guard)) => Some(guard),
+                    Ok(Acquired::Paused(pause)) => {
+                        return Outcome::FleetPaused {
+                            line: Acquired::Paused(pause).status_line(),
+                            target: desired,
+                        };
+                    }
+                    Ok(waiting) => return Outcome::FleetWaiting(waiting.status_line()),
+                    Err(e) => {
+                        return Outcome::Failed {
+                            target: Some(desired),
+                            error: e.to_string(),
+                            transient: e.unreachable(),
+                        };
+                    }
+                },
+            };
             let failed_before = match ctx.applier.systemd() {
                 Some(systemd) if settings.operation != Operation::Boot => {
                     systemd.failed_units().await.unwrap_or_default()
@@ -762,8 +873,50 @@ async fn cycle_inner(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + 
                 already_failed = state.in_flight.as_ref().map_or(0, |f| f.failed_before.len()),
                 "deploying a new release"
             );
-            drive(ctx, state, report).await
+            let outcome = drive(ctx, state, report).await;
+            hand_back(ctx, state, guard, &outcome).await;
+            outcome
         }
+    }
+}
+
+/// Hands a fleet slot back once the deploy it was taken for has ended. A failed release is
+/// reported (it pauses the group with `pause_on_failure`); a failed fetch only once it is
+/// quarantined, since a passing fault should not stop the fleet. When the backend cannot be
+/// reached, the ending is kept in the state and handed back at a later cycle.
+async fn hand_back(ctx: &Context, state: &mut State, guard: Option<SlotGuard>, outcome: &Outcome) {
+    let (Some(coordinator), Some(guard)) = (&ctx.fleet, guard) else {
+        return;
+    };
+    let ending = match outcome {
+        Outcome::Deployed(t) => Ending::Deployed {
+            release: t.version.clone(),
+        },
+        Outcome::RolledBack { target, error, .. } => Ending::Failed {
+            release: target.version.clone(),
+            reason: error.clone(),
+        },
+        Outcome::Failed {
+            target: Some(t),
+            error,
+            ..
+        } if state
+            .quarantined
+            .iter()
+            .any(|q| q.store_path == t.store_path) =>
+        {
+            Ending::Failed {
+                release: t.version.clone(),
+                reason: error.clone(),
+            }
+        }
+        // The boot default is set; the reboot (by policy) takes the slot over, or it expires.
+        Outcome::PendingReboot(_) => return,
+        _ => Ending::Done,
+    };
+    if let Err(e) = coordinator.release(guard, ending.clone()).await {
+        tracing::warn!("cannot hand the fleet slot back yet: {e}");
+        state.fleet_release = Some(ending);
     }
 }
 

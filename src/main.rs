@@ -96,6 +96,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Slots, holders and paused releases of this server's fleet group; resume a paused release.
+    Fleet {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(subcommand)]
+        command: hcloud_nixos::fleet::FleetCommand,
+    },
     /// Work with user-data (cloud-config) before a server is created.
     Userdata {
         #[command(subcommand)]
@@ -216,6 +223,15 @@ async fn run(command: Command) -> Result<Done> {
             let pid = agent::request_check(&config.config)?;
             eprintln!(
                 "asked the agent (PID {pid}) to check now; `hcloud-nixos status` shows the result"
+            );
+            Ok(Done::Ok)
+        }
+        Command::Fleet { config, command } => {
+            println!(
+                "{}",
+                agent::fleet_command(&config.config, &command)
+                    .await?
+                    .trim_end()
             );
             Ok(Done::Ok)
         }

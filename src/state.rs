@@ -205,6 +205,10 @@ pub struct State {
     pub reboot_request: Option<RebootRequest>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reboot: Option<LastReboot>,
+    /// A fleet slot still to be handed back (the backend could not be reached when the work it
+    /// was taken for ended, or a reboot ended it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_release: Option<crate::fleet::Ending>,
     /// The one-line status an operator reads.
     #[serde(default)]
     pub status: String,

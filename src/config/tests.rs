@@ -19,6 +19,7 @@ fn user() -> UserSettings {
         confirm_timeout: Some(Duration::from_secs(30)),
         min_release_age: None,
         reboot: Some(crate::reboot::Policy::WhenNeeded),
+        fleet: None,
     }
 }
 

@@ -89,6 +89,8 @@ pub struct UserSettings {
     pub min_release_age: Option<Duration>,
     /// When to reboot into a new kernel.
     pub reboot: Option<crate::reboot::Policy>,
+    /// Taking turns with the other servers of a group.
+    pub fleet: Option<crate::fleet::FleetConfig>,
 }
 
 /// What the user-data says, as far as hcloud-nixos is concerned.
@@ -180,6 +182,33 @@ const FIELDS: &[Field] = &[
             s.min_release_age
                 .map(|d| humantime::format_duration(d).to_string())
         },
+    },
+    Field {
+        key: "reboot",
+        set: |v, s| {
+            let Value::String(text) = v else {
+                return Err(format!(
+                    "is {}, not a reboot policy (never, when-needed or window)",
+                    kind(v)
+                ));
+            };
+            s.reboot = Some(text.parse().map_err(|_| {
+                format!(
+                    "{} is not a reboot policy; use never, when-needed or window",
+                    shown(text)
+                )
+            })?);
+            Ok(())
+        },
+        show: |s| s.reboot.map(|p| p.as_str().to_string()),
+    },
+    Field {
+        key: "fleet",
+        set: |v, s| {
+            s.fleet = Some(crate::fleet::from_user_data(v).map_err(|e| e.join("; "))?);
+            Ok(())
+        },
+        show: |s| s.fleet.as_ref().map(|f| f.summary()),
     },
 ];
 

@@ -777,3 +777,31 @@ fn never_panics_on_odd_input() {
     let data = parse(b"Content-Type: text/cloud-config\r\nMIME-Version: 1.0\r\n\r\nhcloud_nixos: {flake: a/b/*}\r\n");
     assert_eq!(data.settings.unwrap().flake.unwrap().to_string(), "a/b/*");
 }
+
+#[test]
+fn reboot_policy_and_fleet_from_user_data() {
+    let data = parse(
+        b"#cloud-config\nhcloud_nixos:\n  flake: a/b/0.1\n  reboot: window\n  fleet:\n    group: web\n    slots: 2\n    backend: etcd\n    etcd:\n      endpoints: ['http://127.0.0.1:2379']\n",
+    );
+    assert!(data.problems.is_empty(), "{:?}", data.problems);
+    let s = data.settings.unwrap();
+    assert_eq!(s.reboot, Some(crate::reboot::Policy::Window));
+    let fleet = s.fleet.unwrap().resolve().unwrap();
+    assert_eq!(fleet.group, "web");
+    assert_eq!(fleet.slots, 2);
+
+    // Unknown keys of the fleet mapping are caught here; values are checked once the
+    // configuration file has been merged in (it may fill what user-data leaves out).
+    let bad = parse(b"hcloud_nixos:\n  reboot: sometimes\n  fleet:\n    slot: 2\n");
+    assert_eq!(bad.problems.len(), 2, "{:?}", bad.problems);
+    assert!(
+        bad.problems
+            .iter()
+            .any(|p| p.contains("hcloud_nixos.reboot"))
+    );
+    assert!(
+        bad.problems
+            .iter()
+            .any(|p| p.contains("hcloud_nixos.fleet"))
+    );
+}
