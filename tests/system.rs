@@ -972,6 +972,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
         POLL + POLL / 10 + Duration::from_secs(15),
         |s| s["last_deploy"]["version"] == v(2).as_str() && s["in_flight"].is_null(),
     );
+    check_race(&srv, &mut races_seen, &mut failures);
     let took = t.elapsed();
     assert_eq!(s["last_deploy"]["outcome"], "success", "{s:#}");
     assert_eq!(deploys(&s), 2);
@@ -1003,6 +1004,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
         Duration::from_secs(12),
         |s| s["last_deploy"]["version"] == v(3).as_str() && s["in_flight"].is_null(),
     );
+    check_race(&srv, &mut races_seen, &mut failures);
     let took = t.elapsed();
     assert_eq!(s["last_deploy"]["outcome"], "success", "{s:#}");
     assert_eq!(deploys(&s), 3);
@@ -1062,6 +1064,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
         ));
     }
     let s = srv.wait_state("release 4 deployed", Duration::from_secs(60), deployed);
+    check_race(&srv, &mut races_seen, &mut failures);
     assert_eq!(
         s["last_deploy"]["outcome"],
         "success",
@@ -1116,6 +1119,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     let s = srv.wait_state("release 5 rolled back", Duration::from_secs(60), |s| {
         s["last_deploy"]["version"] == v(5).as_str() && s["in_flight"].is_null()
     });
+    check_race(&srv, &mut races_seen, &mut failures);
     assert_eq!(s["last_deploy"]["outcome"], "failed", "{s:#}");
     assert_eq!(deploys(&s), 5, "{s:#}");
     assert_eq!(s["counters"]["rollbacks_succeeded"], 1, "{s:#}");
@@ -1204,6 +1208,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     let s = srv.wait_state("release 6 activating", Duration::from_secs(30), |s| {
         s["in_flight"]["phase"] == "activate" && s["in_flight"]["unit"].is_string()
     });
+    check_race(&srv, &mut races_seen, &mut failures);
     let ok = poll(Duration::from_secs(10), Duration::from_millis(100), || {
         count(&lines(&root.join("activations.log")), "6 switch start") == 1
     });
@@ -1247,9 +1252,15 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
         Duration::from_secs(60),
         |s| s["in_flight"].is_null(),
     );
+    check_race(&srv, &mut races_seen, &mut failures);
+    assert_eq!(
+        s["last_deploy"]["outcome"],
+        "success",
+        "{s:#}\n{}",
+        srv.agent_journal()
+    );
     assert_eq!(deploys(&s), d0 + 1, "recorded exactly once: {s:#}");
     assert_eq!(s["last_deploy"]["version"], v(6).as_str(), "{s:#}");
-    assert_eq!(s["last_deploy"]["outcome"], "success", "{s:#}");
     assert_eq!(srv.current(), systems[6]);
     assert_eq!(srv.profile(), systems[6]);
     let fh = lines(&root.join("fh-argv.log"));
