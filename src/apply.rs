@@ -286,6 +286,7 @@ impl Applier {
         };
         Ok(match systemd.unit_status(unit).await? {
             None => Found::Unknown,
+            Some(s) if s.never_ran() => Found::Unknown,
             Some(s) if !s.finished() => Found::Running,
             Some(s) => Found::Finished(Finished {
                 succeeded: s.succeeded(),

@@ -17,16 +17,27 @@ pub struct UnitStatus {
     pub result: String,
     /// The main process's exit status (or signal number).
     pub exec_main_status: i32,
+    /// The unit has left `inactive` at least once (InactiveExitTimestampMonotonic is set).
+    pub started: bool,
+    /// A job (its start, right after StartTransientUnit) is queued for the unit.
+    pub job_pending: bool,
 }
 
 impl UnitStatus {
-    /// The process has ended (successfully or not).
+    /// The process has ended (successfully or not). A unit that is `inactive` because its start
+    /// job has not run yet has not ended: StartTransientUnit returns when the job is queued.
     pub fn finished(&self) -> bool {
         match self.active_state.as_str() {
-            "failed" | "inactive" => true,
+            "failed" => true,
+            "inactive" => self.started && !self.job_pending,
             "active" => self.sub_state == "exited",
             _ => false,
         }
+    }
+
+    /// Loaded but never started, and nothing queued to start it: it will never run.
+    pub fn never_ran(&self) -> bool {
+        self.active_state == "inactive" && !self.started && !self.job_pending
     }
 
     pub fn succeeded(&self) -> bool {
@@ -136,15 +147,29 @@ impl Systemd {
         );
         let text = |v: zbus::OwnedVariant| String::try_from(v).unwrap_or_default();
         let active_state = text(props.get(unit.clone(), "ActiveState").await?);
-        let sub_state = text(props.get(unit, "SubState").await?);
+        let sub_state = text(props.get(unit.clone(), "SubState").await?);
         let result = text(props.get(service.clone(), "Result").await?);
         let exec_main_status =
             i32::try_from(props.get(service, "ExecMainStatus").await?).unwrap_or(-1);
+        let started = u64::try_from(
+            props
+                .get(unit.clone(), "InactiveExitTimestampMonotonic")
+                .await?,
+        )
+        .unwrap_or(0)
+            > 0;
+        let job: (u32, OwnedObjectPath) = props
+            .get(unit, "Job")
+            .await?
+            .try_into()
+            .unwrap_or((0, OwnedObjectPath::default()));
         Ok(Some(UnitStatus {
             active_state,
             sub_state,
             result,
             exec_main_status,
+            started,
+            job_pending: job.0 != 0,
         }))
     }
 
@@ -206,6 +231,8 @@ mod tests {
             sub_state: sub.into(),
             result: result.into(),
             exec_main_status: code,
+            started: true,
+            job_pending: false,
         }
     }
 
@@ -221,5 +248,18 @@ mod tests {
             status("failed", "failed", "signal", 9).describe(),
             "killed by signal 9"
         );
+        // Right after StartTransientUnit the start job is queued and the unit still inactive.
+        let queued = UnitStatus {
+            started: false,
+            job_pending: true,
+            ..status("inactive", "dead", "success", 0)
+        };
+        assert!(!queued.finished() && !queued.never_ran());
+        let never = UnitStatus {
+            started: false,
+            ..status("inactive", "dead", "success", 0)
+        };
+        assert!(!never.finished() && never.never_ran());
+        assert!(status("inactive", "dead", "success", 0).finished());
     }
 }

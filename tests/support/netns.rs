@@ -98,21 +98,37 @@ pub fn poll(timeout: Duration, every: Duration, mut f: impl FnMut() -> bool) -> 
     }
 }
 
-/// Runs a command, killing it when it has not finished within `timeout`.
+/// Runs a command, killing it when it has not finished within `timeout`. Its output is read
+/// while it runs, so a command that prints more than a pipe holds does not stall.
 pub fn output_within(cmd: &mut Command, timeout: Duration) -> Output {
+    use std::io::Read;
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
     let done = poll(timeout, Duration::from_millis(50), || {
         matches!(child.try_wait(), Ok(Some(_)))
     });
     if !done {
         let _ = child.kill();
     }
-    let out = child.wait_with_output().expect("wait");
+    let status = child.wait().expect("wait");
+    let out = Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
     assert!(
         done,
         "command did not finish within {timeout:?}: {cmd:?}\nstderr:\n{}",
