@@ -93,6 +93,28 @@ pub fn endpoint() -> String {
         .unwrap_or_else(|| api::DEFAULT_ENDPOINT.to_string())
 }
 
+/// Asks `done` with the API's polling backoff (at most `polls` times) until it says yes, within
+/// `deadline`: for states the API reports only when asked (a server off, a snapshot available).
+async fn poll_until(
+    api: &Client,
+    what: &str,
+    deadline: Duration,
+    polls: u32,
+    mut done: impl AsyncFnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    with_deadline(what, deadline, async {
+        for n in 0..polls {
+            if done().await? {
+                return Ok(());
+            }
+            let pause = api::poll_delay(api.policy().base, Duration::from_secs(5), n);
+            tokio::time::sleep(pause).await;
+        }
+        anyhow::bail!("{what}: no change after {polls} polls")
+    })
+    .await
+}
+
 async fn with_deadline<T>(
     what: &str,
     d: Duration,
@@ -620,21 +642,13 @@ async fn upload_one(ctx: &Ctx, job: &Job, mine: &Leftovers) -> anyhow::Result<Ou
     api.wait_action(&a, dl.power)
         .await
         .context("powering the server off")?;
-    with_deadline("waiting for the server to be off", dl.power, async {
-        for n in 0..600u32 {
-            let s = api.get_server(server.id).await?;
-            if s.status == "off" {
-                return Ok(());
-            }
-            tokio::time::sleep(api::poll_delay(
-                api.policy().base,
-                Duration::from_secs(5),
-                n,
-            ))
-            .await;
-        }
-        anyhow::bail!("the server never reported 'off'")
-    })
+    poll_until(
+        api,
+        "waiting for the server to be off",
+        dl.power,
+        600,
+        async || Ok(api.get_server(server.id).await?.status == "off"),
+    )
     .await?;
     phase.done();
 
@@ -661,21 +675,13 @@ async fn upload_one(ctx: &Ctx, job: &Job, mine: &Leftovers) -> anyhow::Result<Ou
     api.wait_action(&a, dl.snapshot)
         .await
         .context("creating the snapshot")?;
-    with_deadline("waiting for the snapshot", dl.snapshot, async {
-        for n in 0..2000u32 {
-            let i = api.get_image(image_id).await?;
-            if i.status == "available" {
-                return Ok(());
-            }
-            tokio::time::sleep(api::poll_delay(
-                api.policy().base,
-                Duration::from_secs(5),
-                n,
-            ))
-            .await;
-        }
-        anyhow::bail!("the snapshot never became available")
-    })
+    poll_until(
+        api,
+        "waiting for the snapshot",
+        dl.snapshot,
+        2000,
+        async || Ok(api.get_image(image_id).await?.status == "available"),
+    )
     .await?;
     phase.done();
     ctx.report
