@@ -99,6 +99,12 @@ pub struct Options {
     pub extra: String,
     /// TOML tables appended at the end (`[[health_check]]`, `[[hook]]`, `[metrics]`).
     pub tables: String,
+    /// The hostname the agents see: the bench then has a UTS namespace of its own with it
+    /// (several benches playing the servers of a fleet). `None`: the machine's.
+    pub hostname: Option<String>,
+    /// Not serialised with the other benches of this test binary (the fleet tests run several
+    /// "servers" at once; each agent sees only its own PID namespace's fh).
+    pub concurrent: bool,
 }
 
 impl Default for Options {
@@ -111,6 +117,8 @@ impl Default for Options {
             confirm_timeout: "10s",
             extra: String::new(),
             tables: String::new(),
+            hostname: None,
+            concurrent: false,
         }
     }
 }
@@ -172,8 +180,8 @@ pub struct Bench {
     init_pid: u32,
     _dir: tempfile::TempDir,
     /// One bench at a time: the agent waits while any `fh apply nixos` runs on the machine, so
-    /// another bench's fh would make it wait.
-    _serial: std::sync::MutexGuard<'static, ()>,
+    /// another bench's fh would make it wait. `None` with [`Options::concurrent`].
+    _serial: Option<std::sync::MutexGuard<'static, ()>>,
 }
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -331,8 +339,8 @@ impl Bench {
             eprintln!("SKIP: {test}: {why}");
             return None;
         }
-        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let (namespace, init_pid) = pid_namespace();
+        let serial = (!opts.concurrent).then(|| SERIAL.lock().unwrap_or_else(|e| e.into_inner()));
+        let (namespace, init_pid) = pid_namespace(opts.hostname.as_deref());
         let dir = tempfile::Builder::new()
             .prefix("hcloud-nixos-agent-")
             .tempdir()
@@ -772,9 +780,15 @@ esac
 
     /// `hcloud-nixos ARGS --config FILE` in the bench's PID namespace.
     fn command(&self, args: &[&str]) -> Command {
+        self.command_split(args, &[])
+    }
+
+    /// `hcloud-nixos ARGS --config FILE AFTER` in the bench's PID namespace.
+    fn command_split(&self, args: &[&str], after: &[&str]) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--target={}", self.init_pid))
             .args(["--pid", "--mount"])
+            .args(self.opts.hostname.is_some().then_some("--uts"))
             // fh (bash) finds its script `apply` here.
             .arg(format!("--wd={}", self.root.join("fh-lib").display()))
             .arg("--")
@@ -782,6 +796,7 @@ esac
             .args(args)
             .arg("--config")
             .arg(&self.config)
+            .args(after)
             .env(
                 "PATH",
                 format!(
@@ -815,9 +830,16 @@ esac
 
     /// Runs `hcloud-nixos ARGS --config ...` to its end (at most `timeout`; killed after that).
     pub fn run(&self, args: &[&str], timeout: Duration) -> Run {
-        let (out, err) = self.log_files(&args.join("-").replace("--", ""));
+        self.run_split(args, &[], timeout)
+    }
+
+    /// Runs `hcloud-nixos ARGS --config ... AFTER` to its end, like [`Bench::run`] (for
+    /// subcommands of subcommands: `fleet --config ... status`).
+    pub fn run_split(&self, args: &[&str], after: &[&str], timeout: Duration) -> Run {
+        let label = args.iter().chain(after).copied().collect::<Vec<_>>();
+        let (out, err) = self.log_files(&label.join("-").replace("--", ""));
         let mut child = self
-            .command(args)
+            .command_split(args, after)
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&err).unwrap())
             .spawn()
@@ -850,7 +872,9 @@ esac
     pub fn spawn_in_namespace(&self, argv: &[&str]) -> Child {
         Command::new("nsenter")
             .arg(format!("--target={}", self.init_pid))
-            .args(["--pid", "--mount", "--"])
+            .args(["--pid", "--mount"])
+            .args(self.opts.hostname.is_some().then_some("--uts"))
+            .arg("--")
             .args(argv)
             .stdin(Stdio::null())
             .spawn()
@@ -1026,31 +1050,59 @@ esac
 
 /// A PID namespace with its own /proc for the bench's agents, fh and everything they start:
 /// the agent looks for `fh apply` processes machine-wide, and must see only this bench's. Its
-/// init reaps orphans (an fh whose agent was killed) as systemd would. Returns `unshare` (kill
-/// it and the namespace goes) and the init's PID.
-fn pid_namespace() -> (Child, u32) {
+/// init reaps orphans (an fh whose agent was killed) as systemd would. With `hostname`, it is
+/// also a UTS namespace with that hostname. Returns `unshare` (kill it and the namespace goes)
+/// and the init's PID.
+fn pid_namespace(hostname: Option<&str>) -> (Child, u32) {
+    let init = match hostname {
+        // Set by the init as it starts (waited for below).
+        Some(h) => format!(
+            "printf %s {} >/proc/sys/kernel/hostname || exit 1; while :; do sleep 1 & wait; done",
+            sq(h)
+        ),
+        None => "while :; do sleep 1 & wait; done".to_string(),
+    };
     let mut child = Command::new("unshare")
-        .args([
-            "--pid",
-            "--fork",
-            "--mount-proc",
-            "--kill-child=SIGKILL",
-            "--",
-            "/bin/bash",
-            "-c",
-            "while :; do sleep 1 & wait; done",
-        ])
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"])
+        .args(hostname.map(|_| "--uts"))
+        .args(["--", "/bin/bash", "-c", &init])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
         .expect("run unshare (util-linux)");
     match only_child(child.id()) {
-        Some(init) => (child, init),
+        Some(init) => {
+            if let Some(h) = hostname {
+                wait_for_hostname(init, h);
+            }
+            (child, init)
+        }
         None => {
             let _ = child.kill();
             let _ = child.wait();
             panic!("unshare --pid --fork started no init");
         }
+    }
+}
+
+/// Waits (up to 5 s) until the UTS namespace of `init` has `hostname`.
+fn wait_for_hostname(init: u32, hostname: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let seen = Command::new("nsenter")
+            .arg(format!("--target={init}"))
+            .args(["--uts", "--", "cat", "/proc/sys/kernel/hostname"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        if seen == hostname {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bench's UTS namespace did not get the hostname {hostname} (it has '{seen}')"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
