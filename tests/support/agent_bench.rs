@@ -59,6 +59,8 @@ pub enum Kind {
     Exit4,
     /// Waits this many seconds, then switches.
     Slow(u64),
+    /// Waits this many seconds, then fails as [`Kind::ActivationFails`] does.
+    SlowThenFails(u64),
     /// Switches, then creates `<root>/flags/<name>` (a system that breaks something a health
     /// check or a stand-in looks at). Every other kind's switch removes all flags: the system
     /// rolled back to repairs what the release broke.
@@ -698,6 +700,10 @@ esac
             Kind::ActivationFails => "echo \"error: the activation script of the new system failed; the old one still runs\" >&2\nexit 1".to_string(),
             Kind::Exit4 => format!(
                 "{activate}\necho \"warning: the following units failed: broken.service\" >&2\nexit 4"
+            ),
+            Kind::SlowThenFails(secs) => format!(
+                "for _ in $(seq {}); do sleep 0.1; done\necho \"error: the activation script of the new system failed; the old one still runs\" >&2\nexit 1",
+                secs * 10
             ),
             // Short sleeps: nothing lingers long once the script is killed.
             Kind::Slow(secs) => {
