@@ -813,10 +813,12 @@ async fn cycle_inner(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + 
             if let Some(pid) = fh_apply_running() {
                 return Outcome::Busy(format!("someone is running fh apply (PID {pid})"));
             }
+            // The fleet cannot be asked: nothing was started, so no deploy failed (no target, no
+            // deploy hook); it is a failed check that backs off.
             if let Some(problem) = &ctx.fleet_problem {
                 return Outcome::Failed {
-                    target: Some(desired),
-                    error: format!("fleet: {problem}"),
+                    target: None,
+                    error: format!("fleet: {problem}; nothing is deployed until it can be asked"),
                     transient: true,
                 };
             }
@@ -838,8 +840,11 @@ async fn cycle_inner(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + 
                     Ok(waiting) => return Outcome::FleetWaiting(waiting.status_line()),
                     Err(e) => {
                         return Outcome::Failed {
-                            target: Some(desired),
-                            error: e.to_string(),
+                            target: None,
+                            error: format!(
+                                "fleet: {e}; {} is not deployed until it can be asked",
+                                desired.version
+                            ),
                             transient: e.unreachable(),
                         };
                     }

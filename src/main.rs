@@ -99,7 +99,7 @@ enum Command {
     /// Slots, holders and paused releases of this server's fleet group; resume a paused release.
     Fleet {
         #[command(flatten)]
-        config: ConfigArg,
+        config: GlobalConfigArg,
         #[command(subcommand)]
         command: hcloud_nixos::fleet::FleetCommand,
     },
@@ -129,6 +129,14 @@ enum Command {
 struct ConfigArg {
     /// The agent's configuration file (TOML).
     #[arg(long, default_value = config::DEFAULT_CONFIG, value_name = "PATH")]
+    config: PathBuf,
+}
+
+/// `--config` for a command with subcommands: accepted before or after the subcommand.
+#[derive(clap::Args)]
+struct GlobalConfigArg {
+    /// The agent's configuration file (TOML).
+    #[arg(long, global = true, default_value = config::DEFAULT_CONFIG, value_name = "PATH")]
     config: PathBuf,
 }
 
