@@ -20,18 +20,16 @@
 mod container;
 #[path = "standins/metadata_server.rs"]
 mod metadata_server;
+#[path = "support/server.rs"]
+mod server;
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use container::netns::{self, poll};
 use container::{Container, ContainerNet, Spec, elapsed, write_executable};
 use metadata_server::{Documents, MetadataServer};
+use server::{FlakeHub, HubSpec};
 
 const FLAKEHUB_IP: &str = "169.254.169.253";
 const FLAKEHUB_PORT: u16 = 8080;
@@ -43,224 +41,6 @@ const TOKEN: &str = "fhtoken-0123456789abcdef";
 const AGENT_UNIT: &str = "hcloud-nixos-agent-test.service";
 /// Where the binary under test appears in the container.
 const BIN_DIR: &str = "/opt/under-test";
-
-// ---------------------------------------------------------------------------------------------
-// A minimal FlakeHub API stand-in: `GET /version/{org}/{flake}/{constraint}` answers the newest
-// published release that is not yanked (whatever the constraint: the test publishes in order),
-// `GET /f/{org}/{flake}/={version}/output/{attr}` the store path of that release. A bearer token
-// is required. `GET /version/...` can be slowed down.
-
-#[derive(Clone)]
-struct Release {
-    version: String,
-    store_path: String,
-    yanked: bool,
-}
-
-#[derive(Default)]
-struct HubState {
-    releases: Vec<Release>,
-    /// Delay before answering `GET /version/...`.
-    version_delay: Duration,
-    /// Every request: (path, whether it carried the right token).
-    requests: Vec<(String, bool)>,
-}
-
-struct FlakeHub {
-    state: Arc<Mutex<HubState>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl FlakeHub {
-    /// Listens on `addr` inside the named network namespace.
-    fn start_in_netns(netns: &str, addr: &str) -> io::Result<Self> {
-        let path = format!("/run/netns/{netns}");
-        let addr = addr.to_string();
-        let state = Arc::new(Mutex::new(HubState::default()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (state2, stop2) = (state.clone(), stop.clone());
-        let (tx, rx) = std::sync::mpsc::channel();
-        let thread = thread::Builder::new()
-            .name(format!("flakehub-{netns}"))
-            .spawn(move || {
-                // The thread that binds must have joined the namespace.
-                let bound = (|| {
-                    let ns = std::fs::File::open(&path)?;
-                    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(io::Error::from)?;
-                    let l = TcpListener::bind(&addr)?;
-                    l.set_nonblocking(true)?;
-                    Ok::<_, io::Error>(l)
-                })();
-                match bound {
-                    Ok(l) => {
-                        let _ = tx.send(Ok(()));
-                        while !stop2.load(Ordering::SeqCst) {
-                            match l.accept() {
-                                Ok((stream, _)) => {
-                                    let state = state2.clone();
-                                    let _ = thread::Builder::new()
-                                        .name("flakehub-conn".into())
-                                        .spawn(move || {
-                                            let _ = hub_handle(stream, &state);
-                                        });
-                                }
-                                Err(_) => thread::sleep(Duration::from_millis(5)),
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                    }
-                }
-            })?;
-        rx.recv_timeout(Duration::from_secs(10))
-            .map_err(|_| io::Error::other("FlakeHub stand-in did not start"))??;
-        Ok(FlakeHub {
-            state,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn publish(&self, version: &str, store_path: &str) {
-        self.lock().releases.push(Release {
-            version: version.into(),
-            store_path: store_path.into(),
-            yanked: false,
-        });
-    }
-
-    fn set_version_delay(&self, d: Duration) {
-        self.lock().version_delay = d;
-    }
-
-    fn requests(&self) -> Vec<(String, bool)> {
-        self.lock().requests.clone()
-    }
-}
-
-impl Drop for FlakeHub {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && let Some(v) = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hub_handle(stream: TcpStream, state: &Mutex<HubState>) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    (&mut reader).take(8192).read_line(&mut request_line)?;
-    let mut authorized = false;
-    for _ in 0..100 {
-        let mut line = String::new();
-        let n = (&mut reader).take(8192).read_line(&mut line)?;
-        if n == 0 || line == "\r\n" || line == "\n" {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':')
-            && k.eq_ignore_ascii_case("authorization")
-            && v.trim() == format!("Bearer {TOKEN}")
-        {
-            authorized = true;
-        }
-    }
-    let target = request_line.split_whitespace().nth(1).unwrap_or("");
-    let path = target.split('?').next().unwrap_or("");
-    let segments: Vec<String> = path
-        .trim_start_matches('/')
-        .split('/')
-        .map(percent_decode)
-        .collect();
-    let (delay, answer) = {
-        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-        s.requests.push((path.to_string(), authorized));
-        let newest = s.releases.iter().rev().find(|r| !r.yanked).cloned();
-        let seg: Vec<&str> = segments.iter().map(String::as_str).collect();
-        match seg.as_slice() {
-            _ if !authorized => (Duration::ZERO, (401, r#"{"error":"unauthorized"}"#.into())),
-            ["version", o, f, _constraint] if *o == ORG && *f == FLAKE => match newest {
-                Some(r) => (
-                    s.version_delay,
-                    (
-                        200,
-                        serde_json::json!({
-                            "version": r.version,
-                            "simplified_version": r.version.split('+').next(),
-                            "revision": r.version.rsplit("rev-").next(),
-                            "published_at": "2026-11-21T12:00:00Z",
-                            "yanked_at": null,
-                        })
-                        .to_string(),
-                    ),
-                ),
-                None => (Duration::ZERO, (404, r#"{"error":"no release"}"#.into())),
-            },
-            ["f", o, f, exact, "output", attr] if *o == ORG && *f == FLAKE => {
-                let version = exact.strip_prefix('=').unwrap_or(exact);
-                match s.releases.iter().find(|r| r.version == version) {
-                    Some(r) => (
-                        Duration::ZERO,
-                        (
-                            200,
-                            serde_json::json!({
-                                "attribute_path": attr,
-                                "store_path": r.store_path,
-                            })
-                            .to_string(),
-                        ),
-                    ),
-                    None => (Duration::ZERO, (404, r#"{"error":"no output"}"#.into())),
-                }
-            }
-            _ => (Duration::ZERO, (404, r#"{"error":"not found"}"#.into())),
-        }
-    };
-    thread::sleep(delay);
-    let (status, body) = answer;
-    let reason = match status {
-        200 => "OK",
-        401 => "Unauthorized",
-        _ => "Not Found",
-    };
-    let mut out = stream;
-    write!(
-        out,
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    out.flush()?;
-    out.shutdown(std::net::Shutdown::Write)
-}
 
 // ---------------------------------------------------------------------------------------------
 // The machine's side: "systems" (directories with bin/switch-to-configuration, bind-mounted at
@@ -456,6 +236,11 @@ fn agent_applies_in_transient_units_under_real_systemd() {
     let hub = FlakeHub::start_in_netns(
         &net.standins.name,
         &format!("{FLAKEHUB_IP}:{FLAKEHUB_PORT}"),
+        HubSpec {
+            org: ORG.into(),
+            flake: FLAKE.into(),
+            token: TOKEN.into(),
+        },
     )
     .expect("FlakeHub stand-in");
     log("stand-ins listening: metadata (user-data: 204 No Content), FlakeHub API");

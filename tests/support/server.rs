@@ -32,6 +32,8 @@ pub struct Release {
 #[derive(Default)]
 pub struct HubState {
     pub releases: Vec<Release>,
+    /// Delay before answering `GET /version/...` (a FlakeHub that answers late).
+    pub version_delay: Duration,
     /// Every request: (path, whether it carried the right token).
     pub requests: Vec<(String, bool)>,
 }
@@ -119,6 +121,11 @@ impl FlakeHub {
     pub fn requests(&self) -> Vec<(String, bool)> {
         self.lock().requests.clone()
     }
+
+    /// Makes `GET /version/...` answer only after `d`.
+    pub fn set_version_delay(&self, d: Duration) {
+        self.lock().version_delay = d;
+    }
 }
 
 impl Drop for FlakeHub {
@@ -177,9 +184,13 @@ fn hub_handle(stream: TcpStream, state: &Mutex<HubState>, spec: &HubSpec) -> io:
         .split('/')
         .map(percent_decode)
         .collect();
+    let mut delay = Duration::ZERO;
     let (status, body) = {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         s.requests.push((path.to_string(), authorized));
+        if authorized && segments.first().map(String::as_str) == Some("version") {
+            delay = s.version_delay;
+        }
         let newest = s.releases.iter().rev().find(|r| !r.yanked).cloned();
         let seg: Vec<&str> = segments.iter().map(String::as_str).collect();
         match seg.as_slice() {
@@ -215,6 +226,7 @@ fn hub_handle(stream: TcpStream, state: &Mutex<HubState>, spec: &HubSpec) -> io:
             _ => (404, r#"{"error":"not found"}"#.to_string()),
         }
     };
+    thread::sleep(delay);
     let reason = match status {
         200 => "OK",
         401 => "Unauthorized",
