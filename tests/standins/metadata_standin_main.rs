@@ -2,7 +2,7 @@
 //! for trying the binary by hand.
 //!
 //! cargo run --example metadata-standin -- --listen 127.0.0.1:8080 \
-//!     --metadata FILE [--private-networks FILE] [--userdata FILE] [--netns NAME]
+//!     [--metadata FILE] [--private-networks FILE] [--userdata FILE] [--netns NAME]
 
 #[path = "metadata_server.rs"]
 mod metadata_server;
@@ -22,6 +22,11 @@ fn main() -> ExitCode {
     }
 }
 
+const DEFAULT_METADATA: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/fixtures/hetzner-metadata/metadata.full-example.yaml"
+);
+
 fn run() -> Result<(), String> {
     let mut listen = "127.0.0.1:8080".to_string();
     let mut metadata = None;
@@ -39,15 +44,17 @@ fn run() -> Result<(), String> {
             "--netns" => netns = Some(value()?),
             "-h" | "--help" => {
                 println!(
-                    "usage: metadata-standin [--listen ADDR] --metadata FILE \
-                     [--private-networks FILE] [--userdata FILE] [--netns NAME]"
+                    "usage: metadata-standin [--listen ADDR] [--metadata FILE] \
+                     [--private-networks FILE] [--userdata FILE] [--netns NAME]\n\
+                     (--metadata defaults to {DEFAULT_METADATA})"
                 );
                 return Ok(());
             }
             other => return Err(format!("unknown argument '{other}' (see --help)")),
         }
     }
-    let metadata = metadata.ok_or("--metadata FILE is required")?;
+    // Without --metadata: the full example among the shared fixtures, next to the checkout.
+    let metadata = metadata.unwrap_or_else(|| PathBuf::from(DEFAULT_METADATA));
     let docs = Documents::from_files(&metadata, private_networks.as_deref(), userdata.as_deref())
         .map_err(|e| format!("cannot read the documents: {e}"))?;
     let server = match &netns {
