@@ -97,8 +97,10 @@ echo "$*" >> "$root/fh-argv.log"
 ref=$3; op=${{4:-switch}}
 path=${{ref%%#*}}; attr=${{ref#*#}}
 version=${{path##*/=}}; flake=${{path%/=*}}
-body=$(curl -sS --fail --max-time 20 -H "Authorization: Bearer $(cat "$root/fh-auth")" \
+hdr=$(umask 077; mktemp); printf 'Authorization: Bearer %s\n' "$(cat "$root/fh-auth")" > "$hdr"  # the token stays out of argv
+body=$(curl -sS --fail --max-time 20 -H @"$hdr" \
   "http://{ip}:{port}/f/$flake/=$version/output/$attr") || {{ echo "Error: cannot resolve $ref" >&2; exit 1; }}
+rm -f "$hdr"
 store=$(printf '%s' "$body" | sed -n 's/.*"store_path" *: *"\([^"]*\)".*/\1/p')
 [ -x "$store/bin/switch-to-configuration" ] || {{ echo "Error: $store is not a system" >&2; exit 1; }}
 ln -sfn "$store" "$root/system-profile"

@@ -99,8 +99,10 @@ ref=$3; op=${{4:-switch}}
 path=${{ref%%#*}}; attr=${{ref#*#}}
 version=${{path##*/=}}; flake=${{path%/=*}}
 echo "fh stand-in: resolving $ref (version $version, $op)"
-body=$(curl -sS --fail --max-time 20 -H "Authorization: Bearer $(cat "$root/fh-auth")" \
+hdr=$(umask 077; mktemp); printf 'Authorization: Bearer %s\n' "$(cat "$root/fh-auth")" > "$hdr"  # the token stays out of argv
+body=$(curl -sS --fail --max-time 20 -H @"$hdr" \
   "http://{ip}:{port}/f/$flake/=$version/output/$attr") || {{ echo "Error: cannot resolve $ref" >&2; exit 1; }}
+rm -f "$hdr"
 store=$(printf '%s' "$body" | sed -n 's/.*"store_path" *: *"\([^"]*\)".*/\1/p')
 if [ ! -x "$store/bin/switch-to-configuration" ]; then echo "Error: $store is not a system" >&2; exit 1; fi
 delay=$(cat "$root/fh-delay" 2>/dev/null || echo 0)

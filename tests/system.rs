@@ -159,8 +159,10 @@ path=${{ref%%#*}}; attr=${{ref#*#}}
 version=${{path##*/=}}; flake=${{path%/=*}}
 echo "fh stand-in: resolving $ref ($op)"
 [ -s "$root/nixd/token" ] || {{ echo "Error: not logged in (determinate-nixd)" >&2; exit 1; }}
-body=$(curl -sS --fail --max-time 20 -H "Authorization: Bearer $(cat "$root/nixd/token")" \
+hdr=$(umask 077; mktemp); printf 'Authorization: Bearer %s\n' "$(cat "$root/nixd/token")" > "$hdr"  # the token stays out of argv
+body=$(curl -sS --fail --max-time 20 -H @"$hdr" \
   "http://{ip}:{port}/f/$flake/=$version/output/$attr") || {{ echo "Error: cannot resolve $ref" >&2; exit 1; }}
+rm -f "$hdr"
 store=$(printf '%s' "$body" | sed -n 's/.*"store_path" *: *"\([^"]*\)".*/\1/p')
 if [ ! -x "$store/bin/switch-to-configuration" ]; then echo "Error: $store is not a system" >&2; exit 1; fi
 echo "fh stand-in: $store is in the store; setting the system profile"

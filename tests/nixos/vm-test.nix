@@ -103,7 +103,8 @@ let
     [ "$1 $2" = "apply nixos" ] || { echo "Error: unexpected arguments: $*" >&2; exit 2; }
     ref="$3"; action="''${4:-switch}"
     attr="''${ref#*#}"; version="''${ref%%#*}"; version="''${version##*/}"
-    store_path=$(${pkgs.curl}/bin/curl -fsS -H "Authorization: Bearer $(cat /root/.config/flakehub/auth)" \
+    hdr=$(umask 077; mktemp); printf 'Authorization: Bearer %s\n' "$(cat /root/.config/flakehub/auth)" > "$hdr"
+    store_path=$(${pkgs.curl}/bin/curl -fsS -H @"$hdr" \
       "http://169.254.169.254:8080/f/org/infra/$version/output/$attr" | ${pkgs.jq}/bin/jq -r .store_path)
     nix-env -p /nix/var/nix/profiles/system --set "$store_path"
     "$store_path/bin/switch-to-configuration" "$action" || true
