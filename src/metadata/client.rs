@@ -85,11 +85,17 @@ impl Client {
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(FetchError::BadUrl(settings.base_url.clone()));
         }
-        let http = crate::tls::client_builder()
+        let mut builder = crate::tls::client_builder()
             .connect_timeout(settings.request_timeout)
             .timeout(settings.request_timeout)
             // The service is link-local: a proxy from the environment must not be used.
-            .no_proxy()
+            .no_proxy();
+        if url.scheme() == "http" {
+            // Plain HTTP, as on every Hetzner server: no certificate store to load (it costs
+            // memory and start-up time at boot, and may not be there yet).
+            builder = builder.tls_certs_only(Vec::<reqwest::Certificate>::new());
+        }
+        let http = builder
             .build()
             .map_err(|e| FetchError::Setup(e.to_string()))?;
         Ok(Client { http, settings })
