@@ -291,7 +291,7 @@ mod tests {
     fn fixture_release_parses() {
         let text = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/fixtures/flakehub/version.example.json"
+            "/tests/fixtures/flakehub/version.example.json"
         ))
         .unwrap();
         let r: Release = serde_json::from_str(&text).unwrap();

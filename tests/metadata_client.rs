@@ -20,7 +20,7 @@ fn fixture(name: &str) -> PathBuf {
     let dir = std::env::var_os("HCLOUD_NIXOS_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/hetzner-metadata")
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hetzner-metadata")
         });
     let path = dir.join(name);
     assert!(path.is_file(), "fixture {} is missing", path.display());

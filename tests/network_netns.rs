@@ -25,7 +25,7 @@ fn fixture(name: &str) -> std::path::PathBuf {
     let dir = std::env::var_os("HCLOUD_NIXOS_FIXTURES")
         .map(Into::into)
         .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/hetzner-metadata")
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hetzner-metadata")
         });
     dir.join(name)
 }

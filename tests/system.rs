@@ -493,8 +493,6 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     let log = |msg: &str| eprintln!("[{}] {msg}", container::elapsed(t0));
     let step = |msg: &str| eprintln!("\n[{}] ===== {msg}", container::elapsed(t0));
     let id = netns::unique();
-    let binary = PathBuf::from(env!("CARGO_BIN_EXE_hcloud-nixos"));
-    let bin_dir = binary.parent().unwrap().to_path_buf();
 
     // Dropped in reverse order: container, stand-ins, namespaces, then the directory.
     step("SETUP: a shared directory, the network, the stand-ins, the releases");
@@ -521,7 +519,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
         net.guest.name, net.standins.name
     ));
     let fixtures =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/hetzner-metadata");
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hetzner-metadata");
     std::fs::write(root.join("user-data"), user_data()).unwrap();
     let docs = Documents::from_files(
         &fixtures.join("metadata.full-example.yaml"),
@@ -606,7 +604,6 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
         machine: format!("hcn-sys{boot}-{id}"),
         netns: net.guest.name.clone(),
         bind_ro: vec![
-            (bin_dir.clone(), bin_dir.clone()),
             (unit_dir.clone(), PathBuf::from("/etc/systemd/system")),
             (
                 root.join("agent.toml"),
@@ -616,7 +613,6 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
                 network_dropins.clone(),
                 PathBuf::from("/etc/systemd/network"),
             ),
-            (units::firewall_rules(), units::firewall_rules()),
             (PathBuf::from("/etc/ssl"), PathBuf::from("/etc/ssl")),
             // `hcloud-nixos status` and `check` for the operator, as environment.systemPackages.
             (package.join("bin"), PathBuf::from("/usr/local/bin")),

@@ -70,7 +70,7 @@ fn a_good_file_prints_the_settings() {
 #[test]
 fn no_section_is_fine() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/hetzner-metadata/userdata.cloud-config-example.yaml");
+        .join("tests/fixtures/hetzner-metadata/userdata.cloud-config-example.yaml");
     let out = check(&path);
     let (stdout, stderr) = texts(&out);
     assert!(out.status.success(), "{stdout}{stderr}");

@@ -5,7 +5,7 @@ use crate::metadata::{self, MacAddr};
 
 fn fixture(name: &str) -> String {
     let path = format!(
-        "{}/../shared/fixtures/hetzner-metadata/{name}",
+        "{}/tests/fixtures/hetzner-metadata/{name}",
         env!("CARGO_MANIFEST_DIR")
     );
     std::fs::read_to_string(path).unwrap()

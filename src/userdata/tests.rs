@@ -8,7 +8,7 @@ const TOKEN: &str = "flakehub1_s3cr3tT0kenValue_0123456789abcdef";
 
 fn fixture(name: &str) -> Vec<u8> {
     let path = format!(
-        "{}/../shared/fixtures/hetzner-metadata/{name}",
+        "{}/tests/fixtures/hetzner-metadata/{name}",
         env!("CARGO_MANIFEST_DIR")
     );
     std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
@@ -748,7 +748,7 @@ fn check_file_results() {
 
     assert!(check_file(&dir.path().join("none")).is_err());
     let fixture_path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/hetzner-metadata/userdata.cloud-config-example.yaml");
+        .join("tests/fixtures/hetzner-metadata/userdata.cloud-config-example.yaml");
     let text = check_file(&fixture_path).unwrap();
     assert!(text.contains("No hcloud_nixos section"), "{text}");
 }

@@ -11,7 +11,7 @@ set -euo pipefail
 
 polls=${1:-100}
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-fixtures=${HCLOUD_NIXOS_FIXTURES:-$repo/../shared/fixtures/hetzner-metadata}
+fixtures=${HCLOUD_NIXOS_FIXTURES:-$repo/tests/fixtures/hetzner-metadata}
 cd "$repo"
 
 for tool in nix-store nix-env curl awk getconf; do

@@ -8,7 +8,7 @@ set -euo pipefail
 
 runs=${1:-20}
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-fixtures=${HCLOUD_NIXOS_FIXTURES:-$repo/../shared/fixtures/hetzner-metadata}
+fixtures=${HCLOUD_NIXOS_FIXTURES:-$repo/tests/fixtures/hetzner-metadata}
 cd "$repo"
 
 for tool in /usr/bin/time curl awk sort; do

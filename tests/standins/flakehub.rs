@@ -3,7 +3,7 @@
 //!
 //! - `GET /version/{org}/{flake}/{constraint}`: the highest release matching a Cargo-style
 //!   constraint (`*`, `0.1`, `~0.1.4`, `=0.1.7+rev-...`), as JSON shaped like
-//!   `shared/fixtures/flakehub/version.example.json`;
+//!   `tests/fixtures/flakehub/version.example.json`;
 //! - `GET /f/{org}/{flake}/releases`: every release, as a JSON array;
 //! - `GET /f/{org}/{flake}/{constraint}/output/{attr}[?include_token=true]`:
 //!   `{"attribute_path", "store_path"[, "token"]}`;

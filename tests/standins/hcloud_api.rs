@@ -1,6 +1,6 @@
 //! A stateful stand-in for the Hetzner Cloud API on 127.0.0.1: servers, actions that progress over
 //! time, SSH keys, snapshots with labels, label selectors, pagination, rate-limit headers and
-//! injected errors, answering with the payload shapes of `shared/fixtures/hcloud-api/`.
+//! injected errors, answering with the payload shapes of `tests/fixtures/hcloud-api/`.
 
 #![allow(dead_code)]
 
@@ -18,9 +18,9 @@ use serde_json::{Value, json};
 
 pub const TOKEN: &str = "test-token-0123456789";
 
-/// The project's shared fixtures directory.
+/// The recorded Cloud API payloads (tests/fixtures/hcloud-api).
 pub fn fixtures_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/hcloud-api")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hcloud-api")
 }
 
 /// A verbatim fixture document.

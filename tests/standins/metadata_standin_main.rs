@@ -24,7 +24,7 @@ fn main() -> ExitCode {
 
 const DEFAULT_METADATA: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../shared/fixtures/hetzner-metadata/metadata.full-example.yaml"
+    "/tests/fixtures/hetzner-metadata/metadata.full-example.yaml"
 );
 
 fn run() -> Result<(), String> {
@@ -53,7 +53,7 @@ fn run() -> Result<(), String> {
             other => return Err(format!("unknown argument '{other}' (see --help)")),
         }
     }
-    // Without --metadata: the full example among the shared fixtures, next to the checkout.
+    // Without --metadata: the full example among the fixtures in tests/fixtures/.
     let metadata = metadata.unwrap_or_else(|| PathBuf::from(DEFAULT_METADATA));
     let docs = Documents::from_files(&metadata, private_networks.as_deref(), userdata.as_deref())
         .map_err(|e| format!("cannot read the documents: {e}"))?;

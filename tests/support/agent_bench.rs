@@ -4,7 +4,7 @@
 //! are real Nix store paths (`nix-store --add`) switched to through real profile generations
 //! (`nix-env -p PROFILE --set`), from Debian's `nix-bin`.
 //!
-//! The stand-ins behave as `shared/reference/flakehub.md` documents:
+//! The stand-ins behave as FlakeHub and fh document them (see `tests/fixtures/` and the README):
 //! - `fh apply nixos REF [ACTION]` resolves REF with the output endpoint (`include_token=true`),
 //!   with the token from `/nix/var/determinate/token` (determinate-nixd) or fh's own auth file;
 //!   exits non-zero with `Error: ...` on 401/404 or when the closure cannot be "copied" (the
