@@ -8,8 +8,9 @@
 //! (named namespaces, `poll`, `unique`, `can_run`) along as `container::netns`.
 //!
 //! Safety notes: systemd never runs as PID 1 over the real root (nspawn gives it a tmpfs root);
-//! directories shared with the container live under the cargo target directory, never under
-//! /tmp (the container's tmpfiles rules would clean /tmp); each container gets a cgroup of its
+//! directories shared with the container live in [`SHARED_BASE`], never under /tmp, wherever the
+//! checkout lies (inside the container /tmp is a fresh tmpfs that hides a bind below it, and its
+//! tmpfiles rules empty /tmp at boot); each container gets a cgroup of its
 //! own (nspawn with `--keep-unit` creates `payload`/`supervisor` below the caller's cgroup,
 //! which two containers must not share).
 
@@ -39,11 +40,16 @@ pub fn elapsed(start: Instant) -> String {
     format!("{:6.1}s", start.elapsed().as_secs_f64())
 }
 
-/// A directory shared with a container (bind-mounted at the same path), under the cargo target
-/// directory; removed when dropped.
+/// Where directories shared with containers are made: a fixed place outside /tmp, so that no test
+/// depends on where the checkout lies (a clone made with `mktemp -d` is under /tmp), and that no
+/// tmpfiles rule of the host or the container cleans.
+pub const SHARED_BASE: &str = "/var/lib/hcloud-nixos-tests";
+
+/// A directory shared with a container (bind-mounted at the same path) under [`SHARED_BASE`];
+/// removed when dropped.
 pub fn shared_tempdir(prefix: &str) -> tempfile::TempDir {
-    let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    std::fs::create_dir_all(base).expect("create CARGO_TARGET_TMPDIR");
+    let base = Path::new(SHARED_BASE);
+    std::fs::create_dir_all(base).unwrap_or_else(|e| panic!("create {SHARED_BASE}: {e}"));
     tempfile::Builder::new()
         .prefix(prefix)
         .tempdir_in(base)

@@ -16,7 +16,7 @@ pub fn firewall_rules() -> PathBuf {
 }
 
 /// The replacements the NixOS module makes at build time, with this machine's values.
-/// `package` is a directory with `bin/hcloud-nixos`, as the Nix package has.
+/// `package` is a directory made by [`package_dir`], as the Nix package has it.
 pub fn substitutions(package: &Path) -> Vec<(&'static str, String)> {
     vec![
         ("@hcloudNixos@", package.display().to_string()),
@@ -26,17 +26,36 @@ pub fn substitutions(package: &Path) -> Vec<(&'static str, String)> {
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
         ),
         ("@nft@", "/usr/sbin/nft".to_string()),
-        ("@rules@", firewall_rules().display().to_string()),
+        (
+            "@rules@",
+            package.join(RULES_IN_PACKAGE).display().to_string(),
+        ),
     ]
 }
 
-/// A package directory for the binary under test: `<dir>/bin/hcloud-nixos` links to it.
+/// Where the package made by [`package_dir`] keeps the firewall rules.
+pub const RULES_IN_PACKAGE: &str = "share/hcloud-nixos/metadata-firewall.nft";
+
+/// A package directory, as the Nix package is a store path of its own: `<dir>/package` with the
+/// binary under test at `bin/hcloud-nixos` and the firewall rules at [`RULES_IN_PACKAGE`]. Real
+/// files (a hard link where the file system allows, else a copy), never links into the checkout:
+/// a container that gets `<dir>` sees the package whether or not it sees the checkout.
 pub fn package_dir(dir: &Path) -> PathBuf {
     let package = dir.join("package");
-    std::fs::create_dir_all(package.join("bin")).unwrap();
-    let link = package.join("bin/hcloud-nixos");
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_hcloud-nixos"), &link).unwrap();
+    for (from, to) in [
+        (
+            PathBuf::from(env!("CARGO_BIN_EXE_hcloud-nixos")),
+            package.join("bin/hcloud-nixos"),
+        ),
+        (firewall_rules(), package.join(RULES_IN_PACKAGE)),
+    ] {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        let _ = std::fs::remove_file(&to);
+        if std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to)
+                .unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
+        }
+    }
     package
 }
 
