@@ -518,8 +518,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
         "network namespaces: server {} (eth0 {MAC}, no address, down), stand-ins {} (169.254.169.254, {HUB_IP})",
         net.guest.name, net.standins.name
     ));
-    let fixtures =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hetzner-metadata");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hetzner-metadata");
     std::fs::write(root.join("user-data"), user_data()).unwrap();
     let docs = Documents::from_files(
         &fixtures.join("metadata.full-example.yaml"),
