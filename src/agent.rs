@@ -12,8 +12,9 @@ use crate::apply::Applier;
 use crate::config::{self, ApplyMode, FileConfig, Settings};
 use crate::deploy::{self, Context, Outcome};
 use crate::metadata::client::{Client as MetadataClient, Settings as MetadataSettings};
+use crate::programs::Programs;
 use crate::state::State;
-use crate::{files, flakehub, fleet, login, metrics, userdata};
+use crate::{files, flakehub, fleet, metrics, userdata};
 
 /// How long to wait for the metadata service when reading user-data.
 const USERDATA_DEADLINE: Duration = Duration::from_secs(30);
@@ -143,13 +144,18 @@ pub async fn context(loaded: Loaded) -> Result<Context> {
         &settings.flakehub_api_url,
         settings.token.as_ref().map(|t| t.secret().clone()),
     )?;
-    let applier = Applier::new(settings.apply_mode).await.context(
-        "apply.mode = \"transient-unit\" needs systemd; use \"direct\" on machines without it",
-    )?;
-    let login = login::method(
-        &settings.paths.determinate_nixd,
-        &settings.paths.fh_auth_file,
-    );
+    let programs = Programs::resolve(&settings.paths);
+    for line in programs.describe() {
+        tracing::info!("program for {line}");
+    }
+    if let Some(problem) = programs.deploy_problem() {
+        tracing::error!("cannot deploy until this is mended: {problem}");
+    }
+    let applier = Applier::new(settings.apply_mode, programs.step_path())
+        .await
+        .context(
+            "apply.mode = \"transient-unit\" needs systemd; use \"direct\" on machines without it",
+        )?;
     let hostname = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -173,7 +179,7 @@ pub async fn context(loaded: Loaded) -> Result<Context> {
         hostname,
         flakehub,
         applier,
-        login,
+        programs,
         login_checked: Default::default(),
         why_no_reference,
         fleet,

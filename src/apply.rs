@@ -49,11 +49,9 @@ pub struct Step {
 }
 
 impl Step {
-    /// `fh apply nixos <org>/<flake>/=<version>#<attr> dry-activate`.
-    pub fn fetch(fh: &Path, reference: &str, version: &str) -> Result<Step> {
-        let fh = crate::exec::find_program(fh)
-            .with_context(|| format!("cannot find fh ('{}'); is it installed?", fh.display()))?;
-        Ok(Step {
+    /// `fh apply nixos <org>/<flake>/=<version>#<attr> dry-activate`, with fh's absolute path.
+    pub fn fetch(fh: &Path, reference: &str, version: &str) -> Step {
+        Step {
             kind: StepKind::Fetch,
             argv: vec![
                 fh.to_string_lossy().into_owned(),
@@ -63,7 +61,7 @@ impl Step {
                 "dry-activate".into(),
             ],
             version: version.into(),
-        })
+        }
     }
 
     /// `<system>/bin/switch-to-configuration <operation>`, for a new system or the previous one.
@@ -146,15 +144,21 @@ pub fn is_running(pid: u32, argv: &[String]) -> bool {
 pub struct Applier {
     pub mode: ApplyMode,
     systemd: Option<Systemd>,
+    /// `PATH` of every step: the agent's programs' directories first (see `programs`).
+    step_path: std::ffi::OsString,
 }
 
 impl Applier {
-    pub async fn new(mode: ApplyMode) -> Result<Self> {
+    pub async fn new(mode: ApplyMode, step_path: std::ffi::OsString) -> Result<Self> {
         let systemd = match mode {
             ApplyMode::TransientUnit => Some(Systemd::connect().await?),
             ApplyMode::Direct => None,
         };
-        Ok(Applier { mode, systemd })
+        Ok(Applier {
+            mode,
+            systemd,
+            step_path,
+        })
     }
 
     /// The system manager, when the agent talks to one.
@@ -166,17 +170,16 @@ impl Applier {
     pub async fn start(&self, step: &Step, unit: &str) -> Result<Running> {
         match &self.systemd {
             Some(systemd) => {
-                // A transient unit starts with an empty environment: hand on what fh needs.
-                let environment = [
-                    "PATH",
-                    "HOME",
-                    "NIX_REMOTE",
-                    "NIX_CONF_DIR",
-                    "SSL_CERT_FILE",
-                ]
-                .iter()
-                .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
-                .collect();
+                // A transient unit starts with an empty environment: hand on what fh needs, with
+                // the PATH the agent chose (never the unit's own, which NixOS rewrites).
+                let path = format!("PATH={}", self.step_path.to_string_lossy());
+                let environment = std::iter::once(path)
+                    .chain(
+                        ["HOME", "NIX_REMOTE", "NIX_CONF_DIR", "SSL_CERT_FILE"]
+                            .iter()
+                            .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}"))),
+                    )
+                    .collect();
                 systemd
                     .start_transient_service(&TransientService {
                         name: unit.to_string(),
@@ -194,6 +197,7 @@ impl Applier {
             None => {
                 let child = tokio::process::Command::new(&step.argv[0])
                     .args(&step.argv[1..])
+                    .env("PATH", &self.step_path)
                     .stdin(std::process::Stdio::null())
                     .kill_on_drop(false)
                     .spawn()
@@ -313,8 +317,7 @@ mod tests {
             Path::new("/bin/sh"),
             "org/infra/=0.1.42+rev-abc#nixosConfigurations.web",
             "0.1.42+rev-abc",
-        )
-        .unwrap();
+        );
         assert_eq!(
             fetch.argv,
             [
@@ -341,7 +344,6 @@ mod tests {
         );
         assert!(is_step_unit("hcloud-nixos-activate-1.service"));
         assert!(!is_step_unit("hcloud-nixos-agent.service"));
-        assert!(Step::fetch(Path::new("no-such-fh-anywhere"), "a/b/=1#c", "1").is_err());
     }
 
     #[test]

@@ -22,14 +22,6 @@ pub enum Method {
     FhAuthFile(PathBuf),
 }
 
-/// Picks the method: determinate-nixd when it is installed.
-pub fn method(determinate_nixd: &Path, fh_auth_file: &Path) -> Method {
-    match exec::find_program(determinate_nixd) {
-        Some(path) => Method::DeterminateNixd(path),
-        None => Method::FhAuthFile(fh_auth_file.to_path_buf()),
-    }
-}
-
 /// The token's fingerprint, kept in the state to notice a changed token. Not the token.
 pub fn fingerprint(token: &Secret) -> String {
     let digest = Sha256::digest(token.expose().as_bytes());
@@ -175,8 +167,7 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let auth = dir.path().join("home/.config/flakehub/auth");
-        let method = method(Path::new("no-such-determinate-nixd"), &auth);
-        assert_eq!(method, Method::FhAuthFile(auth.clone()));
+        let method = Method::FhAuthFile(auth.clone());
         let mut state = State::default();
         let token = Secret::new("flakehub1_abc");
         assert!(
