@@ -107,6 +107,8 @@ pub struct MetadataSection {
 pub struct ApplySection {
     pub mode: Option<ApplyMode>,
     pub timeout: Option<String>,
+    /// Refuse a release that does not contain the agent (default true).
+    pub require_agent: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -206,6 +208,8 @@ pub struct Settings {
     pub apply_mode: ApplyMode,
     /// How long one `fh apply` may take before it counts as failed.
     pub apply_timeout: Duration,
+    /// Refuse a release that does not contain the agent, its configuration and its programs.
+    pub require_agent: bool,
     /// How long a new system has to prove healthy before it is rolled back.
     pub confirm_timeout: Duration,
     /// A release is applied only once it has been published this long.
@@ -262,6 +266,94 @@ fn duration(key: &str, text: Option<&str>, default: Duration) -> Result<Duration
     }
 }
 
+/// Validates the file on its own, reading nothing (no token file, no program): what
+/// `hcloud-nixos config check` and the check of a new release's configuration do.
+pub fn check(file: &FileConfig) -> Result<Settings, Vec<String>> {
+    resolve(file, None, |_| Ok("read-when-the-agent-starts".to_string()))
+}
+
+/// `hcloud-nixos config check [--json] FILE`: the effective settings when the file is fine, else
+/// one line per problem. `json`: the settings as JSON (what the NixOS module hands
+/// `pkgs.formats.toml` before it renders the TOML).
+pub fn check_file(path: &Path, json: bool) -> Result<String, Vec<String>> {
+    let shown = path.display();
+    let text =
+        std::fs::read_to_string(path).map_err(|e| vec![format!("{shown}: cannot read: {e}")])?;
+    let file = if json {
+        serde_json::from_str::<FileConfig>(&text)
+            .map_err(|e| vec![format!("{shown}: not the agent's settings as JSON: {e}")])?
+    } else {
+        parse_file(&text).map_err(|e| vec![format!("{shown}: {e}")])?
+    };
+    let settings = check(&file)?;
+    Ok(describe(&settings))
+}
+
+/// The effective settings, one `key = value` line each, for a person.
+pub fn describe(s: &Settings) -> String {
+    use std::fmt::Write as _;
+    let d = |d: Duration| humantime::format_duration(d).to_string();
+    let mut out = String::new();
+    let mut line = |key: &str, value: String| {
+        let _ = writeln!(out, "{key:<26} {value}");
+    };
+    line(
+        "flake",
+        s.flake
+            .as_ref()
+            .map_or("(from user-data)".into(), |f| f.to_string()),
+    );
+    line("operation", s.operation.as_str().into());
+    line("poll_interval", d(s.poll_interval));
+    line("max_backoff", d(s.max_backoff));
+    line("retry_limit", s.retry_limit.to_string());
+    line("confirm_timeout", d(s.confirm_timeout));
+    line("min_release_age", d(s.min_release_age));
+    line("flakehub.api_url", s.flakehub_api_url.clone());
+    line(
+        "flakehub.token_file",
+        match &s.token {
+            Some(Token::File(path, _)) => path.display().to_string(),
+            _ => "(from user-data)".into(),
+        },
+    );
+    line("metadata.url", s.metadata_url.clone());
+    line(
+        "apply.mode",
+        match s.apply_mode {
+            ApplyMode::TransientUnit => "transient-unit",
+            ApplyMode::Direct => "direct",
+        }
+        .into(),
+    );
+    line("apply.timeout", d(s.apply_timeout));
+    line("apply.require_agent", s.require_agent.to_string());
+    line(
+        "health_check",
+        format!("{} check(s)", s.health_checks.len()),
+    );
+    line("reboot", s.reboot.as_str().into());
+    line("hook", format!("{} hook(s)", s.hooks.len()));
+    line(
+        "fleet",
+        s.fleet.as_ref().map_or("(none)".into(), |f| {
+            let backend = format!("{:?}", f.backend).to_lowercase();
+            format!("group {}, {} slot(s), backend {backend}", f.group, f.slots)
+        }),
+    );
+    for (key, path) in [
+        ("paths.fh", &s.paths.fh),
+        ("paths.nix", &s.paths.nix),
+        ("paths.nix_env", &s.paths.nix_env),
+        ("paths.determinate_nixd", &s.paths.determinate_nixd),
+        ("paths.state_dir", &s.paths.state_dir),
+        ("paths.run_dir", &s.paths.run_dir),
+    ] {
+        line(key, path.display().to_string());
+    }
+    out
+}
+
 /// Merges the file with user-data (the file wins) over the defaults, and validates. Every
 /// problem is returned, one line each. `read_token` reads `flakehub.token_file`.
 pub fn resolve(
@@ -315,6 +407,20 @@ pub fn resolve(
         Duration::from_secs(120),
     );
     let token = match &file.flakehub.token_file {
+        Some(path) if !path.is_absolute() => {
+            problems.push(format!(
+                "flakehub.token_file: '{}' is not an absolute path",
+                path.display()
+            ));
+            None
+        }
+        Some(path) if path.starts_with("/nix/store") => {
+            problems.push(format!(
+                "flakehub.token_file: {} is in the Nix store, which every user can read; keep the token in a root-only file outside the store (for example /run/secrets/flakehub)",
+                path.display()
+            ));
+            None
+        }
         Some(path) => match read_token(path) {
             Ok(text) if !text.trim().is_empty() && !text.trim().contains(char::is_whitespace) => {
                 Some(Token::File(path.clone(), Secret::new(text.trim())))
@@ -485,6 +591,7 @@ pub fn resolve(
         metadata_url,
         apply_mode: file.apply.mode.unwrap_or_default(),
         apply_timeout,
+        require_agent: file.apply.require_agent.unwrap_or(true),
         confirm_timeout,
         min_release_age,
         health_checks,

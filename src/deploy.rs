@@ -40,7 +40,8 @@ pub struct Context {
     pub hostname: String,
     pub flakehub: flakehub::Client,
     pub applier: Applier,
-    pub login: login::Method,
+    /// fh, nix-env, nix and the login method, resolved at start.
+    pub programs: crate::programs::Programs,
     /// Whether this context has checked the login yet. A new context (at start, after SIGHUP)
     /// checks it once, and so does the cycle after a failed deploy; a poll does not.
     pub login_checked: AtomicBool,
@@ -736,10 +737,24 @@ async fn cycle_inner(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + 
             "no FlakeHub reference to follow{why} (set hcloud_nixos.flake in the user-data, or flake in the configuration)"
         ));
     };
+    if let Some(problem) = ctx.programs.deploy_problem() {
+        return Outcome::Failed {
+            target: None,
+            error: format!("cannot deploy: {problem}"),
+            transient: false,
+        };
+    }
     if let Some(token) = &settings.token
         && !ctx.login_checked.load(Ordering::Relaxed)
     {
-        match login::ensure(&ctx.login, token.secret(), &settings.paths.run_dir, state).await {
+        match login::ensure(
+            &ctx.programs.login,
+            token.secret(),
+            &settings.paths.run_dir,
+            state,
+        )
+        .await
+        {
             Ok(true) => tracing::info!(token_from = %token.origin(), "logged in to FlakeHub"),
             Ok(false) => tracing::debug!("already logged in to FlakeHub"),
             Err(e) => {
@@ -1053,13 +1068,22 @@ async fn drive(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + Sync))
         let step_result = match f.phase {
             Phase::Fetch => {
                 report(&format!("fetching {}", f.version));
-                let step = match Step::fetch(&ctx.settings.paths.fh, &f.reference, &f.version) {
-                    Ok(step) => step,
-                    Err(e) => return fail_before_activation(ctx, state, format!("{e:#}")).await,
+                let step = match ctx.programs.fh.path() {
+                    Ok(fh) => Step::fetch(fh, &f.reference, &f.version),
+                    Err(e) => return fail_before_activation(ctx, state, e).await,
                 };
                 let result = run_step(ctx, state, &step).await;
                 let profile = resolve_link(&ctx.settings.paths.system_profile);
                 if profile.as_deref() == Some(f.store_path.as_str()) {
+                    match crate::release::check(Path::new(&f.store_path), &f.version) {
+                        Err(refused) if ctx.settings.require_agent => {
+                            return refuse_release(ctx, state, refused).await;
+                        }
+                        Err(refused) => tracing::warn!(
+                            "{refused}; deploying it anyway, as apply.require_agent = false asks"
+                        ),
+                        Ok(()) => {}
+                    }
                     Ok(Phase::Activate)
                 } else {
                     let error = match result {
@@ -1216,14 +1240,37 @@ async fn fail_before_activation(ctx: &Context, state: &mut State, error: String)
     }
 }
 
+/// The fetched release would end deploys on this server (no agent in it): the profile is put
+/// back, nothing is activated, and the release is quarantined at once (fetching it again would
+/// not change it), with how to deploy it on purpose.
+async fn refuse_release(ctx: &Context, state: &mut State, refused: String) -> Outcome {
+    let f = state.in_flight.clone().expect("in flight");
+    let outcome = fail_before_activation(ctx, state, refused.clone()).await;
+    if !state
+        .quarantined
+        .iter()
+        .any(|q| q.store_path == f.store_path)
+    {
+        quarantine(
+            state,
+            &f,
+            &format!("{refused}; {}", crate::release::OVERRIDE_HINT),
+        );
+    }
+    tracing::error!(version = %f.version, "{refused}; {}", crate::release::OVERRIDE_HINT);
+    match outcome {
+        Outcome::Failed { target, .. } => Outcome::Failed {
+            target,
+            error: format!("refused: {refused}; the system is unchanged"),
+            transient: false,
+        },
+        other => other,
+    }
+}
+
 /// `nix-env -p <profile> --set <path>`: the profile's new generation points at `path`.
 async fn set_profile(ctx: &Context, path: &str) -> Result<(), String> {
-    let program = crate::exec::find_program(&ctx.settings.paths.nix_env).ok_or_else(|| {
-        format!(
-            "cannot find nix-env ('{}')",
-            ctx.settings.paths.nix_env.display()
-        )
-    })?;
+    let program = ctx.programs.nix_env.path()?;
     let profile = ctx
         .settings
         .paths
@@ -1231,7 +1278,7 @@ async fn set_profile(ctx: &Context, path: &str) -> Result<(), String> {
         .to_string_lossy()
         .into_owned();
     let out = crate::exec::run(
-        &program,
+        program,
         &["-p", &profile, "--set", path],
         Duration::from_secs(120),
     )

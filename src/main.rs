@@ -103,6 +103,11 @@ enum Command {
         #[command(subcommand)]
         command: hcloud_nixos::fleet::FleetCommand,
     },
+    /// Check the agent's configuration file (the NixOS module runs this at build time).
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Work with user-data (cloud-config) before a server is created.
     Userdata {
         #[command(subcommand)]
@@ -138,6 +143,19 @@ struct GlobalConfigArg {
     /// The agent's configuration file (TOML).
     #[arg(long, global = true, default_value = config::DEFAULT_CONFIG, value_name = "PATH")]
     config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file: print the effective settings, or one line per problem.
+    /// Reads no token file and runs no program, so it works at build time.
+    Check {
+        /// The configuration file (TOML), e.g. /etc/hcloud-nixos/agent.toml.
+        file: PathBuf,
+        /// The file holds the settings as JSON (as the NixOS module has them before rendering).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -189,6 +207,22 @@ fn main() -> ExitCode {
                 eprintln!("error: {e:#}");
             }
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// A check's result: the description on stdout, or one `error:` line per problem.
+fn print_checked(result: Result<String, Vec<String>>) -> Done {
+    match result {
+        Ok(description) => {
+            print!("{description}");
+            Done::Ok
+        }
+        Err(problems) => {
+            for problem in problems {
+                eprintln!("error: {problem}");
+            }
+            Done::Failed
         }
     }
 }
@@ -269,18 +303,10 @@ async fn run(command: Command) -> Result<Done> {
         }
         Command::Userdata {
             command: UserdataCommand::Check { file },
-        } => match userdata::check_file(&file) {
-            Ok(description) => {
-                print!("{description}");
-                Ok(Done::Ok)
-            }
-            Err(problems) => {
-                for problem in problems {
-                    eprintln!("error: {problem}");
-                }
-                Ok(Done::Failed)
-            }
-        },
+        } => Ok(print_checked(userdata::check_file(&file))),
+        Command::Config {
+            command: ConfigCommand::Check { file, json },
+        } => Ok(print_checked(config::check_file(&file, json))),
         Command::Metadata {
             source,
             json,

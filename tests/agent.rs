@@ -2010,3 +2010,106 @@ fn an_agent_killed_during_a_rollback_finishes_it_once() {
     assert_eq!(str_at(&state, "/quarantined/0/store_path"), p1);
     assert!(state.get("in_flight").is_none(), "{state}");
 }
+
+#[test]
+fn a_release_without_the_agent_is_refused_and_can_be_deployed_on_purpose() {
+    let b = bench!("without_agent");
+    let base = b.current_system();
+    let (v1, p1) = b.release(1, Kind::WithoutAgent);
+    let run = b.once();
+    assert!(!run.ok(), "{}", run.all());
+    assert_eq!(
+        run.stdout.trim(),
+        format!(
+            "deploy of {v1} failed: refused: release {v1} does not include the hcloud-nixos module (no hcloud-nixos-agent.service): deploying it would end deploys on this server; the system is unchanged"
+        ),
+        "{}",
+        run.all()
+    );
+    // Fetched (fh made a generation), never activated; the profile is back where it was.
+    assert_eq!(b.fh_runs(), vec![fh_fetch("infra", &v1)]);
+    assert_eq!(b.activations(), vec!["r1 dry-activate"]);
+    assert_eq!(b.current_system(), base);
+    assert_eq!(b.profile_system(), base);
+    let state = b.state();
+    assert_eq!(str_at(&state, "/quarantined/0/store_path"), p1);
+    let reason = str_at(&state, "/quarantined/0/reason");
+    assert!(
+        reason.contains("set apply.require_agent = false") && reason.contains("hcloud-nixos retry"),
+        "the quarantine says how to override: {reason}"
+    );
+    assert!(
+        run.stderr.contains("apply.require_agent = false"),
+        "{}",
+        run.stderr
+    );
+
+    // Not fetched again while quarantined.
+    let run = b.once();
+    assert!(!run.ok(), "{}", run.all());
+    assert!(
+        run.stdout.starts_with(&format!("{v1} is quarantined (")),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(b.fh_runs().len(), 1);
+
+    // On purpose: the override, then `retry`.
+    let text = std::fs::read_to_string(&b.config).unwrap();
+    std::fs::write(
+        &b.config,
+        text.replace("[apply]\n", "[apply]\nrequire_agent = false\n"),
+    )
+    .unwrap();
+    let retry = b.run(&["retry"], secs(30));
+    assert!(retry.ok(), "{}", retry.all());
+    let run = b.once();
+    assert!(run.ok(), "{}", run.all());
+    assert_eq!(b.current_system(), p1);
+    assert!(
+        run.stderr
+            .contains("deploying it anyway, as apply.require_agent = false asks"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_program_that_does_not_exist_is_named_at_start() {
+    let b = bench!("missing_program");
+    let text = std::fs::read_to_string(&b.config).unwrap();
+    let fh_line = text
+        .lines()
+        .find(|l| l.starts_with("fh = "))
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &b.config,
+        text.replace(&fh_line, "fh = \"/nonexistent/fh-1.0/bin/fh\""),
+    )
+    .unwrap();
+    b.release(1, Kind::Normal);
+    let mut agent = b.start_agent();
+    b.wait_for(secs(20), "the status of the first check", || {
+        b.state().get("last_check").is_some()
+    });
+    let status = str_at(&b.state(), "/status").to_string();
+    assert!(
+        status.starts_with(
+            "check failed: cannot deploy: paths.fh: /nonexistent/fh-1.0/bin/fh does not exist or is not executable"
+        ),
+        "{status}"
+    );
+    agent.stop(secs(10));
+    let log = std::fs::read_to_string(&agent.stderr).unwrap();
+    // Said at start, before any deploy, with the program of every step.
+    assert!(
+        log.contains("program for fetch: MISSING (paths.fh: /nonexistent/fh-1.0/bin/fh does not exist or is not executable) apply nixos"),
+        "{log}"
+    );
+    assert!(
+        log.contains("program for roll back the profile: /usr/bin/nix-env --set"),
+        "{log}"
+    );
+    assert!(b.fh_runs().is_empty());
+}

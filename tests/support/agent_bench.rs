@@ -65,6 +65,9 @@ pub enum Kind {
     /// check or a stand-in looks at). Every other kind's switch removes all flags: the system
     /// rolled back to repairs what the release broke.
     SetsFlag(&'static str),
+    /// Switches as [`Kind::Normal`] does, but the system does not include the hcloud-nixos
+    /// module (no agent unit, no agent configuration): the agent must refuse it.
+    WithoutAgent,
 }
 
 /// How the machine logs in to FlakeHub.
@@ -451,9 +454,12 @@ impl Bench {
     /// The configuration file: every path in the root, direct applies, short intervals.
     pub fn write_config(&self) {
         let r = |rel: &str| self.root.join(rel).display().to_string();
+        // Upstream Nix: determinate-nixd is not named, and not in PATH either.
         let determinate = match self.opts.login {
-            Login::DeterminateNixd => r("bin/determinate-nixd"),
-            Login::FhAuthFile => r("bin/no-determinate-nixd-here"),
+            Login::DeterminateNixd => {
+                format!("determinate_nixd = \"{}\"", r("bin/determinate-nixd"))
+            }
+            Login::FhAuthFile => String::new(),
         };
         let o = &self.opts;
         let text = format!(
@@ -479,7 +485,7 @@ current_system = "{current}"
 booted_system = "{booted}"
 system_profile = "{profile}"
 fh = "{fh}"
-determinate_nixd = "{determinate}"
+{determinate}
 nix = "/usr/bin/nix"
 nix_env = "/usr/bin/nix-env"
 boot_id = "{boot_id}"
@@ -694,8 +700,11 @@ esac
         )
         .unwrap();
         let activate = "ln -sfn \"$self\" \"$CURRENT.new\" && mv -T \"$CURRENT.new\" \"$CURRENT\" && rm -f \"$FLAGS\"/*";
+        if kind != Kind::WithoutAgent {
+            self.install_agent_into(&dir);
+        }
         let body = match kind {
-            Kind::Normal => format!("{activate}\nexit 0"),
+            Kind::Normal | Kind::WithoutAgent => format!("{activate}\nexit 0"),
             Kind::SetsFlag(flag) => format!("{activate}\ntouch \"$FLAGS\"/{}\nexit 0", sq(flag)),
             Kind::ActivationFails => "echo \"error: the activation script of the new system failed; the old one still runs\" >&2\nexit 1".to_string(),
             Kind::Exit4 => format!(
@@ -735,6 +744,32 @@ esac
         let path = self.nix(&["nix-store", "--add", dir.to_str().unwrap()]);
         assert!(path.starts_with("/nix/store/"), "{path}");
         path
+    }
+
+    /// What the NixOS module puts into a system: the agent's unit (the repository's file) and
+    /// its configuration naming the programs by absolute path, as the module renders them.
+    fn install_agent_into(&self, system: &Path) {
+        let units = system.join("etc/systemd/system");
+        std::fs::create_dir_all(&units).unwrap();
+        let unit = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("nixos-module/units/hcloud-nixos-agent.service");
+        std::fs::copy(&unit, units.join("hcloud-nixos-agent.service")).unwrap();
+        let determinate = match self.opts.login {
+            Login::DeterminateNixd => format!(
+                "determinate_nixd = \"{}\"\n",
+                self.root.join("bin/determinate-nixd").display()
+            ),
+            Login::FhAuthFile => String::new(),
+        };
+        std::fs::create_dir_all(system.join("etc/hcloud-nixos")).unwrap();
+        std::fs::write(
+            system.join("etc/hcloud-nixos/agent.toml"),
+            format!(
+                "[paths]\nfh = \"{}\"\nnix = \"/usr/bin/nix\"\nnix_env = \"/usr/bin/nix-env\"\n{determinate}",
+                self.root.join("bin/fh").display()
+            ),
+        )
+        .unwrap();
     }
 
     /// Publishes rolling release `0.1.<n>` of acme/infra with `store_path`; returns its version.
