@@ -21,6 +21,8 @@ mod container;
 mod flakehub;
 #[path = "standins/metadata_server.rs"]
 mod metadata_server;
+#[path = "support/units.rs"]
+mod units;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -76,6 +78,10 @@ esac
         root = root.display()
     );
     write_executable(&dir.join("bin/switch-to-configuration"), &script);
+    units::install_module_into(
+        &dir,
+        &units::programs_toml(&root.join("bin/fh"), Path::new("/usr/bin"), None),
+    );
     for (link, to) in [
         ("kernel", format!("{kernel}/bzImage")),
         ("initrd", format!("{kernel}/initrd")),
@@ -141,8 +147,8 @@ current_system = "{r}/current-system"
 booted_system = "{r}/booted-system"
 system_profile = "{r}/system-profile"
 fh = "{r}/bin/fh"
-determinate_nixd = "{r}/bin/no-determinate-nixd"
-nix = "{r}/bin/no-nix"
+nix = "/usr/bin/nix"
+nix_env = "/usr/bin/nix-env"
 fh_auth_file = "{r}/fh-auth"
 switch_lock = "{r}/switch-to-configuration.lock"
 

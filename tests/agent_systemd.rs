@@ -22,6 +22,8 @@ mod container;
 mod metadata_server;
 #[path = "support/server.rs"]
 mod server;
+#[path = "support/units.rs"]
+mod units;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -76,12 +78,11 @@ esac
 "#,
         root = root.display()
     );
-    write_executable(
-        &root
-            .join("store")
-            .join(name)
-            .join("bin/switch-to-configuration"),
-        &script,
+    let dir = root.join("store").join(name);
+    write_executable(&dir.join("bin/switch-to-configuration"), &script);
+    units::install_module_into(
+        &dir,
+        &units::programs_toml(&root.join("bin/fh"), Path::new("/usr/bin"), None),
     );
 }
 
@@ -144,8 +145,8 @@ current_system = "{r}/current-system"
 booted_system = "{r}/booted-system"
 system_profile = "{r}/system-profile"
 fh = "{r}/bin/fh"
-determinate_nixd = "{r}/bin/no-determinate-nixd"
-nix = "{r}/bin/no-nix"
+nix = "/usr/bin/nix"
+nix_env = "/usr/bin/nix-env"
 fh_auth_file = "{r}/fh-auth"
 switch_lock = "{r}/switch-to-configuration.lock"
 "#

@@ -5,7 +5,10 @@
 //! PID 1, journald, D-Bus, networkd, hostnamed). The project's unit files are installed as the
 //! NixOS module installs them: rendered from `nixos-module/units/` with the store paths filled
 //! in, in `/etc/systemd/system` (a read-only bind, as NixOS links it from the store) with the
-//! module's `wantedBy` links. Stand-ins, in a neighbouring network namespace joined by a veth
+//! module's `wantedBy` links and the `overrides.conf` drop-in NixOS writes for each, whose
+//! `Environment=PATH=` is NixOS's default service path (coreutils, findutils, gnugrep, gnused,
+//! systemd; modelled by links to this machine's programs of the same packages, nothing else), so
+//! an agent that looked for fh, nix or determinate-nixd in `PATH` fails here as on NixOS. Stand-ins, in a neighbouring network namespace joined by a veth
 //! pair: the Hetzner metadata service at 169.254.169.254 (the fixture
 //! `metadata.full-example.yaml` and user-data with a token and a reference) and the FlakeHub API
 //! at 169.254.169.253:8080. Inside the server: `fh` and `determinate-nixd` stand-in scripts, and
@@ -28,6 +31,9 @@
 //! 6. The server is killed in the middle of an activation and booted again: the interrupted
 //!    activation runs once more, the deploy is recorded once, fh is not run again.
 //! 7. A hung agent (SIGSTOP) is restarted by systemd's watchdog.
+//! 8. A release without the hcloud-nixos module (no agent unit, no agent configuration) is
+//!    fetched but refused before activation: quarantined with how to override, nothing activated,
+//!    the profile back, the agent still running.
 //!
 //! Run: `cargo test --test system -- --nocapture` (as root; needs systemd-container, nix-bin,
 //! nftables, curl). Skips without them, or fails under `CI=true`.
@@ -89,6 +95,8 @@ enum Kind {
     Broken,
     /// Sleeps `<root>/switch-delay` seconds before switching.
     Slow,
+    /// A plain system without the hcloud-nixos module (no agent unit, no agent configuration).
+    WithoutModule,
 }
 
 fn version(n: u32) -> String {
@@ -99,6 +107,11 @@ fn switch_script(root: &Path, n: u32, kind: Kind) -> String {
     let r = root.display();
     let (what, before, after) = match kind {
         Kind::Plain => ("a plain release", String::new(), String::new()),
+        Kind::WithoutModule => (
+            "a system without the hcloud-nixos module",
+            String::new(),
+            String::new(),
+        ),
         Kind::Slow => (
             "a slow activation",
             format!("sleep \"$(cat '{r}/switch-delay')\"\n"),
@@ -147,7 +160,8 @@ echo "system {n}: active"
 /// fh's stand-in: `fh apply nixos ORG/FLAKE/=VERSION#ATTR OPERATION` resolves the output at
 /// FlakeHub with the login determinate-nixd holds, makes it the system profile's new generation
 /// (real `nix-env --set`; the closure is already in the store, as after a download) and runs its
-/// switch-to-configuration, ignoring its status and exiting 0 (as fh does).
+/// switch-to-configuration, ignoring its status and exiting 0 (as fh does). Like fh, it finds
+/// Nix in `PATH`.
 fn fh_script(root: &Path) -> String {
     format!(
         r#"#!/bin/sh
@@ -160,13 +174,15 @@ version=${{path##*/=}}; flake=${{path%/=*}}
 echo "fh stand-in: resolving $ref ($op)"
 [ -s "$root/nixd/token" ] || {{ echo "Error: not logged in (determinate-nixd)" >&2; exit 1; }}
 hdr=$(umask 077; mktemp); printf 'Authorization: Bearer %s\n' "$(cat "$root/nixd/token")" > "$hdr"  # the token stays out of argv
-body=$(curl -sS --fail --max-time 20 -H @"$hdr" \
+body=$(/usr/bin/curl -sS --fail --max-time 20 -H @"$hdr" \
   "http://{ip}:{port}/f/$flake/=$version/output/$attr") || {{ echo "Error: cannot resolve $ref" >&2; exit 1; }}
 rm -f "$hdr"
 store=$(printf '%s' "$body" | sed -n 's/.*"store_path" *: *"\([^"]*\)".*/\1/p')
 if [ ! -x "$store/bin/switch-to-configuration" ]; then echo "Error: $store is not a system" >&2; exit 1; fi
 echo "fh stand-in: $store is in the store; setting the system profile"
-/usr/bin/nix-env -p /nix/var/nix/profiles/system --set "$store" 2>&1 | grep -v nixbld
+# fh runs nix from PATH (the steps' PATH, which the agent sets): so does the stand-in.
+command -v nix-env >/dev/null || {{ echo "Error: nix-env is not in PATH ($PATH)" >&2; exit 1; }}
+nix-env -p /nix/var/nix/profiles/system --set "$store" 2>&1 | grep -v nixbld
 "$store/bin/switch-to-configuration" "$op" || echo "switch-to-configuration exited $?"
 echo "fh stand-in: done"
 exit 0
@@ -218,8 +234,11 @@ timeout = "90s"
 state_dir = "{r}/state"
 current_system = "{r}/current-system"
 booted_system = "{r}/booted-system"
+# Every program by absolute path, as the NixOS module renders them: the unit's PATH is NixOS's.
 fh = "{r}/bin/fh"
 determinate_nixd = "{r}/bin/determinate-nixd"
+nix = "{r}/nix-package/bin/nix"
+nix_env = "{r}/nix-package/bin/nix-env"
 "#,
         poll = POLL.as_secs()
     )
@@ -236,6 +255,23 @@ fn user_data() -> String {
 fn prepare_units(root: &Path, package: &Path) -> PathBuf {
     let dir = root.join("etc-systemd-system");
     units::render_into(&dir, package);
+    // The module sets `systemd.services.<name>` for all three units (wantedBy; the agent also
+    // reloadTriggers), so NixOS writes an overrides.conf drop-in for each, with its default PATH.
+    // It is modelled without the `path` the module adds: the agent must need neither.
+    let path = units::nixos_default_path(root);
+    for (unit, triggers) in [
+        (AGENT, vec!["/etc/hcloud-nixos/agent.toml"]),
+        (NETWORK, vec![]),
+        ("hcloud-nixos-metadata-firewall.service", vec![]),
+    ] {
+        let dropins = dir.join(format!("{unit}.d"));
+        std::fs::create_dir_all(&dropins).unwrap();
+        std::fs::write(
+            dropins.join("overrides.conf"),
+            units::nixos_overrides_conf(&path, &triggers),
+        )
+        .unwrap();
+    }
     std::fs::write(
         dir.join("nix.mount"),
         format!(
@@ -551,6 +587,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
         Kind::RestartsAgent, // 4: step 4
         Kind::Broken,        // 5: step 5
         Kind::Slow,          // 6: step 6
+        Kind::WithoutModule, // 7: step 8
     ];
     let mut systems = Vec::new();
     for (n, kind) in kinds.iter().enumerate() {
@@ -560,6 +597,9 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
             &switch_script(&root, n as u32, *kind),
         );
         std::fs::write(dir.join("nixos-version"), version(n as u32)).unwrap();
+        if *kind != Kind::WithoutModule {
+            units::install_module_into(&dir, &agent_config(&root));
+        }
         if n >= 4 {
             // From system 4 on, the agent's unit is a different one (a real switch restarts a
             // unit that changed, and only then).
@@ -572,10 +612,19 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     std::os::unix::fs::symlink(&systems[0], root.join("current-system")).unwrap();
     std::os::unix::fs::symlink(&systems[0], root.join("booted-system")).unwrap();
     log(&format!(
-        "7 systems added to the store with nix-store --add (system 0 runs: {}); the profile's generation 1 is system 0",
+        "8 systems added to the store with nix-store --add (system 0 runs: {}); the profile's generation 1 is system 0",
         systems[0]
     ));
 
+    // Nix as a package of its own (on NixOS: a store path with nix and nix-env, nothing else).
+    std::fs::create_dir_all(root.join("nix-package/bin")).unwrap();
+    for program in ["nix", "nix-env"] {
+        std::os::unix::fs::symlink(
+            format!("/usr/bin/{program}"),
+            root.join("nix-package/bin").join(program),
+        )
+        .unwrap();
+    }
     write_executable(&root.join("bin/fh"), &fh_script(&root));
     write_executable(&root.join("bin/determinate-nixd"), &nixd_script(&root));
     std::fs::create_dir_all(root.join("nixd")).unwrap();
@@ -760,6 +809,41 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     log(&format!(
         "{AGENT} is the module's unit ({fragment}, ExecStart from the package)"
     ));
+    let dropins = srv.c.unit_property(AGENT, "DropInPaths");
+    assert!(
+        dropins.contains(&format!("/etc/systemd/system/{AGENT}.d/overrides.conf")),
+        "{dropins}"
+    );
+    let environment = srv.c.unit_property(AGENT, "Environment");
+    let unit_path = environment
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("PATH="))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        unit_path.contains("nixos-default-path/coreutils/bin") && !unit_path.contains("/usr/bin"),
+        "the unit's PATH is NixOS's default, from overrides.conf: {environment}"
+    );
+    log(&format!(
+        "NixOS's drop-in overrides.conf is in place: the unit's PATH is NixOS's default ({unit_path}), without fh, nix or determinate-nixd"
+    ));
+    let journal = srv.agent_journal();
+    for line in [
+        format!("program for fetch: {}/bin/fh apply nixos", root.display()),
+        format!(
+            "program for roll back the profile: {}/nix-package/bin/nix-env --set",
+            root.display()
+        ),
+        format!(
+            "program for log in: {}/bin/determinate-nixd login token",
+            root.display()
+        ),
+    ] {
+        assert!(journal.contains(&line), "'{line}' not in:\n{journal}");
+    }
+    log(
+        "the agent said at start which program runs each step (absolute paths from its configuration)",
+    );
     assert_eq!(
         srv.c.unit_state(AGENT),
         "active/running",
@@ -1348,6 +1432,50 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     ));
     let s = read_state(&root);
     assert_eq!(deploys(&s), d0 + 1, "nothing deployed meanwhile: {s:#}");
+
+    // ---- Step 8: a release without the module ---------------------------------------------------
+    check_race(&srv, &mut races_seen, &mut failures);
+    step("STEP 8: a release without the hcloud-nixos module is refused before activation");
+    let gens = srv.generations();
+    let running = srv.current();
+    hub.publish(&v(7), &systems[7]);
+    srv.c.run("hcloud-nixos", &["check"]);
+    log(&format!(
+        "published {} -> system 7, which has no hcloud-nixos-agent.service and no agent.toml; asked for a check",
+        v(7)
+    ));
+    let s = srv.wait_state("release 7 refused", Duration::from_secs(60), |s| {
+        s["last_deploy"]["version"] == v(7).as_str() && s["in_flight"].is_null()
+    });
+    assert_eq!(s["last_deploy"]["outcome"], "failed", "{s:#}");
+    let reason = s["quarantined"]
+        .as_array()
+        .and_then(|q| q.iter().find(|q| q["version"] == v(7).as_str()))
+        .and_then(|q| q["reason"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("does not include the hcloud-nixos module")
+            && reason.contains("apply.require_agent = false"),
+        "quarantine reason: {reason}\n{s:#}"
+    );
+    assert_eq!(srv.current(), running, "the running system is untouched");
+    assert_eq!(srv.profile(), running, "the profile is back where it was");
+    assert_eq!(srv.generations(), gens + 2, "fh's generation, then back");
+    assert_eq!(
+        count(&lines(&root.join("activations.log")), "7 switch start"),
+        0,
+        "system 7 was activated"
+    );
+    assert_eq!(srv.c.unit_state(AGENT), "active/running");
+    let status = srv.status();
+    assert!(
+        status.contains(&format!("refused: release {}", v(7))),
+        "{status}"
+    );
+    log(&format!(
+        "refused and quarantined, nothing activated: {reason}"
+    ));
 
     check_race(&srv, &mut races_seen, &mut failures);
     if failures.is_empty() {

@@ -33,6 +33,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+#[path = "units.rs"]
+mod units;
+
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -746,30 +749,15 @@ esac
         path
     }
 
-    /// What the NixOS module puts into a system: the agent's unit (the repository's file) and
-    /// its configuration naming the programs by absolute path, as the module renders them.
+    /// What the NixOS module puts into a system (see `units::install_module_into`).
     fn install_agent_into(&self, system: &Path) {
-        let units = system.join("etc/systemd/system");
-        std::fs::create_dir_all(&units).unwrap();
-        let unit = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("nixos-module/units/hcloud-nixos-agent.service");
-        std::fs::copy(&unit, units.join("hcloud-nixos-agent.service")).unwrap();
-        let determinate = match self.opts.login {
-            Login::DeterminateNixd => format!(
-                "determinate_nixd = \"{}\"\n",
-                self.root.join("bin/determinate-nixd").display()
-            ),
-            Login::FhAuthFile => String::new(),
-        };
-        std::fs::create_dir_all(system.join("etc/hcloud-nixos")).unwrap();
-        std::fs::write(
-            system.join("etc/hcloud-nixos/agent.toml"),
-            format!(
-                "[paths]\nfh = \"{}\"\nnix = \"/usr/bin/nix\"\nnix_env = \"/usr/bin/nix-env\"\n{determinate}",
-                self.root.join("bin/fh").display()
-            ),
-        )
-        .unwrap();
+        let determinate = self.root.join("bin/determinate-nixd");
+        let programs = units::programs_toml(
+            &self.root.join("bin/fh"),
+            Path::new("/usr/bin"),
+            (self.opts.login == Login::DeterminateNixd).then_some(determinate.as_path()),
+        );
+        units::install_module_into(system, &programs);
     }
 
     /// Publishes rolling release `0.1.<n>` of acme/infra with `store_path`; returns its version.

@@ -77,3 +77,99 @@ pub fn render_into(dest: &Path, package: &Path) -> Vec<PathBuf> {
     written.sort();
     written
 }
+
+/// What the NixOS module puts into a system (a toplevel store path) besides the binary: the
+/// agent's unit, linked into `etc/systemd/system` (the repository's file), and the agent's
+/// configuration `agent_toml` in `etc/hcloud-nixos/agent.toml`. The agent refuses a release
+/// without these.
+pub fn install_module_into(system: &Path, agent_toml: &str) {
+    let units = system.join("etc/systemd/system");
+    std::fs::create_dir_all(&units).unwrap();
+    std::fs::copy(
+        source_dir().join("hcloud-nixos-agent.service"),
+        units.join("hcloud-nixos-agent.service"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(system.join("etc/hcloud-nixos")).unwrap();
+    std::fs::write(system.join("etc/hcloud-nixos/agent.toml"), agent_toml).unwrap();
+}
+
+/// The `[paths]` table naming the agent's programs by absolute path, as the NixOS module renders
+/// it; `nix_bin` holds `nix` and `nix-env`.
+pub fn programs_toml(fh: &Path, nix_bin: &Path, determinate_nixd: Option<&Path>) -> String {
+    let mut text = format!(
+        "[paths]\nfh = \"{}\"\nnix = \"{}\"\nnix_env = \"{}\"\n",
+        fh.display(),
+        nix_bin.join("nix").display(),
+        nix_bin.join("nix-env").display()
+    );
+    if let Some(d) = determinate_nixd {
+        text.push_str(&format!("determinate_nixd = \"{}\"\n", d.display()));
+    }
+    text
+}
+
+/// The packages of NixOS's default service `PATH` (nixpkgs, `nixos/lib/systemd-lib.nix`: every
+/// service gets coreutils, findutils, gnugrep, gnused and systemd, after its own `path`), with
+/// the Debian packages that hold the same programs here.
+const NIXOS_DEFAULT_PATH: &[(&str, &str)] = &[
+    ("coreutils", "coreutils"),
+    ("findutils", "findutils"),
+    ("gnugrep", "grep"),
+    ("gnused", "sed"),
+    ("systemd", "systemd"),
+];
+
+/// NixOS's default service `PATH`, modelled with this machine's programs: under `dir`, one
+/// "package" per entry of [`NIXOS_DEFAULT_PATH`] whose `bin` holds links to the programs of the
+/// Debian package of the same tools, and nothing else (no nix, no fh, no curl). Returns the `PATH`
+/// value NixOS writes: each package's `bin`, then each package's `sbin`.
+pub fn nixos_default_path(dir: &Path) -> String {
+    let mut bins = Vec::new();
+    let mut sbins = Vec::new();
+    for (nix_name, debian) in NIXOS_DEFAULT_PATH {
+        let package = dir.join(format!("nixos-default-path/{nix_name}"));
+        let bin = package.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let listing = std::process::Command::new("dpkg")
+            .args(["-L", debian])
+            .output()
+            .expect("dpkg -L");
+        assert!(listing.status.success(), "dpkg -L {debian}");
+        for file in String::from_utf8_lossy(&listing.stdout).lines() {
+            let path = Path::new(file);
+            let in_bin_dir = path.parent().is_some_and(|d| {
+                ["/bin", "/usr/bin", "/sbin", "/usr/sbin"]
+                    .iter()
+                    .any(|b| d == Path::new(b))
+            });
+            let executable = std::fs::metadata(path).is_ok_and(|m| {
+                use std::os::unix::fs::PermissionsExt;
+                m.is_file() && m.permissions().mode() & 0o111 != 0
+            });
+            if in_bin_dir && executable {
+                let link = bin.join(path.file_name().unwrap());
+                let _ = std::fs::remove_file(&link);
+                std::os::unix::fs::symlink(path, &link).unwrap();
+            }
+        }
+        bins.push(bin.display().to_string());
+        sbins.push(package.join("sbin").display().to_string());
+    }
+    bins.extend(sbins);
+    bins.join(":")
+}
+
+/// The drop-in NixOS writes for a unit that comes from `systemd.packages` when the module also
+/// sets `systemd.services.<name>` (`wantedBy`, `reloadTriggers`): `overrides.conf`, whose
+/// `Environment=PATH=` replaces the unit file's own. `reload_triggers` as NixOS renders them.
+pub fn nixos_overrides_conf(path: &str, reload_triggers: &[&str]) -> String {
+    let mut text = String::from("[Unit]\n");
+    for trigger in reload_triggers {
+        text.push_str(&format!("X-Reload-Triggers={trigger}\n"));
+    }
+    text.push_str(&format!(
+        "\n[Service]\nEnvironment=\"LOCALE_ARCHIVE=/run/current-system/sw/lib/locale/locale-archive\"\nEnvironment=\"PATH={path}\"\nEnvironment=\"TZDIR=/etc/zoneinfo\"\n"
+    ));
+    text
+}
