@@ -260,6 +260,9 @@ pub async fn serve(config_path: PathBuf) -> Result<()> {
     let mut failures: u32 = 0;
     let mut stop = false;
     let mut reload = false;
+    // A check asked for while a cycle runs: the next cycle starts right after it, since the
+    // release it asked about may have been published after the running cycle resolved.
+    let mut check_again = false;
     while !stop {
         // READY=1 goes out at the latest when the first cycle starts a step: an activation may
         // restart this very unit, and systemd runs that restart only once the start is done.
@@ -276,7 +279,10 @@ pub async fn serve(config_path: PathBuf) -> Result<()> {
                 tokio::select! {
                     outcome = &mut cycle => break Some(outcome),
                     _ = watchdog_tick(watchdog) => notify(&[NotifyState::Watchdog]),
-                    _ = signals.usr1.recv() => tracing::info!("check requested; a check is already running"),
+                    _ = signals.usr1.recv() => {
+                        tracing::info!("check requested; another check follows the running one");
+                        check_again = true;
+                    }
                     _ = signals.hup.recv() => reload = true,
                     _ = stop_signal(&mut signals.term, &mut signals.int) => {
                         stop = true;
@@ -311,7 +317,9 @@ pub async fn serve(config_path: PathBuf) -> Result<()> {
         if stop {
             break;
         }
-        if !reload {
+        if std::mem::take(&mut check_again) {
+            tracing::debug!("checking again at once, as asked during the last check");
+        } else if !reload {
             let mut delay = deploy::next_delay(
                 ctx.settings.poll_interval,
                 ctx.settings.max_backoff,

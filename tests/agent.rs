@@ -635,7 +635,7 @@ fn check_and_sigusr1_make_the_service_check_now() {
     b.wait_for(secs(20), "0.1.3 running after SIGUSR1", || {
         b.current_system() == p3
     });
-    assert!(agent.running());
+    assert!(agent.running(), "the agent exited: {}", agent.output());
     assert_eq!(b.fh_runs().len(), 3);
 }
 
@@ -776,7 +776,11 @@ fn sigterm_during_a_direct_activation_waits_for_it() {
     b.wait_for(secs(30), "the activation", || activating(&b));
     agent.signal(Signal::SIGTERM);
     std::thread::sleep(Duration::from_millis(1000));
-    assert!(agent.running(), "stopped in the middle of the apply");
+    assert!(
+        agent.running(),
+        "stopped in the middle of the apply: {}",
+        agent.output()
+    );
     let status = agent.wait(secs(30));
     assert!(status.success(), "{status}: {}", agent.output());
     assert_eq!(b.current_system(), p1);
@@ -2112,4 +2116,28 @@ fn a_program_that_does_not_exist_is_named_at_start() {
         "{log}"
     );
     assert!(b.fh_runs().is_empty());
+}
+
+#[test]
+fn a_check_asked_for_during_a_deploy_follows_it() {
+    let b = bench!(
+        "check_during_deploy",
+        Options {
+            poll_interval: "1h",
+            ..Options::default()
+        }
+    );
+    let (_, p1) = b.release(1, Kind::Slow(2));
+    let mut agent = b.start_agent();
+    b.wait_for(secs(30), "the slow activation of 0.1.1 under way", || {
+        b.activations().iter().any(|a| a == "r1 switch")
+    });
+    // Published while the agent is busy with 0.1.1, whose cycle resolved the reference before.
+    let (_, p2) = b.release(2, Kind::Normal);
+    agent.signal(Signal::SIGUSR1);
+    b.wait_for(secs(30), "0.1.1 running", || b.current_system() == p1);
+    b.wait_for(secs(20), "0.1.2 running right after, not a poll (1h) later", || {
+        b.current_system() == p2
+    });
+    assert!(agent.running(), "the agent exited: {}", agent.output());
 }

@@ -266,9 +266,14 @@ impl Agent {
         }
     }
 
-    pub fn output(&self) -> String {
+    /// How it ended (when it did), and everything it printed.
+    pub fn output(&mut self) -> String {
+        let status = match &mut self.child {
+            Some(c) => format!("{:?}", c.try_wait()),
+            None => "reaped".to_string(),
+        };
         format!(
-            "{}{}",
+            "exit status: {status}\n{}{}",
             std::fs::read_to_string(&self.stdout).unwrap_or_default(),
             std::fs::read_to_string(&self.stderr).unwrap_or_default()
         )
