@@ -1,7 +1,10 @@
 # NixOS configuration of the Hetzner Cloud disk images: a small, keys-only server that boots on
 # every Hetzner server type (x86_64: legacy BIOS and UEFI from one image; aarch64: UEFI), grows
 # its root file system to the disk at first boot, and runs hcloud-nixos. Import it together with
-# the module in ../nixos-module (the flake's `nixosModules.image` and `nixosModules.default`).
+# the flake's `nixosModules.default` (the module in ../nixos-module with fh, git and Determinate
+# Nix): the image is built from those two and nothing else, so that everything the agent needs
+# comes from nixosModules.default, which a user's own configuration imports too. Nothing the agent
+# needs may be added here only: the first release a server deploys replaces this system.
 { config, lib, pkgs, modulesPath, ... }:
 
 let
@@ -73,5 +76,5 @@ in
 
   nix.settings.experimental-features = [ "nix-command" "flakes" ];
 
-  system.stateVersion = lib.mkDefault "25.05";
+  system.stateVersion = lib.mkDefault "25.11";
 }
