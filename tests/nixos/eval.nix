@@ -380,13 +380,13 @@ let
             && lib.hasInfix "/bin/hcloud-nixos config check ${agentToml.unchecked}" agentToml.script
           ) ""
         else
-          check "cross build: agent.toml installed unchecked (the host's binary cannot run)" (
+          check "agent.toml installed unchecked (the host's binary cannot run)" (
             !(agentToml ? unchecked) && agentToml.value == settings
           ) ""
       )
     ]
     ++ lib.optionals (!agent) [
-      (check "agent off: no agent unit, no agent.toml, no programs rendered" (
+      (check "no agent unit, no agent.toml, no programs rendered" (
         !(lib.elem agentUnit installed)
         && !(cfg.environment.etc ? "hcloud-nixos/agent.toml")
         && !(settings ? paths)
@@ -395,10 +395,10 @@ let
     ++ (
       if nftables then
         [
-          (check "nftables: the table is declared in networking.nftables.tables, no unit of its own" (
+          (check "the table is declared in networking.nftables.tables, no unit of its own" (
             cfg.networking.nftables.tables ? hcloud_nixos_metadata && !(lib.elem firewallUnit installed)
           ) "")
-          (check "nftables: the table body holds the output and forward chains, no table line" (
+          (check "the table body holds the output and forward chains, no table line" (
             let
               t = cfg.networking.nftables.tables.hcloud_nixos_metadata;
             in
