@@ -204,9 +204,10 @@
           eval-nftables = evaluated pkgs "nftables" withNftables;
           eval-image = evaluated pkgs "image" (imageSystem system);
           # nftables.service's rules script with the metadata table in it: nixpkgs checks it with
-          # `nft --check` when it is built (networking.nftables.checkRuleset).
-          nftables-ruleset = lib.last (
-            lib.toList withNftables.config.systemd.services.nftables.serviceConfig.ExecStart
+          # `nft --check` when it is built (networking.nftables.checkRuleset). Its name, written to
+          # a file, depends on it, whatever form ExecStart has (a derivation, a list, a string).
+          nftables-ruleset = pkgs.writeText "hcloud-nixos-nftables-ruleset" (
+            toString (lib.last (lib.toList withNftables.config.systemd.services.nftables.serviceConfig.ExecStart))
           );
         }
       );
