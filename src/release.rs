@@ -8,6 +8,11 @@ use std::path::Path;
 /// `systemd.packages` are linked into `etc/systemd/system`.
 pub const AGENT_UNIT: &str = "etc/systemd/system/hcloud-nixos-agent.service";
 
+/// How a NixOS system starts the agent at boot: `wantedBy = [ "multi-user.target" ]` becomes this
+/// link. Without it the agent would not come back after a reboot.
+pub const AGENT_WANTED: &str =
+    "etc/systemd/system/multi-user.target.wants/hcloud-nixos-agent.service";
+
 /// Where a NixOS system keeps the agent's configuration (`environment.etc`).
 pub const AGENT_CONFIG: &str = "etc/hcloud-nixos/agent.toml";
 
@@ -19,9 +24,20 @@ pub fn check(system: &Path, version: &str) -> Result<(), String> {
             "release {version} {what}: deploying it would end deploys on this server"
         ))
     };
-    if !system.join(AGENT_UNIT).exists() {
+    let unit = system.join(AGENT_UNIT);
+    if !unit.exists() {
         return refuse(
             "does not include the hcloud-nixos module (no hcloud-nixos-agent.service)".into(),
+        );
+    }
+    // `systemd.services.hcloud-nixos-agent.enable = false` masks it: a link to /dev/null.
+    if std::fs::canonicalize(&unit).is_ok_and(|u| u == Path::new("/dev/null")) {
+        return refuse("masks hcloud-nixos-agent.service".into());
+    }
+    if !system.join(AGENT_WANTED).exists() {
+        return refuse(
+            "does not start hcloud-nixos-agent.service at boot (not wanted by multi-user.target)"
+                .into(),
         );
     }
     let config_path = system.join(AGENT_CONFIG);
@@ -95,6 +111,10 @@ mod tests {
         std::fs::create_dir_all(sys.join("etc/hcloud-nixos")).unwrap();
         if unit {
             std::fs::write(sys.join(AGENT_UNIT), "[Service]\n").unwrap();
+            std::fs::create_dir_all(sys.join(AGENT_WANTED).parent().unwrap()).unwrap();
+            let _ = std::fs::remove_file(sys.join(AGENT_WANTED));
+            std::os::unix::fs::symlink("../hcloud-nixos-agent.service", sys.join(AGENT_WANTED))
+                .unwrap();
         }
         if let Some(c) = config {
             std::fs::write(sys.join(AGENT_CONFIG), c).unwrap();
@@ -163,5 +183,24 @@ mod tests {
         // Bare names must be among the system's own packages.
         let sys = system(dir.path(), true, Some(""));
         assert!(check(&sys, "1").unwrap_err().contains("paths.fh = fh"));
+    }
+
+    #[test]
+    fn a_masked_or_not_started_agent_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = system(dir.path(), true, Some(""));
+        std::fs::remove_file(sys.join(AGENT_WANTED)).unwrap();
+        assert!(
+            check(&sys, "1")
+                .unwrap_err()
+                .contains("does not start hcloud-nixos-agent.service at boot")
+        );
+        std::fs::remove_file(sys.join(AGENT_UNIT)).unwrap();
+        std::os::unix::fs::symlink("/dev/null", sys.join(AGENT_UNIT)).unwrap();
+        assert!(
+            check(&sys, "1")
+                .unwrap_err()
+                .contains("masks hcloud-nixos-agent.service")
+        );
     }
 }

@@ -2136,8 +2136,10 @@ fn a_check_asked_for_during_a_deploy_follows_it() {
     let (_, p2) = b.release(2, Kind::Normal);
     agent.signal(Signal::SIGUSR1);
     b.wait_for(secs(30), "0.1.1 running", || b.current_system() == p1);
-    b.wait_for(secs(20), "0.1.2 running right after, not a poll (1h) later", || {
-        b.current_system() == p2
-    });
+    b.wait_for(
+        secs(20),
+        "0.1.2 running right after, not a poll (1h) later",
+        || b.current_system() == p2,
+    );
     assert!(agent.running(), "the agent exited: {}", agent.output());
 }

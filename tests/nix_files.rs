@@ -37,9 +37,11 @@ fn every_nix_file_parses() {
     for expected in [
         "flake.nix",
         "nixos-module/default.nix",
+        "nixos-module/flake-module.nix",
         "image/default.nix",
         "image/disk.nix",
         "tests/nixos/vm-test.nix",
+        "tests/nixos/eval.nix",
     ] {
         assert!(
             names.iter().any(|n| n == expected),

@@ -79,7 +79,8 @@ pub fn render_into(dest: &Path, package: &Path) -> Vec<PathBuf> {
 }
 
 /// What the NixOS module puts into a system (a toplevel store path) besides the binary: the
-/// agent's unit, linked into `etc/systemd/system` (the repository's file), and the agent's
+/// agent's unit, linked into `etc/systemd/system` (the repository's file) and wanted by
+/// `multi-user.target`, and the agent's
 /// configuration `agent_toml` in `etc/hcloud-nixos/agent.toml`. The agent refuses a release
 /// without these.
 pub fn install_module_into(system: &Path, agent_toml: &str) {
@@ -88,6 +89,14 @@ pub fn install_module_into(system: &Path, agent_toml: &str) {
     std::fs::copy(
         source_dir().join("hcloud-nixos-agent.service"),
         units.join("hcloud-nixos-agent.service"),
+    )
+    .unwrap();
+    // wantedBy = [ "multi-user.target" ], as NixOS links it.
+    let wants = units.join("multi-user.target.wants");
+    std::fs::create_dir_all(&wants).unwrap();
+    std::os::unix::fs::symlink(
+        "../hcloud-nixos-agent.service",
+        wants.join("hcloud-nixos-agent.service"),
     )
     .unwrap();
     std::fs::create_dir_all(system.join("etc/hcloud-nixos")).unwrap();
