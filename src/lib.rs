@@ -1,32 +1,16 @@
 //! hcloud-nixos: NixOS on Hetzner Cloud. Boot-time provisioning from the metadata service, a
 //! pull-based deploy agent, and an image uploader, in one binary.
+//!
+//! One room per program, and one for what they share:
+//! - [`boot`]: `hcloud-nixos network` at boot (metadata, networkd files, hostname, SSH keys);
+//! - [`agent`]: the deploy agent in every server (configuration, user-data, FlakeHub, the deploy
+//!   lifecycle, health, reboots, hooks, metrics);
+//! - [`fleet`]: servers of a group taking turns through etcd or FleetLock (used by the agent);
+//! - [`upload`]: the workstation's uploader (disk image to snapshot);
+//! - [`plumbing`]: HTTP and TLS set-up, atomic files, running programs, secrets, logging.
 
 pub mod agent;
-pub mod apply;
-pub mod config;
-pub mod deploy;
-pub mod exec;
-pub mod files;
-pub mod flakehub;
-pub mod flakeref;
+pub mod boot;
 pub mod fleet;
-pub mod health;
-pub mod hooks;
-pub mod hostname;
-pub mod http;
-pub mod logging;
-pub mod login;
-pub mod metadata;
-pub mod metrics;
-pub mod network;
-pub mod programs;
-pub mod provision;
-pub mod reboot;
-pub mod release;
-pub mod secret;
-pub mod sshkeys;
-pub mod state;
-pub mod systemd;
-pub mod tls;
+pub mod plumbing;
 pub mod upload;
-pub mod userdata;

@@ -6,9 +6,15 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use hcloud_nixos::hostname::Policy;
-use hcloud_nixos::metadata::client::DEFAULT_URL;
-use hcloud_nixos::{agent, config, logging, provision, sshkeys, upload, userdata};
+use hcloud_nixos::agent::config;
+use hcloud_nixos::agent::service as agent;
+use hcloud_nixos::agent::userdata;
+use hcloud_nixos::boot::hostname::Policy;
+use hcloud_nixos::boot::metadata::client::DEFAULT_URL;
+use hcloud_nixos::boot::provision;
+use hcloud_nixos::boot::sshkeys;
+use hcloud_nixos::plumbing::logging;
+use hcloud_nixos::upload;
 
 #[derive(Parser)]
 #[command(name = "hcloud-nixos", version, about = "NixOS on Hetzner Cloud")]

@@ -774,7 +774,7 @@ fn fleetlock_down_nobody_deploys_and_it_works_again_after() {
 fn fleetlock_standin_enforces_the_protocol_header() {
     let server = fleetlock::FleetLockStandin::start(1);
     let status = runtime().block_on(async {
-        hcloud_nixos::tls::client_builder()
+        hcloud_nixos::plumbing::tls::client_builder()
             .build()
             .unwrap()
             .post(format!("{}/v1/pre-reboot", server.url()))

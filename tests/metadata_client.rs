@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use hcloud_nixos::metadata::client::{Client, FetchError, Settings};
+use hcloud_nixos::boot::metadata::client::{Client, FetchError, Settings};
 use metadata_server::{Documents, Fault, MetadataServer};
 use tokio::time::Instant;
 

@@ -5,8 +5,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hcloud_nixos::metrics::{self, CONTENT_TYPE};
-use hcloud_nixos::state::{Check, Counters, Deploy, InFlight, Outcome, Quarantined, State, Target};
+use hcloud_nixos::agent::metrics::{self, CONTENT_TYPE};
+use hcloud_nixos::agent::state::{
+    Check, Counters, Deploy, InFlight, Outcome, Quarantined, State, Target,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One sample: metric name, labels, value.
@@ -488,7 +490,7 @@ async fn raw_request(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
 
 #[tokio::test(flavor = "current_thread")]
 async fn server_answers_metrics_and_404_and_survives_garbage() {
-    hcloud_nixos::tls::install_crypto_provider();
+    hcloud_nixos::plumbing::tls::install_crypto_provider();
     let listener = metrics::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::watch::channel(metrics::render(&sample_state(), SystemTime::now()));
@@ -559,7 +561,7 @@ async fn server_answers_metrics_and_404_and_survives_garbage() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn publisher_serves_and_writes_the_textfile() {
-    hcloud_nixos::tls::install_crypto_provider();
+    hcloud_nixos::plumbing::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let textfile = dir.path().join("hcloud-nixos.prom");
     // Port 0 to get a free one; find it by asking the OS for one first.

@@ -484,7 +484,7 @@ fn race_note(stopped: &[String]) -> String {
         return String::new();
     }
     format!(
-        "RACE (src/apply.rs Applier::wait, src/systemd.rs UnitStatus::finished): the agent stopped a \
+        "RACE (src/agent/apply.rs Applier::wait, src/agent/systemd.rs UnitStatus::finished): the agent stopped a \
          step unit it had just started. StartTransientUnit returns once the start job is queued; \
          if the first GetUnit comes before the job ran, ActiveState is still \"inactive\", \
          finished() says true (Result=success, status 0: \"finished successfully\"), and run_step's \

@@ -162,7 +162,7 @@ impl EtcdCoordinator {
             .with_timeout(OP_TIMEOUT)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         if settings.tls() {
-            crate::tls::install_crypto_provider();
+            crate::plumbing::tls::install_crypto_provider();
             let mut tls = TlsOptions::new();
             if let Some(ca) = &settings.ca_file {
                 tls =

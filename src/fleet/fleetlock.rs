@@ -53,14 +53,14 @@ impl FleetLockCoordinator {
             })?
             .url
             .clone();
-        let http = crate::tls::client_builder()
+        let http = crate::plumbing::tls::client_builder()
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| {
                 Error::new(
                     ErrorKind::Config,
-                    format!("fleetlock: {}", crate::http::describe(&e)),
+                    format!("fleetlock: {}", crate::plumbing::http::describe(&e)),
                 )
             })?;
         Ok(FleetLockCoordinator {
@@ -90,7 +90,7 @@ impl FleetLockCoordinator {
                     ErrorKind::Unreachable,
                     format!(
                         "fleetlock unreachable ({url}): {}",
-                        crate::http::describe(&e)
+                        crate::plumbing::http::describe(&e)
                     ),
                 )
             })?;
@@ -98,7 +98,7 @@ impl FleetLockCoordinator {
         if status.is_success() {
             return Ok(Answer::Ok);
         }
-        let text = crate::http::read_limited(resp, 64 * 1024)
+        let text = crate::plumbing::http::read_limited(resp, 64 * 1024)
             .await
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();

@@ -306,7 +306,7 @@ pub fn parse_error_body(body: &str) -> Option<(String, String)> {
 
 impl Client {
     pub fn new(endpoint: &str, token: Token, policy: RetryPolicy) -> anyhow::Result<Self> {
-        crate::tls::install_crypto_provider();
+        crate::plumbing::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
             .user_agent(concat!("hcloud-nixos/", env!("CARGO_PKG_VERSION")))
             .timeout(policy.request_timeout)

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::flakeref::FlakeRef;
-use crate::secret::Secret;
-use crate::userdata::UserSettings;
+use crate::agent::flakeref::FlakeRef;
+use crate::agent::userdata::UserSettings;
+use crate::plumbing::secret::Secret;
 
 /// What `fh apply nixos` is asked to do with a new closure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
@@ -70,14 +70,14 @@ pub struct FileConfig {
     pub confirm_timeout: Option<String>,
     pub min_release_age: Option<String>,
     #[serde(default)]
-    pub health_check: Vec<crate::health::CheckConfig>,
-    pub reboot: Option<crate::reboot::Policy>,
-    pub reboot_window: Option<crate::reboot::WindowConfig>,
+    pub health_check: Vec<crate::agent::health::CheckConfig>,
+    pub reboot: Option<crate::agent::reboot::Policy>,
+    pub reboot_window: Option<crate::agent::reboot::WindowConfig>,
     pub reboot_grace: Option<String>,
     pub reboot_inhibitor_timeout: Option<String>,
     #[serde(default)]
-    pub hook: Vec<crate::hooks::HookConfig>,
-    pub metrics: Option<crate::metrics::MetricsConfig>,
+    pub hook: Vec<crate::agent::hooks::HookConfig>,
+    pub metrics: Option<crate::agent::metrics::MetricsConfig>,
     pub fleet: Option<crate::fleet::FleetConfig>,
     #[serde(default)]
     pub flakehub: FlakehubSection,
@@ -214,17 +214,17 @@ pub struct Settings {
     pub confirm_timeout: Duration,
     /// A release is applied only once it has been published this long.
     pub min_release_age: Duration,
-    pub health_checks: Vec<crate::health::Check>,
+    pub health_checks: Vec<crate::agent::health::Check>,
     /// When to reboot into a new kernel.
-    pub reboot: crate::reboot::Policy,
+    pub reboot: crate::agent::reboot::Policy,
     /// The maintenance window, for `reboot = "window"`.
-    pub reboot_window: Option<crate::reboot::Window>,
+    pub reboot_window: Option<crate::agent::reboot::Window>,
     /// Between the wall message and the reboot.
     pub reboot_grace: Duration,
     /// How long a reboot waits for block-mode inhibitor locks before it is postponed.
     pub reboot_inhibitor_timeout: Duration,
-    pub hooks: Vec<crate::hooks::Hook>,
-    pub metrics: crate::metrics::Metrics,
+    pub hooks: Vec<crate::agent::hooks::Hook>,
+    pub metrics: crate::agent::metrics::Metrics,
     /// Deploys and reboots take turns with the other servers of a group.
     pub fleet: Option<crate::fleet::Fleet>,
     pub paths: Paths,
@@ -448,7 +448,7 @@ pub fn resolve(
         .flakehub
         .api_url
         .clone()
-        .unwrap_or_else(|| crate::flakehub::DEFAULT_API_URL.to_string());
+        .unwrap_or_else(|| crate::agent::flakehub::DEFAULT_API_URL.to_string());
     if reqwest::Url::parse(&flakehub_api_url)
         .map_or(true, |u| !matches!(u.scheme(), "http" | "https"))
     {
@@ -460,7 +460,7 @@ pub fn resolve(
         .metadata
         .url
         .clone()
-        .unwrap_or_else(|| crate::metadata::client::DEFAULT_URL.to_string());
+        .unwrap_or_else(|| crate::boot::metadata::client::DEFAULT_URL.to_string());
     if reqwest::Url::parse(&metadata_url).map_or(true, |u| !matches!(u.scheme(), "http" | "https"))
     {
         problems.push(format!(
@@ -483,7 +483,7 @@ pub fn resolve(
     };
     let mut health_checks = Vec::new();
     for (i, c) in file.health_check.iter().enumerate() {
-        match crate::health::Check::from_config(c, i) {
+        match crate::agent::health::Check::from_config(c, i) {
             Ok(check) => health_checks.push(check),
             Err(e) => problems.push(e),
         }
@@ -495,10 +495,12 @@ pub fn resolve(
     // The window is checked whenever it is written, so that a typo shows before it matters.
     let reboot_window = match (&file.reboot_window, reboot) {
         (Some(w), _) => w.resolve().map_err(|e| problems.extend(e)).ok(),
-        (None, crate::reboot::Policy::Window) => crate::reboot::WindowConfig::default()
-            .resolve()
-            .map_err(|e| problems.extend(e))
-            .ok(),
+        (None, crate::agent::reboot::Policy::Window) => {
+            crate::agent::reboot::WindowConfig::default()
+                .resolve()
+                .map_err(|e| problems.extend(e))
+                .ok()
+        }
         (None, _) => None,
     };
     let mut lenient = |key: &str, text: Option<&str>, default: Duration| match text {
@@ -520,15 +522,15 @@ pub fn resolve(
         file.reboot_inhibitor_timeout.as_deref(),
         Duration::from_secs(600),
     );
-    let hooks = crate::hooks::Hook::from_configs(&file.hook).unwrap_or_else(|e| {
+    let hooks = crate::agent::hooks::Hook::from_configs(&file.hook).unwrap_or_else(|e| {
         problems.extend(e);
         Vec::new()
     });
     let metrics = match &file.metrics {
-        None => crate::metrics::Metrics::default(),
-        Some(m) => crate::metrics::Metrics::from_config(m).unwrap_or_else(|e| {
+        None => crate::agent::metrics::Metrics::default(),
+        Some(m) => crate::agent::metrics::Metrics::from_config(m).unwrap_or_else(|e| {
             problems.extend(e);
-            crate::metrics::Metrics::default()
+            crate::agent::metrics::Metrics::default()
         }),
     };
     // The file wins key by key over user-data's `fleet` mapping.

@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::metadata::{NetworkConfig, PrivateNetwork, PublicInterface};
+use crate::boot::metadata::{NetworkConfig, PrivateNetwork, PublicInterface};
 
 /// Every file we write starts with this, and only files that do are ever removed by us.
 pub const FILE_PREFIX: &str = "50-hcloud-nixos-";

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::http::{BodyError, describe};
+use crate::plumbing::http::{BodyError, describe};
 
 /// Where the metadata service lives on every Hetzner Cloud server.
 pub const DEFAULT_URL: &str = "http://169.254.169.254/hetzner/v1/";
@@ -85,7 +85,7 @@ impl Client {
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(FetchError::BadUrl(settings.base_url.clone()));
         }
-        let mut builder = crate::tls::client_builder()
+        let mut builder = crate::plumbing::tls::client_builder()
             .connect_timeout(settings.request_timeout)
             .timeout(settings.request_timeout)
             // The service is link-local: a proxy from the environment must not be used.
@@ -159,7 +159,7 @@ impl Client {
                 status: status.as_u16(),
             });
         }
-        match crate::http::read_limited(resp, self.settings.max_body).await {
+        match crate::plumbing::http::read_limited(resp, self.settings.max_body).await {
             Ok(body) => Ok(Attempt::Done(Some(body))),
             Err(BodyError::TooLarge) => Err(FetchError::TooLarge {
                 url: url.to_string(),

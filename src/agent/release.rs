@@ -47,7 +47,7 @@ pub fn check(system: &Path, version: &str) -> Result<(), String> {
             return refuse(format!("has the agent's unit but no /{AGENT_CONFIG}"));
         }
     };
-    let file = match crate::config::parse_file(&text) {
+    let file = match crate::agent::config::parse_file(&text) {
         Ok(file) => file,
         Err(e) => {
             return refuse(format!(
@@ -55,7 +55,7 @@ pub fn check(system: &Path, version: &str) -> Result<(), String> {
             ));
         }
     };
-    if let Err(problems) = crate::config::check(&file) {
+    if let Err(problems) = crate::agent::config::check(&file) {
         return refuse(format!(
             "has an agent configuration the agent refuses ({})",
             problems.join("; ")
@@ -63,7 +63,7 @@ pub fn check(system: &Path, version: &str) -> Result<(), String> {
     }
     // The programs the new configuration names: store paths (the NixOS module renders them so),
     // present once the closure is fetched; a bare name must be among the system's packages.
-    let defaults = crate::config::Paths::default();
+    let defaults = crate::agent::config::Paths::default();
     let p = &file.paths;
     for (key, configured) in [
         ("paths.fh", p.fh.clone().unwrap_or(defaults.fh)),
@@ -74,9 +74,9 @@ pub fn check(system: &Path, version: &str) -> Result<(), String> {
         ("paths.nix", p.nix.clone().unwrap_or(defaults.nix)),
     ] {
         let found = if configured.is_absolute() {
-            crate::exec::find_program(&configured).is_some()
+            crate::plumbing::exec::find_program(&configured).is_some()
         } else {
-            crate::exec::find_program(&system.join("sw/bin").join(&configured)).is_some()
+            crate::plumbing::exec::find_program(&system.join("sw/bin").join(&configured)).is_some()
         };
         if !found {
             return refuse(format!(
@@ -87,7 +87,7 @@ pub fn check(system: &Path, version: &str) -> Result<(), String> {
     }
     if let Some(nixd) = &p.determinate_nixd
         && nixd.is_absolute()
-        && crate::exec::find_program(nixd).is_none()
+        && crate::plumbing::exec::find_program(nixd).is_none()
     {
         return refuse(format!(
             "names a program it does not contain (paths.determinate_nixd = {})",

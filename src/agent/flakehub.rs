@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::flakeref::FlakeRef;
-use crate::http::{BodyError, describe, read_limited};
-use crate::secret::Secret;
+use crate::agent::flakeref::FlakeRef;
+use crate::plumbing::http::{BodyError, describe, read_limited};
+use crate::plumbing::secret::Secret;
 
 pub const DEFAULT_API_URL: &str = "https://api.flakehub.com";
 
@@ -97,7 +97,7 @@ impl Client {
             let path = format!("{}/", api_url.path());
             api_url.set_path(&path);
         }
-        let http = crate::tls::client_builder()
+        let http = crate::plumbing::tls::client_builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(30))
             .build()?;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::files;
+use crate::plumbing::files;
 
 pub const FILE_NAME: &str = "state.json";
 

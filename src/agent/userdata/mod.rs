@@ -29,9 +29,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::Value;
 
-use crate::config::Operation;
-use crate::flakeref::FlakeRef;
-use crate::secret::Secret;
+use crate::agent::config::Operation;
+use crate::agent::flakeref::FlakeRef;
+use crate::plumbing::secret::Secret;
 
 #[cfg(test)]
 mod tests;
@@ -88,7 +88,7 @@ pub struct UserSettings {
     /// Apply a release only once it has been published this long.
     pub min_release_age: Option<Duration>,
     /// When to reboot into a new kernel.
-    pub reboot: Option<crate::reboot::Policy>,
+    pub reboot: Option<crate::agent::reboot::Policy>,
     /// Taking turns with the other servers of a group.
     pub fleet: Option<crate::fleet::FleetConfig>,
 }

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
-use crate::state::State;
+use crate::agent::state::State;
 
 /// The `Content-Type` of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -215,7 +215,7 @@ pub fn render(state: &State, now: SystemTime) -> String {
         "Whether the last deploy succeeded (1) or failed (0).",
     );
     if let Some(d) = last {
-        f.sample(&[], bit(d.outcome == crate::state::Outcome::Success));
+        f.sample(&[], bit(d.outcome == crate::agent::state::Outcome::Success));
     }
 
     family(
@@ -273,7 +273,7 @@ pub fn write_textfile(path: &Path, text: &str) -> Result<()> {
             dir.display()
         );
     }
-    crate::files::write_atomic(path, text.as_bytes(), 0o644)
+    crate::plumbing::files::write_atomic(path, text.as_bytes(), 0o644)
         .with_context(|| format!("cannot write {}", path.display()))
 }
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::exec;
+use crate::plumbing::exec;
 
 /// A `[[health_check]]` table as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -112,7 +112,7 @@ impl Check {
                 )),
                 Err(e) => Err(format!(
                     "health check {url} failed: {}",
-                    crate::http::describe(&e)
+                    crate::plumbing::http::describe(&e)
                 )),
             },
         }
@@ -176,7 +176,7 @@ mod tests {
 
     #[tokio::test]
     async fn commands_pass_fail_and_time_out() {
-        let http = crate::tls::client_builder().build().unwrap();
+        let http = crate::plumbing::tls::client_builder().build().unwrap();
         let ok = Check::from_config(&cfg(Some(&["/bin/true"]), None, None), 0).unwrap();
         assert_eq!(ok.run(&http).await, Ok(()));
         let bad = Check::from_config(
@@ -225,7 +225,7 @@ mod tests {
                     .await;
             }
         });
-        let http = crate::tls::client_builder().build().unwrap();
+        let http = crate::plumbing::tls::client_builder().build().unwrap();
         let check =
             Check::from_config(&cfg(None, Some(&format!("http://{addr}/healthz")), None), 0)
                 .unwrap();

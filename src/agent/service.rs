@@ -8,13 +8,17 @@ use anyhow::{Context as _, Result, bail};
 use sd_notify::NotifyState;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::apply::Applier;
-use crate::config::{self, ApplyMode, FileConfig, Settings};
-use crate::deploy::{self, Context, Outcome};
-use crate::metadata::client::{Client as MetadataClient, Settings as MetadataSettings};
-use crate::programs::Programs;
-use crate::state::State;
-use crate::{files, flakehub, fleet, metrics, userdata};
+use crate::agent::apply::Applier;
+use crate::agent::config::{self, ApplyMode, FileConfig, Settings};
+use crate::agent::deploy::{self, Context, Outcome};
+use crate::agent::flakehub;
+use crate::agent::metrics;
+use crate::agent::programs::Programs;
+use crate::agent::state::State;
+use crate::agent::userdata;
+use crate::boot::metadata::client::{Client as MetadataClient, Settings as MetadataSettings};
+use crate::fleet;
+use crate::plumbing::files;
 
 /// How long to wait for the metadata service when reading user-data.
 const USERDATA_DEADLINE: Duration = Duration::from_secs(30);
@@ -99,7 +103,7 @@ async fn fetch_userdata(file: &FileConfig) -> (userdata::UserData, Vec<String>) 
         .metadata
         .url
         .clone()
-        .unwrap_or_else(|| crate::metadata::client::DEFAULT_URL.to_string());
+        .unwrap_or_else(|| crate::boot::metadata::client::DEFAULT_URL.to_string());
     let raw = match MetadataClient::new(MetadataSettings {
         base_url: url,
         ..Default::default()
@@ -547,8 +551,8 @@ pub fn describe_state(state: &State) -> String {
     }
     if let Some(d) = &state.last_deploy {
         let outcome = match d.outcome {
-            crate::state::Outcome::Success => "succeeded".to_string(),
-            crate::state::Outcome::Failed => {
+            crate::agent::state::Outcome::Success => "succeeded".to_string(),
+            crate::agent::state::Outcome::Failed => {
                 format!("failed: {}", d.error.as_deref().unwrap_or(""))
             }
         };

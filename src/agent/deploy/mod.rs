@@ -18,17 +18,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result};
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::apply::{self, Applier, Found, Step, StepKind};
-use crate::config::{Operation, Settings};
-use crate::flakehub::{self, Resolved};
-use crate::fleet::{self, Acquired, Ending, Purpose, SlotGuard};
-use crate::health;
-use crate::hooks::{self, EventKind};
-use crate::login;
-use crate::state::{
+use crate::agent::apply::{self, Applier, Found, Step, StepKind};
+use crate::agent::config::{Operation, Settings};
+use crate::agent::flakehub::{self, Resolved};
+use crate::agent::health;
+use crate::agent::hooks::{self, EventKind};
+use crate::agent::login;
+use crate::agent::state::{
     self, Deploy, Failures, InFlight, LastReboot, Outcome as Recorded, PendingBoot, Phase,
     Quarantined, RebootRequest, State, Target,
 };
+use crate::fleet::{self, Acquired, Ending, Purpose, SlotGuard};
 
 /// How many quarantined store paths are remembered.
 const QUARANTINE_KEEP: usize = 20;
@@ -41,7 +41,7 @@ pub struct Context {
     pub flakehub: flakehub::Client,
     pub applier: Applier,
     /// fh, nix-env, nix and the login method, resolved at start.
-    pub programs: crate::programs::Programs,
+    pub programs: crate::agent::programs::Programs,
     /// Whether this context has checked the login yet. A new context (at start, after SIGHUP)
     /// checks it once, and so does the cycle after a failed deploy; a poll does not.
     pub login_checked: AtomicBool,
@@ -344,7 +344,7 @@ fn quarantine(state: &mut State, f: &InFlight, reason: &str) {
 
 /// A lock that keeps two agents apart (this one and an operator's `agent --once` or `retry`).
 pub fn take_lock(run_dir: &Path, wait: bool) -> Result<Option<Flock<File>>> {
-    crate::files::create_dir_all_mode(run_dir, 0o700)?;
+    crate::plumbing::files::create_dir_all_mode(run_dir, 0o700)?;
     let path = run_dir.join("apply.lock");
     let file = File::options()
         .create(true)
@@ -542,7 +542,7 @@ async fn reboots(
             (true, profile.clone())
         }
         None => (
-            crate::reboot::reboot_required(
+            crate::agent::reboot::reboot_required(
                 &settings.paths.booted_system,
                 &settings.paths.current_system,
             ),
@@ -578,7 +578,7 @@ async fn reboots(
         outcome: outcome.to_string(),
         error,
     };
-    match crate::reboot::decide(
+    match crate::agent::reboot::decide(
         settings.reboot,
         window,
         required,
@@ -586,20 +586,25 @@ async fn reboots(
         fastrand::f64(),
         planned,
     ) {
-        crate::reboot::Decision::NotRequired => {
+        crate::agent::reboot::Decision::NotRequired => {
             state.reboot_planned = None;
             None
         }
-        crate::reboot::Decision::Hold { reason } => {
+        crate::agent::reboot::Decision::Hold { reason } => {
             if !was_required {
                 events.push(reboot_event("held", Some(reason.clone())));
             }
             // For a release applied with operation = boot the status says so already.
             state.pending_boot.is_none().then_some(reason)
         }
-        crate::reboot::Decision::RebootAt(at) => {
-            let note =
-                crate::reboot::describe_next(settings.reboot, window, required, now, Some(at));
+        crate::agent::reboot::Decision::RebootAt(at) => {
+            let note = crate::agent::reboot::describe_next(
+                settings.reboot,
+                window,
+                required,
+                now,
+                Some(at),
+            );
             if planned != Some(at) {
                 tracing::info!(at = %at, "reboot planned inside the maintenance window");
                 events.push(reboot_event("scheduled", None));
@@ -607,7 +612,7 @@ async fn reboots(
             state.reboot_planned = Some(at.to_string());
             Some(note)
         }
-        crate::reboot::Decision::RebootNow => {
+        crate::agent::reboot::Decision::RebootNow => {
             let Some(system) = system_after.clone() else {
                 return Some("reboot required, but the system to boot is unknown".into());
             };
@@ -651,11 +656,12 @@ async fn reboots(
             hooks::run_all(&settings.hooks, &reboot_event("rebooting", None)).await;
             let kernel = current
                 .as_deref()
-                .and_then(|c| crate::reboot::kernel_version(Path::new(c)));
-            let message = crate::reboot::wall_message(settings.reboot_grace, kernel.as_deref());
-            let result = match crate::reboot::Logind::connect().await {
+                .and_then(|c| crate::agent::reboot::kernel_version(Path::new(c)));
+            let message =
+                crate::agent::reboot::wall_message(settings.reboot_grace, kernel.as_deref());
+            let result = match crate::agent::reboot::Logind::connect().await {
                 Ok(host) => {
-                    crate::reboot::carry_out(
+                    crate::agent::reboot::carry_out(
                         &host,
                         settings.reboot_grace,
                         &message,
@@ -665,7 +671,7 @@ async fn reboots(
                 }
                 Err(e) => Err(e),
             };
-            if !matches!(result, Ok(crate::reboot::Outcome::Rebooting))
+            if !matches!(result, Ok(crate::agent::reboot::Outcome::Rebooting))
                 && let (Some(coordinator), Some(guard)) = (&ctx.fleet, guard)
             {
                 // No reboot after all: the turn goes back at once.
@@ -675,8 +681,10 @@ async fn reboots(
                 }
             }
             match result {
-                Ok(crate::reboot::Outcome::Rebooting) => Some("rebooting for a new kernel".into()),
-                Ok(crate::reboot::Outcome::Inhibited(by)) => {
+                Ok(crate::agent::reboot::Outcome::Rebooting) => {
+                    Some("rebooting for a new kernel".into())
+                }
+                Ok(crate::agent::reboot::Outcome::Inhibited(by)) => {
                     state.reboot_request = None;
                     let why = format!("reboot postponed: blocked by {}", by.join(", "));
                     events.push(reboot_event("inhibited", Some(why.clone())));
@@ -1075,7 +1083,7 @@ async fn drive(ctx: &Context, state: &mut State, report: &(dyn Fn(&str) + Sync))
                 let result = run_step(ctx, state, &step).await;
                 let profile = resolve_link(&ctx.settings.paths.system_profile);
                 if profile.as_deref() == Some(f.store_path.as_str()) {
-                    match crate::release::check(Path::new(&f.store_path), &f.version) {
+                    match crate::agent::release::check(Path::new(&f.store_path), &f.version) {
                         Err(refused) if ctx.settings.require_agent => {
                             return refuse_release(ctx, state, refused).await;
                         }
@@ -1254,10 +1262,10 @@ async fn refuse_release(ctx: &Context, state: &mut State, refused: String) -> Ou
         quarantine(
             state,
             &f,
-            &format!("{refused}; {}", crate::release::OVERRIDE_HINT),
+            &format!("{refused}; {}", crate::agent::release::OVERRIDE_HINT),
         );
     }
-    tracing::error!(version = %f.version, "{refused}; {}", crate::release::OVERRIDE_HINT);
+    tracing::error!(version = %f.version, "{refused}; {}", crate::agent::release::OVERRIDE_HINT);
     match outcome {
         Outcome::Failed { target, .. } => Outcome::Failed {
             target,
@@ -1277,7 +1285,7 @@ async fn set_profile(ctx: &Context, path: &str) -> Result<(), String> {
         .system_profile
         .to_string_lossy()
         .into_owned();
-    let out = crate::exec::run(
+    let out = crate::plumbing::exec::run(
         program,
         &["-p", &profile, "--set", path],
         Duration::from_secs(120),
@@ -1297,7 +1305,7 @@ async fn set_profile(ctx: &Context, path: &str) -> Result<(), String> {
 
 /// Waits until every health condition holds, or `until` passes (then says what failed last).
 async fn confirm(ctx: &Context, failed_before: &[String], until: SystemTime) -> Result<(), String> {
-    let http = crate::tls::client_builder()
+    let http = crate::plumbing::tls::client_builder()
         .timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| format!("cannot set up HTTP health checks: {e}"))?;

@@ -785,7 +785,7 @@ fn reboot_policy_and_fleet_from_user_data() {
     );
     assert!(data.problems.is_empty(), "{:?}", data.problems);
     let s = data.settings.unwrap();
-    assert_eq!(s.reboot, Some(crate::reboot::Policy::Window));
+    assert_eq!(s.reboot, Some(crate::agent::reboot::Policy::Window));
     let fleet = s.fleet.unwrap().resolve().unwrap();
     assert_eq!(fleet.group, "web");
     assert_eq!(fleet.slots, 2);

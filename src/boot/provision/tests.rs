@@ -1,7 +1,7 @@
 //! Deciding and carrying out what `network` does, in a temporary directory.
 
 use super::*;
-use crate::metadata::parse_metadata;
+use crate::boot::metadata::parse_metadata;
 
 fn fetched(text: &str) -> Fetched {
     Fetched {

@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ApplyMode, Operation};
-use crate::systemd::{Systemd, TransientService};
+use crate::agent::config::{ApplyMode, Operation};
+use crate::agent::systemd::{Systemd, TransientService};
 
 /// Which step of a deploy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

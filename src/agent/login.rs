@@ -6,10 +6,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use crate::exec;
-use crate::files;
-use crate::secret::Secret;
-use crate::state::{Login, State};
+use crate::agent::state::{Login, State};
+use crate::plumbing::exec;
+use crate::plumbing::files;
+use crate::plumbing::secret::Secret;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -86,7 +86,7 @@ pub async fn ensure(
     }
     state.login = Some(Login {
         token_sha256: print,
-        at: crate::state::now(),
+        at: crate::agent::state::now(),
     });
     Ok(true)
 }

@@ -1,7 +1,7 @@
 //! Rendering networkd files from parsed metadata.
 
 use super::*;
-use crate::metadata::{self, MacAddr};
+use crate::boot::metadata::{self, MacAddr};
 
 fn fixture(name: &str) -> String {
     let path = format!(

@@ -1,7 +1,7 @@
 //! The configuration file, user-data filling its gaps, and validation.
 
 use super::*;
-use crate::userdata::UserSettings;
+use crate::agent::userdata::UserSettings;
 
 fn no_token_file(_: &Path) -> std::io::Result<String> {
     Err(std::io::Error::new(
@@ -18,7 +18,7 @@ fn user() -> UserSettings {
         operation: Some(Operation::Boot),
         confirm_timeout: Some(Duration::from_secs(30)),
         min_release_age: None,
-        reboot: Some(crate::reboot::Policy::WhenNeeded),
+        reboot: Some(crate::agent::reboot::Policy::WhenNeeded),
         fleet: None,
     }
 }
@@ -181,7 +181,7 @@ textfile = "/var/lib/prometheus-node-exporter-text/hcloud-nixos.prom"
     let s = resolve(&parse_file(text).unwrap(), None, no_token_file).unwrap();
     assert_eq!(s.confirm_timeout, Duration::from_secs(90));
     assert_eq!(s.min_release_age, Duration::from_secs(7200));
-    assert_eq!(s.reboot, crate::reboot::Policy::Window);
+    assert_eq!(s.reboot, crate::agent::reboot::Policy::Window);
     assert_eq!(
         s.reboot_window.as_ref().unwrap().time_zone_name(),
         "Europe/Berlin"
@@ -194,7 +194,7 @@ textfile = "/var/lib/prometheus-node-exporter-text/hcloud-nixos.prom"
     let defaults = resolve(&FileConfig::default(), None, no_token_file).unwrap();
     assert_eq!(defaults.confirm_timeout, Duration::from_secs(120));
     assert_eq!(defaults.min_release_age, Duration::ZERO);
-    assert_eq!(defaults.reboot, crate::reboot::Policy::Never);
+    assert_eq!(defaults.reboot, crate::agent::reboot::Policy::Never);
     assert!(defaults.reboot_window.is_none());
     assert!(!defaults.metrics.is_enabled());
 

@@ -11,9 +11,9 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use crate::config::Paths;
-use crate::exec;
-use crate::login::Method;
+use crate::agent::config::Paths;
+use crate::agent::login::Method;
+use crate::plumbing::exec;
 
 /// A program the agent needs, found or not.
 #[derive(Debug, Clone, PartialEq, Eq)]

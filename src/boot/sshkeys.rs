@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::files;
+use crate::plumbing::files;
 
 /// Where the NixOS module points sshd's extra `AuthorizedKeysFile` (`/run/hcloud-nixos/authorized_keys/%u`).
 pub const DEFAULT_KEYS_FILE: &str = "/run/hcloud-nixos/authorized_keys/root";

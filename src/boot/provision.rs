@@ -8,13 +8,14 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use tokio::time::Instant;
 
-use crate::hostname::{self, Policy};
-use crate::metadata::client::{self, Client};
-use crate::metadata::{self, Metadata, PrivateNetwork};
-use crate::network::link::{self, Netlink};
-use crate::network::networkd::{self, Reload};
-use crate::network::{self as net, NetworkFile};
-use crate::{files, sshkeys};
+use crate::boot::hostname::{self, Policy};
+use crate::boot::metadata::client::{self, Client};
+use crate::boot::metadata::{self, Metadata, PrivateNetwork};
+use crate::boot::network::link::{self, Netlink};
+use crate::boot::network::networkd::{self, Reload};
+use crate::boot::network::{self as net, NetworkFile};
+use crate::boot::sshkeys;
+use crate::plumbing::files;
 
 /// Where to fetch from and for how long.
 #[derive(Debug, Clone)]

@@ -1,0 +1,19 @@
+//! The deploy agent in every server: follows a FlakeHub reference from the user-data, applies each
+//! release, checks the system is healthy, rolls back when not, reboots by policy, reports.
+
+pub mod apply;
+pub mod config;
+pub mod deploy;
+pub mod flakehub;
+pub mod flakeref;
+pub mod health;
+pub mod hooks;
+pub mod login;
+pub mod metrics;
+pub mod programs;
+pub mod reboot;
+pub mod release;
+pub mod service;
+pub mod state;
+pub mod systemd;
+pub mod userdata;

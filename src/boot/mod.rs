@@ -1,0 +1,8 @@
+//! Boot-time provisioning (`hcloud-nixos network`, and `metadata` for a person): what DHCP does
+//! not give a Hetzner server, from the metadata service, before networkd starts.
+
+pub mod hostname;
+pub mod metadata;
+pub mod network;
+pub mod provision;
+pub mod sshkeys;

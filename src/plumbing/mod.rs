@@ -1,0 +1,9 @@
+//! What every program shares: HTTP and TLS set-up, atomic files, running programs, secrets,
+//! logging.
+
+pub mod exec;
+pub mod files;
+pub mod http;
+pub mod logging;
+pub mod secret;
+pub mod tls;
