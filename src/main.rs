@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use hcloud_nixos::agent::config;
-use hcloud_nixos::agent::service as agent;
 use hcloud_nixos::agent::userdata;
+use hcloud_nixos::agent::{commands, service};
 use hcloud_nixos::boot::hostname::Policy;
 use hcloud_nixos::boot::metadata::client::DEFAULT_URL;
 use hcloud_nixos::boot::provision;
@@ -255,7 +255,7 @@ async fn run(command: Command) -> Result<Done> {
             provision::network(&source.source()?, &opts).await?;
             Ok(Done::Ok)
         }
-        Command::Agent { config, once: true } => Ok(if agent::once(&config.config).await? {
+        Command::Agent { config, once: true } => Ok(if service::once(&config.config).await? {
             Done::Ok
         } else {
             Done::Failed
@@ -264,11 +264,11 @@ async fn run(command: Command) -> Result<Done> {
             config,
             once: false,
         } => {
-            agent::serve(config.config).await?;
+            service::serve(config.config).await?;
             Ok(Done::Ok)
         }
         Command::Check { config } => {
-            let pid = agent::request_check(&config.config)?;
+            let pid = commands::request_check(&config.config)?;
             eprintln!(
                 "asked the agent (PID {pid}) to check now; `hcloud-nixos status` shows the result"
             );
@@ -277,7 +277,7 @@ async fn run(command: Command) -> Result<Done> {
         Command::Fleet { config, command } => {
             println!(
                 "{}",
-                agent::fleet_command(&config.config, &command)
+                commands::fleet_command(&config.config, &command)
                     .await?
                     .trim_end()
             );
@@ -292,7 +292,7 @@ async fn run(command: Command) -> Result<Done> {
             Ok(Done::Ok)
         }
         Command::Retry { config } => {
-            let lifted = agent::retry(&config.config)?;
+            let lifted = commands::retry(&config.config)?;
             if lifted.is_empty() {
                 eprintln!("nothing was quarantined; past failures are forgotten");
             } else {
@@ -304,7 +304,7 @@ async fn run(command: Command) -> Result<Done> {
             Ok(Done::Ok)
         }
         Command::Status { config, json } => {
-            print!("{}", agent::status(&config.config, json)?);
+            print!("{}", commands::status(&config.config, json)?);
             Ok(Done::Ok)
         }
         Command::Userdata {

@@ -5,10 +5,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hcloud_nixos::agent::lifecycle::state::{State, Target};
 use hcloud_nixos::agent::metrics::{self, CONTENT_TYPE};
-use hcloud_nixos::agent::state::{
-    Check, Counters, Deploy, InFlight, Outcome, Quarantined, State, Target,
-};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One sample: metric name, labels, value.
@@ -215,64 +213,34 @@ fn parse(text: &str) -> Result<Exposition, String> {
 }
 
 fn sample_state() -> State {
-    State {
-        running: Some(Target {
-            version: "0.1.42".into(),
-            store_path: "/nix/store/aaaa-nixos-system-web-25.11".into(),
-        }),
-        desired: Some(Target {
-            version: "0.1.43".into(),
-            store_path: "/nix/store/cccc-nixos-system-web-25.11".into(),
-        }),
-        last_check: Some(Check {
-            at: "2026-11-21T14:00:00Z".into(),
-            ok: false,
-            message: "FlakeHub answered 503".into(),
-        }),
-        last_deploy: Some(Deploy {
-            previous_path: None,
-            version: "0.1.42".into(),
-            store_path: "/nix/store/aaaa-nixos-system-web-25.11".into(),
-            operation: "switch".into(),
-            started_at: "2026-11-21T13:58:00Z".into(),
-            finished_at: "2026-11-21T13:59:30Z".into(),
-            outcome: Outcome::Success,
-            error: None,
-        }),
-        // From JSON, so that fields added to InFlight (with serde defaults) do not break this.
-        in_flight: Some(
-            serde_json::from_value::<InFlight>(serde_json::json!({
-                "version": "0.1.43",
-                "store_path": "/nix/store/cccc-nixos-system-web-25.11",
-                "operation": "switch",
-                "started_at": "2026-11-21T14:00:01Z",
-            }))
-            .unwrap(),
-        ),
-        counters: Counters {
-            deploys_succeeded: 7,
-            deploys_failed: 2,
-            rollbacks_succeeded: 1,
-            rollbacks_failed: 0,
+    // As the state file has it (the layout every agent reads and writes).
+    serde_json::from_value(serde_json::json!({
+        "running": {"version": "0.1.42", "store_path": "/nix/store/aaaa-nixos-system-web-25.11"},
+        "desired": {"version": "0.1.43", "store_path": "/nix/store/cccc-nixos-system-web-25.11"},
+        "last_check": {"at": "2026-11-21T14:00:00Z", "ok": false, "message": "FlakeHub answered 503"},
+        "last_deploy": {
+            "version": "0.1.42",
+            "store_path": "/nix/store/aaaa-nixos-system-web-25.11",
+            "operation": "switch",
+            "started_at": "2026-11-21T13:58:00Z",
+            "finished_at": "2026-11-21T13:59:30Z",
+            "outcome": "success"
         },
-        consecutive_failures: 3,
-        quarantined: vec![
-            Quarantined {
-                version: "0.1.40".into(),
-                store_path: "/nix/store/dddd".into(),
-                reason: "health check failed".into(),
-                at: "2026-11-20T10:00:00Z".into(),
-            },
-            Quarantined {
-                version: "0.1.41".into(),
-                store_path: "/nix/store/eeee".into(),
-                reason: "switch failed".into(),
-                at: "2026-11-20T11:00:00Z".into(),
-            },
+        "in_flight": {
+            "version": "0.1.43",
+            "store_path": "/nix/store/cccc-nixos-system-web-25.11",
+            "operation": "switch",
+            "started_at": "2026-11-21T14:00:01Z"
+        },
+        "counters": {"deploys_succeeded": 7, "deploys_failed": 2, "rollbacks_succeeded": 1, "rollbacks_failed": 0},
+        "consecutive_failures": 3,
+        "quarantined": [
+            {"version": "0.1.40", "store_path": "/nix/store/dddd", "reason": "health check failed", "at": "2026-11-20T10:00:00Z"},
+            {"version": "0.1.41", "store_path": "/nix/store/eeee", "reason": "switch failed", "at": "2026-11-20T11:00:00Z"}
         ],
-        reboot_required: true,
-        ..Default::default()
-    }
+        "reboot_required": true
+    }))
+    .unwrap()
 }
 
 fn rfc3339_seconds(s: &str) -> f64 {
@@ -401,18 +369,17 @@ fn empty_state_leaves_unknown_series_out_and_still_parses() {
 #[test]
 fn odd_label_values_are_escaped_and_read_back() {
     let odd_version = "1.0 \"quoted\" back\\slash\nnew line, {braces}=ü";
-    let state = State {
+    let mut state = State {
         running: Some(Target {
             version: odd_version.into(),
             store_path: "/nix/store/x\\\"y".into(),
         }),
-        last_check: Some(Check {
-            at: "not a time".into(),
-            ok: true,
-            message: String::new(),
-        }),
         ..Default::default()
     };
+    state.last_check = serde_json::from_value(serde_json::json!(
+        {"at": "2026-11-21T14:00:00Z", "ok": true, "message": ""}
+    ))
+    .unwrap();
     let text = metrics::render(&state, SystemTime::now());
     let e = parse(&text).unwrap_or_else(|m| panic!("{m}\n{text}"));
     assert_eq!(
@@ -426,12 +393,12 @@ fn odd_label_values_are_escaped_and_read_back() {
         Some(1.0),
         "{text}"
     );
-    // An unreadable time leaves the timestamp out; the result is still there.
-    assert_eq!(
-        e.get("hcloud_nixos_last_check_timestamp_seconds", &[]),
-        None
-    );
     assert_eq!(e.get("hcloud_nixos_last_check_success", &[]), Some(1.0));
+    // Times are typed: a state file with an unreadable one is refused when it is read, so the
+    // metrics never meet one.
+    let unreadable =
+        serde_json::json!({"last_check": {"at": "not a time", "ok": true, "message": ""}});
+    assert!(serde_json::from_value::<State>(unreadable).is_err());
 }
 
 #[test]

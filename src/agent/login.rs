@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use crate::agent::state::{Login, State};
+use crate::agent::lifecycle::state::{Login, State};
 use crate::plumbing::exec;
 use crate::plumbing::files;
 use crate::plumbing::secret::Secret;
@@ -86,7 +86,7 @@ pub async fn ensure(
     }
     state.login = Some(Login {
         token_sha256: print,
-        at: crate::agent::state::now(),
+        at: crate::agent::lifecycle::state::now(),
     });
     Ok(true)
 }

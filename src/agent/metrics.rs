@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
-use crate::agent::state::State;
+use crate::agent::lifecycle::state::State;
 
 /// The `Content-Type` of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -96,9 +96,8 @@ pub fn escape_label_value(value: &str) -> String {
 }
 
 /// Seconds since the epoch of an RFC 3339 time, when it is one (and not before 1970).
-fn timestamp(rfc3339: &str) -> Option<f64> {
-    let t = humantime::parse_rfc3339_weak(rfc3339.trim()).ok()?;
-    Some(t.duration_since(UNIX_EPOCH).ok()?.as_secs_f64())
+fn timestamp(at: &jiff::Timestamp) -> Option<f64> {
+    Some(at.as_second() as f64)
 }
 
 /// One metric family being written: `# HELP`, `# TYPE`, then its samples.
@@ -215,7 +214,10 @@ pub fn render(state: &State, now: SystemTime) -> String {
         "Whether the last deploy succeeded (1) or failed (0).",
     );
     if let Some(d) = last {
-        f.sample(&[], bit(d.outcome == crate::agent::state::Outcome::Success));
+        f.sample(
+            &[],
+            bit(d.outcome == crate::agent::lifecycle::state::Outcome::Success),
+        );
     }
 
     family(
@@ -224,7 +226,7 @@ pub fn render(state: &State, now: SystemTime) -> String {
         "gauge",
         "Whether a deploy has started and its result is not yet recorded.",
     )
-    .sample(&[], bit(state.in_flight.is_some()));
+    .sample(&[], bit(state.in_flight().is_some()));
     family(
         o,
         "hcloud_nixos_reboot_required",

@@ -724,5 +724,7 @@ impl Host for Logind {
     }
 }
 
+pub(crate) mod orchestrate;
+
 #[cfg(test)]
 mod tests;
