@@ -145,24 +145,27 @@ impl Systemd {
         let service = zbus::names::InterfaceName::from_static_str_unchecked(
             "org.freedesktop.systemd1.Service",
         );
-        let text = |v: zbus::OwnedVariant| String::try_from(v).unwrap_or_default();
-        let active_state = text(props.get(unit.clone(), "ActiveState").await?);
-        let sub_state = text(props.get(unit.clone(), "SubState").await?);
-        let result = text(props.get(service.clone(), "Result").await?);
+        // The unit's properties in one call, so that they describe one moment: read one by one,
+        // a start job that runs between two reads makes a running unit look finished (a stale
+        // `inactive` beside a fresh start timestamp and no job), and the agent would stop it.
+        let mut all = props.get_all(unit).await?;
+        let mut take = |key: &str| all.remove(key);
+        let text = |v: Option<zbus::OwnedVariant>| {
+            v.and_then(|v| String::try_from(v).ok()).unwrap_or_default()
+        };
+        let active_state = text(take("ActiveState"));
+        let sub_state = text(take("SubState"));
+        let started = take("InactiveExitTimestampMonotonic")
+            .and_then(|v| u64::try_from(v).ok())
+            .unwrap_or(0)
+            > 0;
+        let job: (u32, OwnedObjectPath) = take("Job")
+            .and_then(|v| v.try_into().ok())
+            .unwrap_or((0, OwnedObjectPath::default()));
+        // The service's result is final once the unit above has finished; read after it.
+        let result = text(Some(props.get(service.clone(), "Result").await?));
         let exec_main_status =
             i32::try_from(props.get(service, "ExecMainStatus").await?).unwrap_or(-1);
-        let started = u64::try_from(
-            props
-                .get(unit.clone(), "InactiveExitTimestampMonotonic")
-                .await?,
-        )
-        .unwrap_or(0)
-            > 0;
-        let job: (u32, OwnedObjectPath) = props
-            .get(unit, "Job")
-            .await?
-            .try_into()
-            .unwrap_or((0, OwnedObjectPath::default()));
         Ok(Some(UnitStatus {
             active_state,
             sub_state,
