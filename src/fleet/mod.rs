@@ -1,46 +1,12 @@
 //! Fleet coordination: at most `slots` servers of a group between "starting a deploy or reboot"
-//! and "confirmed healthy" at once, through an existing distributed engine (etcd, or a FleetLock
-//! server such as airlock), never a coordinator of our own.
+//! and "confirmed healthy" at once, through etcd or a FleetLock server, never a coordinator of
+//! our own. The protocol (keys, transactions, leases, pauses, canaries) is described for
+//! operators and contributors in `docs/fleet.md`.
 //!
-//! The cycle asks [`Coordinator::acquire`] before it applies a release or reboots. It gets a
-//! [`SlotGuard`] (go ahead), or is told to wait (the group's slots are taken, or a canary has not
-//! confirmed the release yet), or that the release is paused (it failed on a server of the group).
-//! After the deploy is confirmed (or rolled back and the old system confirmed) it hands the guard
-//! back with [`Coordinator::release`]. A backend that cannot be reached is an [`Error`] whose
-//! [`Error::unreachable`] is true: the agent then deploys nothing, reboots nothing, and backs off.
-//!
-//! # etcd
-//! Keys under `<prefix>/<group>/`:
-//! - `slots/<i>` for `i` in `0..slots`: one key per slot, bound to the holder's lease, holding
-//!   [`Holder`] as JSON. A slot is taken by a transaction whose only compare is
-//!   `create_revision(slots/<i>) == 0` (the key does not exist) and whose success branch puts
-//!   the key with the lease. etcd serialises transactions, so two servers can never both create
-//!   the same key; only the indices `0..slots` exist, so at most `slots` keys can be held. A
-//!   holder that dies stops refreshing its lease and etcd deletes the key when the lease expires
-//!   (`lease_ttl`, default 30 s, refreshed every third of it).
-//! - `paused/<release>`: [`Pause`] as JSON, written by a server whose deploy of that release
-//!   failed (with `pause_on_failure`, and always by a canary). The slot transaction also compares
-//!   `create_revision(paused/<release>) == 0`, so a server never starts a release that was paused
-//!   between its read and its take.
-//! - `canaries/<id>`: written by a canary server when it takes a slot (no lease): from then on the
-//!   group has a canary. `confirmed/<release>`: written by a canary when it releases its slot
-//!   after that release was confirmed healthy on it. While the group has a canary, the other
-//!   servers wait until the release they want is confirmed. Give the canary
-//!   `min_release_age = "0s"` and the fleet a longer age, or none: either way the fleet follows
-//!   only a release the canary ran healthy, and a release that fails on the canary pauses the
-//!   group. `hcloud-nixos fleet forget-canary ID` retires a canary.
-//!
-//! A reboot takes a slot with a lease of `reboot_ttl` (default 15 min), long enough for the server
-//! to come back; after the boot the agent finds its own slot again by its id (acquire is
-//! re-entrant) or drops it with [`Coordinator::release_own`].
-//!
-//! # FleetLock
-//! `POST /v1/pre-reboot` (200: granted; any other answer: wait) before a deploy or reboot, and
-//! `POST /v1/steady-state` after confirmation, both with `fleet-lock-protocol: true` and
-//! `{"client_params": {"id": "<instance id>", "group": "<group>"}}`. The protocol has no holders
-//! list, no pauses and no canaries: status says "holders unknown", `pause_on_failure` and
-//! `canary` are refused by the configuration, and a holder that dies keeps its slot until an
-//! operator unlocks it on the server (there are no leases).
+//! The cycle asks [`Coordinator::acquire`] before it applies a release or reboots, and hands the
+//! [`SlotGuard`] back with [`Coordinator::release`] once the work is confirmed (or rolled back). A
+//! backend that cannot be reached is an [`Error`] whose [`Error::unreachable`] is true: the agent
+//! then deploys nothing, reboots nothing, and backs off.
 
 mod config;
 mod etcd;
