@@ -291,18 +291,7 @@ async fn run(command: Command) -> Result<Done> {
             upload::run_cleanup(args).await?;
             Ok(Done::Ok)
         }
-        Command::Retry { config } => {
-            let lifted = commands::retry(&config.config)?;
-            if lifted.is_empty() {
-                eprintln!("nothing was quarantined; past failures are forgotten");
-            } else {
-                eprintln!(
-                    "lifted the quarantine of {}; the agent tries again at its next check",
-                    lifted.join(", ")
-                );
-            }
-            Ok(Done::Ok)
-        }
+        Command::Retry { config } => retry(&config.config),
         Command::Status { config, json } => {
             print!("{}", commands::status(&config.config, json)?);
             Ok(Done::Ok)
@@ -317,21 +306,37 @@ async fn run(command: Command) -> Result<Done> {
             source,
             json,
             userdata,
-        } => {
-            let source = source.source()?;
-            if userdata {
-                use std::io::Write;
-                let data = provision::fetch_userdata(&source).await?;
-                std::io::stdout().write_all(&data)?;
-                return Ok(Done::Ok);
-            }
-            let fetched = provision::fetch(&source).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&fetched)?);
-            } else {
-                print!("{}", provision::describe_metadata(&fetched));
-            }
-            Ok(Done::Ok)
-        }
+        } => metadata(&source.source()?, json, userdata).await,
     }
+}
+
+/// `hcloud-nixos retry`, for a person.
+fn retry(config: &std::path::Path) -> Result<Done> {
+    let lifted = commands::retry(config)?;
+    if lifted.is_empty() {
+        eprintln!("nothing was quarantined; past failures are forgotten");
+    } else {
+        eprintln!(
+            "lifted the quarantine of {}; the agent tries again at its next check",
+            lifted.join(", ")
+        );
+    }
+    Ok(Done::Ok)
+}
+
+/// `hcloud-nixos metadata [--json|--userdata]`.
+async fn metadata(source: &provision::Source, json: bool, userdata: bool) -> Result<Done> {
+    if userdata {
+        use std::io::Write;
+        let data = provision::fetch_userdata(source).await?;
+        std::io::stdout().write_all(&data)?;
+        return Ok(Done::Ok);
+    }
+    let fetched = provision::fetch(source).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&fetched)?);
+    } else {
+        print!("{}", provision::describe_metadata(&fetched));
+    }
+    Ok(Done::Ok)
 }

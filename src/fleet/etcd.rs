@@ -337,7 +337,7 @@ impl EtcdCoordinator {
             )])
             .and_then(vec![TxnOp::put(
                 key.as_str(),
-                serde_json::to_vec(&holder).expect("serialisable"),
+                json(&holder),
                 Some(PutOptions::new().with_lease(lease)),
             )]);
         let moved = match self.call(what, c.txn(txn)).await {
@@ -407,59 +407,10 @@ impl EtcdCoordinator {
                     detail: None,
                 });
             };
-            let ttl = self.ttl(&purpose);
-            let mut c = self.client().await?;
-            let lease = self
-                .call(what, c.lease_grant(ttl.as_secs() as i64, None))
-                .await?
-                .id();
-            let holder = Holder {
-                slot: Some(free),
-                id: self.me.id.clone(),
-                host: self.me.host.clone(),
-                purpose: purpose.clone(),
-                since: super::now(),
-                canary: self.fleet.canary,
-            };
-            let key = self.slot_key(free);
-            let mut compares = vec![Compare::create_revision(key.as_str(), CompareOp::Equal, 0)];
-            if let Some(release) = purpose.release() {
-                compares.push(Compare::create_revision(
-                    self.paused_key(release),
-                    CompareOp::Equal,
-                    0,
-                ));
-            }
-            let mut ops = vec![TxnOp::put(
-                key.as_str(),
-                serde_json::to_vec(&holder).expect("serialisable"),
-                Some(PutOptions::new().with_lease(lease)),
-            )];
-            if self.fleet.canary {
-                let record = CanaryRecord {
-                    host: self.me.host.clone(),
-                    since: super::now(),
-                };
-                ops.push(TxnOp::put(
-                    format!("{}canaries/{}", self.base, self.me.id),
-                    serde_json::to_vec(&record).expect("serialisable"),
-                    None,
-                ));
-            }
-            let txn = Txn::new().when(compares).and_then(ops);
-            let taken = match self.call(what, c.txn(txn)).await {
-                Ok(r) => r.succeeded(),
-                Err(e) => {
-                    let _ = tokio::time::timeout(OP_TIMEOUT, c.lease_revoke(lease)).await;
-                    return Err(e);
-                }
-            };
-            if taken {
-                tracing::info!(slot = free, purpose = %purpose, group = %self.fleet.group, "took a fleet slot");
-                return Ok(Acquired::Granted(self.guard(c, purpose, free, lease, ttl)));
+            if let Some(granted) = self.take(free, &purpose).await? {
+                return Ok(granted);
             }
             // Someone took that slot (or paused the release) between the read and the take.
-            let _ = tokio::time::timeout(OP_TIMEOUT, c.lease_revoke(lease)).await;
             tokio::time::sleep(Duration::from_millis(fastrand::u64(5..50))).await;
         }
         let view = self.view(what).await?;
@@ -468,6 +419,71 @@ impl EtcdCoordinator {
             slots: self.fleet.slots,
             detail: None,
         })
+    }
+
+    /// Takes slot `free` in one transaction (only if it does not exist, and the release is not
+    /// paused), bound to a new lease; `None` when someone was quicker.
+    async fn take(&self, free: u32, purpose: &Purpose) -> Result<Option<Acquired>, Error> {
+        let what = "taking a fleet slot";
+        let ttl = self.ttl(purpose);
+        let mut c = self.client().await?;
+        let lease = self
+            .call(what, c.lease_grant(ttl.as_secs() as i64, None))
+            .await?
+            .id();
+        let holder = Holder {
+            slot: Some(free),
+            id: self.me.id.clone(),
+            host: self.me.host.clone(),
+            purpose: purpose.clone(),
+            since: super::now(),
+            canary: self.fleet.canary,
+        };
+        let key = self.slot_key(free);
+        let mut compares = vec![Compare::create_revision(key.as_str(), CompareOp::Equal, 0)];
+        if let Some(release) = purpose.release() {
+            compares.push(Compare::create_revision(
+                self.paused_key(release),
+                CompareOp::Equal,
+                0,
+            ));
+        }
+        let mut ops = vec![TxnOp::put(
+            key.as_str(),
+            json(&holder),
+            Some(PutOptions::new().with_lease(lease)),
+        )];
+        if self.fleet.canary {
+            let record = CanaryRecord {
+                host: self.me.host.clone(),
+                since: super::now(),
+            };
+            ops.push(TxnOp::put(
+                format!("{}canaries/{}", self.base, self.me.id),
+                json(&record),
+                None,
+            ));
+        }
+        let txn = Txn::new().when(compares).and_then(ops);
+        let taken = match self.call(what, c.txn(txn)).await {
+            Ok(r) => r.succeeded(),
+            Err(e) => {
+                let _ = tokio::time::timeout(OP_TIMEOUT, c.lease_revoke(lease)).await;
+                return Err(e);
+            }
+        };
+        if !taken {
+            let _ = tokio::time::timeout(OP_TIMEOUT, c.lease_revoke(lease)).await;
+            return Ok(None);
+        }
+        tracing::info!(slot = free, purpose = %purpose, group = %self.fleet.group, "took a fleet slot");
+        Ok(Some(Acquired::Granted(self.guard(
+            c,
+            purpose.clone(),
+            free,
+            lease,
+            ttl,
+        ))))
     }
 
     /// Deletes the slot key if it is still bound to our lease, then revokes the lease.
@@ -521,7 +537,7 @@ impl EtcdCoordinator {
             what,
             c.put(
                 format!("{}confirmed/{release}", self.base),
-                serde_json::to_vec(&record).expect("serialisable"),
+                json(&record),
                 None,
             ),
         )
@@ -555,11 +571,7 @@ impl EtcdCoordinator {
                 CompareOp::Equal,
                 0,
             )])
-            .and_then(vec![TxnOp::put(
-                key.as_str(),
-                serde_json::to_vec(&pause).expect("serialisable"),
-                None,
-            )]);
+            .and_then(vec![TxnOp::put(key.as_str(), json(&pause), None)]);
         self.call("pausing the group", c.txn(txn)).await?;
         tracing::warn!(release, group = %self.fleet.group, "paused the fleet group for a failed release");
         Ok(())
@@ -662,4 +674,11 @@ async fn keep_alive(mut client: Client, lease: i64, ttl: Duration, lost: Arc<Ato
         tracing::debug!(lease, "cannot refresh the fleet slot's lease; trying again");
         tokio::time::sleep(Duration::from_secs(1).min(every)).await;
     }
+}
+
+/// A record as etcd keeps it: JSON. Our records are plain structs of strings and numbers, which
+/// serde_json always renders; were one ever to fail, an empty value is written and reads back as
+/// a record that cannot be parsed, which every reader already treats as absent.
+fn json(value: &impl Serialize) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
 }

@@ -471,7 +471,10 @@ pub async fn run_command(
     match command {
         FleetCommand::Status { json: false } => Ok(coordinator.status().await?.describe()),
         FleetCommand::Status { json: true } => {
-            Ok(serde_json::to_string_pretty(&coordinator.status().await?).expect("serialisable"))
+            let status = coordinator.status().await?;
+            serde_json::to_string_pretty(&status).map_err(|e| {
+                Error::new(ErrorKind::Refused, format!("cannot render the status: {e}"))
+            })
         }
         FleetCommand::Resume { release } => {
             let cleared = coordinator.resume(release.as_deref()).await?;

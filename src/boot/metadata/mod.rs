@@ -518,51 +518,64 @@ fn parse_interface(
             }
             // `type: static` is missing on the IPv6 subnet of some documents.
             "static" | "static6" | "" => {
-                let Some(address) = sget("address").and_then(scalar_string) else {
-                    if subnet_type.is_empty() {
-                        continue; // nothing we can use, and nothing claimed
-                    }
-                    return Err(ctx.err(sat("address"), "is missing on a static subnet"));
-                };
-                let netmask = sget("netmask").and_then(scalar_string);
-                let prefix = IpPrefix::parse(&address, netmask.as_deref())
-                    .map_err(|p| ctx.err(sat("address"), p))?;
-                if subnet_type == "static6" && !prefix.addr.is_ipv6() {
-                    return Err(ctx.err(
-                        sat("address"),
-                        format!("'{address}' is not an IPv6 address"),
-                    ));
-                }
-                iface.addresses.push(prefix);
-                match sget("gateway").and_then(scalar_string) {
-                    Some(gw) => {
-                        let gw_addr = IpAddr::from_str(gw.trim()).map_err(|_| {
-                            ctx.err(sat("gateway"), format!("'{gw}' is not an IP address"))
-                        })?;
-                        if gw_addr.is_ipv6() != prefix.addr.is_ipv6() {
-                            return Err(ctx.err(
-                                sat("gateway"),
-                                format!("'{gw}' is not of the address family of '{address}'"),
-                            ));
-                        }
-                        if !iface.gateways.contains(&gw_addr) {
-                            iface.gateways.push(gw_addr);
-                        }
-                    }
-                    // Hetzner's IPv6 gateway is always the link-local fe80::1.
-                    None if prefix.addr.is_ipv6() => {
-                        let gw = IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1));
-                        if !iface.gateways.contains(&gw) {
-                            iface.gateways.push(gw);
-                        }
-                    }
-                    None => {}
-                }
+                static_subnet(ctx, s, &subnet_type, &sat, &mut iface)?;
             }
             _ => {}
         }
     }
     Ok(iface)
+}
+
+/// A static subnet: its address (prefix in the address or in `netmask`) and gateway (Hetzner's
+/// IPv6 gateway is always the link-local fe80::1). A subnet without `type` and without an address
+/// claims nothing and is skipped.
+fn static_subnet(
+    ctx: &Ctx,
+    subnet: &serde_json::Map<String, Value>,
+    subnet_type: &str,
+    sat: &dyn Fn(&str) -> String,
+    iface: &mut PublicInterface,
+) -> Result<(), ParseError> {
+    let sget = |key: &str| subnet.get(key).filter(|v| !v.is_null());
+    let Some(address) = sget("address").and_then(scalar_string) else {
+        if subnet_type.is_empty() {
+            return Ok(());
+        }
+        return Err(ctx.err(sat("address"), "is missing on a static subnet"));
+    };
+    let netmask = sget("netmask").and_then(scalar_string);
+    let prefix =
+        IpPrefix::parse(&address, netmask.as_deref()).map_err(|p| ctx.err(sat("address"), p))?;
+    if subnet_type == "static6" && !prefix.addr.is_ipv6() {
+        return Err(ctx.err(
+            sat("address"),
+            format!("'{address}' is not an IPv6 address"),
+        ));
+    }
+    iface.addresses.push(prefix);
+    let gateway = match sget("gateway").and_then(scalar_string) {
+        Some(gw) => {
+            let gw_addr = IpAddr::from_str(gw.trim())
+                .map_err(|_| ctx.err(sat("gateway"), format!("'{gw}' is not an IP address")))?;
+            if gw_addr.is_ipv6() != prefix.addr.is_ipv6() {
+                return Err(ctx.err(
+                    sat("gateway"),
+                    format!("'{gw}' is not of the address family of '{address}'"),
+                ));
+            }
+            Some(gw_addr)
+        }
+        None if prefix.addr.is_ipv6() => {
+            Some(IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)))
+        }
+        None => None,
+    };
+    if let Some(gw) = gateway
+        && !iface.gateways.contains(&gw)
+    {
+        iface.gateways.push(gw);
+    }
+    Ok(())
 }
 
 fn parse_public_keys(
