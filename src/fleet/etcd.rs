@@ -17,13 +17,14 @@ use super::{
     Acquired, Backend, Error, ErrorKind, Fleet, FleetStatus, GuardInner, Holder, Member, Pause,
     Purpose, SlotGuard,
 };
+use crate::plumbing::retry::Backoff;
 
 /// How long one request may take before etcd counts as unreachable.
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Confirmed releases remembered per group.
 const CONFIRMED_KEEP: usize = 20;
 /// Takes tried in one acquire when others win the race for the same free slot.
-const ATTEMPTS: usize = 5;
+const ATTEMPTS: u32 = 5;
 
 /// What `canaries/<id>` holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -359,7 +360,7 @@ impl EtcdCoordinator {
 
     pub async fn acquire(&self, purpose: Purpose) -> Result<Acquired, Error> {
         let what = "taking a fleet slot";
-        for _ in 0..ATTEMPTS {
+        for attempt in 1..=ATTEMPTS {
             let view = self.view(what).await?;
             // Ours already: an agent restarted mid-deploy, a server back from its reboot, or a
             // deploy's slot now wanted for the reboot it needs.
@@ -411,7 +412,8 @@ impl EtcdCoordinator {
                 return Ok(granted);
             }
             // Someone took that slot (or paused the release) between the read and the take.
-            tokio::time::sleep(Duration::from_millis(fastrand::u64(5..50))).await;
+            let wait = Backoff::doubling(Duration::from_millis(5), Duration::from_millis(50));
+            tokio::time::sleep(wait.delay(attempt, fastrand::f64())).await;
         }
         let view = self.view(what).await?;
         Ok(Acquired::Waiting {

@@ -5,5 +5,6 @@ pub mod exec;
 pub mod files;
 pub mod http;
 pub mod logging;
+pub mod retry;
 pub mod secret;
 pub mod tls;

@@ -7,6 +7,10 @@ use jiff::Timestamp;
 
 use super::state::{State, Target};
 use crate::agent::hooks::{self, EventKind};
+use crate::plumbing::retry::Backoff;
+
+/// The first wait after a failed cycle; it doubles up to `max_backoff`.
+const FIRST_BACKOFF: Duration = Duration::from_secs(5);
 
 /// How soon to look again when someone else was switching the system.
 const BUSY_RECHECK: Duration = Duration::from_secs(10);
@@ -210,14 +214,15 @@ pub fn next_delay(
     consecutive_failures: u32,
     jitter: f64,
 ) -> Duration {
-    let base = if consecutive_failures == 0 {
-        poll
+    let backoff = if consecutive_failures == 0 {
+        Backoff {
+            jitter: 0.1,
+            ..Backoff::steady(poll)
+        }
     } else {
-        let exp = Duration::from_secs(5).saturating_mul(1u32 << (consecutive_failures - 1).min(16));
-        exp.min(max_backoff)
+        Backoff::doubling(FIRST_BACKOFF, max_backoff.max(FIRST_BACKOFF))
     };
-    let factor = 1.0 + (jitter.clamp(0.0, 1.0) * 0.2 - 0.1);
-    base.mul_f64(factor)
+    backoff.delay(consecutive_failures.max(1), jitter)
 }
 
 impl State {

@@ -5,6 +5,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::plumbing::http::{BodyError, describe};
+use crate::plumbing::retry::{Backoff, Class, GaveUp, Policy, retry};
 
 /// Where the metadata service lives on every Hetzner Cloud server.
 pub const DEFAULT_URL: &str = "http://169.254.169.254/hetzner/v1/";
@@ -69,10 +70,11 @@ pub struct Client {
     settings: Settings,
 }
 
-/// The result of one attempt: a final answer, or a reason to try again.
+/// The result of one attempt: a final answer, a reason to try again, or a failure for good.
 enum Attempt {
     Done(Option<Vec<u8>>),
     Retry(String),
+    Failed(FetchError),
 }
 
 impl Client {
@@ -110,34 +112,48 @@ impl Client {
     pub async fn get(&self, path: &str, deadline: Instant) -> Result<Option<Vec<u8>>, FetchError> {
         let url = format!("{}{}", self.settings.base_url, path);
         let started = Instant::now();
-        let mut backoff = self.settings.initial_backoff;
-        let mut attempts = 0u32;
-        loop {
-            attempts += 1;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let last = if remaining.is_zero() {
-                "no time left".to_string()
-            } else {
-                let budget = remaining.min(self.settings.request_timeout);
-                match tokio::time::timeout(budget, self.attempt(&url)).await {
-                    Ok(Ok(Attempt::Done(body))) => return Ok(body),
-                    Ok(Err(e)) => return Err(e),
-                    Ok(Ok(Attempt::Retry(why))) => why,
-                    Err(_) => format!("no answer within {} ms", budget.as_millis()),
+        let backoff = Backoff::doubling(self.settings.initial_backoff, self.settings.max_backoff);
+        let attempt = |n: u32| {
+            let url = &url;
+            async move {
+                if n > 1 {
+                    tracing::debug!(url = %url, attempt = n, "metadata service not ready; retrying");
                 }
-            };
-            let now = Instant::now();
-            if now + backoff >= deadline {
-                return Err(FetchError::Deadline {
-                    url,
-                    secs: deadline.saturating_duration_since(started).as_secs().max(1),
-                    attempts,
-                    last,
-                });
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    return Err(Attempt::Retry("no time left".into()));
+                }
+                let budget = remaining.min(self.settings.request_timeout);
+                match tokio::time::timeout(budget, self.attempt(url)).await {
+                    Ok(Ok(Attempt::Done(body))) => Ok(body),
+                    Ok(Ok(retry)) => Err(retry),
+                    Ok(Err(e)) => Err(Attempt::Failed(e)),
+                    Err(_) => Err(Attempt::Retry(format!(
+                        "no answer within {} ms",
+                        budget.as_millis()
+                    ))),
+                }
             }
-            tracing::debug!(url = %url, attempt = attempts, error = %last, "metadata service not ready; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.settings.max_backoff);
+        };
+        let classify = |a: &Attempt| match a {
+            Attempt::Failed(_) => Class::Final,
+            _ => Class::Passing,
+        };
+        match retry(Policy::until(backoff, deadline), attempt, classify).await {
+            Ok(body) => Ok(body),
+            Err(GaveUp {
+                last: Attempt::Failed(e),
+                ..
+            }) => Err(e),
+            Err(GaveUp { last, attempts, .. }) => Err(FetchError::Deadline {
+                url,
+                secs: deadline.saturating_duration_since(started).as_secs().max(1),
+                attempts,
+                last: match last {
+                    Attempt::Retry(why) => why,
+                    _ => String::new(),
+                },
+            }),
         }
     }
 
