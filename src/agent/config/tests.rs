@@ -13,13 +13,14 @@ fn no_token_file(_: &Path) -> std::io::Result<String> {
 fn user() -> UserSettings {
     UserSettings {
         flakehub_token: Some(Secret::new("flakehub1_user")),
-        flake: Some("org/infra/0.1#nixosConfigurations.web".parse().unwrap()),
-        poll_interval: Some(Duration::from_secs(30)),
+        flake: Some("org/infra/0.1#nixosConfigurations.web".into()),
+        poll_interval: Some("30s".into()),
         operation: Some(Operation::Boot),
-        confirm_timeout: Some(Duration::from_secs(30)),
+        confirm_timeout: Some("30s".into()),
         min_release_age: None,
         reboot: Some(crate::agent::reboot::Policy::WhenNeeded),
         fleet: None,
+        ..Default::default()
     }
 }
 
@@ -216,4 +217,95 @@ textfile = "/var/lib/prometheus-node-exporter-text/hcloud-nixos.prom"
         problems.iter().any(|p| p.starts_with("metrics.listen")),
         "{problems:?}"
     );
+}
+
+/// Durations humantime reads but the clock cannot carry. Each is used here the way the agent
+/// uses it; before the table of bounds each was accepted, then panicked (or became a negative
+/// lease TTL) at that use. Now the configuration is refused when it is read, naming the key and
+/// the range.
+#[test]
+fn durations_too_long_for_the_clock_are_refused_when_read() {
+    use std::time::{Instant, SystemTime};
+    type Use = fn(&Settings);
+    // 300000000000y is about 9.5e18 s: a valid Duration, past what an Instant or an i64 holds.
+    // 580000000000y is about 1.83e19 s, just under Duration::MAX: the ±10% jitter overflows it.
+    let cases: [(&str, &str, String, Use); 7] = [
+        // src/agent/apply.rs, Applier::wait: `tokio::time::Instant::now() + timeout`.
+        ("apply.timeout", "300000000000y", "[apply]\ntimeout = \"300000000000y\"\n".into(), |s| {
+            let _ = tokio::time::Instant::now() + s.apply_timeout;
+        }),
+        // src/agent/deploy: `SystemTime::now() + ctx.settings.confirm_timeout`.
+        ("confirm_timeout", "300000000000y", "confirm_timeout = \"300000000000y\"\n".into(), |s| {
+            let _ = SystemTime::now() + s.confirm_timeout;
+        }),
+        // src/agent/deploy, decide: `published_at + min_release_age`.
+        ("min_release_age", "300000000000y", "min_release_age = \"300000000000y\"\n".into(), |s| {
+            let _ = SystemTime::now() + s.min_release_age;
+        }),
+        // src/agent/deploy, next_delay: `base.mul_f64(factor)`, the factor up to 1.1.
+        ("poll_interval", "580000000000y", "poll_interval = \"580000000000y\"\n".into(), |s| {
+            let _ = s.poll_interval.mul_f64(1.1);
+        }),
+        // src/agent/hooks.rs, run: `Instant::now() + hook.timeout`.
+        (
+            "hook[0].timeout",
+            "300000000000y",
+            "[[hook]]\ncommand = [\"/bin/true\"]\ntimeout = \"300000000000y\"\n".into(),
+            |s| {
+                let _ = Instant::now() + s.hooks[0].timeout;
+            },
+        ),
+        // src/fleet/etcd.rs: `c.lease_grant(ttl.as_secs() as i64, None)`.
+        (
+            "fleet.etcd.lease_ttl",
+            "300000000000y",
+            "[fleet]\ngroup = \"web\"\n[fleet.etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nlease_ttl = \"300000000000y\"\n".into(),
+            |s| {
+                let ttl = s.fleet.as_ref().unwrap().etcd.as_ref().unwrap().lease_ttl;
+                let granted = ttl.as_secs() as i64;
+                assert!(granted > 0, "etcd would be asked for a lease of {granted} s");
+            },
+        ),
+        (
+            "fleet.etcd.reboot_ttl",
+            "300000000000y",
+            "[fleet]\ngroup = \"web\"\n[fleet.etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nreboot_ttl = \"300000000000y\"\n".into(),
+            |s| {
+                let ttl = s.fleet.as_ref().unwrap().etcd.as_ref().unwrap().reboot_ttl;
+                let granted = ttl.as_secs() as i64;
+                assert!(granted > 0, "etcd would be asked for a lease of {granted} s");
+            },
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (key, text, toml, use_it) in cases {
+        match check(&parse_file(&toml).unwrap()) {
+            Ok(settings) => {
+                let used = std::panic::catch_unwind(|| use_it(&settings));
+                let what = match used {
+                    Err(panic) => {
+                        let message = panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default();
+                        format!("panicked: {message}")
+                    }
+                    Ok(()) => "did not panic".to_string(),
+                };
+                failures.push(format!("{key} = '{text}' was accepted, and its use {what}"));
+            }
+            Err(problems) => {
+                assert_eq!(problems.len(), 1, "{key}: {problems:?}");
+                let expected = format!("{key}: '{text}' is out of range; use ");
+                if !problems[0].starts_with(&expected) {
+                    failures.push(format!(
+                        "{key}: {:?} does not start with {expected:?}",
+                        problems[0]
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }
