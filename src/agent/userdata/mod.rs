@@ -30,7 +30,7 @@ use serde_json::Value;
 
 mod section;
 
-pub use section::known_keys;
+pub(crate) use section::known_keys;
 use section::{FIELDS, kind, parse_section};
 
 #[cfg(test)]

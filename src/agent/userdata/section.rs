@@ -73,7 +73,7 @@ fn show_duration(bound: &DurationBound, text: Option<&str>) -> Option<String> {
 }
 
 /// The keys the `hcloud_nixos` section knows, in the order they are documented.
-pub fn known_keys() -> impl Iterator<Item = &'static str> {
+pub(crate) fn known_keys() -> impl Iterator<Item = &'static str> {
     FIELDS.iter().map(|f| f.key)
 }
 
