@@ -3,8 +3,8 @@
 //! Two layers. Every source (the TOML file, the file the NixOS module renders, the user-data's
 //! `hcloud_nixos` section, JSON for `config check --json`) decodes into one raw shape
 //! ([`RawConfig`], every key optional); the sources merge key by key, the file winning over
-//! user-data; one pass ([`validate`]) turns the merged shape into [`Settings`], reading every
-//! duration and number by one table of bounds ([`bounds`]).
+//! user-data; one pass (`validate`) turns the merged shape into [`Settings`], reading every
+//! duration and number by one table of bounds (`bounds`).
 
 pub(crate) mod bounds;
 pub(crate) mod raw;
@@ -218,11 +218,18 @@ pub fn check_file(path: &Path, json: bool) -> Result<String, Vec<String>> {
         std::fs::read_to_string(path).map_err(|e| vec![format!("{shown}: cannot read: {e}")])?;
     let file = if json {
         let mut document = serde_json::Deserializer::from_str(&text);
-        raw::decode(&mut document).map_err(|(key, e)| {
-            vec![format!(
-                "{shown}: not the agent's settings as JSON: {key}{e}"
-            )]
-        })?
+        raw::decode(&mut document)
+            .and_then(|file| {
+                document
+                    .end()
+                    .map(|()| file)
+                    .map_err(|e| (String::new(), e))
+            })
+            .map_err(|(key, e)| {
+                vec![format!(
+                    "{shown}: not the agent's settings as JSON: {key}{e}"
+                )]
+            })?
     } else {
         parse_file(&text).map_err(|e| vec![format!("{shown}: {e}")])?
     };

@@ -4,7 +4,7 @@
 //! Decoding checks the shape only: known keys (an unknown one is refused, named), the kind of
 //! each value (a string, a list, ...) and the closed sets (`operation`, `reboot`, ...). The
 //! values themselves (durations and their bounds, references, URLs, paths) are checked in one
-//! pass over the merged shape ([`super::validate`]), so that every problem is listed at once.
+//! pass over the merged shape (`validate`), so that every problem is listed at once.
 
 use std::fmt;
 use std::path::PathBuf;

@@ -479,3 +479,27 @@ fn decoding_errors_name_the_line_and_the_key() {
         assert!(!e.contains('\n'));
     }
 }
+
+#[test]
+fn check_file_reads_toml_and_json_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let toml = check_file(&write("a.toml", "poll_interval = \"5m\"\n"), false).unwrap();
+    let json = check_file(&write("a.json", r#"{"poll_interval": "5m"}"#), true).unwrap();
+    assert_eq!(toml, json);
+    assert!(toml.contains("poll_interval              5m"), "{toml}");
+    let e = check_file(&write("b.json", r#"{"poll_interval": "5m"} {}"#), true).unwrap_err();
+    assert!(
+        e[0].contains("b.json: not the agent's settings as JSON: trailing characters"),
+        "{e:?}"
+    );
+    let e = check_file(&write("c.json", r#"{"apply": {"timeout": "3days"}}"#), true).unwrap_err();
+    assert_eq!(
+        e,
+        ["apply.timeout: '3days' is out of range; use 1s to 2days"]
+    );
+}
