@@ -67,7 +67,8 @@ pub enum DecodeError {
 
 /// The `hcloud_nixos` settings from user-data, in the configuration's raw shape (the keys in
 /// [`known_keys`] only). A key is `None` when it is not set or when its value is invalid (then
-/// [`UserData::problems`] says why); the values present passed the configuration's own checks.
+/// [`UserData::problems`] says why); the values present passed the configuration's own checks
+/// (the `fleet` mapping's are checked once the configuration file is merged in).
 pub type UserSettings = crate::agent::config::RawConfig;
 
 /// What the user-data says, as far as hcloud-nixos is concerned.
