@@ -1,5 +1,6 @@
-//! `hcloud-nixos userdata check FILE`: the effective settings and exit 0, or one line per
-//! problem and a non-zero exit; the token shows nowhere.
+//! `hcloud-nixos userdata check FILE` and `hcloud-nixos config check [--json] FILE`: the
+//! effective settings and exit 0, or one line per problem and a non-zero exit; the token shows
+//! nowhere. Both read durations and numbers by the same table of bounds.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -8,8 +9,12 @@ use std::process::{Command, Output};
 const TOKEN: &str = "flakehub1_cliT0kenSecretPart_0123456789abcdef";
 
 fn check(path: &Path) -> Output {
+    run(&["userdata", "check"], path)
+}
+
+fn run(args: &[&str], path: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hcloud-nixos"))
-        .args(["userdata", "check"])
+        .args(args)
         .arg(path)
         .env_remove("RUST_LOG")
         .output()
@@ -113,4 +118,83 @@ fn unreadable_and_oversized_files_are_one_problem() {
     assert!(!out.status.success());
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("32 KiB"), "{stderr}");
+}
+
+#[test]
+fn out_of_range_values_name_the_key_and_the_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let doc = format!(
+        "#cloud-config\nhcloud_nixos:\n  flakehub_token: {TOKEN}\n  flake: my-org/infra/0.1\n  poll_interval: 500ms\n  min_release_age: 300000000000y\n"
+    );
+    let out = check(&write(dir.path(), "range.yaml", doc.as_bytes()));
+    let (stdout, stderr) = texts(&out);
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        [
+            "error: hcloud_nixos.min_release_age: '300000000000y' is out of range; use 0s to 30days",
+            "error: hcloud_nixos.poll_interval: '500ms' is out of range; use 1s to 1day",
+        ],
+        "{stderr}"
+    );
+}
+
+#[test]
+fn config_check_reads_by_the_same_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(
+        dir.path(),
+        "bad.toml",
+        b"poll_interval = \"500ms\"\nretry_limit = 0\n[apply]\ntimeout = \"300000000000y\"\n",
+    );
+    let out = run(&["config", "check"], &bad);
+    let (stdout, stderr) = texts(&out);
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        [
+            "error: poll_interval: '500ms' is out of range; use 1s to 1day",
+            "error: retry_limit: 0 is out of range; use 1 to 100",
+            "error: apply.timeout: '300000000000y' is out of range; use 1s to 2days",
+        ],
+        "{stderr}"
+    );
+
+    let wrong_kind = write(dir.path(), "kind.toml", b"\n[apply]\ntimeout = 60\n");
+    let out = run(&["config", "check"], &wrong_kind);
+    let (_, stderr) = texts(&out);
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("kind.toml: line 3: apply.timeout: is a number without a unit"),
+        "{stderr}"
+    );
+
+    let json = write(
+        dir.path(),
+        "settings.json",
+        br#"{"poll_interval": "5m", "retry_limit": 5, "apply": {"timeout": "2days"}}"#,
+    );
+    let out = run(&["config", "check", "--json"], &json);
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    for line in [
+        "poll_interval              5m",
+        "retry_limit                5",
+        "apply.timeout              2days",
+    ] {
+        assert!(stdout.contains(line), "{line:?} missing in:\n{stdout}");
+    }
+    let json = write(
+        dir.path(),
+        "bad.json",
+        br#"{"fleet": {"slots": 2, "etcd": {"lease_ttl": 30}}}"#,
+    );
+    let out = run(&["config", "check", "--json"], &json);
+    let (_, stderr) = texts(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("bad.json: not the agent's settings as JSON: fleet.etcd.lease_ttl: is a number without a unit"),
+        "{stderr}"
+    );
 }

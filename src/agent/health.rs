@@ -12,6 +12,7 @@ use crate::plumbing::exec;
 pub struct CheckConfig {
     pub command: Option<Vec<String>>,
     pub url: Option<String>,
+    #[serde(default, deserialize_with = "crate::agent::config::raw::duration")]
     pub timeout: Option<String>,
 }
 
@@ -31,15 +32,8 @@ impl Check {
     /// Validates `health_check[index]`; the error is one line naming the key.
     pub fn from_config(c: &CheckConfig, index: usize) -> Result<Check, String> {
         let at = format!("health_check[{index}]");
-        let timeout = match &c.timeout {
-            None => Duration::from_secs(10),
-            Some(t) => humantime::parse_duration(t)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    format!("{at}.timeout: '{t}' is not a duration (for example 10s)")
-                })?,
-        };
+        let timeout = crate::agent::config::bounds::HEALTH_CHECK_TIMEOUT
+            .read(&format!("{at}.timeout"), c.timeout.as_deref())?;
         match (&c.command, &c.url) {
             (Some(argv), None) => {
                 if argv.is_empty() || argv[0].is_empty() {
@@ -194,7 +188,7 @@ mod tests {
             "{e}"
         );
         let slow =
-            Check::from_config(&cfg(Some(&["/bin/sleep", "5"]), None, Some("200ms")), 0).unwrap();
+            Check::from_config(&cfg(Some(&["/bin/sleep", "5"]), None, Some("1s")), 0).unwrap();
         let started = std::time::Instant::now();
         assert!(
             slow.run(&http)

@@ -28,6 +28,7 @@ const MAX_VALUE: usize = 4096;
 #[serde(deny_unknown_fields)]
 pub struct HookConfig {
     pub command: Vec<String>,
+    #[serde(default, deserialize_with = "crate::agent::config::raw::duration")]
     pub timeout: Option<String>,
 }
 
@@ -59,18 +60,8 @@ impl Hook {
                 one_line(arg)
             ));
         }
-        let timeout = match &c.timeout {
-            None => DEFAULT_TIMEOUT,
-            Some(t) => humantime::parse_duration(t)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    format!(
-                        "{at}.timeout: '{}' is not a duration (for example 30s, 2m)",
-                        one_line(t)
-                    )
-                })?,
-        };
+        let timeout = crate::agent::config::bounds::HOOK_TIMEOUT
+            .read(&format!("{at}.timeout"), c.timeout.as_deref())?;
         Ok(Hook {
             command: c.command.clone(),
             timeout,

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::agent::config::bounds;
+
 /// Which engine coordinates the group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum Backend {
@@ -46,8 +48,10 @@ pub struct EtcdConfig {
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     /// How long a slot outlives a server that stopped refreshing it (default 30s).
+    #[serde(default, deserialize_with = "crate::agent::config::raw::duration")]
     pub lease_ttl: Option<String>,
     /// How long a slot taken for a reboot is kept without refresh (default 15m).
+    #[serde(default, deserialize_with = "crate::agent::config::raw::duration")]
     pub reboot_ttl: Option<String>,
 }
 
@@ -112,49 +116,17 @@ fn group_ok(group: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-fn ttl(key: &str, text: Option<&str>, default: Duration, problems: &mut Vec<String>) -> Duration {
-    let Some(t) = text else { return default };
-    match humantime::parse_duration(t) {
-        Ok(d) if d >= Duration::from_secs(2) => d,
-        _ => {
-            problems.push(format!(
-                "{key}: '{t}' is not a duration of at least 2s (for example 30s, 15m)"
-            ));
-            default
-        }
-    }
+fn http_url(text: &str) -> bool {
+    reqwest::Url::parse(text).is_ok_and(|u| {
+        matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty())
+    })
 }
 
 impl FleetConfig {
     /// Key by key, `self` (the configuration file) wins over `other` (user-data).
     pub fn or(&self, other: &FleetConfig) -> FleetConfig {
-        let etcd = match (&self.etcd, &other.etcd) {
-            (Some(a), Some(b)) => Some(EtcdConfig {
-                endpoints: a.endpoints.clone().or_else(|| b.endpoints.clone()),
-                prefix: a.prefix.clone().or_else(|| b.prefix.clone()),
-                ca_file: a.ca_file.clone().or_else(|| b.ca_file.clone()),
-                cert_file: a.cert_file.clone().or_else(|| b.cert_file.clone()),
-                key_file: a.key_file.clone().or_else(|| b.key_file.clone()),
-                lease_ttl: a.lease_ttl.clone().or_else(|| b.lease_ttl.clone()),
-                reboot_ttl: a.reboot_ttl.clone().or_else(|| b.reboot_ttl.clone()),
-            }),
-            (a, b) => a.clone().or_else(|| b.clone()),
-        };
-        let fleetlock = match (&self.fleetlock, &other.fleetlock) {
-            (Some(a), Some(b)) => Some(FleetLockConfig {
-                url: a.url.clone().or_else(|| b.url.clone()),
-            }),
-            (a, b) => a.clone().or_else(|| b.clone()),
-        };
-        FleetConfig {
-            group: self.group.clone().or_else(|| other.group.clone()),
-            slots: self.slots.or(other.slots),
-            backend: self.backend.or(other.backend),
-            canary: self.canary.or(other.canary),
-            pause_on_failure: self.pause_on_failure.or(other.pause_on_failure),
-            etcd,
-            fleetlock,
-        }
+        use crate::agent::config::raw::Merge as _;
+        self.clone().merge(other.clone())
     }
 
     /// One line for `hcloud-nixos userdata` and the like: "group web, 2 slots, etcd".
@@ -185,7 +157,8 @@ impl FleetConfig {
             Some(g) if group_ok(g) => g.to_string(),
             Some(g) => {
                 problems.push(format!(
-                    "fleet.group: '{g}' is not a group name (letters, digits, '-', '_', '.'; at most 63)"
+                    "fleet.group: {} is not a group name (letters, digits, '-', '_', '.'; at most 63)",
+                    crate::agent::config::raw::shown(g)
                 ));
                 String::new()
             }
@@ -194,14 +167,12 @@ impl FleetConfig {
                 String::new()
             }
         };
-        let slots = match self.slots {
-            None => 1,
-            Some(n) if (1..=1000).contains(&n) => n as u32,
-            Some(n) => {
-                problems.push(format!("fleet.slots: {n} is not between 1 and 1000"));
-                1
-            }
-        };
+        let slots = bounds::FLEET_SLOTS
+            .read(bounds::FLEET_SLOTS.key, self.slots)
+            .unwrap_or_else(|e| {
+                problems.push(e);
+                bounds::FLEET_SLOTS.default
+            });
         let backend = match (self.backend, &self.etcd, &self.fleetlock) {
             (Some(b), _, _) => Some(b),
             (None, Some(_), None) => Some(Backend::Etcd),
@@ -213,129 +184,134 @@ impl FleetConfig {
         };
         let canary = self.canary.unwrap_or(false);
         let mut pause_on_failure = self.pause_on_failure.unwrap_or(true);
-        let mut etcd = None;
-        let mut fleetlock = None;
+        let (mut etcd, mut fleetlock) = (None, None);
         match backend {
             Some(Backend::Etcd) => {
-                let c = self.etcd.clone().unwrap_or_default();
-                let endpoints = c.endpoints.clone().unwrap_or_default();
-                if endpoints.is_empty() {
-                    problems.push(
-                        "fleet.etcd.endpoints: missing (for example [\"https://10.0.0.5:2379\"])"
-                            .into(),
-                    );
-                }
-                for e in &endpoints {
-                    if reqwest::Url::parse(e).map_or(true, |u| {
-                        !matches!(u.scheme(), "http" | "https") || u.host_str().is_none()
-                    }) {
-                        problems.push(format!(
-                            "fleet.etcd.endpoints: '{e}' is not an http(s) URL (for example https://10.0.0.5:2379)"
-                        ));
-                    }
-                }
-                let prefix = c.prefix.clone().unwrap_or_else(|| "/hcloud-nixos".into());
-                let prefix = prefix.trim_end_matches('/').to_string();
-                if !prefix.starts_with('/') || prefix.contains("//") {
-                    problems.push(format!(
-                        "fleet.etcd.prefix: '{prefix}' must start with '/' (for example /hcloud-nixos)"
-                    ));
-                }
-                if c.cert_file.is_some() != c.key_file.is_some() {
-                    problems.push(
-                        "fleet.etcd.cert_file: a client certificate needs both cert_file and key_file"
-                            .into(),
-                    );
-                }
-                if c.ca_file.is_some() || c.cert_file.is_some() {
-                    for e in &endpoints {
-                        if e.starts_with("http://") {
-                            problems.push(format!(
-                                "fleet.etcd.endpoints: '{e}' is plain http but TLS files are given (use https://)"
-                            ));
-                        }
-                    }
-                }
-                for (key, path) in [
-                    ("fleet.etcd.ca_file", &c.ca_file),
-                    ("fleet.etcd.cert_file", &c.cert_file),
-                    ("fleet.etcd.key_file", &c.key_file),
-                ] {
-                    if let Some(p) = path
-                        && !p.is_absolute()
-                    {
-                        problems.push(format!("{key}: '{}' is not an absolute path", p.display()));
-                    }
-                }
-                let lease_ttl = ttl(
-                    "fleet.etcd.lease_ttl",
-                    c.lease_ttl.as_deref(),
-                    Duration::from_secs(30),
-                    &mut problems,
+                etcd = Some(
+                    self.etcd
+                        .clone()
+                        .unwrap_or_default()
+                        .settings(&mut problems),
                 );
-                let reboot_ttl = ttl(
-                    "fleet.etcd.reboot_ttl",
-                    c.reboot_ttl.as_deref(),
-                    Duration::from_secs(15 * 60),
-                    &mut problems,
-                );
-                etcd = Some(EtcdSettings {
-                    endpoints,
-                    prefix,
-                    ca_file: c.ca_file,
-                    cert_file: c.cert_file,
-                    key_file: c.key_file,
-                    lease_ttl,
-                    reboot_ttl,
-                });
             }
             Some(Backend::FleetLock) => {
-                match self.fleetlock.as_ref().and_then(|f| f.url.clone()) {
-                    None => problems.push(
-                        "fleet.fleetlock.url: missing (for example http://fleetlock.internal:8080)"
-                            .into(),
-                    ),
-                    Some(url)
-                        if reqwest::Url::parse(&url)
-                            .map_or(true, |u| !matches!(u.scheme(), "http" | "https")) =>
-                    {
-                        problems.push(format!(
-                            "fleet.fleetlock.url: '{url}' is not an http(s) URL"
-                        ))
-                    }
-                    Some(url) => {
-                        fleetlock = Some(FleetLockSettings {
-                            url: url.trim_end_matches('/').to_string(),
-                        })
-                    }
-                }
-                if canary {
-                    problems.push(
-                        "fleet.canary: the fleetlock backend cannot express canaries (use etcd)"
-                            .into(),
-                    );
-                }
-                if self.pause_on_failure == Some(true) {
-                    problems.push(
-                        "fleet.pause_on_failure: the fleetlock backend cannot record failed releases (use etcd, or set it to false)"
-                            .into(),
-                    );
-                }
+                fleetlock = self.fleetlock_settings(&mut problems);
                 pause_on_failure = false;
             }
             None => {}
         }
-        if !problems.is_empty() {
-            return Err(problems);
+        match backend {
+            Some(backend) if problems.is_empty() => Ok(Fleet {
+                group,
+                slots,
+                backend,
+                canary,
+                pause_on_failure,
+                etcd,
+                fleetlock,
+            }),
+            _ => Err(problems),
         }
-        Ok(Fleet {
-            group,
-            slots,
-            backend: backend.expect("checked above"),
-            canary,
-            pause_on_failure,
-            etcd,
-            fleetlock,
-        })
+    }
+
+    /// The FleetLock server, and what that backend cannot express.
+    fn fleetlock_settings(&self, problems: &mut Vec<String>) -> Option<FleetLockSettings> {
+        if self.canary == Some(true) {
+            problems.push(
+                "fleet.canary: the fleetlock backend cannot express canaries (use etcd)".into(),
+            );
+        }
+        if self.pause_on_failure == Some(true) {
+            problems.push(
+                "fleet.pause_on_failure: the fleetlock backend cannot record failed releases (use etcd, or set it to false)"
+                    .into(),
+            );
+        }
+        match self.fleetlock.as_ref().and_then(|f| f.url.as_deref()) {
+            None => {
+                problems.push(
+                    "fleet.fleetlock.url: missing (for example http://fleetlock.internal:8080)"
+                        .into(),
+                );
+                None
+            }
+            Some(url) if !http_url(url) => {
+                problems.push(format!(
+                    "fleet.fleetlock.url: {} is not an http(s) URL",
+                    crate::agent::config::raw::shown(url)
+                ));
+                None
+            }
+            Some(url) => Some(FleetLockSettings {
+                url: url.trim_end_matches('/').to_string(),
+            }),
+        }
+    }
+}
+
+impl EtcdConfig {
+    /// Validates `[fleet.etcd]`; problems are added to `problems`.
+    fn settings(self, problems: &mut Vec<String>) -> EtcdSettings {
+        let endpoints = self.endpoints.unwrap_or_default();
+        if endpoints.is_empty() {
+            problems.push(
+                "fleet.etcd.endpoints: missing (for example [\"https://10.0.0.5:2379\"])".into(),
+            );
+        }
+        let tls_files = self.ca_file.is_some() || self.cert_file.is_some();
+        for e in &endpoints {
+            let shown = crate::agent::config::raw::shown(e);
+            if !http_url(e) {
+                problems.push(format!(
+                    "fleet.etcd.endpoints: {shown} is not an http(s) URL (for example https://10.0.0.5:2379)"
+                ));
+            } else if tls_files && e.starts_with("http://") {
+                problems.push(format!(
+                    "fleet.etcd.endpoints: {shown} is plain http but TLS files are given (use https://)"
+                ));
+            }
+        }
+        let prefix = self.prefix.unwrap_or_else(|| "/hcloud-nixos".into());
+        let prefix = prefix.trim_end_matches('/').to_string();
+        if !prefix.starts_with('/') || prefix.contains("//") {
+            problems.push(format!(
+                "fleet.etcd.prefix: {} must start with '/' (for example /hcloud-nixos)",
+                crate::agent::config::raw::shown(&prefix)
+            ));
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            problems.push(
+                "fleet.etcd.cert_file: a client certificate needs both cert_file and key_file"
+                    .into(),
+            );
+        }
+        for (key, path) in [
+            ("fleet.etcd.ca_file", &self.ca_file),
+            ("fleet.etcd.cert_file", &self.cert_file),
+            ("fleet.etcd.key_file", &self.key_file),
+        ] {
+            if let Some(p) = path
+                && !p.is_absolute()
+            {
+                problems.push(format!("{key}: '{}' is not an absolute path", p.display()));
+            }
+        }
+        let mut ttl = |bound: bounds::DurationBound, text: Option<&str>| {
+            bound.read(bound.key, text).unwrap_or_else(|e| {
+                problems.push(e);
+                bound.default
+            })
+        };
+        let lease_ttl = ttl(bounds::FLEET_LEASE_TTL, self.lease_ttl.as_deref());
+        let reboot_ttl = ttl(bounds::FLEET_REBOOT_TTL, self.reboot_ttl.as_deref());
+        EtcdSettings {
+            endpoints,
+            prefix,
+            ca_file: self.ca_file,
+            cert_file: self.cert_file,
+            key_file: self.key_file,
+            lease_ttl,
+            reboot_ttl,
+        }
     }
 }

@@ -1,4 +1,14 @@
 //! The agent's configuration: the TOML file, user-data filling its gaps, validated settings.
+//!
+//! Two layers. Every source (the TOML file, the file the NixOS module renders, the user-data's
+//! `hcloud_nixos` section, JSON for `config check --json`) decodes into one raw shape
+//! ([`RawConfig`], every key optional); the sources merge key by key, the file winning over
+//! user-data; one pass (`validate`) turns the merged shape into [`Settings`], reading every
+//! duration and number by one table of bounds (`bounds`).
+
+pub(crate) mod bounds;
+pub(crate) mod raw;
+mod validate;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,6 +18,12 @@ use serde::{Deserialize, Serialize};
 use crate::agent::flakeref::FlakeRef;
 use crate::agent::userdata::UserSettings;
 use crate::plumbing::secret::Secret;
+
+pub use raw::{ApplySection, FlakehubSection, MetadataSection, PathsSection, RawConfig};
+use raw::{Merge, shown};
+
+/// The configuration file as written: the raw shape every source shares.
+pub type FileConfig = RawConfig;
 
 /// What `fh apply nixos` is asked to do with a new closure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
@@ -40,7 +56,8 @@ impl std::str::FromStr for Operation {
             "boot" => Ok(Operation::Boot),
             "test" => Ok(Operation::Test),
             other => Err(format!(
-                "'{other}' is not an operation (switch, boot or test)"
+                "{} is not an operation; use switch, boot or test",
+                shown(other)
             )),
         }
     }
@@ -55,77 +72,6 @@ pub enum ApplyMode {
     TransientUnit,
     /// As the agent's child process (machines without systemd, tests).
     Direct,
-}
-
-/// The TOML file as written, every key optional. Unknown keys are errors: a typo must not
-/// silently fall back to a default.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub flake: Option<String>,
-    pub operation: Option<Operation>,
-    pub poll_interval: Option<String>,
-    pub max_backoff: Option<String>,
-    pub retry_limit: Option<u32>,
-    pub confirm_timeout: Option<String>,
-    pub min_release_age: Option<String>,
-    #[serde(default)]
-    pub health_check: Vec<crate::agent::health::CheckConfig>,
-    pub reboot: Option<crate::agent::reboot::Policy>,
-    pub reboot_window: Option<crate::agent::reboot::WindowConfig>,
-    pub reboot_grace: Option<String>,
-    pub reboot_inhibitor_timeout: Option<String>,
-    #[serde(default)]
-    pub hook: Vec<crate::agent::hooks::HookConfig>,
-    pub metrics: Option<crate::agent::metrics::MetricsConfig>,
-    pub fleet: Option<crate::fleet::FleetConfig>,
-    #[serde(default)]
-    pub flakehub: FlakehubSection,
-    #[serde(default)]
-    pub metadata: MetadataSection,
-    #[serde(default)]
-    pub apply: ApplySection,
-    #[serde(default)]
-    pub paths: PathsSection,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FlakehubSection {
-    pub api_url: Option<String>,
-    pub token_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetadataSection {
-    pub url: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApplySection {
-    pub mode: Option<ApplyMode>,
-    pub timeout: Option<String>,
-    /// Refuse a release that does not contain the agent (default true).
-    pub require_agent: Option<bool>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PathsSection {
-    pub state_dir: Option<PathBuf>,
-    pub run_dir: Option<PathBuf>,
-    pub current_system: Option<PathBuf>,
-    pub booted_system: Option<PathBuf>,
-    pub system_profile: Option<PathBuf>,
-    pub fh: Option<PathBuf>,
-    pub determinate_nixd: Option<PathBuf>,
-    pub nix: Option<PathBuf>,
-    pub nix_env: Option<PathBuf>,
-    pub fh_auth_file: Option<PathBuf>,
-    pub switch_lock: Option<PathBuf>,
-    pub boot_id: Option<PathBuf>,
 }
 
 /// Every path the agent touches, with its NixOS default.
@@ -234,17 +180,18 @@ pub const DEFAULT_CONFIG: &str = "/etc/hcloud-nixos/agent.toml";
 
 /// Parses the TOML text; errors are one line and name the key.
 pub fn parse_file(text: &str) -> Result<FileConfig, String> {
-    toml::from_str(text).map_err(|e| {
-        let msg = e.message().replace('\n', " ");
-        match e.span() {
-            // A span at 0 is the whole document (an unknown top-level key): the message names it.
-            Some(span) if span.start > 0 => {
-                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                format!("line {line}: {msg}")
-            }
-            _ => msg,
+    let line_of = |e: &toml::de::Error| match e.span() {
+        // A span at 0 is the whole document (an unknown top-level key): the message names it.
+        Some(span) if span.start > 0 => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: ")
         }
-    })
+        _ => String::new(),
+    };
+    let document = toml::Deserializer::parse(text)
+        .map_err(|e| format!("{}{}", line_of(&e), e.message().replace('\n', " ")))?;
+    raw::decode(document)
+        .map_err(|(key, e)| format!("{}{key}{}", line_of(&e), e.message().replace('\n', " ")))
 }
 
 /// Reads the configuration file; a missing file means every default.
@@ -253,16 +200,6 @@ pub fn read_file(path: &Path) -> Result<FileConfig, String> {
         Ok(text) => parse_file(&text).map_err(|e| format!("{}: {e}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FileConfig::default()),
         Err(e) => Err(format!("cannot read {}: {e}", path.display())),
-    }
-}
-
-fn duration(key: &str, text: Option<&str>, default: Duration) -> Result<Duration, String> {
-    match text {
-        None => Ok(default),
-        Some(t) => humantime::parse_duration(t)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| format!("{key}: '{t}' is not a duration (for example 60s, 5m, 1h)")),
     }
 }
 
@@ -280,8 +217,19 @@ pub fn check_file(path: &Path, json: bool) -> Result<String, Vec<String>> {
     let text =
         std::fs::read_to_string(path).map_err(|e| vec![format!("{shown}: cannot read: {e}")])?;
     let file = if json {
-        serde_json::from_str::<FileConfig>(&text)
-            .map_err(|e| vec![format!("{shown}: not the agent's settings as JSON: {e}")])?
+        let mut document = serde_json::Deserializer::from_str(&text);
+        raw::decode(&mut document)
+            .and_then(|file| {
+                document
+                    .end()
+                    .map(|()| file)
+                    .map_err(|e| (String::new(), e))
+            })
+            .map_err(|(key, e)| {
+                vec![format!(
+                    "{shown}: not the agent's settings as JSON: {key}{e}"
+                )]
+            })?
     } else {
         parse_file(&text).map_err(|e| vec![format!("{shown}: {e}")])?
     };
@@ -354,258 +302,40 @@ pub fn describe(s: &Settings) -> String {
     out
 }
 
-/// Merges the file with user-data (the file wins) over the defaults, and validates. Every
-/// problem is returned, one line each. `read_token` reads `flakehub.token_file`.
+/// Merges the file with user-data (the file wins, key by key) over the defaults, and validates.
+/// Every problem is returned, one line each. `read_token` reads `flakehub.token_file`.
 pub fn resolve(
     file: &FileConfig,
     user: Option<&UserSettings>,
     read_token: impl Fn(&Path) -> std::io::Result<String>,
 ) -> Result<Settings, Vec<String>> {
     let mut problems = Vec::new();
-    let flake = match (&file.flake, user.and_then(|u| u.flake.clone())) {
-        (Some(text), _) => match text.parse::<FlakeRef>() {
-            Ok(f) => Some(f),
-            Err(e) => {
-                problems.push(format!("flake: {e}"));
-                None
-            }
-        },
-        (None, from_user) => from_user,
-    };
-    let mut seconds = |key: &str,
-                       text: Option<&str>,
-                       from_user: Option<Duration>,
-                       default: Duration| match (text, from_user) {
-        (None, Some(d)) => d,
-        (text, _) => duration(key, text, default).unwrap_or_else(|e| {
-            problems.push(e);
-            default
-        }),
-    };
-    let poll_interval = seconds(
-        "poll_interval",
-        file.poll_interval.as_deref(),
-        user.and_then(|u| u.poll_interval),
-        Duration::from_secs(60),
-    );
-    let max_backoff = seconds(
-        "max_backoff",
-        file.max_backoff.as_deref(),
-        None,
-        Duration::from_secs(600),
-    );
-    let apply_timeout = seconds(
-        "apply.timeout",
-        file.apply.timeout.as_deref(),
-        None,
-        Duration::from_secs(3600),
-    );
-    let confirm_timeout = seconds(
-        "confirm_timeout",
-        file.confirm_timeout.as_deref(),
-        user.and_then(|u| u.confirm_timeout),
-        Duration::from_secs(120),
-    );
-    let token = match &file.flakehub.token_file {
-        Some(path) if !path.is_absolute() => {
-            problems.push(format!(
-                "flakehub.token_file: '{}' is not an absolute path",
-                path.display()
-            ));
-            None
-        }
-        Some(path) if path.starts_with("/nix/store") => {
-            problems.push(format!(
-                "flakehub.token_file: {} is in the Nix store, which every user can read; keep the token in a root-only file outside the store (for example /run/secrets/flakehub)",
-                path.display()
-            ));
-            None
-        }
-        Some(path) => match read_token(path) {
-            Ok(text) if !text.trim().is_empty() && !text.trim().contains(char::is_whitespace) => {
-                Some(Token::File(path.clone(), Secret::new(text.trim())))
-            }
-            Ok(_) => {
-                problems.push(format!(
-                    "flakehub.token_file: {} does not hold a token (one word, no spaces)",
-                    path.display()
-                ));
-                None
-            }
-            Err(e) => {
-                problems.push(format!(
-                    "flakehub.token_file: cannot read {}: {e}",
-                    path.display()
-                ));
-                None
-            }
-        },
-        None => user
-            .and_then(|u| u.flakehub_token.clone())
-            .map(Token::UserData),
-    };
-    let flakehub_api_url = file
-        .flakehub
-        .api_url
-        .clone()
-        .unwrap_or_else(|| crate::agent::flakehub::DEFAULT_API_URL.to_string());
-    if reqwest::Url::parse(&flakehub_api_url)
-        .map_or(true, |u| !matches!(u.scheme(), "http" | "https"))
-    {
-        problems.push(format!(
-            "flakehub.api_url: '{flakehub_api_url}' is not an http(s) URL"
-        ));
+    if file.flakehub_token.is_some() {
+        problems.push(
+            "flakehub_token: not read from the configuration file, which the Nix store shows to every user; write the token to a root-only file and name it in flakehub.token_file, or give it in user-data".to_string(),
+        );
     }
-    let metadata_url = file
-        .metadata
-        .url
-        .clone()
-        .unwrap_or_else(|| crate::boot::metadata::client::DEFAULT_URL.to_string());
-    if reqwest::Url::parse(&metadata_url).map_or(true, |u| !matches!(u.scheme(), "http" | "https"))
-    {
-        problems.push(format!(
-            "metadata.url: '{metadata_url}' is not an http(s) URL"
-        ));
-    }
-    let min_release_age = match (
-        file.min_release_age.as_deref(),
-        user.and_then(|u| u.min_release_age),
-    ) {
-        (None, Some(d)) => d,
-        (None, None) => Duration::ZERO,
-        // Zero is a valid age here (canaries), unlike for the other durations.
-        (Some(t), _) => humantime::parse_duration(t).unwrap_or_else(|_| {
-            problems.push(format!(
-                "min_release_age: '{t}' is not a duration (for example 0s, 2h)"
-            ));
-            Duration::ZERO
-        }),
+    let merged = match user {
+        Some(user) => file.clone().merge(user.clone()),
+        None => file.clone(),
     };
-    let mut health_checks = Vec::new();
-    for (i, c) in file.health_check.iter().enumerate() {
-        match crate::agent::health::Check::from_config(c, i) {
-            Ok(check) => health_checks.push(check),
-            Err(e) => problems.push(e),
+    match validate::settings(&merged, read_token) {
+        Ok(settings) if problems.is_empty() => Ok(settings),
+        Ok(_) => Err(problems),
+        Err(more) => {
+            problems.extend(more);
+            Err(problems)
         }
     }
-    let reboot = file
-        .reboot
-        .or_else(|| user.and_then(|u| u.reboot))
-        .unwrap_or_default();
-    // The window is checked whenever it is written, so that a typo shows before it matters.
-    let reboot_window = match (&file.reboot_window, reboot) {
-        (Some(w), _) => w.resolve().map_err(|e| problems.extend(e)).ok(),
-        (None, crate::agent::reboot::Policy::Window) => {
-            crate::agent::reboot::WindowConfig::default()
-                .resolve()
-                .map_err(|e| problems.extend(e))
-                .ok()
-        }
-        (None, _) => None,
-    };
-    let mut lenient = |key: &str, text: Option<&str>, default: Duration| match text {
-        None => default,
-        Some(t) => humantime::parse_duration(t).unwrap_or_else(|_| {
-            problems.push(format!(
-                "{key}: '{t}' is not a duration (for example 1m, 0s)"
-            ));
-            default
-        }),
-    };
-    let reboot_grace = lenient(
-        "reboot_grace",
-        file.reboot_grace.as_deref(),
-        Duration::from_secs(60),
-    );
-    let reboot_inhibitor_timeout = lenient(
-        "reboot_inhibitor_timeout",
-        file.reboot_inhibitor_timeout.as_deref(),
-        Duration::from_secs(600),
-    );
-    let hooks = crate::agent::hooks::Hook::from_configs(&file.hook).unwrap_or_else(|e| {
-        problems.extend(e);
-        Vec::new()
-    });
-    let metrics = match &file.metrics {
-        None => crate::agent::metrics::Metrics::default(),
-        Some(m) => crate::agent::metrics::Metrics::from_config(m).unwrap_or_else(|e| {
-            problems.extend(e);
-            crate::agent::metrics::Metrics::default()
-        }),
-    };
-    // The file wins key by key over user-data's `fleet` mapping.
-    let fleet = match (&file.fleet, user.and_then(|u| u.fleet.as_ref())) {
-        (None, None) => None,
-        (Some(f), None) => Some(f.clone()),
-        (None, Some(u)) => Some(u.clone()),
-        (Some(f), Some(u)) => Some(f.or(u)),
-    }
-    .and_then(|f| f.resolve().map_err(|e| problems.extend(e)).ok());
-    let retry_limit = file.retry_limit.unwrap_or(3);
-    if retry_limit == 0 {
-        problems.push("retry_limit: must be at least 1".to_string());
-    }
-    let d = Paths::default();
-    let p = &file.paths;
-    let paths = Paths {
-        state_dir: p.state_dir.clone().unwrap_or(d.state_dir),
-        run_dir: p.run_dir.clone().unwrap_or(d.run_dir),
-        current_system: p.current_system.clone().unwrap_or(d.current_system),
-        booted_system: p.booted_system.clone().unwrap_or(d.booted_system),
-        system_profile: p.system_profile.clone().unwrap_or(d.system_profile),
-        fh: p.fh.clone().unwrap_or(d.fh),
-        determinate_nixd: p.determinate_nixd.clone().unwrap_or(d.determinate_nixd),
-        nix: p.nix.clone().unwrap_or(d.nix),
-        nix_env: p.nix_env.clone().unwrap_or(d.nix_env),
-        fh_auth_file: p.fh_auth_file.clone().unwrap_or(d.fh_auth_file),
-        switch_lock: p.switch_lock.clone().unwrap_or(d.switch_lock),
-        boot_id: p.boot_id.clone().unwrap_or(d.boot_id),
-    };
-    for (key, path) in [
-        ("paths.state_dir", &paths.state_dir),
-        ("paths.run_dir", &paths.run_dir),
-        ("paths.current_system", &paths.current_system),
-        ("paths.booted_system", &paths.booted_system),
-        ("paths.system_profile", &paths.system_profile),
-        ("paths.fh_auth_file", &paths.fh_auth_file),
-    ] {
-        if !path.is_absolute() {
-            problems.push(format!(
-                "{key}: '{}' is not an absolute path",
-                path.display()
-            ));
-        }
-    }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    Ok(Settings {
-        flake,
-        operation: file
-            .operation
-            .or_else(|| user.and_then(|u| u.operation))
-            .unwrap_or_default(),
-        poll_interval,
-        max_backoff,
-        retry_limit,
-        flakehub_api_url,
-        token,
-        metadata_url,
-        apply_mode: file.apply.mode.unwrap_or_default(),
-        apply_timeout,
-        require_agent: file.apply.require_agent.unwrap_or(true),
-        confirm_timeout,
-        min_release_age,
-        health_checks,
-        reboot,
-        reboot_window,
-        reboot_grace,
-        reboot_inhibitor_timeout,
-        hooks,
-        metrics,
-        fleet,
-        paths,
-    })
+}
+
+/// The problems of one source read on its own (no file is read, no default is questioned): how
+/// user-data's keys are checked by the same rules as the file's before they are merged.
+pub(crate) fn problems_of(source: &RawConfig) -> Vec<String> {
+    let no_file = |_: &Path| Err(std::io::Error::from(std::io::ErrorKind::NotFound));
+    validate::settings(source, no_file)
+        .err()
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

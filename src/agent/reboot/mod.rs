@@ -66,6 +66,7 @@ impl FromStr for Policy {
 pub struct WindowConfig {
     pub days: Option<Vec<String>>,
     pub start: Option<String>,
+    #[serde(default, deserialize_with = "crate::agent::config::raw::duration")]
     pub length: Option<String>,
     pub time_zone: Option<String>,
 }
@@ -168,25 +169,12 @@ impl Window {
             ));
             Time::midnight()
         });
-        let length_value = match humantime::parse_duration(length.trim()) {
-            Ok(d) if d.is_zero() => {
-                problems.push("reboot_window.length: must be longer than zero".to_string());
+        let length_value = crate::agent::config::bounds::REBOOT_WINDOW_LENGTH
+            .parse("reboot_window.length", length)
+            .unwrap_or_else(|e| {
+                problems.push(e);
                 Duration::ZERO
-            }
-            Ok(d) if d > MAX_LENGTH => {
-                problems.push(format!(
-                    "reboot_window.length: '{length}' is longer than a week (7d)"
-                ));
-                Duration::ZERO
-            }
-            Ok(d) => d,
-            Err(_) => {
-                problems.push(format!(
-                    "reboot_window.length: '{length}' is not a duration (for example 30m, 2h)"
-                ));
-                Duration::ZERO
-            }
-        };
+            });
         let tz = time_zone(time_zone_name.trim()).unwrap_or_else(|e| {
             problems.push(format!("reboot_window.time_zone: {e}"));
             TimeZone::UTC

@@ -24,14 +24,14 @@
 use std::fmt::Write as _;
 use std::io::Read;
 use std::path::Path;
-use std::time::Duration;
 
 use base64::Engine as _;
 use serde_json::Value;
 
-use crate::agent::config::Operation;
-use crate::agent::flakeref::FlakeRef;
-use crate::plumbing::secret::Secret;
+mod section;
+
+pub(crate) use section::known_keys;
+use section::{FIELDS, kind, parse_section};
 
 #[cfg(test)]
 mod tests;
@@ -44,12 +44,6 @@ pub const MAX_DECODED: usize = 1024 * 1024;
 const MAX_LAYERS: usize = 4;
 /// The section of the cloud-config document that is ours.
 pub const SECTION: &str = "hcloud_nixos";
-/// Bounds of `poll_interval`: more often would hammer FlakeHub, less often is not polling.
-pub const MIN_POLL_INTERVAL: Duration = Duration::from_secs(10);
-pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
-/// The shortest and longest token accepted (FlakeHub's are several dozen characters long).
-const MIN_TOKEN_LEN: usize = 8;
-const MAX_TOKEN_LEN: usize = 4096;
 
 /// Why user-data could not be decoded into a text document.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,27 +65,11 @@ pub enum DecodeError {
     NotText,
 }
 
-/// The `hcloud_nixos` settings from user-data. A field is `None` when it is not set or when its
-/// value is invalid (then [`UserData::problems`] says why).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct UserSettings {
-    /// The FlakeHub token (a resolve-only device token is enough). `Debug` shows `[redacted]`.
-    pub flakehub_token: Option<Secret>,
-    /// What to deploy: `org/flake/version[#attr]`.
-    pub flake: Option<FlakeRef>,
-    /// How often to ask FlakeHub for a new release.
-    pub poll_interval: Option<Duration>,
-    /// What `fh apply nixos` does with a new release.
-    pub operation: Option<Operation>,
-    /// How long a new release has to prove healthy before it is rolled back.
-    pub confirm_timeout: Option<Duration>,
-    /// Apply a release only once it has been published this long.
-    pub min_release_age: Option<Duration>,
-    /// When to reboot into a new kernel.
-    pub reboot: Option<crate::agent::reboot::Policy>,
-    /// Taking turns with the other servers of a group.
-    pub fleet: Option<crate::fleet::FleetConfig>,
-}
+/// The `hcloud_nixos` settings from user-data, in the configuration's raw shape (the keys in
+/// [`known_keys`] only). A key is `None` when it is not set or when its value is invalid (then
+/// [`UserData::problems`] says why); the values present passed the configuration's own checks
+/// (the `fleet` mapping's are checked once the configuration file is merged in).
+pub type UserSettings = crate::agent::config::RawConfig;
 
 /// What the user-data says, as far as hcloud-nixos is concerned.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -105,343 +83,6 @@ pub struct UserData {
     /// Other cloud-init user-data hcloud-nixos does not read, one line each (a
     /// `text/x-shellscript` part, an `#include` document, ...).
     pub other_parts: Vec<String>,
-}
-
-// ---------------------------------------------------------------------------------------------
-// The settings: one table, so that a later setting is one field in `UserSettings` and one entry
-// here (parse, the unknown-key message and `describe` all follow it).
-
-struct Field {
-    key: &'static str,
-    /// Reads the value (never null) into the settings; the error is the text after
-    /// `hcloud_nixos.<key>: `.
-    set: fn(&Value, &mut UserSettings) -> Result<(), String>,
-    /// The effective value for `describe`; `None` when not set.
-    show: fn(&UserSettings) -> Option<String>,
-}
-
-const FIELDS: &[Field] = &[
-    Field {
-        key: "flakehub_token",
-        set: set_token,
-        show: |s| {
-            s.flakehub_token
-                .as_ref()
-                .map(|t| format!("[redacted] ({} characters)", t.expose().len()))
-        },
-    },
-    Field {
-        key: "flake",
-        set: set_flake,
-        show: |s| {
-            s.flake.as_ref().map(|f| match &f.attr {
-                Some(_) => f.to_string(),
-                None => format!("{f} (attribute: nixosConfigurations.<hostname>)"),
-            })
-        },
-    },
-    Field {
-        key: "poll_interval",
-        set: set_poll_interval,
-        show: |s| {
-            s.poll_interval
-                .map(|d| humantime::format_duration(d).to_string())
-        },
-    },
-    Field {
-        key: "operation",
-        set: set_operation,
-        show: |s| s.operation.map(|o| o.as_str().to_string()),
-    },
-    Field {
-        key: "confirm_timeout",
-        set: |v, s| {
-            s.confirm_timeout = Some(duration_in(
-                v,
-                Duration::from_secs(5),
-                Duration::from_secs(3600),
-            )?);
-            Ok(())
-        },
-        show: |s| {
-            s.confirm_timeout
-                .map(|d| humantime::format_duration(d).to_string())
-        },
-    },
-    Field {
-        key: "min_release_age",
-        set: |v, s| {
-            s.min_release_age = Some(duration_in(
-                v,
-                Duration::ZERO,
-                Duration::from_secs(30 * 24 * 3600),
-            )?);
-            Ok(())
-        },
-        show: |s| {
-            s.min_release_age
-                .map(|d| humantime::format_duration(d).to_string())
-        },
-    },
-    Field {
-        key: "reboot",
-        set: |v, s| {
-            let Value::String(text) = v else {
-                return Err(format!(
-                    "is {}, not a reboot policy (never, when-needed or window)",
-                    kind(v)
-                ));
-            };
-            s.reboot = Some(text.parse().map_err(|_| {
-                format!(
-                    "{} is not a reboot policy; use never, when-needed or window",
-                    shown(text)
-                )
-            })?);
-            Ok(())
-        },
-        show: |s| s.reboot.map(|p| p.as_str().to_string()),
-    },
-    Field {
-        key: "fleet",
-        set: |v, s| {
-            s.fleet = Some(crate::fleet::from_user_data(v).map_err(|e| e.join("; "))?);
-            Ok(())
-        },
-        show: |s| s.fleet.as_ref().map(|f| f.summary()),
-    },
-];
-
-/// A duration written with its unit ("120s", "2h", "0s"), within `min..=max`.
-fn duration_in(value: &Value, min: Duration, max: Duration) -> Result<Duration, String> {
-    let text = match value {
-        Value::String(text) => text,
-        Value::Number(_) => {
-            return Err(
-                "is a number without a unit; write a duration with its unit, e.g. \"120s\"".into(),
-            );
-        }
-        other => {
-            return Err(format!(
-                "is {}, not a duration; write e.g. \"120s\"",
-                kind(other)
-            ));
-        }
-    };
-    let shown = shown(text);
-    let d = humantime::parse_duration(text)
-        .map_err(|e| format!("{shown} is not a duration ({e}); write e.g. \"120s\" or \"2h\""))?;
-    if d < min || d > max {
-        return Err(format!(
-            "{shown} is out of range; use {} to {}",
-            humantime::format_duration(min),
-            humantime::format_duration(max)
-        ));
-    }
-    Ok(d)
-}
-
-/// The keys the `hcloud_nixos` section knows, in the order they are documented.
-pub fn known_keys() -> impl Iterator<Item = &'static str> {
-    FIELDS.iter().map(|f| f.key)
-}
-
-fn known_keys_list() -> String {
-    known_keys().collect::<Vec<_>>().join(", ")
-}
-
-/// "a number", "a list", ...: what a YAML value is, without showing it.
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "empty",
-        Value::Bool(_) => "true/false",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "a mapping",
-    }
-}
-
-fn set_token(value: &Value, s: &mut UserSettings) -> Result<(), String> {
-    // Never show the value, nor a part of it.
-    const HOW: &str =
-        "paste the token exactly as FlakeHub shows it (it usually starts with flakehub1_)";
-    let Value::String(text) = value else {
-        return Err(format!(
-            "is {}, not a string; {HOW}, in quotes if need be",
-            kind(value)
-        ));
-    };
-    if text.is_empty() {
-        return Err(format!("is empty; {HOW}"));
-    }
-    if text.len() < MIN_TOKEN_LEN {
-        return Err(format!(
-            "is {} characters long, too short for a token; {HOW}",
-            text.len()
-        ));
-    }
-    if text.len() > MAX_TOKEN_LEN {
-        return Err(format!(
-            "is {} characters long, more than a token has ({MAX_TOKEN_LEN}); {HOW}",
-            text.len()
-        ));
-    }
-    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!(
-            "contains whitespace or a control character; {HOW} (one line, no spaces)"
-        ));
-    }
-    if !text.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(format!("contains non-ASCII characters; {HOW}"));
-    }
-    s.flakehub_token = Some(Secret::new(text.clone()));
-    Ok(())
-}
-
-fn set_flake(value: &Value, s: &mut UserSettings) -> Result<(), String> {
-    let Value::String(text) = value else {
-        return Err(format!(
-            "is {}, not a string; write org/flake/version[#attr], e.g. my-org/infra/0.1#nixosConfigurations.web",
-            kind(value)
-        ));
-    };
-    s.flake = Some(text.parse()?);
-    Ok(())
-}
-
-fn set_poll_interval(value: &Value, s: &mut UserSettings) -> Result<(), String> {
-    let text = match value {
-        Value::String(text) => text,
-        Value::Number(_) => {
-            return Err(
-                "is a number without a unit; write a duration with its unit, e.g. \"60s\" or \"5m\""
-                    .into(),
-            );
-        }
-        other => {
-            return Err(format!(
-                "is {}, not a duration; write e.g. \"60s\" or \"5m\"",
-                kind(other)
-            ));
-        }
-    };
-    let shown = shown(text);
-    let interval = humantime::parse_duration(text).map_err(|e| {
-        format!("{shown} is not a duration ({e}); write e.g. \"60s\", \"5m\" or \"1h 30m\"")
-    })?;
-    if interval < MIN_POLL_INTERVAL || interval > MAX_POLL_INTERVAL {
-        return Err(format!(
-            "{shown} is out of range; use {} to {}",
-            humantime::format_duration(MIN_POLL_INTERVAL),
-            humantime::format_duration(MAX_POLL_INTERVAL)
-        ));
-    }
-    s.poll_interval = Some(interval);
-    Ok(())
-}
-
-fn set_operation(value: &Value, s: &mut UserSettings) -> Result<(), String> {
-    let Value::String(text) = value else {
-        return Err(format!(
-            "is {}, not an operation (switch, boot or test)",
-            kind(value)
-        ));
-    };
-    let op = text.parse::<Operation>().map_err(|_| {
-        format!(
-            "{} is not an operation; use switch, boot or test",
-            shown(text)
-        )
-    })?;
-    s.operation = Some(op);
-    Ok(())
-}
-
-/// A user-given value for a message: quoted, control characters escaped, shortened.
-fn shown(text: &str) -> String {
-    let mut out = String::new();
-    for (n, c) in text.chars().enumerate() {
-        if n == 60 {
-            out.push_str("...");
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_debug());
-        } else {
-            out.push(c);
-        }
-    }
-    format!("'{out}'")
-}
-
-/// Edit distance, for "did you mean" on unknown keys.
-fn distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
-}
-
-fn suggestion(key: &str) -> Option<&'static str> {
-    let normal = key.to_ascii_lowercase().replace('-', "_");
-    if normal == "token" || normal == "flakehub" {
-        return Some("flakehub_token");
-    }
-    known_keys()
-        .map(|k| (distance(&normal, k), k))
-        .filter(|(d, _)| *d <= 2)
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| k)
-}
-
-/// Reads the `hcloud_nixos` section.
-fn parse_section(section: &Value, problems: &mut Vec<String>) -> UserSettings {
-    let mut settings = UserSettings::default();
-    let map = match section {
-        Value::Null => return settings,
-        Value::Object(map) => map,
-        other => {
-            problems.push(format!(
-                "{SECTION}: is {}, not a mapping; write the settings indented under it (keys: {})",
-                kind(other),
-                known_keys_list()
-            ));
-            return settings;
-        }
-    };
-    for (key, value) in map {
-        match FIELDS.iter().find(|f| f.key == key) {
-            Some(field) => {
-                if value.is_null() {
-                    continue;
-                }
-                if let Err(e) = (field.set)(value, &mut settings) {
-                    problems.push(format!("{SECTION}.{key}: {e}"));
-                }
-            }
-            None => {
-                let hint = match suggestion(key) {
-                    Some(k) => format!(" (did you mean {k}?)"),
-                    None => String::new(),
-                };
-                problems.push(format!(
-                    "{SECTION}.{}: unknown key{hint}; known keys are {}",
-                    shown(key).trim_matches('\''),
-                    known_keys_list()
-                ));
-            }
-        }
-    }
-    settings
 }
 
 // ---------------------------------------------------------------------------------------------

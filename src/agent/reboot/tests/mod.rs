@@ -90,7 +90,7 @@ fn every_problem_in_a_window_is_one_line_naming_its_key() {
         vec![
             "reboot_window.days: 'Caturday' is not a day of the week (Mon, Tue, ... Sun)",
             "reboot_window.start: '25:00' is not a time of day (HH:MM, for example 02:00)",
-            "reboot_window.length: must be longer than zero",
+            "reboot_window.length: '0s' is out of range; use 1m to 7days",
             "reboot_window.time_zone: 'Mars/Olympus' is not a known time zone (an IANA name such \
              as Europe/Berlin, or UTC)",
         ]
@@ -103,7 +103,7 @@ fn every_problem_in_a_window_is_one_line_naming_its_key() {
         e,
         vec![
             "reboot_window.days: no day listed",
-            "reboot_window.length: '8d' is longer than a week (7d)",
+            "reboot_window.length: '8d' is out of range; use 1m to 7days",
         ]
     );
     for bad in [
