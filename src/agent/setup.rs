@@ -40,10 +40,10 @@ pub async fn load(config_path: &Path) -> Result<Loaded> {
     .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
     let why_no_reference = if settings.flake.is_some() {
         None
-    } else if let Some(problem) = notes
-        .iter()
-        .find(|n| n.starts_with("cannot read the user-data") || n.starts_with("user-data: flake"))
-    {
+    } else if let Some(problem) = notes.iter().find(|n| {
+        n.starts_with("cannot read the user-data")
+            || n.starts_with(&format!("user-data: {}.flake", userdata::SECTION))
+    }) {
         Some(problem.clone())
     } else if user.settings.is_none() {
         Some("the user-data has no hcloud_nixos section".to_string())

@@ -410,10 +410,17 @@ pub fn describe_metadata(fetched: &Fetched) -> String {
     out
 }
 
-/// Rejects a `--deadline` of zero, which could never succeed.
+/// The longest `--deadline`: a boot that waits longer for its metadata waits in vain.
+const MAX_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+
+/// Rejects a `--deadline` of zero, which could never succeed, and one beyond a day (which the
+/// clock cannot always add).
 pub fn check_deadline(deadline: Duration) -> Result<()> {
-    if deadline.is_zero() {
-        bail!("--deadline must be longer than 0s (for example 2m)");
+    if deadline.is_zero() || deadline > MAX_DEADLINE {
+        bail!(
+            "--deadline '{}' is out of range; use 1s to 1day (for example 2m)",
+            humantime::format_duration(deadline)
+        );
     }
     Ok(())
 }

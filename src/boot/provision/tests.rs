@@ -149,4 +149,11 @@ fn metadata_summary_for_people() {
 fn zero_deadline_is_refused() {
     assert!(check_deadline(Duration::ZERO).is_err());
     assert!(check_deadline(Duration::from_secs(1)).is_ok());
+    // Beyond a day: refused with one line, never added to the clock (it panicked there).
+    let huge = humantime::parse_duration("300000000000y").unwrap();
+    let e = check_deadline(huge).unwrap_err().to_string();
+    assert!(
+        e.starts_with("--deadline '300000000000years' is out of range"),
+        "{e}"
+    );
 }
