@@ -692,6 +692,16 @@ impl Host for Logind {
             .await;
         match reply {
             Ok(_) => Ok(()),
+            // The bus went away before logind's answer came: the system is going down (seen
+            // under load: "failed to read from socket"). Taking it for a failure would forget
+            // the reboot just asked for; if none happens, the next check sees the same boot and
+            // decides again.
+            Err(zbus::Error::InputOutput(e)) => {
+                tracing::warn!(
+                    "logind's answer to the reboot was lost ({e}); the system is going down"
+                );
+                Ok(())
+            }
             Err(zbus::Error::MethodError(name, _, _))
                 if name.as_str() == "org.freedesktop.DBus.Error.UnknownMethod" =>
             {
