@@ -88,7 +88,6 @@ current_system = "$work/current-system"
 booted_system = "$work/current-system"
 system_profile = "$work/profiles/system"
 fh = "/bin/false"
-determinate_nixd = "$work/no-determinate-nixd"
 fh_auth_file = "$work/home/fh-auth"
 switch_lock = "$work/switch.lock"
 EOF
