@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 /// How an image file is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Compression {
+pub(crate) enum Compression {
     /// Detect from the file's first bytes, or a URL's name.
     Auto,
     None,
@@ -22,7 +22,7 @@ pub enum Compression {
 
 /// The disk image format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     /// Detect from the (decompressed) first bytes, or a URL's name.
     Auto,
     Raw,
@@ -31,7 +31,7 @@ pub enum Format {
 
 /// How the local image travels over SSH.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Transfer {
+pub(crate) enum Transfer {
     /// Compressed with zstd on all cores, decompressed by the rescue system.
     Zstd,
     /// As raw bytes.
@@ -40,13 +40,13 @@ pub enum Transfer {
 
 /// Where the image comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Location {
+pub(crate) enum Location {
     Path(PathBuf),
     Url(String),
 }
 
 /// Tells a URL from a local path.
-pub fn parse_location(arg: &str) -> Location {
+pub(crate) fn parse_location(arg: &str) -> Location {
     let lower = arg.to_ascii_lowercase();
     if lower.starts_with("http://") || lower.starts_with("https://") {
         Location::Url(arg.to_string())
@@ -56,7 +56,7 @@ pub fn parse_location(arg: &str) -> Location {
 }
 
 /// The compression a file starts with, from its magic bytes.
-pub fn compression_from_magic(head: &[u8]) -> Compression {
+pub(crate) fn compression_from_magic(head: &[u8]) -> Compression {
     if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Compression::Zstd
     } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
@@ -69,7 +69,7 @@ pub fn compression_from_magic(head: &[u8]) -> Compression {
 }
 
 /// The compression a file or URL name suggests (query strings ignored).
-pub fn compression_from_name(name: &str) -> Compression {
+pub(crate) fn compression_from_name(name: &str) -> Compression {
     let name = name
         .split(['?', '#'])
         .next()
@@ -87,7 +87,7 @@ pub fn compression_from_name(name: &str) -> Compression {
 }
 
 /// The format the decompressed first bytes show.
-pub fn format_from_magic(head: &[u8]) -> Format {
+pub(crate) fn format_from_magic(head: &[u8]) -> Format {
     if head.starts_with(b"QFI\xfb") {
         Format::Qcow2
     } else {
@@ -96,7 +96,7 @@ pub fn format_from_magic(head: &[u8]) -> Format {
 }
 
 /// The format a name suggests (`disk.qcow2`, `disk.qcow2.xz`).
-pub fn format_from_name(name: &str) -> Format {
+pub(crate) fn format_from_name(name: &str) -> Format {
     let name = name
         .split(['?', '#'])
         .next()
@@ -114,7 +114,7 @@ pub fn format_from_name(name: &str) -> Format {
 }
 
 /// Settles `auto` for a URL from its name.
-pub fn resolve_url(url: &str, c: Compression, f: Format) -> (Compression, Format) {
+pub(crate) fn resolve_url(url: &str, c: Compression, f: Format) -> (Compression, Format) {
     let c = if c == Compression::Auto {
         compression_from_name(url)
     } else {
@@ -158,7 +158,7 @@ fn read_head(path: &Path) -> io::Result<Vec<u8>> {
 }
 
 /// Opens a file and decompresses it on the fly; `count` counts the file's (compressed) bytes.
-pub fn open_decoded(
+pub(crate) fn open_decoded(
     path: &Path,
     compression: Compression,
     count: Arc<AtomicU64>,
@@ -177,11 +177,11 @@ pub fn open_decoded(
 }
 
 /// A local image ready to stream: raw once decompressed with `compression`.
-pub struct LocalImage {
-    pub path: PathBuf,
-    pub compression: Compression,
+pub(crate) struct LocalImage {
+    pub(crate) path: PathBuf,
+    pub(crate) compression: Compression,
     /// Size of `path` on disk, for progress.
-    pub file_size: u64,
+    pub(crate) file_size: u64,
     /// Holds a converted qcow2 image until the upload ends.
     _scratch: Option<tempfile::TempDir>,
 }
@@ -201,7 +201,7 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Settles compression and format of a local file; converts qcow2 to a sparse raw file with `qemu-img`.
-pub fn prepare_local(
+pub(crate) fn prepare_local(
     path: &Path,
     compression: Compression,
     format: Format,
@@ -280,7 +280,7 @@ pub fn prepare_local(
 }
 
 /// SHA-256 (hex) and size of the raw image.
-pub fn hash_image(img: &LocalImage, count: Arc<AtomicU64>) -> anyhow::Result<(String, u64)> {
+pub(crate) fn hash_image(img: &LocalImage, count: Arc<AtomicU64>) -> anyhow::Result<(String, u64)> {
     let mut r = open_decoded(&img.path, img.compression, count)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -298,7 +298,7 @@ pub fn hash_image(img: &LocalImage, count: Arc<AtomicU64>) -> anyhow::Result<(St
 }
 
 /// Lower-case hex of bytes.
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -361,16 +361,16 @@ impl Out {
 }
 
 /// Number of zstd worker threads: every core, at most 8 so memory stays bounded on big machines.
-pub fn zstd_workers(cores: usize) -> u32 {
+pub(crate) fn zstd_workers(cores: usize) -> u32 {
     cores.clamp(1, 8) as u32
 }
 
 /// Chunk size for the pipe to SSH.
-pub const CHUNK: usize = 256 * 1024;
+pub(crate) const CHUNK: usize = 256 * 1024;
 
 /// Reads, decompresses, hashes and (optionally) zstd-compresses the image on a thread, sending
 /// chunks on `tx`. Returns the raw image's SHA-256 (hex) and size.
-pub fn spawn_stream(
+pub(crate) fn spawn_stream(
     path: PathBuf,
     compression: Compression,
     transfer: Transfer,
