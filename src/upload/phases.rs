@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use super::api::{self, Client};
 use super::flow::{Ctx, Outcome, now_unix, poll_until, with_deadline};
 use super::leftovers::{Leftovers, Resource};
-use super::source::{self, Compression, Format, LocalImage, Location, Transfer};
+use super::source::{self, Codec, DiskFormat, LocalImage, Location, Transfer};
 use super::ssh::Rescue;
 use super::{Architecture, Job, default_description, labels, remote, ssh};
 
@@ -24,10 +24,7 @@ enum Source {
         digest: Digest,
     },
     /// A URL the rescue system downloads; the digest is known once it is written.
-    Url {
-        url: String,
-        compression: Compression,
-    },
+    Url { url: String, codec: Codec },
 }
 
 /// The raw image's SHA-256 (hex) and size in bytes.
@@ -101,13 +98,13 @@ async fn read_source(ctx: &Ctx, job: &Job, p: &str) -> anyhow::Result<Source> {
             })
         }
         Location::Url(url) => {
-            let (compression, f) = source::resolve_url(&url, args.compression, args.format);
-            if f == Format::Qcow2 {
+            let (codec, format) = source::resolve_url(&url, args.compression, args.format);
+            if format == DiskFormat::Qcow2 {
                 anyhow::bail!(
                     "--image {url}: a qcow2 image can only be uploaded from a local file (it is converted to raw locally); download it and pass the path"
                 );
             }
-            Ok(Source::Url { url, compression })
+            Ok(Source::Url { url, codec })
         }
     }
 }
@@ -288,9 +285,7 @@ async fn write_and_verify(
         Source::Local { image, digest } => {
             stream_local(ctx, rescue, image, digest, sparse, p).await?
         }
-        Source::Url { url, compression } => {
-            download_url(ctx, rescue, url, *compression, sparse, p).await?
-        }
+        Source::Url { url, codec } => download_url(ctx, rescue, url, *codec, sparse, p).await?,
     };
     verify(ctx, rescue, &digest, p).await?;
     Ok(digest)
@@ -330,10 +325,10 @@ async fn stream_local(
     let bar = ctx
         .report
         .bytes(p, "uploading", img.file_size, count.clone());
-    let reader = source::spawn_stream(img.path.clone(), img.compression, args.transfer, tx, count);
+    let reader = source::spawn_stream(img.path.clone(), img.codec, args.transfer, tx, count);
     let remote_c = match args.transfer {
-        Transfer::Zstd => Compression::Zstd,
-        Transfer::None => Compression::None,
+        Transfer::Zstd => Codec::Zstd,
+        Transfer::None => Codec::Plain,
     };
     let out = with_deadline(
         "writing the image",
@@ -377,7 +372,7 @@ async fn download_url(
     ctx: &Ctx,
     rescue: &Rescue,
     url: &str,
-    compression: Compression,
+    codec: Codec,
     sparse: bool,
     p: &str,
 ) -> anyhow::Result<Digest> {
@@ -386,7 +381,7 @@ async fn download_url(
     let out = with_deadline(
         "downloading the image",
         ctx.deadlines.stream,
-        rescue.run(&remote::write_url(dev, url, compression, sparse)),
+        rescue.run(&remote::write_url(dev, url, codec, sparse)),
     )
     .await?;
     if !out.success() {

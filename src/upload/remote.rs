@@ -1,6 +1,6 @@
 //! The shell scripts the rescue system runs: discard, write, download, verify. Pure string building.
 
-use super::source::Compression;
+use super::source::Codec;
 
 /// Quotes a string for a POSIX shell.
 pub(crate) fn quote(s: &str) -> String {
@@ -29,12 +29,12 @@ fi"#,
 }
 
 /// The command that turns a compressed stream on stdin into raw bytes on stdout.
-pub(crate) fn decompressor(c: Compression) -> Option<&'static str> {
+pub(crate) fn decompressor(c: Codec) -> Option<&'static str> {
     match c {
-        Compression::Zstd => Some("zstd -dc"),
-        Compression::Xz => Some("xz -dc -T0"),
-        Compression::Bz2 => Some("bzip2 -dc"),
-        Compression::None | Compression::Auto => None,
+        Codec::Zstd => Some("zstd -dc"),
+        Codec::Xz => Some("xz -dc -T0"),
+        Codec::Bz2 => Some("bzip2 -dc"),
+        Codec::Plain => None,
     }
 }
 
@@ -47,7 +47,7 @@ fn dd(device: &str, sparse: bool) -> String {
 }
 
 /// Writes stdin (compressed as `c`) to the device. `verify` flushes it to the disk afterwards.
-pub(crate) fn write_stdin(device: &str, c: Compression, sparse: bool) -> String {
+pub(crate) fn write_stdin(device: &str, c: Codec, sparse: bool) -> String {
     let pipe = match decompressor(c) {
         Some(d) => format!("{d} | {}", dd(device, sparse)),
         None => dd(device, sparse),
@@ -57,7 +57,7 @@ pub(crate) fn write_stdin(device: &str, c: Compression, sparse: bool) -> String 
 
 /// Downloads a URL on the rescue system and writes it to the device. Prints `sha256=<hex> size=<n>`
 /// of the raw stream as it went into `dd`.
-pub(crate) fn write_url(device: &str, url: &str, c: Compression, sparse: bool) -> String {
+pub(crate) fn write_url(device: &str, url: &str, c: Codec, sparse: bool) -> String {
     let decomp = decompressor(c)
         .map(|d| format!(" | {d}"))
         .unwrap_or_default();
@@ -130,7 +130,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dev = dir.path().join("disk");
         std::fs::write(&dev, b"").unwrap();
-        let cmd = write_stdin(dev.to_str().unwrap(), Compression::Xz, true);
+        let cmd = write_stdin(dev.to_str().unwrap(), Codec::Xz, true);
         let out = sh(&format!("echo garbage | {cmd}"));
         assert!(!out.status.success());
     }
@@ -145,7 +145,7 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "sparse");
         let out = sh(&format!(
             "printf 'hello' | {}",
-            write_stdin(d, Compression::None, true)
+            write_stdin(d, Codec::Plain, true)
         ));
         assert!(out.status.success(), "{out:?}");
         let out = sh(&verify(d, 5));
