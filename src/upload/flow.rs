@@ -1,5 +1,6 @@
-//! The upload and cleanup flows: the uploads of a run side by side, with deadlines, signals
-//! and a clean-up that always runs. One upload's phases are in `phases`.
+//! The upload and cleanup commands: a run's uploads side by side, and a clean-up that always runs.
+//!
+//! Deadlines and signals are handled here; one upload's phases are in `phases`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

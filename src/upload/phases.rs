@@ -1,5 +1,6 @@
-//! One upload, phase by phase: the image, the temporary key and server, the rescue system,
-//! streaming and verifying, the snapshot. Clean-up is the caller's (`flow`), whatever happens.
+//! One upload, phase by phase: image, temporary key and server, rescue, write and verify, snapshot.
+//!
+//! Clean-up is the caller's (`flow`), whatever happens here.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
