@@ -1,12 +1,15 @@
-//! Metrics: the rendered text is valid Prometheus text (checked by a small strict parser of the
-//! 0.0.4 format), has every series with its value, is written as a textfile atomically with mode
-//! 0644, and is served over HTTP by a server that survives garbage.
+//! Metrics: the rendered text is valid Prometheus text (read by openmetrics-parser's grammar of
+//! the 0.0.4 format), has every series with its value, is written as a textfile atomically with
+//! mode 0644, and is served over HTTP by a server that survives garbage, slow clients and idle
+//! ones, and keeps connections alive.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hcloud_nixos::agent::lifecycle::state::{State, Target};
 use hcloud_nixos::agent::metrics::{self, CONTENT_TYPE};
+use openmetrics_parser::prometheus::parse_prometheus;
+use openmetrics_parser::{PrometheusType, PrometheusValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One sample: metric name, labels, value.
@@ -17,7 +20,7 @@ struct Sample {
     value: f64,
 }
 
-/// Families with their type and help, and samples, from a strict reading of the text format.
+/// Families with their type and help, and samples, as the parser read them.
 #[derive(Debug, Default)]
 struct Exposition {
     types: HashMap<String, String>,
@@ -41,173 +44,44 @@ impl Exposition {
     }
 }
 
-fn is_metric_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-}
-
-fn is_label_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && !s.starts_with("__")
-}
-
-fn parse_value(s: &str) -> Result<f64, String> {
-    match s {
-        "+Inf" => Ok(f64::INFINITY),
-        "-Inf" => Ok(f64::NEG_INFINITY),
-        "NaN" => Ok(f64::NAN),
-        _ if s.chars().all(|c| c.is_ascii_digit() || "+-.eE".contains(c)) && !s.is_empty() => {
-            s.parse().map_err(|_| format!("bad value '{s}'"))
-        }
-        _ => Err(format!("bad value '{s}'")),
-    }
-}
-
-/// Parses `{a="x",b="y"}` at the start of `s`; returns the labels and the rest.
-fn parse_labels(s: &str) -> Result<(BTreeMap<String, String>, &str), String> {
-    let mut labels = BTreeMap::new();
-    let mut rest = s.strip_prefix('{').ok_or("expected {")?;
-    loop {
-        if let Some(r) = rest.strip_prefix('}') {
-            return Ok((labels, r));
-        }
-        let eq = rest.find('=').ok_or("label without =")?;
-        let name = &rest[..eq];
-        if !is_label_name(name) {
-            return Err(format!("bad label name '{name}'"));
-        }
-        rest = rest[eq + 1..]
-            .strip_prefix('"')
-            .ok_or("label value not quoted")?;
-        let mut value = String::new();
-        let mut chars = rest.char_indices();
-        let end = loop {
-            match chars.next().ok_or("unterminated label value")? {
-                (i, '"') => break i,
-                (_, '\\') => match chars.next().ok_or("dangling backslash")?.1 {
-                    '\\' => value.push('\\'),
-                    '"' => value.push('"'),
-                    'n' => value.push('\n'),
-                    c => return Err(format!("bad escape \\{c}")),
-                },
-                (_, '\n') => return Err("raw newline in label value".into()),
-                (_, c) => value.push(c),
-            }
-        };
-        if labels.insert(name.to_string(), value).is_some() {
-            return Err(format!("label {name} twice"));
-        }
-        rest = &rest[end + 1..];
-        if let Some(r) = rest.strip_prefix(',') {
-            rest = r;
-        } else if !rest.starts_with('}') {
-            return Err("expected , or } after a label".into());
-        }
-    }
-}
-
-/// A strict reading of the text format 0.0.4 as these metrics use it: LF line ends, the text
-/// ends in a newline, `# HELP` and `# TYPE` at most once per family and before its samples,
-/// every sample of a declared family, samples of one family together, no duplicate series.
+/// Reads the text with openmetrics-parser's grammar of the Prometheus text format (0.0.4): it
+/// checks names, label escapes, values and timestamps, one TYPE and HELP per family before its
+/// samples, a family's samples together, the same label names in a family, no duplicate series.
+/// On top: LF line ends only, and every family declared with a TYPE (no untyped samples).
 fn parse(text: &str) -> Result<Exposition, String> {
-    let mut e = Exposition::default();
-    if !text.ends_with('\n') {
-        return Err("text does not end in a newline".into());
+    if text.contains('\r') {
+        return Err("carriage return: the text format has LF line ends".into());
     }
-    let mut seen_samples_of: HashSet<String> = HashSet::new();
-    let mut series: HashSet<String> = HashSet::new();
-    let mut current: Option<String> = None;
-    for (n, line) in text.split('\n').enumerate() {
-        let err = |m: String| format!("line {}: {m}: {line:?}", n + 1);
-        if line.is_empty() {
-            continue;
-        }
-        if line.contains('\r') {
-            return Err(err("carriage return".into()));
-        }
-        if let Some(comment) = line.strip_prefix('#') {
-            let mut words = comment.trim_start().splitn(3, ' ');
-            match (words.next(), words.next(), words.next()) {
-                (Some("HELP"), Some(name), help) => {
-                    if !is_metric_name(name) {
-                        return Err(err("bad name in HELP".into()));
-                    }
-                    if e.helps
-                        .insert(name.into(), help.unwrap_or("").into())
-                        .is_some()
-                    {
-                        return Err(err("HELP twice".into()));
-                    }
-                    if seen_samples_of.contains(name) {
-                        return Err(err("HELP after samples".into()));
-                    }
-                }
-                (Some("TYPE"), Some(name), Some(kind)) => {
-                    if !is_metric_name(name) {
-                        return Err(err("bad name in TYPE".into()));
-                    }
-                    if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
-                        return Err(err(format!("bad type {kind}")));
-                    }
-                    if e.types.insert(name.into(), kind.into()).is_some() {
-                        return Err(err("TYPE twice".into()));
-                    }
-                    if seen_samples_of.contains(name) {
-                        return Err(err("TYPE after samples".into()));
-                    }
-                }
-                _ => {} // Other comments are allowed.
-            }
-            continue;
-        }
-        let name_end = line
-            .find(['{', ' '])
-            .ok_or_else(|| err("no value".into()))?;
-        let name = &line[..name_end];
-        if !is_metric_name(name) {
-            return Err(err("bad metric name".into()));
-        }
-        let (labels, rest) = if line[name_end..].starts_with('{') {
-            parse_labels(&line[name_end..]).map_err(err)?
-        } else {
-            (BTreeMap::new(), &line[name_end..])
+    let parsed = parse_prometheus(text).map_err(|e| format!("{e:?}"))?;
+    let mut e = Exposition::default();
+    for (name, family) in parsed.families {
+        let kind = match family.family_type {
+            PrometheusType::Counter => "counter",
+            PrometheusType::Gauge => "gauge",
+            PrometheusType::Histogram => "histogram",
+            PrometheusType::Summary => "summary",
+            PrometheusType::Unknown => return Err(format!("{name}: samples without a TYPE")),
         };
-        let rest = rest
-            .strip_prefix(' ')
-            .ok_or_else(|| err("no space before the value".into()))?;
-        let mut fields = rest.split(' ');
-        let value = parse_value(fields.next().unwrap_or("")).map_err(err)?;
-        if let Some(ts) = fields.next() {
-            ts.parse::<i64>().map_err(|_| err("bad timestamp".into()))?;
+        for sample in family.iter_samples() {
+            let labels = sample
+                .get_labelset()
+                .map_err(|e| format!("{name}: {e:?}"))?
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let value = match &sample.value {
+                PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n) => n.as_f64(),
+                PrometheusValue::Counter(c) => c.value.as_f64(),
+                other => return Err(format!("{name}: unexpected value {other:?}")),
+            };
+            e.samples.push(Sample {
+                name: name.clone(),
+                labels,
+                value,
+            });
         }
-        if fields.next().is_some() {
-            return Err(err("trailing fields".into()));
-        }
-        if !e.types.contains_key(name) {
-            return Err(err("sample without a TYPE".into()));
-        }
-        if current.as_deref() != Some(name) {
-            if seen_samples_of.contains(name) {
-                return Err(err("samples of a family not together".into()));
-            }
-            current = Some(name.to_string());
-        }
-        seen_samples_of.insert(name.to_string());
-        if !series.insert(format!("{name}{labels:?}")) {
-            return Err(err("duplicate series".into()));
-        }
-        e.samples.push(Sample {
-            name: name.into(),
-            labels,
-            value,
-        });
+        e.types.insert(name.clone(), kind.to_string());
+        e.helps.insert(name, family.help);
     }
     Ok(e)
 }
@@ -411,16 +285,19 @@ fn the_parser_is_strict() {
         "# TYPE x gauge\nx{a=\"\\t\"} 1\n",                         // bad escape
         "# TYPE x gauge\nx{1a=\"1\"} 1\n",                          // bad label name
         "# TYPE x gauge\nx one\n",                                  // bad value
-        "# TYPE x gauge\nx  1\n",                                   // two spaces
         "# TYPE x gauge\n# TYPE y gauge\nx 1\ny 1\nx{a=\"b\"} 1\n", // split family
         "# TYPE 9x gauge\n",                                        // bad name
         "# TYPE x gauge\r\nx 1\r\n",                                // CRLF
+        "# TYPE x gauge\nx 1\n# TYPE x gauge\n",                    // TYPE after samples
+        "# TYPE x gauge\nx{a=\"1\"} 1\nx{b=\"1\"} 1\n",             // label names differ
     ] {
         assert!(parse(bad).is_err(), "accepted {bad:?}");
     }
     // In 0.0.4 a counter's TYPE names the sample, _total included.
     assert!(parse("# HELP x a \\\\ help\n# TYPE x counter\nx_total 1\n").is_err());
     assert!(parse("# HELP x h\n# TYPE x counter\nx{a=\"\\n\\\\\\\"\"} 1 1700000000000\n").is_ok());
+    // Blanks between a series and its value are one or more (Prometheus reads both).
+    assert!(parse("# TYPE x gauge\nx  1\n").is_ok());
 }
 
 #[test]
@@ -457,11 +334,7 @@ async fn raw_request(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
 
 #[tokio::test(flavor = "current_thread")]
 async fn server_answers_metrics_and_404_and_survives_garbage() {
-    hcloud_nixos::plumbing::tls::install_crypto_provider();
-    let listener = metrics::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::watch::channel(metrics::render(&sample_state(), SystemTime::now()));
-    let server = tokio::spawn(metrics::serve(listener, rx));
+    let (mut publisher, addr) = start_server(&sample_state()).await;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(15))
         .no_proxy()
@@ -501,8 +374,10 @@ async fn server_answers_metrics_and_404_and_survives_garbage() {
     .concat();
     assert!(raw_request(addr, &huge).await.starts_with("HTTP/1.1 431 "));
     drop(tokio::net::TcpStream::connect(addr).await.unwrap());
+    // An HTTP/1.0 client gets an HTTP/1.0 answer (hyper speaks the client's version), and the
+    // connection closes after it.
     let answer = raw_request(addr, b"GET /metrics HTTP/1.0\n\n").await;
-    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
     assert!(answer.ends_with(&body), "{answer}");
 
     // Clients that open a connection and send nothing take a slot each, not the server.
@@ -513,7 +388,7 @@ async fn server_answers_metrics_and_404_and_survives_garbage() {
     // A new state is served at once.
     let mut state = sample_state();
     state.consecutive_failures = 0;
-    tx.send_replace(metrics::render(&state, SystemTime::now()));
+    publisher.publish(&state);
     let body = http.get(&url).send().await.unwrap().text().await.unwrap();
     assert_eq!(
         parse(&body)
@@ -522,8 +397,32 @@ async fn server_answers_metrics_and_404_and_survives_garbage() {
         Some(0.0)
     );
     drop(idle);
-    assert!(!server.is_finished());
-    server.abort();
+    // The server is still there.
+    let resp = http.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn connections_are_kept_alive() {
+    let (_publisher, addr) = start_server(&sample_state()).await;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut answers = String::new();
+    for _ in 0..3 {
+        s.write_all(request).await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("no answer on a kept-alive connection")
+            .unwrap();
+        answers.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert_eq!(
+        answers.matches("HTTP/1.1 200 OK\r\n").count(),
+        3,
+        "{answers}"
+    );
+    assert!(!answers.contains("connection: close"), "{answers}");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -578,4 +477,102 @@ async fn publisher_serves_and_writes_the_textfile() {
         metrics::Publisher::start(&m, &state).await.unwrap_err()
     );
     assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
+}
+
+/// A free port on loopback (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts the metrics server the way the agent does, on a free loopback port.
+async fn start_server(state: &State) -> (metrics::Publisher, std::net::SocketAddr) {
+    hcloud_nixos::plumbing::tls::install_crypto_provider();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let m = metrics::Metrics::from_config(&metrics::MetricsConfig {
+        listen: Some(addr.to_string()),
+        textfile: None,
+    })
+    .unwrap();
+    (metrics::Publisher::start(&m, state).await.unwrap(), addr)
+}
+
+/// Issue 13: slow clients (connected and silent, or sending their request a byte at a time)
+/// must not keep a scraper from its answer.
+#[tokio::test(flavor = "current_thread")]
+async fn slow_connections_do_not_starve_the_endpoint() {
+    let (_publisher, addr) = start_server(&sample_state()).await;
+    let mut slow = Vec::new();
+    // Silent ones: connect, send nothing, hold the connection.
+    for _ in 0..6 {
+        slow.push(tokio::spawn(async move {
+            let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(s);
+        }));
+    }
+    // Slowloris: the request head a byte every 300 ms (about 12 s for the whole head).
+    for _ in 0..6 {
+        slow.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            for b in b"GET /metrics HTTP/1.1\r\nHost: slow.example\r\n\r\n" {
+                if s.write_all(&[*b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }));
+    }
+    // One more silent one that waits for the server to give up on it.
+    let hung_up = tokio::spawn(async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        (n, started.elapsed())
+    });
+    // Let every slow connection be accepted first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .no_proxy()
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let resp = http
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.text().await.unwrap();
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "/metrics took {took:?} beside 12 slow connections"
+        );
+        assert_eq!(
+            parse(&body)
+                .unwrap()
+                .get("hcloud_nixos_consecutive_failures", &[]),
+            Some(3.0)
+        );
+    }
+    for t in slow {
+        t.abort();
+    }
+    // A connection that never sends a request is closed after the header timeout.
+    let (n, after) = tokio::time::timeout(metrics::HEADER_TIMEOUT * 2, hung_up)
+        .await
+        .expect("the server never closed a silent connection")
+        .unwrap();
+    assert_eq!(n, 0, "the server sent something to a silent client");
+    assert!(
+        after >= metrics::HEADER_TIMEOUT - Duration::from_secs(1),
+        "closed after {after:?}"
+    );
 }

@@ -2,6 +2,7 @@
 //! served over HTTP on a configured address and/or written for node-exporter's textfile
 //! collector.
 
+use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,8 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
@@ -18,12 +25,21 @@ use crate::agent::lifecycle::state::State;
 
 /// The `Content-Type` of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-/// The largest request head (request line and headers) the server reads.
-pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
-/// How long a client may take to send its request, and to take the answer.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once; further ones wait in the listen backlog.
-pub const MAX_CONNECTIONS: usize = 4;
+/// The largest request head (request line and headers) the server reads; larger gets 431.
+pub(crate) const MAX_REQUEST_HEAD: usize = 8 * 1024;
+/// How long a client may take to send a request head, and how long a kept-alive connection may
+/// wait for its next request; then the connection is closed.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once (each in a task of its own); further ones wait in the listen
+/// backlog. Far below the agent's file descriptor limit, far above what scrapers need.
+pub const MAX_CONNECTIONS: usize = 128;
+/// How long one connection may stay open (a client that sends requests and never reads the
+/// answers holds it no longer); then it is shut down gracefully.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+/// How long a graceful shutdown may take before the connection is dropped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// hyper's read buffer per connection: its minimum (hyper panics below 8 KiB).
+const MAX_BUFFER: usize = 8 * 1024;
 
 /// The `[metrics]` table as written. Unknown keys are errors.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -82,7 +98,7 @@ impl Metrics {
 }
 
 /// Escapes a label value: backslash, double quote and newline.
-pub fn escape_label_value(value: &str) -> String {
+pub(crate) fn escape_label_value(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for c in value.chars() {
         match c {
@@ -280,17 +296,16 @@ pub fn write_textfile(path: &Path, text: &str) -> Result<()> {
 }
 
 /// Binds the metrics address; the error says which address.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} for metrics (metrics.listen)"))
 }
 
-/// Serves the latest text in `current` to `GET /metrics` on every connection, forever. Meant to
-/// be spawned (`tokio::spawn`); works on a current-thread runtime. One request per connection;
-/// anything else than `GET`/`HEAD /metrics` gets 404 (or 405, 400, 431), garbage a 400 or a
-/// closed connection.
-pub async fn serve(listener: TcpListener, current: watch::Receiver<String>) {
+/// Serves the latest text in `current` to `GET /metrics`, forever, each connection in a task of
+/// its own (at most [`MAX_CONNECTIONS`] at once). Meant to be spawned; works on a current-thread
+/// runtime. hyper does the HTTP/1.1: keep-alive, limits, answers to garbage.
+pub(crate) async fn serve(listener: TcpListener, current: watch::Receiver<Bytes>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -301,7 +316,7 @@ pub async fn serve(listener: TcpListener, current: watch::Receiver<String>) {
                 let current = current.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
-                    answer(stream, &current).await;
+                    serve_connection(stream, current).await;
                 });
             }
             Err(e) => {
@@ -314,127 +329,63 @@ pub async fn serve(listener: TcpListener, current: watch::Receiver<String>) {
     }
 }
 
-/// Reads the request head: `None` when the client gave up, was too slow or sent too much
-/// (with the status to answer, if any).
-async fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, Option<u16>> {
-    let mut head = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    let read = async {
-        loop {
-            if let Some(end) = find_end(&head) {
-                head.truncate(end);
-                return Ok(());
-            }
-            if head.len() > MAX_REQUEST_HEAD {
-                return Err(Some(431));
-            }
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return Err(None),
-                Ok(n) => head.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
-    match tokio::time::timeout(IO_TIMEOUT, read).await {
-        Ok(Ok(())) => Ok(head),
-        Ok(Err(status)) => Err(status),
-        Err(_) => Err(Some(408)),
-    }
-}
-
-/// Where the head ends (before the blank line), accepting bare LF line ends.
-fn find_end(buf: &[u8]) -> Option<usize> {
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n");
-    let lf = buf.windows(2).position(|w| w == b"\n\n");
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// The status for a request head, and whether the body is sent (not for HEAD).
-fn route(head: &[u8]) -> (u16, bool) {
-    let Ok(head) = std::str::from_utf8(head) else {
-        return (400, true);
-    };
-    let line = head.lines().next().unwrap_or("");
-    let parts: Vec<&str> = line.split(' ').collect();
-    let [method, target, version] = parts[..] else {
-        return (400, true);
-    };
-    if !matches!(version, "HTTP/1.0" | "HTTP/1.1") {
-        return (400, true);
-    }
-    let path = target.split_once('?').map_or(target, |(p, _)| p);
-    match (method, path) {
-        ("GET", "/metrics") => (200, true),
-        ("HEAD", "/metrics") => (200, false),
-        (_, "/metrics") => (405, true),
-        ("HEAD", _) => (404, false),
-        _ => (404, true),
-    }
-}
-
-async fn answer(mut stream: TcpStream, current: &watch::Receiver<String>) {
-    let (status, with_body) = match read_head(&mut stream).await {
-        Ok(head) => route(&head),
-        Err(Some(status)) => (status, true),
-        Err(None) => return,
-    };
-    let (reason, content_type, body) = match status {
-        200 => ("OK", CONTENT_TYPE, current.borrow().clone()),
-        404 => (
-            "Not Found",
-            "text/plain",
-            "not found; try /metrics\n".into(),
-        ),
-        405 => (
-            "Method Not Allowed",
-            "text/plain",
-            "GET or HEAD only\n".into(),
-        ),
-        408 => ("Request Timeout", "text/plain", "request timeout\n".into()),
-        431 => (
-            "Request Header Fields Too Large",
-            "text/plain",
-            "request too large\n".into(),
-        ),
-        _ => ("Bad Request", "text/plain", "bad request\n".into()),
-    };
-    let mut response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    if status == 405 {
-        response.push_str("Allow: GET, HEAD\r\n");
-    }
-    response.push_str("\r\n");
-    if with_body {
-        response.push_str(&body);
-    }
-    let written = tokio::time::timeout(IO_TIMEOUT, async {
-        stream.write_all(response.as_bytes()).await?;
-        stream.shutdown().await
-    })
-    .await;
-    if matches!(written, Ok(Ok(()))) {
-        linger(&mut stream).await;
-    }
-}
-
-/// Reads (and drops) what the client still sends until it closes, briefly: closing a socket with
-/// unread data resets the connection, and the client may lose the answer before reading it.
-async fn linger(stream: &mut TcpStream) {
-    let mut sink = [0u8; 4096];
-    let mut left: usize = 1 << 20;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while left > 0 {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => left = left.saturating_sub(n),
+/// One connection: requests until the client closes it, idles or stalls past the timeouts,
+/// or the connection reaches its lifetime (then it is shut down gracefully).
+async fn serve_connection(stream: TcpStream, current: watch::Receiver<Bytes>) {
+    let service = service_fn(move |req: Request<Incoming>| {
+        let text = current.borrow().clone();
+        let response = respond(req.method(), req.uri().path(), text);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_header_size(MAX_REQUEST_HEAD)
+        .max_buf_size(MAX_BUFFER)
+        .keep_alive(true);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let ended = tokio::select! {
+        r = connection.as_mut() => r,
+        _ = tokio::time::sleep(CONNECTION_LIFETIME) => {
+            connection.as_mut().graceful_shutdown();
+            match tokio::time::timeout(SHUTDOWN_GRACE, connection).await {
+                Ok(r) => r,
+                Err(_) => return,
             }
         }
-    })
-    .await;
+    };
+    if let Err(e) = ended {
+        // A client that hangs up, stalls or sends garbage: its business, not the agent's.
+        tracing::debug!(error = %e, "metrics: connection ended");
+    }
+}
+
+/// The answer to a request: the text for `/metrics`, 404 elsewhere, 405 for other methods than
+/// GET and HEAD (hyper leaves the body out for HEAD).
+fn respond(method: &Method, path: &str, text: Bytes) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (method, path) {
+        (&Method::GET | &Method::HEAD, "/metrics") => (StatusCode::OK, CONTENT_TYPE, text),
+        (_, "/metrics") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            Bytes::from_static(b"GET or HEAD only\n"),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            Bytes::from_static(b"not found; try /metrics\n"),
+        ),
+    };
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    }
+    response
 }
 
 /// Publishes the state to the configured places: renders it once, hands the text to the HTTP
@@ -443,7 +394,7 @@ async fn linger(stream: &mut TcpStream) {
 #[derive(Debug)]
 pub struct Publisher {
     textfile: Option<PathBuf>,
-    sender: Option<watch::Sender<String>>,
+    sender: Option<watch::Sender<Bytes>>,
     last_error: Option<String>,
 }
 
@@ -458,7 +409,7 @@ impl Publisher {
         };
         if let Some(addr) = metrics.listen {
             let listener = bind(addr).await?;
-            let (sender, receiver) = watch::channel(String::new());
+            let (sender, receiver) = watch::channel(Bytes::new());
             tracing::info!(address = %listener.local_addr().unwrap_or(addr), "serving metrics at /metrics");
             tokio::spawn(serve(listener, receiver));
             publisher.sender = Some(sender);
@@ -486,7 +437,7 @@ impl Publisher {
             }
         }
         if let Some(sender) = &self.sender {
-            sender.send_replace(text);
+            sender.send_replace(Bytes::from(text));
         }
     }
 }
@@ -548,19 +499,33 @@ mod tests {
 
     #[test]
     fn routes_requests() {
-        assert_eq!(route(b"GET /metrics HTTP/1.1\r\nHost: x"), (200, true));
-        assert_eq!(route(b"GET /metrics?x=1 HTTP/1.0"), (200, true));
-        assert_eq!(route(b"HEAD /metrics HTTP/1.1"), (200, false));
-        assert_eq!(route(b"POST /metrics HTTP/1.1"), (405, true));
-        assert_eq!(route(b"GET / HTTP/1.1"), (404, true));
-        assert_eq!(route(b"GET /metrics/ HTTP/1.1"), (404, true));
-        assert_eq!(route(b"GET /metrics"), (400, true));
-        assert_eq!(route(b"GET /metrics SPDY/3"), (400, true));
-        assert_eq!(route(b"\xff\xfe"), (400, true));
-        assert_eq!(route(b""), (400, true));
-        assert_eq!(find_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nbody"), Some(20));
-        assert_eq!(find_end(b"GET / HTTP/1.1\n\n"), Some(14));
-        assert_eq!(find_end(b"GET / HTTP/1.1\r\n"), None);
+        let answer = |m: Method, path: &str| {
+            let r = respond(&m, path, Bytes::from_static(b"x 1\n"));
+            let ct = r.headers()[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let allow = r
+                .headers()
+                .get(header::ALLOW)
+                .map(|v| v.to_str().unwrap().to_string());
+            (r.status().as_u16(), ct, allow)
+        };
+        assert_eq!(
+            answer(Method::GET, "/metrics"),
+            (200, CONTENT_TYPE.into(), None)
+        );
+        assert_eq!(
+            answer(Method::HEAD, "/metrics"),
+            (200, CONTENT_TYPE.into(), None)
+        );
+        assert_eq!(
+            answer(Method::POST, "/metrics"),
+            (405, "text/plain".into(), Some("GET, HEAD".into()))
+        );
+        assert_eq!(answer(Method::GET, "/").0, 404);
+        assert_eq!(answer(Method::GET, "/metrics/").0, 404);
+        assert_eq!(answer(Method::HEAD, "/other").0, 404);
     }
 
     #[test]

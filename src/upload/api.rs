@@ -8,14 +8,14 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::token::Token;
+use crate::plumbing::secret::Secret;
 
 /// Default API endpoint; `HCLOUD_ENDPOINT` overrides it like the hcloud CLI does.
-pub const DEFAULT_ENDPOINT: &str = "https://api.hetzner.cloud/v1";
+pub(crate) const DEFAULT_ENDPOINT: &str = "https://api.hetzner.cloud/v1";
 
 /// An error from the API or from reaching it. Hetzner's errors read `code: message`, as Hetzner gives them.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[error("{code}: {message}")]
     Hetzner {
         status: u16,
@@ -55,7 +55,7 @@ pub enum ApiError {
 
 impl ApiError {
     /// The Hetzner error code, when there is one.
-    pub fn code(&self) -> Option<&str> {
+    pub(crate) fn code(&self) -> Option<&str> {
         match self {
             ApiError::Hetzner { code, .. } => Some(code),
             ApiError::GaveUp { last, .. } => last.code(),
@@ -65,7 +65,7 @@ impl ApiError {
 }
 
 /// Whether an answer with this HTTP status and Hetzner error code is worth retrying.
-pub fn is_retryable(status: u16, code: Option<&str>) -> bool {
+pub(crate) fn is_retryable(status: u16, code: Option<&str>) -> bool {
     match code {
         Some(
             "conflict"
@@ -94,14 +94,14 @@ pub fn is_retryable(status: u16, code: Option<&str>) -> bool {
 }
 
 /// Exponential backoff for attempt `n` (0-based): `base * 2^n`, at most `max`.
-pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
+pub(crate) fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
     base.saturating_mul(1u32 << attempt.min(16)).min(max)
 }
 
 /// How long to wait before the next request, given the rate-limit headers of the last answer.
 /// Hetzner refills one request a second, so when none is left one second is enough for the next;
 /// after a 429 wait until the reset time, bounded by `cap`.
-pub fn rate_limit_wait(
+pub(crate) fn rate_limit_wait(
     remaining: Option<u64>,
     reset_unix: Option<u64>,
     now_unix: u64,
@@ -121,7 +121,11 @@ pub fn rate_limit_wait(
 }
 
 /// Query string for one page of a list call.
-pub fn list_query(filters: &[(&str, &str)], page: u64, per_page: u64) -> Vec<(String, String)> {
+pub(crate) fn list_query(
+    filters: &[(&str, &str)],
+    page: u64,
+    per_page: u64,
+) -> Vec<(String, String)> {
     let mut q: Vec<(String, String)> = filters
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -132,7 +136,7 @@ pub fn list_query(filters: &[(&str, &str)], page: u64, per_page: u64) -> Vec<(St
 }
 
 /// Body of `POST /servers` for a temporary upload server: not started, labelled.
-pub fn create_server_body(
+pub(crate) fn create_server_body(
     name: &str,
     server_type: &str,
     image: &str,
@@ -156,17 +160,17 @@ pub fn create_server_body(
 }
 
 /// Body of `POST /servers/{id}/actions/create_image`.
-pub fn create_image_body(description: &str, labels: &BTreeMap<String, String>) -> Value {
+pub(crate) fn create_image_body(description: &str, labels: &BTreeMap<String, String>) -> Value {
     json!({"type": "snapshot", "description": description, "labels": labels})
 }
 
 /// Body of `POST /servers/{id}/actions/enable_rescue`.
-pub fn enable_rescue_body(ssh_key_id: u64) -> Value {
+pub(crate) fn enable_rescue_body(ssh_key_id: u64) -> Value {
     json!({"type": "linux64", "ssh_keys": [ssh_key_id]})
 }
 
 /// Next delay when polling an action: grows by half each time, from `start` to `max`.
-pub fn poll_delay(start: Duration, max: Duration, polls: u32) -> Duration {
+pub(crate) fn poll_delay(start: Duration, max: Duration, polls: u32) -> Duration {
     let mut d = start;
     for _ in 0..polls.min(32) {
         d = d.mul_f64(1.5);
@@ -178,63 +182,60 @@ pub fn poll_delay(start: Duration, max: Duration, polls: u32) -> Duration {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct ActionErrorBody {
-    pub code: String,
-    pub message: String,
+pub(crate) struct ActionErrorBody {
+    pub(crate) code: String,
+    pub(crate) message: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct Action {
-    pub id: u64,
-    pub command: String,
-    pub status: String,
+pub(crate) struct Action {
+    pub(crate) id: u64,
+    pub(crate) command: String,
+    pub(crate) status: String,
+    pub(crate) error: Option<ActionErrorBody>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Ipv4 {
+    pub(crate) ip: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Ipv6 {
+    pub(crate) ip: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct PublicNet {
+    pub(crate) ipv4: Option<Ipv4>,
+    pub(crate) ipv6: Option<Ipv6>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Server {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) status: String,
+    pub(crate) public_net: PublicNet,
     #[serde(default)]
-    pub progress: u64,
-    pub error: Option<ActionErrorBody>,
+    pub(crate) labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct Ipv4 {
-    pub ip: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Ipv6 {
-    pub ip: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct PublicNet {
-    pub ipv4: Option<Ipv4>,
-    pub ipv6: Option<Ipv6>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Server {
-    pub id: u64,
-    pub name: String,
-    pub status: String,
-    pub public_net: PublicNet,
+pub(crate) struct SshKey {
+    pub(crate) id: u64,
+    pub(crate) name: String,
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub(crate) labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct SshKey {
-    pub id: u64,
-    pub name: String,
+pub(crate) struct Image {
+    pub(crate) id: u64,
+    pub(crate) status: String,
+    pub(crate) architecture: Option<String>,
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Image {
-    pub id: u64,
-    pub status: String,
-    pub description: Option<String>,
-    pub architecture: Option<String>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub(crate) labels: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -260,11 +261,11 @@ struct Meta {
 
 /// Retry settings; tests shorten them.
 #[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    pub attempts: u32,
-    pub base: Duration,
-    pub max: Duration,
-    pub request_timeout: Duration,
+pub(crate) struct RetryPolicy {
+    pub(crate) attempts: u32,
+    pub(crate) base: Duration,
+    pub(crate) max: Duration,
+    pub(crate) request_timeout: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -278,12 +279,25 @@ impl Default for RetryPolicy {
     }
 }
 
+/// What one request came to.
+enum Attempt {
+    /// The answer (`null` when there was no body).
+    Done(Value),
+    /// A failure worth another try: after `wait`, or after the backoff when `None`.
+    Retry {
+        error: ApiError,
+        wait: Option<Duration>,
+    },
+    /// A failure to report as it is.
+    Fail(ApiError),
+}
+
 /// The API client.
 #[derive(Clone)]
-pub struct Client {
+pub(crate) struct Client {
     http: reqwest::Client,
     endpoint: String,
-    token: Token,
+    token: Secret,
     policy: RetryPolicy,
 }
 
@@ -299,13 +313,13 @@ fn header_u64(h: &reqwest::header::HeaderMap, name: &str) -> Option<u64> {
 }
 
 /// Pulls Hetzner's `code` and `message` out of an error body.
-pub fn parse_error_body(body: &str) -> Option<(String, String)> {
+pub(crate) fn parse_error_body(body: &str) -> Option<(String, String)> {
     let e: ErrorEnvelope = serde_json::from_str(body).ok()?;
     Some((e.error.code, e.error.message))
 }
 
 impl Client {
-    pub fn new(endpoint: &str, token: Token, policy: RetryPolicy) -> anyhow::Result<Self> {
+    pub(crate) fn new(endpoint: &str, token: Secret, policy: RetryPolicy) -> anyhow::Result<Self> {
         crate::plumbing::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
             .user_agent(concat!("hcloud-nixos/", env!("CARGO_PKG_VERSION")))
@@ -341,86 +355,11 @@ impl Client {
         }
         let mut attempt = 0u32;
         loop {
-            let mut req = self
-                .http
-                .request(method.clone(), url.clone())
-                .bearer_auth(self.token.expose());
-            if let Some(b) = body {
-                req = req.json(b);
-            }
-            let result = req.send().await;
-            let err = match result {
-                Err(e) => {
-                    // Never include the request itself: only the kind of failure.
-                    let reason = if e.is_timeout() {
-                        "timed out".to_string()
-                    } else if e.is_connect() {
-                        "connection failed".to_string()
-                    } else {
-                        e.without_url().to_string()
-                    };
-                    ApiError::Transport {
-                        what: what.clone(),
-                        endpoint: self.endpoint.clone(),
-                        reason,
-                    }
-                }
-                Ok(resp) => {
-                    let status = resp.status();
-                    let remaining = header_u64(resp.headers(), "ratelimit-remaining");
-                    let reset = header_u64(resp.headers(), "ratelimit-reset");
-                    let text = resp.text().await.unwrap_or_default();
-                    if status.is_success() {
-                        if let Some(w) =
-                            rate_limit_wait(remaining, reset, now_unix(), false, self.policy.max)
-                        {
-                            tracing::debug!("rate limit nearly used up, pausing {w:?}");
-                            tokio::time::sleep(w).await;
-                        }
-                        if status == StatusCode::NO_CONTENT || text.trim().is_empty() {
-                            return Ok(Value::Null);
-                        }
-                        return serde_json::from_str(&text).map_err(|e| ApiError::Decode {
-                            what: what.clone(),
-                            reason: e.to_string(),
-                        });
-                    }
-                    let e = match parse_error_body(&text) {
-                        Some((code, message)) => ApiError::Hetzner {
-                            status: status.as_u16(),
-                            code,
-                            message,
-                        },
-                        None => ApiError::Unexpected {
-                            what: what.clone(),
-                            status: status.as_u16(),
-                            body: text.chars().take(200).collect(),
-                        },
-                    };
-                    let retry = is_retryable(status.as_u16(), e.code());
-                    if !retry {
-                        return Err(e);
-                    }
-                    attempt += 1;
-                    if attempt >= self.policy.attempts {
-                        return Err(ApiError::GaveUp {
-                            what,
-                            attempts: attempt,
-                            last: Box::new(e),
-                        });
-                    }
-                    let wait = if status == StatusCode::TOO_MANY_REQUESTS {
-                        rate_limit_wait(remaining, reset, now_unix(), true, self.policy.max)
-                            .unwrap_or(self.policy.base)
-                    } else {
-                        backoff(self.policy.base, self.policy.max, attempt - 1)
-                    };
-                    tracing::warn!("{what}: {e}; retrying in {wait:?}");
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
+            let (err, wait) = match self.attempt(&method, &url, body, &what).await {
+                Attempt::Done(v) => return Ok(v),
+                Attempt::Fail(e) => return Err(e),
+                Attempt::Retry { error, wait } => (error, wait),
             };
-            // Transport errors: retry with backoff as well.
             attempt += 1;
             if attempt >= self.policy.attempts {
                 return Err(ApiError::GaveUp {
@@ -429,10 +368,94 @@ impl Client {
                     last: Box::new(err),
                 });
             }
-            let wait = backoff(self.policy.base, self.policy.max, attempt - 1);
-            tracing::warn!("{err}; retrying in {wait:?}");
+            let wait =
+                wait.unwrap_or_else(|| backoff(self.policy.base, self.policy.max, attempt - 1));
+            match &err {
+                // A transport error names the call already.
+                ApiError::Transport { .. } => tracing::warn!("{err}; retrying in {wait:?}"),
+                _ => tracing::warn!("{what}: {err}; retrying in {wait:?}"),
+            }
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// One request, and what its answer means.
+    async fn attempt(
+        &self,
+        method: &Method,
+        url: &reqwest::Url,
+        body: Option<&Value>,
+        what: &str,
+    ) -> Attempt {
+        let mut req = self
+            .http
+            .request(method.clone(), url.clone())
+            .bearer_auth(self.token.expose());
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = match req.send().await {
+            Ok(resp) => resp,
+            Err(e) => {
+                // Never include the request itself: only the kind of failure.
+                let reason = if e.is_timeout() {
+                    "timed out".to_string()
+                } else if e.is_connect() {
+                    "connection failed".to_string()
+                } else {
+                    e.without_url().to_string()
+                };
+                // Transport errors are retried with backoff as well.
+                return Attempt::Retry {
+                    error: ApiError::Transport {
+                        what: what.to_string(),
+                        endpoint: self.endpoint.clone(),
+                        reason,
+                    },
+                    wait: None,
+                };
+            }
+        };
+        let status = resp.status();
+        let remaining = header_u64(resp.headers(), "ratelimit-remaining");
+        let reset = header_u64(resp.headers(), "ratelimit-reset");
+        let text = resp.text().await.unwrap_or_default();
+        if status.is_success() {
+            if let Some(w) = rate_limit_wait(remaining, reset, now_unix(), false, self.policy.max) {
+                tracing::debug!("rate limit nearly used up, pausing {w:?}");
+                tokio::time::sleep(w).await;
+            }
+            if status == StatusCode::NO_CONTENT || text.trim().is_empty() {
+                return Attempt::Done(Value::Null);
+            }
+            return match serde_json::from_str(&text) {
+                Ok(v) => Attempt::Done(v),
+                Err(e) => Attempt::Fail(ApiError::Decode {
+                    what: what.to_string(),
+                    reason: e.to_string(),
+                }),
+            };
+        }
+        let error = match parse_error_body(&text) {
+            Some((code, message)) => ApiError::Hetzner {
+                status: status.as_u16(),
+                code,
+                message,
+            },
+            None => ApiError::Unexpected {
+                what: what.to_string(),
+                status: status.as_u16(),
+                body: text.chars().take(200).collect(),
+            },
+        };
+        if !is_retryable(status.as_u16(), error.code()) {
+            return Attempt::Fail(error);
+        }
+        let wait = (status == StatusCode::TOO_MANY_REQUESTS).then(|| {
+            rate_limit_wait(remaining, reset, now_unix(), true, self.policy.max)
+                .unwrap_or(self.policy.base)
+        });
+        Attempt::Retry { error, wait }
     }
 
     fn take<T: DeserializeOwned>(what: &str, v: &mut Value, key: &str) -> Result<T, ApiError> {
@@ -443,7 +466,7 @@ impl Client {
     }
 
     /// Every item of a paginated list, following `meta.pagination.next_page` (at most 200 pages).
-    pub async fn list_all<T: DeserializeOwned>(
+    pub(crate) async fn list_all<T: DeserializeOwned>(
         &self,
         path: &str,
         key: &str,
@@ -465,7 +488,7 @@ impl Client {
         Ok(out)
     }
 
-    pub async fn create_ssh_key(
+    pub(crate) async fn create_ssh_key(
         &self,
         name: &str,
         public_key: &str,
@@ -478,7 +501,7 @@ impl Client {
         Self::take("POST /ssh_keys", &mut v, "ssh_key")
     }
 
-    pub async fn delete_ssh_key(&self, id: u64) -> Result<(), ApiError> {
+    pub(crate) async fn delete_ssh_key(&self, id: u64) -> Result<(), ApiError> {
         match self
             .call(Method::DELETE, &format!("/ssh_keys/{id}"), &[], None)
             .await
@@ -490,21 +513,21 @@ impl Client {
     }
 
     /// Creates a server; returns it and its creation action.
-    pub async fn create_server(&self, body: &Value) -> Result<(Server, Action), ApiError> {
+    pub(crate) async fn create_server(&self, body: &Value) -> Result<(Server, Action), ApiError> {
         let mut v = self.call(Method::POST, "/servers", &[], Some(body)).await?;
         let s = Self::take("POST /servers", &mut v, "server")?;
         let a = Self::take("POST /servers", &mut v, "action")?;
         Ok((s, a))
     }
 
-    pub async fn get_server(&self, id: u64) -> Result<Server, ApiError> {
+    pub(crate) async fn get_server(&self, id: u64) -> Result<Server, ApiError> {
         let path = format!("/servers/{id}");
         let mut v = self.call(Method::GET, &path, &[], None).await?;
         Self::take(&path, &mut v, "server")
     }
 
     /// Deletes a server; `Ok(None)` when it is gone already.
-    pub async fn delete_server(&self, id: u64) -> Result<Option<Action>, ApiError> {
+    pub(crate) async fn delete_server(&self, id: u64) -> Result<Option<Action>, ApiError> {
         let path = format!("/servers/{id}");
         match self.call(Method::DELETE, &path, &[], None).await {
             Ok(mut v) => Ok(Self::take(&path, &mut v, "action").ok()),
@@ -514,7 +537,7 @@ impl Client {
     }
 
     /// Starts a server action (`poweron`, `enable_rescue`, ...), returning the action.
-    pub async fn server_action(
+    pub(crate) async fn server_action(
         &self,
         id: u64,
         action: &str,
@@ -529,14 +552,18 @@ impl Client {
         Ok((a, v))
     }
 
-    pub async fn get_action(&self, id: u64) -> Result<Action, ApiError> {
+    pub(crate) async fn get_action(&self, id: u64) -> Result<Action, ApiError> {
         let path = format!("/actions/{id}");
         let mut v = self.call(Method::GET, &path, &[], None).await?;
         Self::take(&path, &mut v, "action")
     }
 
     /// Polls an action until it succeeds, fails, or `deadline` passes.
-    pub async fn wait_action(&self, action: &Action, deadline: Duration) -> Result<(), ApiError> {
+    pub(crate) async fn wait_action(
+        &self,
+        action: &Action,
+        deadline: Duration,
+    ) -> Result<(), ApiError> {
         let start = Instant::now();
         let mut a = action.clone();
         let mut polls = 0u32;
@@ -570,22 +597,28 @@ impl Client {
         }
     }
 
-    pub async fn list_images(&self, filters: &[(&str, &str)]) -> Result<Vec<Image>, ApiError> {
+    pub(crate) async fn list_images(
+        &self,
+        filters: &[(&str, &str)],
+    ) -> Result<Vec<Image>, ApiError> {
         self.list_all("/images", "images", filters).await
     }
 
-    pub async fn get_image(&self, id: u64) -> Result<Image, ApiError> {
+    pub(crate) async fn get_image(&self, id: u64) -> Result<Image, ApiError> {
         let path = format!("/images/{id}");
         let mut v = self.call(Method::GET, &path, &[], None).await?;
         Self::take(&path, &mut v, "image")
     }
 
-    pub async fn list_servers(&self, label_selector: &str) -> Result<Vec<Server>, ApiError> {
+    pub(crate) async fn list_servers(&self, label_selector: &str) -> Result<Vec<Server>, ApiError> {
         self.list_all("/servers", "servers", &[("label_selector", label_selector)])
             .await
     }
 
-    pub async fn list_ssh_keys(&self, label_selector: &str) -> Result<Vec<SshKey>, ApiError> {
+    pub(crate) async fn list_ssh_keys(
+        &self,
+        label_selector: &str,
+    ) -> Result<Vec<SshKey>, ApiError> {
         self.list_all(
             "/ssh_keys",
             "ssh_keys",
@@ -594,7 +627,7 @@ impl Client {
         .await
     }
 
-    pub fn policy(&self) -> &RetryPolicy {
+    pub(crate) fn policy(&self) -> &RetryPolicy {
         &self.policy
     }
 }

@@ -3,23 +3,23 @@
 use std::collections::BTreeMap;
 
 /// Prefix of every label the uploader sets.
-pub const PREFIX: &str = "hcloud-nixos";
+pub(crate) const PREFIX: &str = "hcloud-nixos";
 /// Present on temporary servers and SSH keys; `cleanup` looks for it.
-pub const TEMPORARY: &str = "hcloud-nixos/temporary";
+pub(crate) const TEMPORARY: &str = "hcloud-nixos/temporary";
 /// The run that created a temporary resource (random per invocation).
-pub const RUN: &str = "hcloud-nixos/run";
+pub(crate) const RUN: &str = "hcloud-nixos/run";
 /// Unix time (seconds) at which a temporary resource was created.
-pub const CREATED_AT: &str = "hcloud-nixos/created-at";
+pub(crate) const CREATED_AT: &str = "hcloud-nixos/created-at";
 /// On snapshots: the SHA-256 of the raw image, hex, cut to the 63 characters a label value may hold.
-pub const IMAGE_SHA256: &str = "hcloud-nixos/image-sha256";
+pub(crate) const IMAGE_SHA256: &str = "hcloud-nixos/image-sha256";
 /// On snapshots: the raw image's size in bytes.
-pub const IMAGE_SIZE: &str = "hcloud-nixos/image-size";
+pub(crate) const IMAGE_SIZE: &str = "hcloud-nixos/image-size";
 
 /// Longest label value Hetzner accepts.
-pub const MAX_VALUE_LEN: usize = 63;
+pub(crate) const MAX_VALUE_LEN: usize = 63;
 
 /// The value of the content-hash label for a raw image with this SHA-256 (hex).
-pub fn hash_label_value(sha256_hex: &str) -> String {
+pub(crate) fn hash_label_value(sha256_hex: &str) -> String {
     sha256_hex
         .chars()
         .take(MAX_VALUE_LEN)
@@ -28,7 +28,7 @@ pub fn hash_label_value(sha256_hex: &str) -> String {
 }
 
 /// Labels on a temporary server or SSH key.
-pub fn temporary_labels(run_id: &str, created_at_unix: u64) -> BTreeMap<String, String> {
+pub(crate) fn temporary_labels(run_id: &str, created_at_unix: u64) -> BTreeMap<String, String> {
     BTreeMap::from([
         (TEMPORARY.to_string(), "true".to_string()),
         (RUN.to_string(), run_id.to_string()),
@@ -37,22 +37,22 @@ pub fn temporary_labels(run_id: &str, created_at_unix: u64) -> BTreeMap<String, 
 }
 
 /// Selector for every temporary resource of any run.
-pub fn temporary_selector() -> String {
+pub(crate) fn temporary_selector() -> String {
     format!("{TEMPORARY}=true")
 }
 
 /// Selector for the temporary resources of one run.
-pub fn run_selector(run_id: &str) -> String {
+pub(crate) fn run_selector(run_id: &str) -> String {
     format!("{TEMPORARY}=true,{RUN}={run_id}")
 }
 
 /// Selector for snapshots of a raw image with this SHA-256.
-pub fn image_selector(sha256_hex: &str) -> String {
+pub(crate) fn image_selector(sha256_hex: &str) -> String {
     format!("{IMAGE_SHA256}={}", hash_label_value(sha256_hex))
 }
 
 /// Labels on the finished snapshot: the user's, then ours (ours win).
-pub fn snapshot_labels(
+pub(crate) fn snapshot_labels(
     user: &BTreeMap<String, String>,
     sha256_hex: &str,
     size: u64,
@@ -66,7 +66,11 @@ pub fn snapshot_labels(
 /// Whether a temporary resource with these labels is older than `min_age_secs` at `now_unix`.
 /// A resource without a readable `created-at` label counts as old: only `cleanup` asks, and
 /// such a resource was not made by a run in progress of this version.
-pub fn is_stale(labels: &BTreeMap<String, String>, now_unix: u64, min_age_secs: u64) -> bool {
+pub(crate) fn is_stale(
+    labels: &BTreeMap<String, String>,
+    now_unix: u64,
+    min_age_secs: u64,
+) -> bool {
     match labels.get(CREATED_AT).and_then(|v| v.parse::<u64>().ok()) {
         Some(created) => now_unix.saturating_sub(created) >= min_age_secs,
         None => true,
@@ -102,7 +106,7 @@ fn valid_dns_subdomain(s: &str) -> bool {
 }
 
 /// Parses one `--label key=value` argument, checking Hetzner's label rules.
-pub fn parse_label(arg: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_label(arg: &str) -> Result<(String, String), String> {
     let (key, value) = arg
         .split_once('=')
         .ok_or_else(|| format!("label '{arg}' has no '=': write it as key=value"))?;

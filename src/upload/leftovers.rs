@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 /// A temporary resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resource {
+pub(crate) enum Resource {
     Server { id: u64, name: String },
     SshKey { id: u64, name: String },
 }
@@ -21,20 +21,20 @@ impl fmt::Display for Resource {
 
 /// Shared list of created, not yet deleted resources.
 #[derive(Clone, Default)]
-pub struct Leftovers {
+pub(crate) struct Leftovers {
     inner: Arc<Mutex<Vec<Resource>>>,
 }
 
 impl Leftovers {
-    pub fn add(&self, r: Resource) {
+    pub(crate) fn add(&self, r: Resource) {
         self.lock().push(r);
     }
 
-    pub fn remove(&self, r: &Resource) {
+    pub(crate) fn remove(&self, r: &Resource) {
         self.lock().retain(|x| x != r);
     }
 
-    pub fn snapshot(&self) -> Vec<Resource> {
+    pub(crate) fn snapshot(&self) -> Vec<Resource> {
         self.lock().clone()
     }
 
@@ -45,7 +45,7 @@ impl Leftovers {
 
 /// Order of deletion: servers first (a key in use by a server can still be deleted, but a server
 /// is what costs money), then keys.
-pub fn deletion_order(mut rs: Vec<Resource>) -> Vec<Resource> {
+pub(crate) fn deletion_order(mut rs: Vec<Resource>) -> Vec<Resource> {
     rs.sort_by_key(|r| match r {
         Resource::Server { .. } => 0,
         Resource::SshKey { .. } => 1,
@@ -55,7 +55,7 @@ pub fn deletion_order(mut rs: Vec<Resource>) -> Vec<Resource> {
 }
 
 /// One line telling the user what is left and how to remove it.
-pub fn left_behind_message(rs: &[Resource]) -> String {
+pub(crate) fn left_behind_message(rs: &[Resource]) -> String {
     if rs.is_empty() {
         return "nothing was left behind".to_string();
     }

@@ -1,33 +1,34 @@
 //! `hcloud-nixos upload` and `hcloud-nixos cleanup`: turn a disk image into a Hetzner Cloud snapshot through a temporary server in rescue mode.
 
-pub mod api;
-pub mod flow;
-pub mod labels;
-pub mod leftovers;
-pub mod progress;
-pub mod remote;
-pub mod source;
-pub mod ssh;
-pub mod token;
+mod api;
+mod flow;
+mod labels;
+mod leftovers;
+mod phases;
+mod progress;
+mod remote;
+mod source;
+mod ssh;
+mod token;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub use flow::{run_cleanup, run_upload};
-pub use source::{Compression, Format, Transfer};
+use source::{Compression, Format, Transfer};
 
 /// CPU architecture of an image (and of the temporary server that writes it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Architecture {
+pub(crate) enum Architecture {
     X86,
     Arm,
 }
 
 impl Architecture {
     /// Hetzner's name for it.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Architecture::X86 => "x86",
             Architecture::Arm => "arm",
@@ -35,7 +36,7 @@ impl Architecture {
     }
 
     /// A small server type of this architecture.
-    pub fn default_server_type(self) -> &'static str {
+    pub(crate) fn default_server_type(self) -> &'static str {
         match self {
             Architecture::X86 => "cx23",
             Architecture::Arm => "cax11",
@@ -53,7 +54,7 @@ pub struct UploadArgs {
     /// Disk image to upload: a local file or an http(s) URL the rescue system downloads.
     /// Give it several times (with an --architecture each) to upload in parallel.
     #[arg(long = "image", value_name = "PATH|URL", required = true)]
-    pub images: Vec<String>,
+    pub(crate) images: Vec<String>,
     /// Architecture of each --image, in the same order (one value applies to all images).
     #[arg(
         long = "architecture",
@@ -61,49 +62,49 @@ pub struct UploadArgs {
         value_enum,
         required = true
     )]
-    pub architectures: Vec<Architecture>,
+    pub(crate) architectures: Vec<Architecture>,
     /// Server type of the temporary server [default: cx23 for x86, cax11 for arm].
     #[arg(long, value_name = "TYPE")]
-    pub server_type: Option<String>,
+    pub(crate) server_type: Option<String>,
     /// Location of the temporary server (fsn1, nbg1, hel1, ash, hil, sin) [default: Hetzner's choice].
     #[arg(long, value_name = "LOCATION")]
-    pub location: Option<String>,
+    pub(crate) location: Option<String>,
     /// Description of the snapshot [default: the image's file name and architecture].
     #[arg(long, value_name = "TEXT")]
-    pub description: Option<String>,
+    pub(crate) description: Option<String>,
     /// Label for the snapshot, as key=value; may be repeated.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label_arg)]
-    pub labels: Vec<(String, String)>,
+    pub(crate) labels: Vec<(String, String)>,
     /// How the image file is compressed.
     #[arg(long, value_enum, default_value = "auto")]
-    pub compression: Compression,
+    pub(crate) compression: Compression,
     /// Disk image format; qcow2 is converted to raw locally with qemu-img.
     #[arg(long, value_enum, default_value = "auto")]
-    pub format: Format,
+    pub(crate) format: Format,
     /// How a local image travels to the rescue system.
     #[arg(long, value_enum, default_value = "zstd")]
-    pub transfer: Transfer,
+    pub(crate) transfer: Transfer,
     /// Upload even when a snapshot of the same image and architecture exists.
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
     /// Print details as JSON on stdout instead of the snapshot IDs.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
     /// File holding the API token [default: HCLOUD_TOKEN, else the hcloud CLI's active context].
     #[arg(long, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
+    pub(crate) token_file: Option<PathBuf>,
     /// SSH port of the rescue system.
     #[arg(long, default_value_t = 22, hide = true)]
-    pub rescue_ssh_port: u16,
+    pub(crate) rescue_ssh_port: u16,
     /// Disk the image is written to on the rescue system.
     #[arg(long, default_value = "/dev/sda", hide = true)]
-    pub rescue_device: String,
+    pub(crate) rescue_device: String,
     /// How long to wait for the rescue system to accept SSH.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, hide = true)]
-    pub ssh_timeout: Duration,
+    pub(crate) ssh_timeout: Duration,
     /// Image the temporary server is created with (never booted: it runs the rescue system).
     #[arg(long, default_value = "debian-12", hide = true)]
-    pub server_image: String,
+    pub(crate) server_image: String,
 }
 
 /// Flags of `hcloud-nixos cleanup`.
@@ -111,22 +112,22 @@ pub struct UploadArgs {
 pub struct CleanupArgs {
     /// Delete only temporary servers and keys at least this old (e.g. 30m, 2h, 0s).
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
-    pub older_than: Duration,
+    pub(crate) older_than: Duration,
     /// File holding the API token [default: HCLOUD_TOKEN, else the hcloud CLI's active context].
     #[arg(long, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
+    pub(crate) token_file: Option<PathBuf>,
 }
 
 /// One image to upload, with its architecture.
 #[derive(Debug, Clone)]
-pub struct Job {
-    pub index: usize,
-    pub image: String,
-    pub architecture: Architecture,
+pub(crate) struct Job {
+    pub(crate) index: usize,
+    pub(crate) image: String,
+    pub(crate) architecture: Architecture,
 }
 
 /// Pairs `--image` with `--architecture`: one architecture for all, or one per image.
-pub fn jobs(images: &[String], archs: &[Architecture]) -> Result<Vec<Job>, String> {
+pub(crate) fn jobs(images: &[String], archs: &[Architecture]) -> Result<Vec<Job>, String> {
     if archs.len() != 1 && archs.len() != images.len() {
         return Err(format!(
             "{} --image but {} --architecture: give one --architecture for all images or one per image, in the same order",
@@ -146,7 +147,7 @@ pub fn jobs(images: &[String], archs: &[Architecture]) -> Result<Vec<Job>, Strin
 }
 
 /// The user's labels as a map; a key given twice is an error.
-pub fn user_labels(pairs: &[(String, String)]) -> Result<BTreeMap<String, String>, String> {
+pub(crate) fn user_labels(pairs: &[(String, String)]) -> Result<BTreeMap<String, String>, String> {
     let mut m = BTreeMap::new();
     for (k, v) in pairs {
         if m.insert(k.clone(), v.clone()).is_some() {
@@ -157,7 +158,7 @@ pub fn user_labels(pairs: &[(String, String)]) -> Result<BTreeMap<String, String
 }
 
 /// Default snapshot description: the image's file name and architecture.
-pub fn default_description(image: &str, arch: Architecture) -> String {
+pub(crate) fn default_description(image: &str, arch: Architecture) -> String {
     let name = image
         .split(['?', '#'])
         .next()

@@ -9,13 +9,13 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Shows what each upload is doing.
 #[derive(Clone)]
-pub struct Reporter {
+pub(crate) struct Reporter {
     multi: Option<MultiProgress>,
 }
 
 impl Reporter {
     /// Bars on a terminal, lines otherwise.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let multi = std::io::stderr()
             .is_terminal()
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
@@ -23,7 +23,7 @@ impl Reporter {
     }
 
     /// One line on stderr, above any bars.
-    pub fn line(&self, prefix: &str, msg: &str) {
+    pub(crate) fn line(&self, prefix: &str, msg: &str) {
         let text = format!("{prefix}: {msg}");
         match &self.multi {
             Some(m) => {
@@ -34,7 +34,7 @@ impl Reporter {
     }
 
     /// A waiting phase: a spinner, or a line when it starts and one when it ends.
-    pub fn phase(&self, prefix: &str, msg: &str) -> Phase {
+    pub(crate) fn phase(&self, prefix: &str, msg: &str) -> Phase {
         let bar = self.multi.as_ref().map(|m| {
             let b = m.add(ProgressBar::new_spinner());
             b.set_style(
@@ -58,7 +58,13 @@ impl Reporter {
     }
 
     /// A byte counter shown as a bar with rate and ETA until the returned guard is dropped.
-    pub fn bytes(&self, prefix: &str, msg: &str, total: u64, count: Arc<AtomicU64>) -> BytesGuard {
+    pub(crate) fn bytes(
+        &self,
+        prefix: &str,
+        msg: &str,
+        total: u64,
+        count: Arc<AtomicU64>,
+    ) -> BytesGuard {
         let bar = self.multi.as_ref().map(|m| {
             let b = m.add(ProgressBar::new(total));
             b.set_style(
@@ -105,8 +111,7 @@ impl Reporter {
         });
         BytesGuard {
             bar,
-            stop: Some(stop),
-            task: Some(task),
+            counter: Some((stop, task)),
         }
     }
 }
@@ -118,7 +123,7 @@ impl Default for Reporter {
 }
 
 /// A phase in progress; call `done` when it succeeds (dropping it clears the spinner).
-pub struct Phase {
+pub(crate) struct Phase {
     bar: Option<ProgressBar>,
     prefix: String,
     msg: String,
@@ -126,7 +131,7 @@ pub struct Phase {
 }
 
 impl Phase {
-    pub fn set_message(&self, msg: &str) {
+    pub(crate) fn set_message(&self, msg: &str) {
         if let Some(b) = &self.bar {
             b.set_message(format!("{}: {msg}", self.msg));
         } else {
@@ -134,7 +139,7 @@ impl Phase {
         }
     }
 
-    pub fn done(self) {
+    pub(crate) fn done(self) {
         let took = self.start.elapsed();
         if let Some(b) = &self.bar {
             b.finish_and_clear();
@@ -163,19 +168,20 @@ impl Drop for Phase {
 }
 
 /// Stops the byte counter when dropped or finished.
-pub struct BytesGuard {
+pub(crate) struct BytesGuard {
     bar: Option<ProgressBar>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    /// The counting task and what stops it; `None` once finished.
+    counter: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
 }
 
 impl BytesGuard {
-    pub async fn finish(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
+    pub(crate) async fn finish(mut self) {
+        if let Some((stop, task)) = self.counter.take() {
+            let _ = stop.send(());
+            let _ = task.await;
         }
         if let Some(b) = &self.bar {
             b.finish_and_clear();
@@ -185,8 +191,8 @@ impl BytesGuard {
 
 impl Drop for BytesGuard {
     fn drop(&mut self) {
-        if let Some(t) = &self.task {
-            t.abort();
+        if let Some((_, task)) = &self.counter {
+            task.abort();
         }
         if let Some(b) = &self.bar {
             b.finish_and_clear();

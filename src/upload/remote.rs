@@ -1,20 +1,20 @@
 //! The shell scripts the rescue system runs: discard, write, download, verify. Pure string building.
 
-use super::source::Compression;
+use super::source::Codec;
 
 /// Quotes a string for a POSIX shell.
-pub fn quote(s: &str) -> String {
+pub(crate) fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// Wraps a script so that it runs in bash with `errexit`, `nounset` and `pipefail`.
-pub fn wrap(script: &str) -> String {
+pub(crate) fn wrap(script: &str) -> String {
     format!("bash -c {}", quote(&format!("set -euo pipefail\n{script}")))
 }
 
 /// Empties the target: `blkdiscard` on a block device, truncation on a regular file (tests).
 /// Prints `sparse` when the target reads as zeros afterwards (so zero blocks may be skipped), else `dense`.
-pub fn discard(device: &str) -> String {
+pub(crate) fn discard(device: &str) -> String {
     wrap(&format!(
         r#"dev={dev}
 if [ -b "$dev" ]; then
@@ -29,12 +29,12 @@ fi"#,
 }
 
 /// The command that turns a compressed stream on stdin into raw bytes on stdout.
-pub fn decompressor(c: Compression) -> Option<&'static str> {
+pub(crate) fn decompressor(c: Codec) -> Option<&'static str> {
     match c {
-        Compression::Zstd => Some("zstd -dc"),
-        Compression::Xz => Some("xz -dc -T0"),
-        Compression::Bz2 => Some("bzip2 -dc"),
-        Compression::None | Compression::Auto => None,
+        Codec::Zstd => Some("zstd -dc"),
+        Codec::Xz => Some("xz -dc -T0"),
+        Codec::Bz2 => Some("bzip2 -dc"),
+        Codec::Plain => None,
     }
 }
 
@@ -47,7 +47,7 @@ fn dd(device: &str, sparse: bool) -> String {
 }
 
 /// Writes stdin (compressed as `c`) to the device. `verify` flushes it to the disk afterwards.
-pub fn write_stdin(device: &str, c: Compression, sparse: bool) -> String {
+pub(crate) fn write_stdin(device: &str, c: Codec, sparse: bool) -> String {
     let pipe = match decompressor(c) {
         Some(d) => format!("{d} | {}", dd(device, sparse)),
         None => dd(device, sparse),
@@ -57,7 +57,7 @@ pub fn write_stdin(device: &str, c: Compression, sparse: bool) -> String {
 
 /// Downloads a URL on the rescue system and writes it to the device. Prints `sha256=<hex> size=<n>`
 /// of the raw stream as it went into `dd`.
-pub fn write_url(device: &str, url: &str, c: Compression, sparse: bool) -> String {
+pub(crate) fn write_url(device: &str, url: &str, c: Codec, sparse: bool) -> String {
     let decomp = decompressor(c)
         .map(|d| format!(" | {d}"))
         .unwrap_or_default();
@@ -76,7 +76,7 @@ echo "sha256=$(cut -d' ' -f1 "$t/sum") size=$(tr -d ' ' < "$t/size")""#,
 }
 
 /// Flushes what was written to the disk, then prints the SHA-256 of the device's first `size` bytes.
-pub fn verify(device: &str, size: u64) -> String {
+pub(crate) fn verify(device: &str, size: u64) -> String {
     wrap(&format!(
         "sync\nhead -c {size} {} | sha256sum | cut -d' ' -f1",
         quote(device)
@@ -84,7 +84,7 @@ pub fn verify(device: &str, size: u64) -> String {
 }
 
 /// Reads `sha256=<hex> size=<n>` from `write_url`'s output.
-pub fn parse_url_result(stdout: &str) -> Option<(String, u64)> {
+pub(crate) fn parse_url_result(stdout: &str) -> Option<(String, u64)> {
     let line = stdout.lines().rev().find(|l| l.starts_with("sha256="))?;
     let mut hash = None;
     let mut size = None;
@@ -100,7 +100,7 @@ pub fn parse_url_result(stdout: &str) -> Option<(String, u64)> {
 }
 
 /// Reads a bare hex SHA-256 from `verify`'s output.
-pub fn parse_hash(stdout: &str) -> Option<String> {
+pub(crate) fn parse_hash(stdout: &str) -> Option<String> {
     let h = stdout.trim();
     (h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit())).then(|| h.to_ascii_lowercase())
 }
@@ -130,7 +130,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dev = dir.path().join("disk");
         std::fs::write(&dev, b"").unwrap();
-        let cmd = write_stdin(dev.to_str().unwrap(), Compression::Xz, true);
+        let cmd = write_stdin(dev.to_str().unwrap(), Codec::Xz, true);
         let out = sh(&format!("echo garbage | {cmd}"));
         assert!(!out.status.success());
     }
@@ -145,7 +145,7 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "sparse");
         let out = sh(&format!(
             "printf 'hello' | {}",
-            write_stdin(d, Compression::None, true)
+            write_stdin(d, Codec::Plain, true)
         ));
         assert!(out.status.success(), "{out:?}");
         let out = sh(&verify(d, 5));

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-/// How an image file is compressed.
+/// How an image file is compressed, as `--compression` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Compression {
+pub(crate) enum Compression {
     /// Detect from the file's first bytes, or a URL's name.
     Auto,
     None,
@@ -20,18 +20,58 @@ pub enum Compression {
     Bz2,
 }
 
-/// The disk image format.
+/// A compression once settled: never "auto".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Codec {
+    Plain,
+    Zstd,
+    Xz,
+    Bz2,
+}
+
+impl Compression {
+    /// The codec the flag names; `None` for `auto`, which the file or URL settles.
+    fn given(self) -> Option<Codec> {
+        match self {
+            Compression::Auto => None,
+            Compression::None => Some(Codec::Plain),
+            Compression::Zstd => Some(Codec::Zstd),
+            Compression::Xz => Some(Codec::Xz),
+            Compression::Bz2 => Some(Codec::Bz2),
+        }
+    }
+}
+
+/// The disk image format, as `--format` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     /// Detect from the (decompressed) first bytes, or a URL's name.
     Auto,
     Raw,
     Qcow2,
 }
 
+/// A disk image format once settled: never "auto".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl Format {
+    /// The format the flag names; `None` for `auto`.
+    fn given(self) -> Option<DiskFormat> {
+        match self {
+            Format::Auto => None,
+            Format::Raw => Some(DiskFormat::Raw),
+            Format::Qcow2 => Some(DiskFormat::Qcow2),
+        }
+    }
+}
+
 /// How the local image travels over SSH.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Transfer {
+pub(crate) enum Transfer {
     /// Compressed with zstd on all cores, decompressed by the rescue system.
     Zstd,
     /// As raw bytes.
@@ -40,13 +80,13 @@ pub enum Transfer {
 
 /// Where the image comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Location {
+pub(crate) enum Location {
     Path(PathBuf),
     Url(String),
 }
 
 /// Tells a URL from a local path.
-pub fn parse_location(arg: &str) -> Location {
+pub(crate) fn parse_location(arg: &str) -> Location {
     let lower = arg.to_ascii_lowercase();
     if lower.starts_with("http://") || lower.starts_with("https://") {
         Location::Url(arg.to_string())
@@ -56,47 +96,47 @@ pub fn parse_location(arg: &str) -> Location {
 }
 
 /// The compression a file starts with, from its magic bytes.
-pub fn compression_from_magic(head: &[u8]) -> Compression {
+pub(crate) fn compression_from_magic(head: &[u8]) -> Codec {
     if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Compression::Zstd
+        Codec::Zstd
     } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
-        Compression::Xz
+        Codec::Xz
     } else if head.starts_with(b"BZh") {
-        Compression::Bz2
+        Codec::Bz2
     } else {
-        Compression::None
+        Codec::Plain
     }
 }
 
 /// The compression a file or URL name suggests (query strings ignored).
-pub fn compression_from_name(name: &str) -> Compression {
+pub(crate) fn compression_from_name(name: &str) -> Codec {
     let name = name
         .split(['?', '#'])
         .next()
         .unwrap_or(name)
         .to_ascii_lowercase();
     if name.ends_with(".zst") || name.ends_with(".zstd") {
-        Compression::Zstd
+        Codec::Zstd
     } else if name.ends_with(".xz") {
-        Compression::Xz
+        Codec::Xz
     } else if name.ends_with(".bz2") {
-        Compression::Bz2
+        Codec::Bz2
     } else {
-        Compression::None
+        Codec::Plain
     }
 }
 
 /// The format the decompressed first bytes show.
-pub fn format_from_magic(head: &[u8]) -> Format {
+pub(crate) fn format_from_magic(head: &[u8]) -> DiskFormat {
     if head.starts_with(b"QFI\xfb") {
-        Format::Qcow2
+        DiskFormat::Qcow2
     } else {
-        Format::Raw
+        DiskFormat::Raw
     }
 }
 
 /// The format a name suggests (`disk.qcow2`, `disk.qcow2.xz`).
-pub fn format_from_name(name: &str) -> Format {
+pub(crate) fn format_from_name(name: &str) -> DiskFormat {
     let name = name
         .split(['?', '#'])
         .next()
@@ -107,24 +147,16 @@ pub fn format_from_name(name: &str) -> Format {
         .find_map(|e| name.strip_suffix(e))
         .unwrap_or(&name);
     if stem.ends_with(".qcow2") || stem.ends_with(".qcow") {
-        Format::Qcow2
+        DiskFormat::Qcow2
     } else {
-        Format::Raw
+        DiskFormat::Raw
     }
 }
 
 /// Settles `auto` for a URL from its name.
-pub fn resolve_url(url: &str, c: Compression, f: Format) -> (Compression, Format) {
-    let c = if c == Compression::Auto {
-        compression_from_name(url)
-    } else {
-        c
-    };
-    let f = if f == Format::Auto {
-        format_from_name(url)
-    } else {
-        f
-    };
+pub(crate) fn resolve_url(url: &str, c: Compression, f: Format) -> (Codec, DiskFormat) {
+    let c = c.given().unwrap_or_else(|| compression_from_name(url));
+    let f = f.given().unwrap_or_else(|| format_from_name(url));
     (c, f)
 }
 
@@ -158,9 +190,9 @@ fn read_head(path: &Path) -> io::Result<Vec<u8>> {
 }
 
 /// Opens a file and decompresses it on the fly; `count` counts the file's (compressed) bytes.
-pub fn open_decoded(
+pub(crate) fn open_decoded(
     path: &Path,
-    compression: Compression,
+    codec: Codec,
     count: Arc<AtomicU64>,
 ) -> io::Result<Box<dyn Read + Send>> {
     let file = Counting {
@@ -168,20 +200,20 @@ pub fn open_decoded(
         count,
     };
     let buffered = BufReader::with_capacity(1 << 20, file);
-    Ok(match compression {
-        Compression::None | Compression::Auto => Box::new(buffered),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
-        Compression::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(buffered)),
-        Compression::Bz2 => Box::new(bzip2::bufread::MultiBzDecoder::new(buffered)),
+    Ok(match codec {
+        Codec::Plain => Box::new(buffered),
+        Codec::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
+        Codec::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(buffered)),
+        Codec::Bz2 => Box::new(bzip2::bufread::MultiBzDecoder::new(buffered)),
     })
 }
 
-/// A local image ready to stream: raw once decompressed with `compression`.
-pub struct LocalImage {
-    pub path: PathBuf,
-    pub compression: Compression,
+/// A local image ready to stream: raw once decompressed with `codec`.
+pub(crate) struct LocalImage {
+    pub(crate) path: PathBuf,
+    pub(crate) codec: Codec,
     /// Size of `path` on disk, for progress.
-    pub file_size: u64,
+    pub(crate) file_size: u64,
     /// Holds a converted qcow2 image until the upload ends.
     _scratch: Option<tempfile::TempDir>,
 }
@@ -201,7 +233,7 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Settles compression and format of a local file; converts qcow2 to a sparse raw file with `qemu-img`.
-pub fn prepare_local(
+pub(crate) fn prepare_local(
     path: &Path,
     compression: Compression,
     format: Format,
@@ -213,28 +245,27 @@ pub fn prepare_local(
     }
     let head = read_head(path)
         .map_err(|e| anyhow::anyhow!("cannot read the image {}: {e}", path.display()))?;
-    let compression = match compression {
-        Compression::Auto => compression_from_magic(&head),
-        c => c,
-    };
-    let format = match format {
-        Format::Auto => {
-            let mut r = open_decoded(path, compression, Arc::new(AtomicU64::new(0)))?;
+    let codec = compression
+        .given()
+        .unwrap_or_else(|| compression_from_magic(&head));
+    let format = match format.given() {
+        Some(f) => f,
+        None => {
+            let mut r = open_decoded(path, codec, Arc::new(AtomicU64::new(0)))?;
             let mut h = [0u8; 4];
             let n = read_full(&mut r, &mut h).map_err(|e| {
                 anyhow::anyhow!(
-                    "cannot decompress {} as {compression:?}: {e}; check --compression",
+                    "cannot decompress {} as {codec:?}: {e}; check --compression",
                     path.display()
                 )
             })?;
             format_from_magic(&h[..n])
         }
-        f => f,
     };
-    if format == Format::Raw {
+    if format == DiskFormat::Raw {
         return Ok(LocalImage {
             path: path.to_path_buf(),
-            compression,
+            codec,
             file_size: meta.len(),
             _scratch: None,
         });
@@ -243,11 +274,11 @@ pub fn prepare_local(
     let scratch = tempfile::Builder::new()
         .prefix("hcloud-nixos-upload.")
         .tempdir()?;
-    let qcow = if compression == Compression::None {
+    let qcow = if codec == Codec::Plain {
         path.to_path_buf()
     } else {
         let p = scratch.path().join("image.qcow2");
-        let mut r = open_decoded(path, compression, Arc::new(AtomicU64::new(0)))?;
+        let mut r = open_decoded(path, codec, Arc::new(AtomicU64::new(0)))?;
         let mut w = File::create(&p)?;
         io::copy(&mut r, &mut w)?;
         p
@@ -273,15 +304,15 @@ pub fn prepare_local(
     let file_size = std::fs::metadata(&raw)?.len();
     Ok(LocalImage {
         path: raw,
-        compression: Compression::None,
+        codec: Codec::Plain,
         file_size,
         _scratch: Some(scratch),
     })
 }
 
 /// SHA-256 (hex) and size of the raw image.
-pub fn hash_image(img: &LocalImage, count: Arc<AtomicU64>) -> anyhow::Result<(String, u64)> {
-    let mut r = open_decoded(&img.path, img.compression, count)?;
+pub(crate) fn hash_image(img: &LocalImage, count: Arc<AtomicU64>) -> anyhow::Result<(String, u64)> {
+    let mut r = open_decoded(&img.path, img.codec, count)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
@@ -298,7 +329,7 @@ pub fn hash_image(img: &LocalImage, count: Arc<AtomicU64>) -> anyhow::Result<(St
 }
 
 /// Lower-case hex of bytes.
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -361,24 +392,24 @@ impl Out {
 }
 
 /// Number of zstd worker threads: every core, at most 8 so memory stays bounded on big machines.
-pub fn zstd_workers(cores: usize) -> u32 {
+pub(crate) fn zstd_workers(cores: usize) -> u32 {
     cores.clamp(1, 8) as u32
 }
 
 /// Chunk size for the pipe to SSH.
-pub const CHUNK: usize = 256 * 1024;
+pub(crate) const CHUNK: usize = 256 * 1024;
 
 /// Reads, decompresses, hashes and (optionally) zstd-compresses the image on a thread, sending
 /// chunks on `tx`. Returns the raw image's SHA-256 (hex) and size.
-pub fn spawn_stream(
+pub(crate) fn spawn_stream(
     path: PathBuf,
-    compression: Compression,
+    codec: Codec,
     transfer: Transfer,
     tx: mpsc::Sender<Vec<u8>>,
     count: Arc<AtomicU64>,
 ) -> std::thread::JoinHandle<anyhow::Result<(String, u64)>> {
     std::thread::spawn(move || {
-        let mut r = open_decoded(&path, compression, count)?;
+        let mut r = open_decoded(&path, codec, count)?;
         let sender = ChunkSender {
             tx,
             buf: Vec::with_capacity(CHUNK),
@@ -440,31 +471,31 @@ mod tests {
     fn magic() {
         assert_eq!(
             compression_from_magic(&[0x28, 0xb5, 0x2f, 0xfd, 0]),
-            Compression::Zstd
+            Codec::Zstd
         );
-        assert_eq!(compression_from_magic(b"\xfd7zXZ\x00\x00"), Compression::Xz);
-        assert_eq!(compression_from_magic(b"BZh91AY"), Compression::Bz2);
-        assert_eq!(compression_from_magic(b"\0\0\0\0"), Compression::None);
-        assert_eq!(compression_from_magic(b""), Compression::None);
-        assert_eq!(format_from_magic(b"QFI\xfb\0\0\0\x03"), Format::Qcow2);
-        assert_eq!(format_from_magic(b"\xeb\x63\x90"), Format::Raw);
+        assert_eq!(compression_from_magic(b"\xfd7zXZ\x00\x00"), Codec::Xz);
+        assert_eq!(compression_from_magic(b"BZh91AY"), Codec::Bz2);
+        assert_eq!(compression_from_magic(b"\0\0\0\0"), Codec::Plain);
+        assert_eq!(compression_from_magic(b""), Codec::Plain);
+        assert_eq!(format_from_magic(b"QFI\xfb\0\0\0\x03"), DiskFormat::Qcow2);
+        assert_eq!(format_from_magic(b"\xeb\x63\x90"), DiskFormat::Raw);
     }
 
     #[test]
     fn names() {
-        assert_eq!(compression_from_name("a.raw.zst"), Compression::Zstd);
-        assert_eq!(compression_from_name("a.img.xz?sig=1"), Compression::Xz);
-        assert_eq!(compression_from_name("a.bz2"), Compression::Bz2);
-        assert_eq!(compression_from_name("a.raw"), Compression::None);
-        assert_eq!(format_from_name("a.qcow2.xz"), Format::Qcow2);
-        assert_eq!(format_from_name("a.raw.xz"), Format::Raw);
+        assert_eq!(compression_from_name("a.raw.zst"), Codec::Zstd);
+        assert_eq!(compression_from_name("a.img.xz?sig=1"), Codec::Xz);
+        assert_eq!(compression_from_name("a.bz2"), Codec::Bz2);
+        assert_eq!(compression_from_name("a.raw"), Codec::Plain);
+        assert_eq!(format_from_name("a.qcow2.xz"), DiskFormat::Qcow2);
+        assert_eq!(format_from_name("a.raw.xz"), DiskFormat::Raw);
         assert_eq!(
             resolve_url("https://h/x.qcow2", Compression::Auto, Format::Auto),
-            (Compression::None, Format::Qcow2)
+            (Codec::Plain, DiskFormat::Qcow2)
         );
         assert_eq!(
             resolve_url("https://h/x.img", Compression::Xz, Format::Raw),
-            (Compression::Xz, Format::Raw)
+            (Codec::Xz, DiskFormat::Raw)
         );
     }
 
@@ -489,7 +520,7 @@ mod tests {
         std::fs::write(&compressed, zstd::encode_all(&data[..], 1).unwrap()).unwrap();
 
         let img = prepare_local(&compressed, Compression::Auto, Format::Auto).unwrap();
-        assert_eq!(img.compression, Compression::Zstd);
+        assert_eq!(img.codec, Codec::Zstd);
         let (h, n) = hash_image(&img, Arc::new(AtomicU64::new(0))).unwrap();
         assert_eq!((h.as_str(), n), (sha(&data).as_str(), data.len() as u64));
 
@@ -497,7 +528,7 @@ mod tests {
             let (tx, mut rx) = mpsc::channel(4);
             let t = spawn_stream(
                 compressed.clone(),
-                Compression::Zstd,
+                Codec::Zstd,
                 transfer,
                 tx,
                 Arc::new(AtomicU64::new(0)),

@@ -12,7 +12,7 @@ use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use tokio::sync::mpsc;
 
 /// A fresh ed25519 key that lives only in memory.
-pub fn new_key() -> anyhow::Result<PrivateKey> {
+pub(crate) fn new_key() -> anyhow::Result<PrivateKey> {
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed)
         .map_err(|e| anyhow::anyhow!("no randomness for the SSH key: {e}"))?;
@@ -22,7 +22,7 @@ pub fn new_key() -> anyhow::Result<PrivateKey> {
 }
 
 /// The public half in OpenSSH's one-line format.
-pub fn public_openssh(key: &PrivateKey) -> anyhow::Result<String> {
+pub(crate) fn public_openssh(key: &PrivateKey) -> anyhow::Result<String> {
     Ok(key.public_key().to_openssh()?)
 }
 
@@ -41,23 +41,33 @@ impl client::Handler for Handler {
     }
 }
 
+/// How a remote command ended.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) enum Exit {
+    /// With an exit status.
+    Status(u32),
+    /// Killed by a signal (and no exit status came).
+    Signal(String),
+    /// The channel closed without saying.
+    #[default]
+    Unknown,
+}
+
 /// What a remote command gave back.
 #[derive(Debug, Default)]
-pub struct Output {
-    /// Exit status; `None` when the command ended without one (killed by a signal).
-    pub status: Option<u32>,
-    pub signal: Option<String>,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
+pub(crate) struct Output {
+    pub(crate) exit: Exit,
+    pub(crate) stdout: Vec<u8>,
+    pub(crate) stderr: Vec<u8>,
 }
 
 impl Output {
-    pub fn success(&self) -> bool {
-        self.status == Some(0)
+    pub(crate) fn success(&self) -> bool {
+        self.exit == Exit::Status(0)
     }
 
     /// One line describing a failure: the exit status and the last line of stderr.
-    pub fn failure_summary(&self) -> String {
+    pub(crate) fn failure_summary(&self) -> String {
         let err = String::from_utf8_lossy(&self.stderr);
         let last = err
             .lines()
@@ -65,10 +75,10 @@ impl Output {
             .find(|l| !l.trim().is_empty())
             .unwrap_or("")
             .trim();
-        let how = match (&self.status, &self.signal) {
-            (Some(s), _) => format!("exit status {s}"),
-            (None, Some(sig)) => format!("signal {sig}"),
-            (None, None) => "no exit status".to_string(),
+        let how = match &self.exit {
+            Exit::Status(s) => format!("exit status {s}"),
+            Exit::Signal(sig) => format!("signal {sig}"),
+            Exit::Unknown => "no exit status".to_string(),
         };
         if last.is_empty() {
             how
@@ -91,7 +101,7 @@ fn push_capped(buf: &mut Vec<u8>, data: &[u8]) {
 }
 
 /// A logged-in session on the rescue system.
-pub struct Rescue {
+pub(crate) struct Rescue {
     handle: client::Handle<Handler>,
 }
 
@@ -118,7 +128,7 @@ fn config() -> client::Config {
 
 /// Why one attempt to log in failed.
 #[derive(Debug, thiserror::Error)]
-pub enum AttemptError {
+pub(crate) enum AttemptError {
     #[error("cannot connect: {0}")]
     Connect(String),
     #[error("the server does not accept the key (yet)")]
@@ -126,7 +136,7 @@ pub enum AttemptError {
 }
 
 /// One attempt to connect and log in as root.
-pub async fn connect_once(
+pub(crate) async fn connect_once(
     addr: SocketAddr,
     key: Arc<PrivateKey>,
     timeout: Duration,
@@ -154,12 +164,12 @@ pub async fn connect_once(
 }
 
 /// Delay before connection attempt `n` (1-based): 1 s, then 2 s, then 3 s at most.
-pub fn retry_delay(n: u32) -> Duration {
+pub(crate) fn retry_delay(n: u32) -> Duration {
     Duration::from_secs(u64::from(n.clamp(1, 3)))
 }
 
 /// Connects until the rescue system lets us in or `deadline` passes (bounded in time and count).
-pub async fn connect_retrying(
+pub(crate) async fn connect_retrying(
     addr: SocketAddr,
     key: Arc<PrivateKey>,
     deadline: Duration,
@@ -188,14 +198,14 @@ pub async fn connect_retrying(
 
 impl Rescue {
     /// Runs a command with no input.
-    pub async fn run(&self, command: &str) -> anyhow::Result<Output> {
+    pub(crate) async fn run(&self, command: &str) -> anyhow::Result<Output> {
         let (_tx, rx) = mpsc::channel(1);
         drop(_tx);
         self.run_with_input(command, rx).await
     }
 
     /// Runs a command, feeding it the chunks from `input` on stdin, then EOF.
-    pub async fn run_with_input(
+    pub(crate) async fn run_with_input(
         &self,
         command: &str,
         mut input: mpsc::Receiver<Vec<u8>>,
@@ -218,9 +228,12 @@ impl Rescue {
                     ChannelMsg::ExtendedData { data, ext: 1 } => {
                         push_capped(&mut out.stderr, &data)
                     }
-                    ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
-                    ChannelMsg::ExitSignal { signal_name, .. } => {
-                        out.signal = Some(format!("{signal_name:?}"))
+                    ChannelMsg::ExitStatus { exit_status } => out.exit = Exit::Status(exit_status),
+                    // An exit status, when there is one too, says more.
+                    ChannelMsg::ExitSignal { signal_name, .. }
+                        if !matches!(out.exit, Exit::Status(_)) =>
+                    {
+                        out.exit = Exit::Signal(format!("{signal_name:?}"))
                     }
                     _ => {}
                 }
@@ -241,8 +254,7 @@ impl Rescue {
                 out = &mut reader => break out,
             }
         };
-        if out.status.is_none()
-            && out.signal.is_none()
+        if out.exit == Exit::Unknown
             && let Some(e) = write_err
         {
             return Err(e.context("the SSH stream to the rescue system broke"));
@@ -250,7 +262,7 @@ impl Rescue {
         Ok(out)
     }
 
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         let _ = self
             .handle
             .disconnect(russh::Disconnect::ByApplication, "", "en")
@@ -274,7 +286,7 @@ mod tests {
     #[test]
     fn failure_summary_uses_last_stderr_line() {
         let o = Output {
-            status: Some(1),
+            exit: Exit::Status(1),
             stderr: b"zstd: error\ndd: /dev/sda: No space left on device\n\n".to_vec(),
             ..Default::default()
         };

@@ -1,39 +1,22 @@
 //! Finds the Hetzner Cloud API token: `--token-file`, `HCLOUD_TOKEN`, or the hcloud CLI's active context.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// An API token. Its `Debug` and `Display` never show the secret.
-#[derive(Clone)]
-pub struct Token(String);
+use crate::plumbing::secret::Secret;
 
-impl Token {
-    /// Wraps a token after trimming surrounding white space; refuses an empty one.
-    pub fn new(raw: &str, source: &str) -> anyhow::Result<Self> {
-        let t = raw.trim();
-        if t.is_empty() {
-            anyhow::bail!(
-                "the API token from {source} is empty: put a Hetzner Cloud API token there"
-            );
-        }
-        if t.chars().any(|c| c.is_control() || c == ' ') {
-            anyhow::bail!(
-                "the API token from {source} contains spaces or control characters: it should be one word"
-            );
-        }
-        Ok(Token(t.to_string()))
+/// Checks a token as read from `source` (white space around it trimmed): one word, not empty.
+/// Errors name the source, never the token.
+pub(crate) fn parse_token(raw: &str, source: &str) -> anyhow::Result<Secret> {
+    let t = raw.trim();
+    if t.is_empty() {
+        anyhow::bail!("the API token from {source} is empty: put a Hetzner Cloud API token there");
     }
-
-    /// The secret itself, for the `Authorization` header only.
-    pub fn expose(&self) -> &str {
-        &self.0
+    if t.chars().any(|c| c.is_control() || c == ' ') {
+        anyhow::bail!(
+            "the API token from {source} contains spaces or control characters: it should be one word"
+        );
     }
-}
-
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Token(<redacted>)")
-    }
+    Ok(Secret::new(t))
 }
 
 #[derive(serde::Deserialize)]
@@ -51,7 +34,7 @@ struct CliContext {
 
 /// Picks the token of the context named `wanted` (else the active one) from an hcloud `cli.toml`.
 /// Errors never contain the file's contents.
-pub fn token_from_cli_toml(text: &str, wanted: Option<&str>) -> Result<String, String> {
+pub(crate) fn token_from_cli_toml(text: &str, wanted: Option<&str>) -> Result<Secret, String> {
     let cfg: CliConfig = toml::from_str(text)
         .map_err(|_| "it is not a valid hcloud CLI configuration (TOML)".to_string())?;
     let name = wanted
@@ -64,11 +47,12 @@ pub fn token_from_cli_toml(text: &str, wanted: Option<&str>) -> Result<String, S
         .find(|c| c.name == name)
         .ok_or_else(|| format!("it has no context named '{name}'"))?;
     ctx.token
+        .map(Secret::new)
         .ok_or_else(|| format!("its context '{name}' has no token"))
 }
 
 /// Where the hcloud CLI keeps its configuration.
-pub fn cli_config_path() -> Option<PathBuf> {
+fn cli_config_path() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("HCLOUD_CONFIG") {
         return Some(PathBuf::from(p));
     }
@@ -77,27 +61,33 @@ pub fn cli_config_path() -> Option<PathBuf> {
 }
 
 /// Resolves the token: `--token-file`, else `HCLOUD_TOKEN`, else the hcloud CLI's context.
-pub fn resolve(token_file: Option<&Path>) -> anyhow::Result<Token> {
+pub(crate) fn resolve(token_file: Option<&Path>) -> anyhow::Result<Secret> {
     if let Some(path) = token_file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read the token file {}: {e}", path.display()))?;
+        // Read into a Secret at once, so that the file's bytes are wiped once parsed.
+        let text =
+            Secret::new(std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("cannot read the token file {}: {e}", path.display())
+            })?);
         warn_if_readable_by_others(path);
-        return Token::new(&text, &format!("--token-file {}", path.display()));
+        return parse_token(text.expose(), &format!("--token-file {}", path.display()));
     }
-    if let Ok(t) = std::env::var("HCLOUD_TOKEN")
-        && !t.trim().is_empty()
-    {
-        return Token::new(&t, "HCLOUD_TOKEN");
+    if let Ok(t) = std::env::var("HCLOUD_TOKEN") {
+        let t = Secret::new(t);
+        if !t.expose().trim().is_empty() {
+            return parse_token(t.expose(), "HCLOUD_TOKEN");
+        }
     }
     if let Some(path) = cli_config_path()
         && path.exists()
     {
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let text = Secret::new(
+            std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?,
+        );
         let wanted = std::env::var("HCLOUD_CONTEXT").ok();
-        let token = token_from_cli_toml(&text, wanted.as_deref())
+        let token = token_from_cli_toml(text.expose(), wanted.as_deref())
             .map_err(|e| anyhow::anyhow!("no token in {}: {e}", path.display()))?;
-        return Token::new(&token, &path.display().to_string());
+        return parse_token(token.expose(), &path.display().to_string());
     }
     anyhow::bail!(
         "no Hetzner Cloud API token: set HCLOUD_TOKEN, pass --token-file FILE, or configure the hcloud CLI (`hcloud context create NAME`)"
@@ -134,8 +124,11 @@ token = "tok-work"
 
     #[test]
     fn active_context_token() {
-        assert_eq!(token_from_cli_toml(CLI, None).unwrap(), "tok-work");
-        assert_eq!(token_from_cli_toml(CLI, Some("home")).unwrap(), "tok-home");
+        assert_eq!(token_from_cli_toml(CLI, None).unwrap().expose(), "tok-work");
+        assert_eq!(
+            token_from_cli_toml(CLI, Some("home")).unwrap().expose(),
+            "tok-home"
+        );
         assert!(
             token_from_cli_toml(CLI, Some("x"))
                 .unwrap_err()
@@ -154,10 +147,10 @@ token = "tok-work"
 
     #[test]
     fn token_is_redacted() {
-        let t = Token::new(" abc\n", "test").unwrap();
+        let t = parse_token(" abc\n", "test").unwrap();
         assert_eq!(t.expose(), "abc");
         assert!(!format!("{t:?}").contains("abc"));
-        assert!(Token::new("  ", "test").is_err());
-        assert!(Token::new("a b", "test").is_err());
+        assert!(parse_token("  ", "test").is_err());
+        assert!(parse_token("a b", "test").is_err());
     }
 }
