@@ -6,11 +6,13 @@
 //! - [`agent`]: the deploy agent in every server (configuration, user-data, FlakeHub, the deploy
 //!   lifecycle, health, reboots, hooks, metrics);
 //! - [`fleet`]: servers of a group taking turns through etcd or FleetLock (used by the agent);
-//! - [`upload`]: the workstation's uploader (disk image to snapshot);
+//! - `upload`: the workstation's uploader (disk image to snapshot), with the `workstation`
+//!   feature (on by default; the servers' build leaves it out);
 //! - [`plumbing`]: HTTP and TLS set-up, atomic files, running programs, secrets, logging.
 
 pub mod agent;
 pub mod boot;
 pub mod fleet;
 pub mod plumbing;
+#[cfg(feature = "workstation")]
 pub mod upload;

@@ -14,6 +14,7 @@ use hcloud_nixos::boot::metadata::client::DEFAULT_URL;
 use hcloud_nixos::boot::provision;
 use hcloud_nixos::boot::sshkeys;
 use hcloud_nixos::plumbing::logging;
+#[cfg(feature = "workstation")]
 use hcloud_nixos::upload;
 
 #[derive(Parser)]
@@ -120,8 +121,10 @@ enum Command {
         command: UserdataCommand,
     },
     /// Upload a disk image as a Hetzner Cloud snapshot; prints the snapshot ID.
+    #[cfg(feature = "workstation")]
     Upload(upload::UploadArgs),
     /// Delete temporary servers and SSH keys that uploads left behind.
+    #[cfg(feature = "workstation")]
     Cleanup(upload::CleanupArgs),
     /// Print what the metadata service says about this server.
     Metadata {
@@ -173,6 +176,17 @@ enum UserdataCommand {
     },
 }
 
+impl Command {
+    /// A workstation's command (they compress and hash on several cores).
+    fn workstation(&self) -> bool {
+        #[cfg(feature = "workstation")]
+        if matches!(self, Command::Upload(_) | Command::Cleanup(_)) {
+            return true;
+        }
+        false
+    }
+}
+
 /// A command's result: success, or failure whose message was already printed.
 enum Done {
     Ok,
@@ -183,7 +197,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.verbose);
     // Uploads compress and hash on several cores; everything else is one thread's work.
-    let multi_thread = matches!(cli.command, Command::Upload(_) | Command::Cleanup(_));
+    let multi_thread = cli.command.workstation();
     let runtime = if multi_thread {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -283,10 +297,12 @@ async fn run(command: Command) -> Result<Done> {
             );
             Ok(Done::Ok)
         }
+        #[cfg(feature = "workstation")]
         Command::Upload(args) => {
             upload::run_upload(args).await?;
             Ok(Done::Ok)
         }
+        #[cfg(feature = "workstation")]
         Command::Cleanup(args) => {
             upload::run_cleanup(args).await?;
             Ok(Done::Ok)
