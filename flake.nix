@@ -38,14 +38,18 @@
           pkgs;
 
       # The binary, built from Cargo.lock. Its tests need root, namespaces and a systemd; they
-      # run in CI (.ci/run) and in the VM test below, not in the sandbox.
-      package =
+      # run in CI (.ci/run) and in the VM test below, not in the sandbox. `workstation`: with
+      # upload and cleanup (an SSH client, compressors, progress bars); servers run the build
+      # without them.
+      packageWith =
+        { workstation }:
         pkgs':
         let
           pkgs = requireRust pkgs';
         in
         pkgs.rustPlatform.buildRustPackage {
-          pname = cargoToml.package.name;
+          pname = cargoToml.package.name + lib.optionalString (!workstation) "-server";
+          buildNoDefaultFeatures = !workstation;
           version = cargoToml.package.version;
           # Everything cargo reads: the manifest's example targets live in tests/, and the unit
           # tests read tests/fixtures/. The Nix files under tests/nixos are not part of it.
@@ -74,6 +78,9 @@
             platforms = systems;
           };
         };
+
+      package = packageWith { workstation = true; };
+      serverPackage = packageWith { workstation = false; };
 
       # The NixOS modules (see nixos-module/flake-module.nix).
       flakeModule =
@@ -135,6 +142,8 @@
       packages = forAllSystems (pkgs: {
         default = package pkgs;
         hcloud-nixos = package pkgs;
+        # What servers run (the NixOS module's default): no workstation commands.
+        server = serverPackage pkgs;
       });
 
       nixosModules = {
@@ -189,8 +198,9 @@
           ];
         in
         {
-          # The build (and with it the rust-version check above).
+          # The builds (and with them the rust-version check above).
           package = package pkgs;
+          server = serverPackage pkgs;
           # A server against stand-ins for the metadata service and FlakeHub (needs KVM).
           vm = import ./tests/nixos/vm-test.nix {
             inherit pkgs;

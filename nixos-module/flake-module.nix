@@ -35,7 +35,7 @@ in
   imports = [ ./default.nix ] ++ lib.optional withDeterminate determinate.nixosModules.default;
 
   services.hcloud-nixos = {
-    package = lib.mkDefault hcloudNixos.packages.${system}.default;
+    package = lib.mkDefault hcloudNixos.packages.${system}.server;
     fhPackage = lib.mkDefault fh.packages.${system}.default;
     # Determinate's module exposes no option for determinate-nixd's package (it installs
     # `inputs.self.packages.<system>.default`); the same package comes from the flake input.

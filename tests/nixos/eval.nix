@@ -233,7 +233,10 @@ let
 
   # The flake's inputs, as nixos-module/flake-module.nix uses them.
   inputs = {
-    hcloudNixos.packages.${system}.default = fake "hcloud-nixos-0.1.0";
+    hcloudNixos.packages.${system} = {
+      default = fake "hcloud-nixos-0.1.0";
+      server = fake "hcloud-nixos-server-0.1.0";
+    };
     fh.packages.${system}.default = fake "fh-0.1.28";
     determinate = {
       nixosModules.default = determinateStub;
