@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State as Shared;
@@ -67,10 +68,20 @@ impl FleetLockStandin {
         self.server = None;
     }
 
+    /// Listens again on the same port, with the semaphores as they were.
     pub fn resume(&mut self) {
         assert!(self.server.is_none(), "the stand-in runs already");
-        let listener =
-            http::listen(&format!("127.0.0.1:{}", self.port)).expect("the same port again");
+        // The old listener lives on in a process another test has just started until that
+        // process executes its program (descriptors are close-on-exec): try again meanwhile.
+        let addr = format!("127.0.0.1:{}", self.port);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match http::listen(&addr) {
+                Ok(l) => break l,
+                Err(e) if Instant::now() >= deadline => panic!("listen on {addr} again: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
         self.server = Some(serve(listener, &self.state));
     }
 }

@@ -16,6 +16,8 @@
 //!
 //! Every script is bash, programs by absolute path or from the `PATH` they are given, and only
 //! the ones NixOS's default service `PATH` has (coreutils, sed, grep, systemd), plus Debian's curl.
+//! fh and switch-to-configuration say what they do on stderr, as the real ones do (the agent
+//! prints its one-line result on stdout, where a step in direct mode writes too).
 
 use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
@@ -119,6 +121,9 @@ impl Fh {
     /// `/proc/PID/cmdline` reads `fh apply nixos REF ACTION` as a real fh's does (the agent
     /// recognizes an fh left running by an earlier agent by that).
     pub fn install_as_bash(&self, fh: &Path, dir: &Path) {
+        if let Some(bin) = fh.parent() {
+            std::fs::create_dir_all(bin).unwrap();
+        }
         std::os::unix::fs::symlink("/bin/bash", fh)
             .unwrap_or_else(|e| panic!("link {} to /bin/bash: {e}", fh.display()));
         std::fs::create_dir_all(dir).unwrap();
@@ -143,7 +148,7 @@ flakeref=${ref%%#*}
 attr=${ref#*#}
 [ "$attr" = "$ref" ] && attr="nixosConfigurations.$(cat /proc/sys/kernel/hostname)"
 org=${flakeref%%/*}; rest=${flakeref#*/}; flake=${rest%%/*}; version=${rest#*/}
-echo "fh stand-in: resolving $ref ($action)"
+echo "fh stand-in: resolving $ref ($action)" >&2
 if [ ! -s "$TOKEN_FILE" ]; then
   echo "Error: not logged in to FlakeHub (no token in $TOKEN_FILE)" >&2
   exit 1
@@ -174,7 +179,7 @@ if ! nix-store --check-validity "$store_path" 2>/dev/null; then
   exit 1
 fi
 if [ ! -x "$store_path/bin/switch-to-configuration" ]; then echo "Error: $store_path is not a system" >&2; exit 1; fi
-echo "fh stand-in: $store_path is in the store; setting the system profile"
+echo "fh stand-in: $store_path is in the store; setting the system profile" >&2
 # nix build --profile: the new generation exists from here on.
 if ! out=$(nix-env -p "$PROFILE" --set "$store_path" 2>&1); then
   printf '%s\n' "$out" >&2; echo "Error: cannot set $PROFILE" >&2; exit 1
@@ -183,13 +188,13 @@ fi
 
 /// fh without a Nix store: the profile is a link.
 const FH_FETCH_INTO_LINK: &str = r#"if [ ! -x "$store_path/bin/switch-to-configuration" ]; then echo "Error: $store_path is not a system" >&2; exit 1; fi
-echo "fh stand-in: $store_path is in the store; setting the system profile"
+echo "fh stand-in: $store_path is in the store; setting the system profile" >&2
 ln -sfn "$store_path" "$PROFILE"
 "#;
 
 /// fh runs the new system's switch-to-configuration, and never looks at its exit status.
-const FH_ACTIVATE: &str = r#""$PROFILE/bin/switch-to-configuration" "$action" || echo "switch-to-configuration exited $?"
-echo "fh stand-in: done"
+const FH_ACTIVATE: &str = r#""$PROFILE/bin/switch-to-configuration" "$action" || echo "switch-to-configuration exited $?" >&2
+echo "fh stand-in: done" >&2
 exit 0
 "#;
 
@@ -290,9 +295,9 @@ impl Switch {
                     s,
                     "old=$(readlink -f \"$CURRENT\")\nswitch\n\
                      if [ ! -e \"$old\"/{marker} ]; then\n\
-                     \x20 echo \"system $NAME: restarting {unit} (its unit changed)\"\n\
+                     \x20 echo \"system $NAME: restarting {unit} (its unit changed)\" >&2\n\
                      \x20 systemctl restart {unit}\n\
-                     \x20 echo \"system $NAME: systemctl restart exited $?\"\n\
+                     \x20 echo \"system $NAME: systemctl restart exited $?\" >&2\n\
                      fi\n",
                     marker = sq(unless_previous_has),
                     unit = sq(unit),
@@ -322,16 +327,16 @@ switch() {
 case $action in
   switch|test) ;;
   boot|dry-activate)
-    echo "switch-to-configuration $action of system $NAME: nothing to do"
+    echo "switch-to-configuration $action of system $NAME: nothing to do" >&2
     printf '%s %s done\n' "$NAME" "$action" >>"$LOG"
     exit 0 ;;
   *) echo "usage: switch-to-configuration [switch|boot|test|dry-activate]" >&2; fail 1 ;;
 esac
-echo "switch-to-configuration $action of system $NAME: activating"
+echo "switch-to-configuration $action of system $NAME: activating" >&2
 "#;
 
 const SWITCH_END: &str = r#"printf '%s %s done\n' "$NAME" "$action" >>"$LOG"
-echo "switch-to-configuration $action of system $NAME: active"
+echo "switch-to-configuration $action of system $NAME: active" >&2
 exit 0
 "#;
 
