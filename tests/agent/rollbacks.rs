@@ -1,11 +1,6 @@
 //! The agent's rollbacks end to end: failed and overlong activations, health checks (FlakeHub
 //! itself, commands, URLs) within `confirm_timeout`, agents killed while confirming or rolling
 //! back, rollbacks that fail.
-//!
-//! The real binary against the stand-ins of `harness::agent` (FlakeHub, the metadata service, fh,
-//! determinate-nixd) with real Nix store paths and profile generations. Applies run in direct
-//! mode (the transient-unit mode needs systemd: `agent_systemd`). Needs root and nix-bin; without
-//! them every test prints `SKIP: ...` (and fails under CI=true).
 
 use std::time::Duration;
 

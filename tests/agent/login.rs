@@ -1,10 +1,5 @@
 //! User-data and the FlakeHub login end to end: every user-data encoding, no reference, tokens
 //! FlakeHub or determinate-nixd reject, and the token leaking nowhere.
-//!
-//! The real binary against the stand-ins of `harness::agent` (FlakeHub, the metadata service, fh,
-//! determinate-nixd) with real Nix store paths and profile generations. Applies run in direct
-//! mode (the transient-unit mode needs systemd: `agent_systemd`). Needs root and nix-bin; without
-//! them every test prints `SKIP: ...` (and fails under CI=true).
 
 use harness::agent::helpers::{fh_fetch, secs, str_at};
 use harness::agent::{ATTR, Bench, Encoding, Kind, Login, ORG, Options, TOKEN, TOKEN_SECRET_PART};

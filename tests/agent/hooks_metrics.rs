@@ -1,10 +1,5 @@
 //! Hooks and metrics end to end: the hooks' environment after deploys and rollbacks, the metrics
 //! textfile, `/metrics` over HTTP.
-//!
-//! The real binary against the stand-ins of `harness::agent` (FlakeHub, the metadata service, fh,
-//! determinate-nixd) with real Nix store paths and profile generations. Applies run in direct
-//! mode (the transient-unit mode needs systemd: `agent_systemd`). Needs root and nix-bin; without
-//! them every test prints `SKIP: ...` (and fails under CI=true).
 
 use harness::agent::helpers::{HOOKS, hook_events, hook_kinds, kinds, secs, write_hook_recorder};
 use harness::agent::{Kind, Options};

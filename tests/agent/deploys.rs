@@ -1,11 +1,6 @@
 //! The agent's deploys end to end: a reference resolved at FlakeHub, fetched with fh, switched
 //! to through a new profile generation; new, yanked, young and refused releases, FlakeHub down or
 //! without the reference, fh failing, `operation = "boot"`, the retry limit.
-//!
-//! The real binary against the stand-ins of `harness::agent` (FlakeHub, the metadata service, fh,
-//! determinate-nixd) with real Nix store paths and profile generations. Applies run in direct
-//! mode (the transient-unit mode needs systemd: `agent_systemd`). Needs root and nix-bin; without
-//! them every test prints `SKIP: ...` (and fails under CI=true).
 
 use std::time::Duration;
 

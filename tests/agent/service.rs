@@ -1,10 +1,5 @@
 //! The agent as a service end to end: signals (SIGHUP, SIGUSR1, SIGTERM, SIGKILL), `hcloud-nixos
 //! check`, an fh an operator runs, steps that outlive their agent, programs checked at start.
-//!
-//! The real binary against the stand-ins of `harness::agent` (FlakeHub, the metadata service, fh,
-//! determinate-nixd) with real Nix store paths and profile generations. Applies run in direct
-//! mode (the transient-unit mode needs systemd: `agent_systemd`). Needs root and nix-bin; without
-//! them every test prints `SKIP: ...` (and fails under CI=true).
 
 use std::time::Duration;
 

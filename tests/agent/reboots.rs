@@ -1,10 +1,5 @@
 //! Reboots for a new kernel end to end: `reboot = "never"`, a reboot window, `when-needed`
 //! without logind, and the boot after the reboot (into the new system, or back into the old).
-//!
-//! The real binary against the stand-ins of `harness::agent` (FlakeHub, the metadata service, fh,
-//! determinate-nixd) with real Nix store paths and profile generations. Applies run in direct
-//! mode (the transient-unit mode needs systemd: `agent_systemd`). Needs root and nix-bin; without
-//! them every test prints `SKIP: ...` (and fails under CI=true).
 
 use harness::agent::helpers::{
     HOOKS, hook_events, hook_kinds, kinds, metrics_file, now_rfc3339, str_at, write_hook_recorder,
