@@ -172,13 +172,13 @@ impl Bench {
     /// `CI=true` that is a failure instead.
     pub fn new(test: &str, opts: Options) -> Option<Bench> {
         if let Err(why) = prerequisites() {
-            if std::env::var("CI").as_deref() == Ok("true") {
+            if crate::ci() {
                 panic!("{test}: {why}");
             }
             eprintln!("SKIP: {test}: {why}");
             return None;
         }
-        let serial = (!opts.concurrent).then(|| SERIAL.lock().unwrap_or_else(|e| e.into_inner()));
+        let serial = (!opts.concurrent).then(|| crate::lock(&SERIAL));
         let (namespace, init_pid) = pid_namespace(opts.hostname.as_deref());
         let dir = tempfile::Builder::new()
             .prefix("hcloud-nixos-agent-")
