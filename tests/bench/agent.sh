@@ -73,6 +73,8 @@ EOF
 pids+=($!)
 metadata=$(wait_for_url "$work/metadata.out")
 
+# determinate-nixd is not named (a named one must exist) and not installed: the agent logs in
+# through fh's token file.
 cat >"$work/agent.toml" <<EOF
 poll_interval = "1h"
 [flakehub]
@@ -88,7 +90,6 @@ current_system = "$work/current-system"
 booted_system = "$work/current-system"
 system_profile = "$work/profiles/system"
 fh = "/bin/false"
-determinate_nixd = "$work/no-determinate-nixd"
 fh_auth_file = "$work/home/fh-auth"
 switch_lock = "$work/switch.lock"
 EOF
