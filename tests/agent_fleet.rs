@@ -1,7 +1,7 @@
 //! Fleet coordination end to end: several "servers" (one agent bench each: its own root, FlakeHub
 //! and metadata stand-ins, PID and UTS namespaces, hostname `web-<i>`, instance id `100<i>`)
 //! running real `hcloud-nixos agent` processes in service mode against one real etcd (Debian's
-//! etcd-server on loopback, see `support/etcd.rs`) or the FleetLock stand-in. The same release
+//! etcd-server on loopback, see `harness::etcd`) or the FleetLock stand-in. The same release
 //! (one version; each server has its own store path for it) is published to every server; its
 //! activation takes 2 s, so the order of the deploys and whether they overlapped can be read off
 //! the activation log's start times (sub-second).
@@ -9,22 +9,12 @@
 //! Needs root, nix-bin and etcd; without them every test prints `SKIP: ...` (and fails under
 //! CI=true).
 
-#[path = "support/agent_bench.rs"]
-mod agent_bench;
-#[path = "support/etcd.rs"]
-mod etcd;
-#[path = "standins/flakehub.rs"]
-mod flakehub;
-#[path = "standins/fleetlock.rs"]
-mod fleetlock;
-#[path = "standins/metadata_server.rs"]
-mod metadata_server;
-
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use agent_bench::{ATTR, Agent, Bench, FLAKE, Kind, ORG, Options};
-use etcd::Etcd;
-use fleetlock::FleetLockStandin;
+use harness::agent::{ATTR, Agent, Bench, FLAKE, Kind, ORG, Options, Run};
+use harness::etcd::Etcd;
+use harness::flakehub;
+use harness::fleetlock::FleetLockStandin;
 
 /// How long every release's activation (`switch-to-configuration switch`) takes.
 const ACTIVATION: u64 = 2;
@@ -171,7 +161,7 @@ impl Group {
     }
 
     /// `hcloud-nixos fleet --config FILE ARGS` as server `i`'s operator would run it.
-    fn fleet_cli(&self, i: usize, args: &[&str]) -> agent_bench::Run {
+    fn fleet_cli(&self, i: usize, args: &[&str]) -> Run {
         self.servers[i].run_split(&["fleet"], args, secs(30))
     }
 }

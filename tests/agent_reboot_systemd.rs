@@ -1,7 +1,7 @@
 //! Reboots for a new kernel under a real systemd and logind: the host's Debian booted as a
-//! container (`systemd-nspawn`, see `support/container.rs`), the binary under test bind-mounted
+//! container (`systemd-nspawn`, see `harness::container`), the binary under test bind-mounted
 //! in, the FlakeHub stand-in (169.254.169.253:8080) and the metadata stand-in in a second network
-//! namespace, an `fh` stand-in script, and "systems" whose `kernel`, `initrd` and
+//! namespace, the `fh` stand-in (`harness::scripts`), and "systems" whose `kernel`, `initrd` and
 //! `kernel-modules` lead into kernel packages (bind-mounted at /nix/store in the container).
 //! The booted system has kernel 6.1.1; release 0.1.1 brings 6.1.2; `reboot = "when-needed"`.
 //!
@@ -15,22 +15,15 @@
 //! Needs root and `systemd-nspawn` (Debian: `apt-get install systemd-container`); skips
 //! otherwise, or fails under `CI=true`.
 
-#[path = "support/container.rs"]
-mod container;
-#[path = "standins/flakehub.rs"]
-mod flakehub;
-#[path = "standins/metadata_server.rs"]
-mod metadata_server;
-#[path = "support/units.rs"]
-mod units;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use container::netns::{self, poll};
-use container::{Container, ContainerNet, Spec, elapsed, write_executable};
-use flakehub::{FlakeHub, rolling_version};
-use metadata_server::{Documents, MetadataServer};
+use harness::container::netns::{self, poll};
+use harness::container::{self, Container, ContainerNet, Spec, elapsed, write_executable};
+use harness::flakehub::{FlakeHub, rolling_version};
+use harness::metadata::{Documents, MetadataServer};
+use harness::scripts::{Activation, Fh, Profile, Switch};
+use harness::units;
 
 const FLAKEHUB_IP: &str = "169.254.169.253";
 const FLAKEHUB_PORT: u16 = 8080;
@@ -67,17 +60,16 @@ fn make_system(root: &Path, n: u32, kernel: &str) -> String {
     let dir = root
         .join("store")
         .join(path.strip_prefix("/nix/store/").unwrap());
-    let script = format!(
-        r#"#!/bin/sh
-self=$(dirname "$(dirname "$(readlink -f "$0")")")
-echo "$(basename "$self") $1" >> '{root}/activations.log'
-case "$1" in
-  switch|test) ln -sfn "$self" '{root}/current-system' ;;
-esac
-"#,
-        root = root.display()
-    );
-    write_executable(&dir.join("bin/switch-to-configuration"), &script);
+    Switch {
+        name: n.to_string(),
+        current: root.join("current-system"),
+        log: root.join("activations.log"),
+        times: None,
+        flags: None,
+        delay_file: None,
+        activation: Activation::Switches,
+    }
+    .install_into(&dir);
     units::install_module_into(
         &dir,
         &units::programs_toml(&root.join("bin/fh"), Path::new("/usr/bin"), None),
@@ -92,31 +84,17 @@ esac
     path
 }
 
-/// The fh stand-in: `fh apply nixos ORG/FLAKE/=VERSION#ATTR ACTION` resolves the output at the
-/// FlakeHub stand-in with the token from fh's auth file, sets the profile, runs the system's
-/// switch-to-configuration (ignoring its status, as fh does) and exits 0.
-fn fh_script(root: &Path) -> String {
-    format!(
-        r#"#!/bin/sh
-root='{root}'
-echo "$*" >> "$root/fh-argv.log"
-ref=$3; op=${{4:-switch}}
-path=${{ref%%#*}}; attr=${{ref#*#}}
-version=${{path##*/=}}; flake=${{path%/=*}}
-hdr=$(umask 077; mktemp); printf 'Authorization: Bearer %s\n' "$(cat "$root/fh-auth")" > "$hdr"  # the token stays out of argv
-body=$(curl -sS --fail --max-time 20 -H @"$hdr" \
-  "http://{ip}:{port}/f/$flake/=$version/output/$attr") || {{ echo "Error: cannot resolve $ref" >&2; exit 1; }}
-rm -f "$hdr"
-store=$(printf '%s' "$body" | sed -n 's/.*"store_path" *: *"\([^"]*\)".*/\1/p')
-[ -x "$store/bin/switch-to-configuration" ] || {{ echo "Error: $store is not a system" >&2; exit 1; }}
-ln -sfn "$store" "$root/system-profile"
-"$root/system-profile/bin/switch-to-configuration" "$op" || true
-exit 0
-"#,
-        root = root.display(),
-        ip = FLAKEHUB_IP,
-        port = FLAKEHUB_PORT,
-    )
+/// The fh stand-in: `fh apply nixos ORG/FLAKE/=VERSION#ATTR ACTION` with the token from fh's
+/// auth file, the profile a link.
+fn fh(root: &Path) -> Fh {
+    Fh {
+        api: format!("http://{FLAKEHUB_IP}:{FLAKEHUB_PORT}"),
+        token_file: root.join("fh-auth"),
+        log: root.join("fh-argv.log"),
+        profile: Profile::Link(root.join("system-profile")),
+        delay_file: None,
+        env: Vec::new(),
+    }
 }
 
 fn agent_config(root: &Path) -> String {
@@ -223,7 +201,7 @@ fn a_new_kernel_reboots_through_logind_after_a_blocking_inhibitor_is_gone() {
     let k2 = make_kernel(&root, "6.1.2");
     let base = make_system(&root, 0, &k1);
     let new = make_system(&root, 1, &k2);
-    write_executable(&root.join("bin/fh"), &fh_script(&root));
+    fh(&root).install(&root.join("bin/fh"));
     write_executable(
         &root.join("bin/record-hook"),
         &format!(

@@ -1,7 +1,8 @@
 //! The deploy agent's transient-unit apply path under a real systemd: the host's Debian booted
 //! as a container (`systemd-nspawn`, systemd as PID 1), the binary under test bind-mounted in,
 //! stand-ins for FlakeHub (169.254.169.253:8080) and the metadata service (169.254.169.254:80)
-//! in a second network namespace joined by a veth pair, and an `fh` stand-in script.
+//! in a second network namespace joined by a veth pair, and the `fh` stand-in
+//! (`harness::scripts`).
 //!
 //! 1. `agent --once`: `fh apply nixos ... dry-activate` runs in a transient unit
 //!    `hcloud-nixos-fetch-*.service` and the activation in `hcloud-nixos-activate-*.service`;
@@ -16,22 +17,15 @@
 //! Needs root and `systemd-nspawn` (Debian: `apt-get install systemd-container`); skips
 //! otherwise, or fails under `CI=true`.
 
-#[path = "support/container.rs"]
-mod container;
-#[path = "standins/metadata_server.rs"]
-mod metadata_server;
-#[path = "support/server.rs"]
-mod server;
-#[path = "support/units.rs"]
-mod units;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use container::netns::{self, poll};
-use container::{Container, ContainerNet, Spec, elapsed, write_executable};
-use metadata_server::{Documents, MetadataServer};
-use server::{FlakeHub, HubSpec};
+use harness::container::netns::{self, poll};
+use harness::container::{self, Container, ContainerNet, Spec, elapsed};
+use harness::flakehub::{Endpoint, FlakeHub};
+use harness::metadata::{Documents, MetadataServer};
+use harness::scripts::{Activation, Fh, Profile, Switch};
+use harness::units;
 
 const FLAKEHUB_IP: &str = "169.254.169.253";
 const FLAKEHUB_PORT: u16 = 8080;
@@ -57,67 +51,42 @@ fn version(n: u32) -> String {
     format!("0.1.{n}+rev-{:0>40}", format!("{n}abc"))
 }
 
-/// Creates system `n` in `<root>/store` (seen in the container at /nix/store).
+/// Creates system `n` in `<root>/store` (seen in the container at /nix/store): switch and test
+/// "activate" it by pointing current-system at it, after `<root>/switch-delay` seconds.
 fn make_system(root: &Path, n: u32) {
     let name = store_path(n)
         .strip_prefix("/nix/store/")
         .unwrap()
         .to_string();
-    let script = format!(
-        r#"#!/bin/sh
-# switch-to-configuration stand-in: switch and test "activate" this system by pointing
-# current-system at it (after <root>/switch-delay seconds); boot and dry-activate change nothing.
-self=$(dirname "$(dirname "$(readlink -f "$0")")")
-case "$1" in
-  switch|test)
-    sleep "$(cat '{root}/switch-delay' 2>/dev/null || echo 0)"
-    echo "switch-to-configuration $1: activating $self"
-    ln -sfn "$self" '{root}/current-system' ;;
-  *) echo "switch-to-configuration $1: nothing to do for $self" ;;
-esac
-"#,
-        root = root.display()
-    );
     let dir = root.join("store").join(name);
-    write_executable(&dir.join("bin/switch-to-configuration"), &script);
+    Switch {
+        name: n.to_string(),
+        current: root.join("current-system"),
+        log: root.join("activations.log"),
+        times: None,
+        flags: None,
+        delay_file: Some(root.join("switch-delay")),
+        activation: Activation::Switches,
+    }
+    .install_into(&dir);
     units::install_module_into(
         &dir,
         &units::programs_toml(&root.join("bin/fh"), Path::new("/usr/bin"), None),
     );
 }
 
-/// The fh stand-in: `fh apply nixos ORG/FLAKE/=VERSION#ATTR OPERATION`. Logs its argv, resolves
-/// the output at FlakeHub (with the token from fh's auth file, as fh does without
-/// determinate-nixd), waits `<root>/fh-delay` seconds, sets the profile and runs the new system's
-/// switch-to-configuration, ignoring its status (as fh does), and exits 0.
-fn fh_script(root: &Path) -> String {
-    format!(
-        r#"#!/bin/sh
-root='{root}'
-echo "$*" >> "$root/fh-argv.log"
-if [ "$1 $2" != "apply nixos" ]; then echo "Error: the stand-in only does 'apply nixos'" >&2; exit 2; fi
-ref=$3; op=${{4:-switch}}
-path=${{ref%%#*}}; attr=${{ref#*#}}
-version=${{path##*/=}}; flake=${{path%/=*}}
-echo "fh stand-in: resolving $ref (version $version, $op)"
-hdr=$(umask 077; mktemp); printf 'Authorization: Bearer %s\n' "$(cat "$root/fh-auth")" > "$hdr"  # the token stays out of argv
-body=$(curl -sS --fail --max-time 20 -H @"$hdr" \
-  "http://{ip}:{port}/f/$flake/=$version/output/$attr") || {{ echo "Error: cannot resolve $ref" >&2; exit 1; }}
-rm -f "$hdr"
-store=$(printf '%s' "$body" | sed -n 's/.*"store_path" *: *"\([^"]*\)".*/\1/p')
-if [ ! -x "$store/bin/switch-to-configuration" ]; then echo "Error: $store is not a system" >&2; exit 1; fi
-delay=$(cat "$root/fh-delay" 2>/dev/null || echo 0)
-echo "fh stand-in: building $store (taking $delay s)"
-sleep "$delay"
-ln -sfn "$store" "$root/system-profile"
-"$root/system-profile/bin/switch-to-configuration" "$op" || echo "switch-to-configuration exited $?"
-echo "fh stand-in: done"
-exit 0
-"#,
-        root = root.display(),
-        ip = FLAKEHUB_IP,
-        port = FLAKEHUB_PORT,
-    )
+/// The fh stand-in: `fh apply nixos ORG/FLAKE/=VERSION#ATTR OPERATION` with the token from fh's
+/// auth file (as fh does without determinate-nixd), `<root>/fh-delay` seconds to fetch, the
+/// profile a link.
+fn fh(root: &Path) -> Fh {
+    Fh {
+        api: format!("http://{FLAKEHUB_IP}:{FLAKEHUB_PORT}"),
+        token_file: root.join("fh-auth"),
+        log: root.join("fh-argv.log"),
+        profile: Profile::Link(root.join("system-profile")),
+        delay_file: Some(root.join("fh-delay")),
+        env: Vec::new(),
+    }
 }
 
 fn agent_config(root: &Path) -> String {
@@ -239,20 +208,16 @@ fn agent_applies_in_transient_units_under_real_systemd() {
     let hub = FlakeHub::start_in_netns(
         &net.standins.name,
         &format!("{FLAKEHUB_IP}:{FLAKEHUB_PORT}"),
-        HubSpec {
-            org: ORG.into(),
-            flake: FLAKE.into(),
-            token: TOKEN.into(),
-        },
     )
     .expect("FlakeHub stand-in");
+    hub.require_token(Some(TOKEN));
     log("stand-ins listening: metadata (user-data: 204 No Content), FlakeHub API");
 
     // The machine's files: systems 0 (running now), 1 and 2; fh; the agent's configuration.
     for n in 0..=2 {
         make_system(&root, n);
     }
-    write_executable(&root.join("bin/fh"), &fh_script(&root));
+    fh(&root).install(&root.join("bin/fh"));
     std::fs::write(root.join("token"), format!("{TOKEN}\n")).unwrap();
     std::fs::write(root.join("fh-delay"), "0").unwrap();
     std::fs::write(root.join("switch-delay"), "0").unwrap();
@@ -299,7 +264,7 @@ fn agent_applies_in_transient_units_under_real_systemd() {
 
     // ---- Step 1: agent --once applies in a transient unit ------------------------------------
     let v1 = version(1);
-    hub.publish(&v1, &store_path(1));
+    hub.publish(ORG, FLAKE, &v1, ATTR, &store_path(1));
     log(&format!(
         "STEP 1: published {v1} -> {}; running `hcloud-nixos agent --once`",
         store_path(1)
@@ -391,10 +356,10 @@ fn agent_applies_in_transient_units_under_real_systemd() {
     .concat();
     assert!(left.is_empty(), "step units still loaded: {left:?}");
     log("no hcloud-nixos-fetch-* or -activate-* unit is loaded any more");
-    let auth = hub.requests();
+    let auth = hub.request_log();
     assert!(
-        auth.iter().all(|(_, ok)| *ok) && auth.len() >= 3,
-        "FlakeHub requests (path, authorized): {auth:?}"
+        auth.iter().all(|seen| seen.authorized) && auth.len() >= 3,
+        "FlakeHub requests: {auth:?}"
     );
     log(&format!(
         "FlakeHub saw {} requests, all with the token (agent: version + output; fh: output)",
@@ -403,7 +368,7 @@ fn agent_applies_in_transient_units_under_real_systemd() {
 
     // ---- Step 2: the agent is killed mid-apply; the restarted agent picks up the result ------
     let v2 = version(2);
-    hub.publish(&v2, &store_path(2));
+    hub.publish(ORG, FLAKE, &v2, ATTR, &store_path(2));
     std::fs::write(root.join("switch-delay"), "5").unwrap();
     log(&format!(
         "STEP 2: published {v2} -> {} with a slow activation (5 s); starting the agent as {AGENT_UNIT}",
@@ -516,7 +481,7 @@ fn agent_applies_in_transient_units_under_real_systemd() {
         "systemctl",
         &["reset-failed", AGENT_UNIT],
     );
-    hub.set_version_delay(Duration::from_secs(4));
+    hub.set_endpoint_delay(Endpoint::Version, Some(Duration::from_secs(4)));
     log("STEP 3: stopped the agent; FlakeHub now answers /version after 4 s; starting the agent");
     start_agent_service(&c, &config);
     let t_start = Instant::now();

@@ -4,14 +4,10 @@
 //! own etcd client and id, or tasks with coordinators of their own. Without etcd the etcd tests
 //! print SKIP, and fail under CI=true.
 
-#[path = "support/etcd.rs"]
-mod etcd;
-#[path = "standins/fleetlock.rs"]
-mod fleetlock;
-
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use harness::{etcd, fleetlock};
 use hcloud_nixos::fleet::{
     Acquired, Coordinator, Ending, ErrorKind, FleetConfig, Member, Purpose, from_user_data,
 };

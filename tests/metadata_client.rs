@@ -1,16 +1,13 @@
 //! The metadata client and the `hcloud-nixos network` command against the stand-in metadata
 //! service on 127.0.0.1: every injected fault, and the files written for each fixture (no root).
 
-#[path = "standins/metadata_server.rs"]
-mod metadata_server;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use harness::metadata::{Documents, Fault, MetadataServer};
 use hcloud_nixos::boot::metadata::client::{Client, FetchError, Settings};
-use metadata_server::{Documents, Fault, MetadataServer};
 use tokio::time::Instant;
 
 const FULL_KEY: &str =

@@ -2,16 +2,11 @@
 //! systemd-hostnamed in a guest network namespace, with the stand-in metadata service on
 //! 169.254.169.254:80 in a second namespace joined by a veth pair (needs root).
 
-#[path = "standins/metadata_server.rs"]
-mod metadata_server;
-#[path = "support/netns.rs"]
-mod netns;
-
 use std::path::Path;
 use std::time::Duration;
 
-use metadata_server::{Documents, MetadataServer};
-use netns::{Guest, GuestOptions, Netns};
+use harness::metadata::{Documents, MetadataServer};
+use harness::netns::{self, Guest, GuestOptions, Netns};
 
 const MAC: &str = "96:00:03:aa:bb:cc";
 const IPV6: &str = "2a01:4f8:c012:abcd::1/64";

@@ -2,11 +2,10 @@
 //! the development machines, so this is as far as Nix is checked here; the VM test in
 //! `tests/nixos/vm-test.nix` runs where nixpkgs and KVM are.
 
-#[path = "support/netns.rs"]
-mod netns;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use harness::netns;
 
 fn nix_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {

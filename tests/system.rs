@@ -11,7 +11,8 @@
 //! an agent that looked for fh, nix or determinate-nixd in `PATH` fails here as on NixOS. Stand-ins, in a neighbouring network namespace joined by a veth
 //! pair: the Hetzner metadata service at 169.254.169.254 (the fixture
 //! `metadata.full-example.yaml` and user-data with a token and a reference) and the FlakeHub API
-//! at 169.254.169.253:8080. Inside the server: `fh` and `determinate-nixd` stand-in scripts, and
+//! at 169.254.169.253:8080. Inside the server: the `fh` and `determinate-nixd` stand-ins
+//! (`harness::scripts`), and
 //! a real Nix store of the test's own mounted at `/nix`: every release is a real store path
 //! (`nix-store --add`) whose `bin/switch-to-configuration` is a script, and the system profile has
 //! real generations (`nix-env --set`, by fh's stand-in and by the agent's rollback).
@@ -38,22 +39,16 @@
 //! Run: `cargo test --test system -- --nocapture` (as root; needs systemd-container, nix-bin,
 //! nftables, curl). Skips without them, or fails under `CI=true`.
 
-#[path = "support/container.rs"]
-mod container;
-#[path = "standins/metadata_server.rs"]
-mod metadata_server;
-#[path = "support/server.rs"]
-mod server;
-#[path = "support/units.rs"]
-mod units;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use container::netns::{self, poll};
-use container::{Container, ContainerNet, Spec, write_executable};
-use metadata_server::{Documents, MetadataServer};
-use server::{FlakeHub, HubSpec};
+use harness::container::netns::{self, poll};
+use harness::container::{self, Container, ContainerNet, NspawnSettings, Spec};
+use harness::flakehub::FlakeHub;
+use harness::metadata::{Documents, MetadataServer};
+use harness::nix_store;
+use harness::scripts::{Activation, DeterminateNixd, Fh, Profile, Switch};
+use harness::units;
 
 const HUB_IP: &str = "169.254.169.253";
 const HUB_PORT: u16 = 8080;
@@ -103,115 +98,51 @@ fn version(n: u32) -> String {
     format!("0.1.{n}+rev-{:0>40}", format!("{n}abc"))
 }
 
-fn switch_script(root: &Path, n: u32, kind: Kind) -> String {
-    let r = root.display();
-    let (what, before, after) = match kind {
-        Kind::Plain => ("a plain release", String::new(), String::new()),
-        Kind::WithoutModule => (
-            "a system without the hcloud-nixos module",
-            String::new(),
-            String::new(),
-        ),
-        Kind::Slow => (
-            "a slow activation",
-            format!("sleep \"$(cat '{r}/switch-delay')\"\n"),
-            String::new(),
-        ),
-        Kind::RestartsAgent => (
-            "its hcloud-nixos-agent.service differs from the one of systems 0-3",
-            format!("old=$(readlink -f '{r}/current-system')\n"),
-            format!(
-                "if [ ! -e \"$old/agent-unit-v2\" ]; then\n\
-                 \x20 echo \"system {n}: restarting hcloud-nixos-agent.service (its unit changed)\"\n\
-                 \x20 systemctl restart hcloud-nixos-agent.service\n\
-                 \x20 echo \"system {n}: systemctl restart exited $?\"\n\
-                 fi\n"
-            ),
-        ),
-        Kind::Broken => (
-            "a service of it fails to start",
-            String::new(),
-            format!(
-                "echo \"system {n}: web.service failed to start\" >&2\n\
-                 echo \"{n} $op failed\" >> '{r}/activations.log'\n\
-                 exit 4\n"
-            ),
-        ),
-    };
-    format!(
-        r#"#!/bin/sh
-# switch-to-configuration of test system {n} ({what}). switch and test activate it (current-system
-# points at it); boot and dry-activate change nothing.
-self=$(dirname "$(dirname "$(readlink -f "$0")")")
-op=$1
-case "$op" in
-  switch|test) ;;
-  *) echo "system {n}: switch-to-configuration $op: nothing to do"; exit 0 ;;
-esac
-echo "{n} $op start" >> '{r}/activations.log'
-echo "system {n}: activating ($op)"
-{before}ln -sfn "$self" '{r}/current-system'
-{after}echo "{n} $op done" >> '{r}/activations.log'
-echo "system {n}: active"
-"#
-    )
+/// Release `n`'s `switch-to-configuration`: switch and test activate it (current-system points at
+/// it), boot and dry-activate change nothing; each run leaves `<n> <action> start`, then `done`
+/// or `failed`, in `<root>/activations.log`.
+fn switch(root: &Path, n: u32, kind: Kind) -> Switch {
+    Switch {
+        name: n.to_string(),
+        current: root.join("current-system"),
+        log: root.join("activations.log"),
+        times: None,
+        flags: None,
+        delay_file: (kind == Kind::Slow).then(|| root.join("switch-delay")),
+        activation: match kind {
+            Kind::Plain | Kind::Slow | Kind::WithoutModule => Activation::Switches,
+            Kind::RestartsAgent => Activation::RestartsUnit {
+                unit: AGENT.into(),
+                unless_previous_has: "agent-unit-v2".into(),
+            },
+            Kind::Broken => Activation::Exit4,
+        },
+    }
 }
 
-/// fh's stand-in: `fh apply nixos ORG/FLAKE/=VERSION#ATTR OPERATION` resolves the output at
-/// FlakeHub with the login determinate-nixd holds, makes it the system profile's new generation
-/// (real `nix-env --set`; the closure is already in the store, as after a download) and runs its
-/// switch-to-configuration, ignoring its status and exiting 0 (as fh does). Like fh, it finds
-/// Nix in `PATH`.
-fn fh_script(root: &Path) -> String {
-    format!(
-        r#"#!/bin/sh
-root='{root}'
-echo "$*" >> "$root/fh-argv.log"
-if [ "$1 $2" != "apply nixos" ]; then echo "Error: the stand-in only does 'apply nixos'" >&2; exit 2; fi
-ref=$3; op=${{4:-switch}}
-path=${{ref%%#*}}; attr=${{ref#*#}}
-version=${{path##*/=}}; flake=${{path%/=*}}
-echo "fh stand-in: resolving $ref ($op)"
-[ -s "$root/nixd/token" ] || {{ echo "Error: not logged in (determinate-nixd)" >&2; exit 1; }}
-hdr=$(umask 077; mktemp); printf 'Authorization: Bearer %s\n' "$(cat "$root/nixd/token")" > "$hdr"  # the token stays out of argv
-body=$(/usr/bin/curl -sS --fail --max-time 20 -H @"$hdr" \
-  "http://{ip}:{port}/f/$flake/=$version/output/$attr") || {{ echo "Error: cannot resolve $ref" >&2; exit 1; }}
-rm -f "$hdr"
-store=$(printf '%s' "$body" | sed -n 's/.*"store_path" *: *"\([^"]*\)".*/\1/p')
-if [ ! -x "$store/bin/switch-to-configuration" ]; then echo "Error: $store is not a system" >&2; exit 1; fi
-echo "fh stand-in: $store is in the store; setting the system profile"
-# fh runs nix from PATH (the steps' PATH, which the agent sets): so does the stand-in.
-command -v nix-env >/dev/null || {{ echo "Error: nix-env is not in PATH ($PATH)" >&2; exit 1; }}
-nix-env -p /nix/var/nix/profiles/system --set "$store" 2>&1 | grep -v nixbld
-"$store/bin/switch-to-configuration" "$op" || echo "switch-to-configuration exited $?"
-echo "fh stand-in: done"
-exit 0
-"#,
-        root = root.display(),
-        ip = HUB_IP,
-        port = HUB_PORT,
-    )
+/// fh's stand-in: resolves the output at FlakeHub with the login determinate-nixd holds, makes it
+/// the system profile's new generation (real `nix-env --set`; the closure is already in the
+/// store, as after a download) and runs its switch-to-configuration, ignoring its status and
+/// exiting 0 (as fh does). Like fh, it finds Nix in `PATH`.
+fn fh(root: &Path) -> Fh {
+    Fh {
+        api: format!("http://{HUB_IP}:{HUB_PORT}"),
+        token_file: root.join("nixd/token"),
+        log: root.join("fh-argv.log"),
+        profile: Profile::Generation("/nix/var/nix/profiles/system".into()),
+        delay_file: None,
+        env: Vec::new(),
+    }
 }
 
 /// determinate-nixd's stand-in: `login token --token-file FILE` keeps the token (as the daemon
 /// does, for fh and Nix), `status` says whether it holds one.
-fn nixd_script(root: &Path) -> String {
-    format!(
-        r#"#!/bin/sh
-root='{root}'
-echo "$*" >> "$root/nixd/argv.log"
-case "$1" in
-  login)
-    if [ "$2 $3" != "token --token-file" ] || [ ! -s "$4" ]; then echo "usage: login token --token-file FILE" >&2; exit 2; fi
-    cp "$4" "$root/nixd/token" && chmod 600 "$root/nixd/token"
-    echo "determinate-nixd stand-in: logged in to FlakeHub" ;;
-  status)
-    if [ -s "$root/nixd/token" ]; then echo "Logged in: true"; else echo "Logged in: false"; fi ;;
-  *) echo "determinate-nixd stand-in: unknown command $1" >&2; exit 2 ;;
-esac
-"#,
-        root = root.display()
-    )
+fn determinate_nixd(root: &Path) -> DeterminateNixd {
+    DeterminateNixd {
+        dir: root.join("nixd"),
+        log: root.join("nixd/argv.log"),
+        valid_token: Some(TOKEN.into()),
+    }
 }
 
 /// `/etc/hcloud-nixos/agent.toml` as the module renders it, with the test's paths. The reference
@@ -564,16 +495,9 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     .expect("fixtures");
     let metadata = MetadataServer::start_in_netns(&net.standins.name, "169.254.169.254:80", docs)
         .expect("metadata stand-in");
-    let hub = FlakeHub::start_in_netns(
-        &net.standins.name,
-        &format!("{HUB_IP}:{HUB_PORT}"),
-        HubSpec {
-            org: ORG.into(),
-            flake: FLAKE.into(),
-            token: TOKEN.into(),
-        },
-    )
-    .expect("FlakeHub stand-in");
+    let hub = FlakeHub::start_in_netns(&net.standins.name, &format!("{HUB_IP}:{HUB_PORT}"))
+        .expect("FlakeHub stand-in");
+    hub.require_token(Some(TOKEN));
     log(
         "stand-ins listening: metadata service (metadata.full-example.yaml; user-data with token and reference), FlakeHub API",
     );
@@ -592,10 +516,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     let mut systems = Vec::new();
     for (n, kind) in kinds.iter().enumerate() {
         let dir = root.join("build").join(format!("nixos-system-web-{n}"));
-        write_executable(
-            &dir.join("bin/switch-to-configuration"),
-            &switch_script(&root, n as u32, *kind),
-        );
+        switch(&root, n as u32, *kind).install_into(&dir);
         std::fs::write(dir.join("nixos-version"), version(n as u32)).unwrap();
         if *kind != Kind::WithoutModule {
             units::install_module_into(&dir, &agent_config(&root));
@@ -605,10 +526,10 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
             // unit that changed, and only then).
             std::fs::write(dir.join("agent-unit-v2"), "").unwrap();
         }
-        systems.push(server::store_add(&root, &dir));
+        systems.push(nix_store::store_add(&root, &dir));
     }
     let profile = root.join("nix/var/nix/profiles/system");
-    server::profile_set(&root, &profile, &systems[0]);
+    nix_store::profile_set(&root, &profile, &systems[0]);
     std::os::unix::fs::symlink(&systems[0], root.join("current-system")).unwrap();
     std::os::unix::fs::symlink(&systems[0], root.join("booted-system")).unwrap();
     log(&format!(
@@ -616,17 +537,18 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
         systems[0]
     ));
 
-    // Nix as a package of its own (on NixOS: a store path with nix and nix-env, nothing else).
+    // Nix as a package of its own (on NixOS: a store path whose bin has nix and its nix-env and
+    // nix-store, nothing else; fh's stand-in looks a store path up with nix-store).
     std::fs::create_dir_all(root.join("nix-package/bin")).unwrap();
-    for program in ["nix", "nix-env"] {
+    for program in ["nix", "nix-env", "nix-store"] {
         std::os::unix::fs::symlink(
             format!("/usr/bin/{program}"),
             root.join("nix-package/bin").join(program),
         )
         .unwrap();
     }
-    write_executable(&root.join("bin/fh"), &fh_script(&root));
-    write_executable(&root.join("bin/determinate-nixd"), &nixd_script(&root));
+    fh(&root).install(&root.join("bin/fh"));
+    determinate_nixd(&root).install(&root.join("bin/determinate-nixd"));
     std::fs::create_dir_all(root.join("nixd")).unwrap();
     std::fs::write(root.join("switch-delay"), "0").unwrap();
     std::fs::write(root.join("agent.toml"), agent_config(&root)).unwrap();
@@ -671,14 +593,14 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
 
     // The first release is there before the server boots: the agent deploys it at boot.
     let v = |n: usize| version(n as u32);
-    hub.publish(&v(1), &systems[1]);
+    hub.publish(ORG, FLAKE, &v(1), ATTR, &systems[1]);
     log(&format!("published release {} -> system 1", v(1)));
 
     // ---- Step 1: boot ----------------------------------------------------------------------
     step("STEP 1: boot the server");
     let t_boot = Instant::now();
     let machine1 = spec(1);
-    let caps1 = server::NspawnSettings::net_admin(&machine1.machine);
+    let caps1 = NspawnSettings::net_admin(&machine1.machine);
     log(&format!(
         "{} grants the server CAP_NET_ADMIN (nspawn gives it only with --private-network; networkd needs it)",
         caps1.0.display()
@@ -949,7 +871,12 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     );
     assert_eq!(
         lines(&root.join("activations.log")),
-        ["1 switch start", "1 switch done"]
+        [
+            "1 dry-activate start",
+            "1 dry-activate done",
+            "1 switch start",
+            "1 switch done"
+        ]
     );
     log(&format!(
         "deployed {}: fh ran once ({}), system 1 activated once, profile generation 2 -> system 1",
@@ -970,7 +897,10 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
             .unwrap_or("")
             .to_string()
     };
-    let (fetch_unit, activate_unit) = (unit_of("fh stand-in: done"), unit_of("system 1: active"));
+    let (fetch_unit, activate_unit) = (
+        unit_of("fh stand-in: done"),
+        unit_of("switch-to-configuration switch of system 1: active"),
+    );
     assert!(
         fetch_unit.starts_with("hcloud-nixos-fetch-"),
         "fh's output came from {fetch_unit:?}"
@@ -1043,7 +973,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
         POLL.as_secs()
     ));
     let t = Instant::now();
-    hub.publish(&v(2), &systems[2]);
+    hub.publish(ORG, FLAKE, &v(2), ATTR, &systems[2]);
     log(&format!(
         "published {} -> system 2; waiting for the agent's next poll",
         v(2)
@@ -1068,7 +998,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
         took.as_secs_f64(),
         POLL.as_secs()
     ));
-    hub.publish(&v(3), &systems[3]);
+    hub.publish(ORG, FLAKE, &v(3), ATTR, &systems[3]);
     let t = Instant::now();
     let asked = srv.c.run("hcloud-nixos", &["check"]);
     log(&format!(
@@ -1105,7 +1035,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     check_race(&srv, &mut races_seen, &mut failures);
     step("STEP 4: a release whose activation restarts hcloud-nixos-agent.service");
     let pid_before = srv.c.unit_property(AGENT, "MainPID");
-    hub.publish(&v(4), &systems[4]);
+    hub.publish(ORG, FLAKE, &v(4), ATTR, &systems[4]);
     srv.c.run("hcloud-nixos", &["check"]);
     log(&format!(
         "published {} -> system 4, whose switch-to-configuration runs `systemctl restart {AGENT}` (as a real switch does when the unit changed); agent PID {pid_before}; asked for a check",
@@ -1191,7 +1121,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     check_race(&srv, &mut races_seen, &mut failures);
     step("STEP 5: a broken release is rolled back and quarantined");
     let gens = srv.generations();
-    hub.publish(&v(5), &systems[5]);
+    hub.publish(ORG, FLAKE, &v(5), ATTR, &systems[5]);
     srv.c.run("hcloud-nixos", &["check"]);
     log(&format!(
         "published {} -> system 5, whose switch-to-configuration exits 4 (a service failed); asked for a check",
@@ -1280,7 +1210,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     check_race(&srv, &mut races_seen, &mut failures);
     step("STEP 6: the server is killed in the middle of an activation and boots again");
     std::fs::write(root.join("switch-delay"), "120").unwrap();
-    hub.publish(&v(6), &systems[6]);
+    hub.publish(ORG, FLAKE, &v(6), ATTR, &systems[6]);
     srv.c.run("hcloud-nixos", &["check"]);
     log(&format!(
         "published {} -> system 6, whose activation takes 120 s; asked for a check",
@@ -1310,7 +1240,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     );
     let t_boot = Instant::now();
     let machine2 = spec(2);
-    let _caps2 = server::NspawnSettings::net_admin(&machine2.machine);
+    let _caps2 = NspawnSettings::net_admin(&machine2.machine);
     let srv = Server {
         c: Container::boot(&machine2),
         root: &root,
@@ -1438,7 +1368,7 @@ fn a_server_boots_deploys_rolls_back_and_recovers() {
     step("STEP 8: a release without the hcloud-nixos module is refused before activation");
     let gens = srv.generations();
     let running = srv.current();
-    hub.publish(&v(7), &systems[7]);
+    hub.publish(ORG, FLAKE, &v(7), ATTR, &systems[7]);
     srv.c.run("hcloud-nixos", &["check"]);
     log(&format!(
         "published {} -> system 7, which has no hcloud-nixos-agent.service and no agent.toml; asked for a check",

@@ -3,16 +3,12 @@
 //! 169.254.169.254 (in network namespaces), loaded both ways the module loads it: by its own unit,
 //! and as a table of a hand-written nftables ruleset that starts with `flush ruleset`.
 
-#[path = "support/netns.rs"]
-mod netns;
-#[path = "support/units.rs"]
-mod units;
-
 use std::net::TcpListener;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use netns::{Netns, can_run, output_within, unique};
+use harness::netns::{self, Netns, can_run, output_within, unique};
+use harness::units;
 
 /// Does the line hold an `@name@` placeholder? (`@system-service`, a syscall set, is none.)
 fn has_placeholder(line: &str) -> bool {

@@ -1,19 +1,14 @@
 //! End-to-end tests of `hcloud-nixos upload` and `cleanup`: the real binary against the stand-in
 //! Hetzner Cloud API and a real OpenSSH server on loopback as the rescue system.
 
-#[path = "standins/hcloud_api.rs"]
-mod hcloud_api;
-#[path = "standins/rescue_sshd.rs"]
-mod rescue_sshd;
-
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command as StdCommand, Output};
 use std::time::{Duration, Instant};
 
-use axum::http::Method;
-use hcloud_api::{Fault, HcloudApi, TOKEN, error_body};
+use harness::{axum, hcloud_api, rescue_sshd};
+use hcloud_api::{Fault, HcloudApi, Method, TOKEN, error_body};
 use rescue_sshd::{RescueSshd, prerequisites_or_skip};
 use serde_json::Value;
 use sha2::{Digest, Sha256};

@@ -1,15 +1,11 @@
 //! Benchmark of `hcloud-nixos upload` against `cat image | ssh ... dd` with the OpenSSH client,
 //! over loopback. Ignored by default; run it with `tests/bench/upload.sh`.
 
-#[path = "standins/hcloud_api.rs"]
-mod hcloud_api;
-#[path = "standins/rescue_sshd.rs"]
-mod rescue_sshd;
-
 use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use harness::{hcloud_api, rescue_sshd};
 use hcloud_api::{HcloudApi, TOKEN};
 use rescue_sshd::{RescueSshd, prerequisites_or_skip};
 

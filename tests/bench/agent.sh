@@ -73,6 +73,8 @@ EOF
 pids+=($!)
 metadata=$(wait_for_url "$work/metadata.out")
 
+# determinate-nixd is not named (a named one must exist) and not installed: the agent logs in
+# through fh's token file.
 cat >"$work/agent.toml" <<EOF
 poll_interval = "1h"
 [flakehub]

@@ -6,13 +6,11 @@
 //! Options (environment): FLEET_BENCH_AGENTS (40), FLEET_BENCH_SLOTS (5),
 //! FLEET_BENCH_CONFIRM_MS (200), FLEET_BENCH_POLL_MS (100: polls are jittered 0.5x..1.5x).
 
-#[path = "../support/etcd.rs"]
-mod etcd;
-
 use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use harness::etcd;
 use hcloud_nixos::fleet::{Acquired, Coordinator, Ending, Member, Purpose, from_user_data};
 
 fn env(key: &str, default: u64) -> u64 {

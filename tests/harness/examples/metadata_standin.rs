@@ -4,13 +4,10 @@
 //! cargo run --example metadata-standin -- --listen 127.0.0.1:8080 \
 //!     [--metadata FILE] [--private-networks FILE] [--userdata FILE] [--netns NAME]
 
-#[path = "metadata_server.rs"]
-mod metadata_server;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use metadata_server::{Documents, MetadataServer};
+use harness::metadata::{Documents, MetadataServer};
 
 fn main() -> ExitCode {
     match run() {
@@ -22,10 +19,10 @@ fn main() -> ExitCode {
     }
 }
 
-const DEFAULT_METADATA: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/hetzner-metadata/metadata.full-example.yaml"
-);
+/// Without --metadata: the full example among the fixtures in tests/fixtures/.
+fn default_metadata() -> PathBuf {
+    harness::fixture("hetzner-metadata/metadata.full-example.yaml")
+}
 
 fn run() -> Result<(), String> {
     let mut listen = "127.0.0.1:8080".to_string();
@@ -46,15 +43,15 @@ fn run() -> Result<(), String> {
                 println!(
                     "usage: metadata-standin [--listen ADDR] [--metadata FILE] \
                      [--private-networks FILE] [--userdata FILE] [--netns NAME]\n\
-                     (--metadata defaults to {DEFAULT_METADATA})"
+                     (--metadata defaults to {})",
+                    default_metadata().display()
                 );
                 return Ok(());
             }
             other => return Err(format!("unknown argument '{other}' (see --help)")),
         }
     }
-    // Without --metadata: the full example among the fixtures in tests/fixtures/.
-    let metadata = metadata.unwrap_or_else(|| PathBuf::from(DEFAULT_METADATA));
+    let metadata = metadata.unwrap_or_else(default_metadata);
     let docs = Documents::from_files(&metadata, private_networks.as_deref(), userdata.as_deref())
         .map_err(|e| format!("cannot read the documents: {e}"))?;
     let server = match &netns {

@@ -7,12 +7,9 @@
 //! Prints `listening on http://ADDR` once it serves. `GET /_standin/counts` gives the request
 //! counters as JSON.
 
-#[path = "flakehub.rs"]
-mod flakehub;
-
 use std::process::ExitCode;
 
-use flakehub::FlakeHub;
+use harness::flakehub::FlakeHub;
 
 fn main() -> ExitCode {
     match run() {

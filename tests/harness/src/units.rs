@@ -1,18 +1,16 @@
 //! The project's systemd unit files, made ready to run here as the NixOS module makes them: the
 //! `@...@` placeholders replaced by this machine's paths and the binary under test.
 
-#![allow(dead_code)] // each includer uses a different part of it
-
 use std::path::{Path, PathBuf};
 
 /// Where the unit files live in the repository.
 pub fn source_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("nixos-module/units")
+    crate::repo().join("nixos-module/units")
 }
 
 /// The nftables rules the firewall unit loads.
 pub fn firewall_rules() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("nixos-module/metadata-firewall.nft")
+    crate::repo().join("nixos-module/metadata-firewall.nft")
 }
 
 /// The replacements the NixOS module makes at build time, with this machine's values.
@@ -43,10 +41,7 @@ pub const RULES_IN_PACKAGE: &str = "share/hcloud-nixos/metadata-firewall.nft";
 pub fn package_dir(dir: &Path) -> PathBuf {
     let package = dir.join("package");
     for (from, to) in [
-        (
-            PathBuf::from(env!("CARGO_BIN_EXE_hcloud-nixos")),
-            package.join("bin/hcloud-nixos"),
-        ),
+        (crate::binary(), package.join("bin/hcloud-nixos")),
         (firewall_rules(), package.join(RULES_IN_PACKAGE)),
     ] {
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();

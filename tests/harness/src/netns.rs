@@ -2,9 +2,6 @@
 //! UTS and PID namespaces running real D-Bus, systemd-networkd and systemd-hostnamed, and
 //! cleanup by PID that also runs when a test panics.
 
-#![allow(dead_code)] // each includer uses a different part of it
-
-use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -21,16 +18,6 @@ pub const GUEST_TOOLS: &[&str] = &[
     "/lib/systemd/systemd-hostnamed",
 ];
 
-fn on_path(tool: &str) -> bool {
-    if tool.starts_with('/') {
-        return Path::new(tool).is_file();
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .any(|dir| dir.join(tool).is_file())
-}
-
 /// Whether the test can run here: root and every tool present. When not, fails under `CI=true`
 /// (a CI run must not pass by skipping) and otherwise prints `SKIP: ...` and returns false.
 pub fn can_run(test: &str, tools: &[&str]) -> bool {
@@ -38,12 +25,17 @@ pub fn can_run(test: &str, tools: &[&str]) -> bool {
     if !nix::unistd::Uid::effective().is_root() {
         missing.push("root".to_string());
     }
-    missing.extend(tools.iter().filter(|t| !on_path(t)).map(|t| t.to_string()));
+    missing.extend(
+        tools
+            .iter()
+            .filter(|t| !crate::on_path(t))
+            .map(|t| t.to_string()),
+    );
     if missing.is_empty() {
         return true;
     }
     let why = format!("{test} needs {}", missing.join(", "));
-    if std::env::var("CI").as_deref() == Ok("true") {
+    if crate::ci() {
         panic!("{why} (CI=true: not skipping)");
     }
     // Straight to stderr: the test harness captures eprintln! of passing tests.

@@ -1,8 +1,7 @@
 //! A stateful stand-in for the Hetzner Cloud API on 127.0.0.1: servers, actions that progress over
 //! time, SSH keys, snapshots with labels, label selectors, pagination, rate-limit headers and
-//! injected errors, answering with the payload shapes of `tests/fixtures/hcloud-api/`.
-
-#![allow(dead_code)]
+//! injected errors, answering with the payload shapes of `tests/fixtures/hcloud-api/`. Served by
+//! the kit ([`crate::http`]) with keep-alive, as the real API is.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -12,15 +11,19 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+
+use crate::http::Server;
+
+pub use axum::http::Method;
 
 pub const TOKEN: &str = "test-token-0123456789";
 
 /// The recorded Cloud API payloads (tests/fixtures/hcloud-api).
 pub fn fixtures_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hcloud-api")
+    crate::fixture("hcloud-api")
 }
 
 /// A verbatim fixture document.
@@ -196,7 +199,7 @@ impl Inner {
 pub struct HcloudApi {
     pub addr: SocketAddr,
     pub state: Arc<Mutex<Inner>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _server: Server,
 }
 
 impl HcloudApi {
@@ -215,23 +218,15 @@ impl HcloudApi {
             max_per_page: 50,
             rate_remaining: 3600,
         }));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(state.clone());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
+        let listener = crate::http::listen("127.0.0.1:0").expect("a loopback port");
+        let server = Server::start_keeping_alive(listener, app).expect("serve the Cloud API");
         HcloudApi {
-            addr,
+            addr: server.addr(),
             state,
-            stop: Some(stop),
+            _server: server,
         }
     }
 
@@ -245,14 +240,6 @@ impl HcloudApi {
 
     pub fn fault(&self, f: Fault) {
         self.with(|s| s.faults.push_back(f));
-    }
-}
-
-impl Drop for HcloudApi {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
     }
 }
 

@@ -1,8 +1,6 @@
 //! A real OpenSSH server on 127.0.0.1 standing in for the Hetzner rescue system (test-bench recipe 3),
 //! stopped by its PID when dropped.
 
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -15,7 +13,7 @@ pub fn prerequisites_or_skip(test: &str) -> bool {
     if !Path::new(SSHD).exists() {
         missing.push("sshd (apt-get install openssh-server)".to_string());
     }
-    if !nix_is_root() {
+    if !nix::unistd::geteuid().is_root() {
         missing.push("root".to_string());
     }
     for tool in [
@@ -27,7 +25,7 @@ pub fn prerequisites_or_skip(test: &str) -> bool {
         "sha256sum",
         "blkdiscard",
     ] {
-        if !on_path(tool) {
+        if !crate::on_path(tool) {
             missing.push(tool.to_string());
         }
     }
@@ -35,29 +33,11 @@ pub fn prerequisites_or_skip(test: &str) -> bool {
         return true;
     }
     let msg = format!("{test}: missing {}", missing.join(", "));
-    if std::env::var("CI").as_deref() == Ok("true") {
+    if crate::ci() {
         panic!("{msg}");
     }
     eprintln!("SKIPPED {msg}");
     false
-}
-
-fn nix_is_root() -> bool {
-    // SAFETY-free: read the effective uid from /proc.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
-pub fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
 }
 
 fn free_port() -> u16 {

@@ -2,8 +2,6 @@
 //! `$ETCD_BIN`), one member on loopback ports in a temporary data directory, killed by its PID
 //! when dropped. It can be stopped and started again on the same ports and data.
 
-#![allow(dead_code)]
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -122,7 +120,7 @@ impl Etcd {
     pub fn start(test: &str) -> Option<Etcd> {
         let Some(bin) = find_bin() else {
             let why = "etcd is not installed (apt-get install etcd-server)";
-            if std::env::var("CI").as_deref() == Ok("true") {
+            if crate::ci() {
                 panic!("{test}: {why}");
             }
             println!("SKIP: {test}: {why}");

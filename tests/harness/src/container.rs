@@ -4,8 +4,7 @@
 //! second namespace for the stand-ins. Everything is killed and removed by PID and path when
 //! dropped, also when a test panics.
 //!
-//! Include it with `#[path = "support/container.rs"] mod container;`; it brings `netns.rs`
-//! (named namespaces, `poll`, `unique`, `can_run`) along as `container::netns`.
+//! The namespaces are [`crate::netns`]'s (re-exported as `container::netns`).
 //!
 //! Safety notes: systemd never runs as PID 1 over the real root (nspawn gives it a tmpfs root);
 //! directories shared with the container live in [`SHARED_BASE`], never under /tmp, wherever the
@@ -14,10 +13,7 @@
 //! own (nspawn with `--keep-unit` creates `payload`/`supervisor` below the caller's cgroup,
 //! which two containers must not share).
 
-#![allow(dead_code)] // each includer uses a different part of it
-
-#[path = "netns.rs"]
-pub mod netns;
+pub use crate::netns;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -56,15 +52,7 @@ pub fn shared_tempdir(prefix: &str) -> tempfile::TempDir {
         .expect("create a temporary directory")
 }
 
-/// Writes an executable file (mode 0755).
-pub fn write_executable(path: &Path, text: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).unwrap();
-    }
-    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
+pub use crate::scripts::write_executable;
 
 /// The container's network: namespace `guest` (the container's, with `eth0`) and namespace
 /// `standins` (where in-process servers listen), joined by a veth pair. Only link-local
@@ -402,5 +390,31 @@ impl Drop for Container {
                 !dir.exists()
             });
         }
+    }
+}
+
+/// Extra privileges for one container. `systemd-nspawn --network-namespace-path=` does not grant
+/// CAP_NET_ADMIN (only `--private-network` and friends do), so systemd-networkd is skipped
+/// (`ConditionCapability=CAP_NET_ADMIN`) and neither `ip link set up` nor nft work. A trusted
+/// settings file, `/run/systemd/nspawn/<machine>.nspawn`, grants it; it is removed when dropped.
+pub struct NspawnSettings(pub PathBuf);
+
+impl NspawnSettings {
+    pub fn net_admin(machine: &str) -> Self {
+        let dir = Path::new("/run/systemd/nspawn");
+        std::fs::create_dir_all(dir).expect("create /run/systemd/nspawn");
+        let path = dir.join(format!("{machine}.nspawn"));
+        std::fs::write(
+            &path,
+            "# Written by the hcloud-nixos system test; removed when it ends.\n[Exec]\nCapability=CAP_NET_ADMIN\n",
+        )
+        .expect("write the .nspawn file");
+        NspawnSettings(path)
+    }
+}
+
+impl Drop for NspawnSettings {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }

@@ -1,5 +1,5 @@
-//! Stand-in for the FlakeHub API (`api.flakehub.com`), the endpoints `hcloud-nixos agent` and
-//! `fh apply` use, over plain HTTP/1.1 on loopback:
+//! Stand-in for the FlakeHub API (`api.flakehub.com`): the endpoints `hcloud-nixos agent` and
+//! `fh apply` use, on loopback or inside a network namespace.
 //!
 //! - `GET /version/{org}/{flake}/{constraint}`: the highest release matching a Cargo-style
 //!   constraint (`*`, `0.1`, `~0.1.4`, `=0.1.7+rev-...`), as JSON shaped like
@@ -11,21 +11,23 @@
 //! - `GET /_standin/counts`: request counters (not FlakeHub's; for the benchmark, no token needed).
 //!
 //! A test publishes and yanks releases, requires a bearer token (401 without it, or with another),
-//! and switches faults on and off: down (an HTTP status, or connections closed unanswered), slow
-//! answers, 404 for one flake. Requests are counted per endpoint.
-//!
-//! Shared by the integration tests (`#[path = "standins/flakehub.rs"] mod flakehub;`) and the
-//! `flakehub-standin` example. Plain std threads; one request per connection.
-
-#![allow(dead_code)] // each includer uses a different part of it
+//! and switches faults on and off: down (an HTTP status, or connections closed unanswered; for
+//! good, or while a file exists), slow answers (every endpoint, or one), 404 for one flake.
+//! Requests are counted per endpoint and logged with whether they carried the token. Used by the
+//! tests (`harness::flakehub`) and the `flakehub-standin` example.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
 use std::time::Duration;
+
+use axum::extract::State as Shared;
+use axum::http::{HeaderMap, Method, Uri, header};
+use axum::response::Response;
+
+use crate::http::{self, Router, Server};
 
 /// The endpoints, for counting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -125,6 +127,15 @@ pub fn rolling_version(n: u64, salt: &str) -> String {
     format!("0.1.{n}+rev-{rev}")
 }
 
+/// One request the stand-in saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// The path, as sent (percent-encoded).
+    pub path: String,
+    /// It carried the token the stand-in requires (true when none is required).
+    pub authorized: bool,
+}
+
 #[derive(Default)]
 struct State {
     /// `org/flake` to its releases, in publishing order.
@@ -134,74 +145,58 @@ struct State {
     down: Option<Down>,
     /// Down in this way while this file exists (a system under test "cuts the network" by
     /// creating it, and the system rolled back to removes it).
-    down_while: Option<(std::path::PathBuf, Down)>,
+    down_while: Option<(PathBuf, Down)>,
+    /// Every answer waits this long first.
     delay: Option<Duration>,
+    /// Answers at one endpoint wait this long first (instead of `delay`).
+    endpoint_delays: HashMap<Endpoint, Duration>,
     /// `org/flake` answered 404 everywhere.
     not_found: HashSet<String>,
     /// `/version/...` also returns yanked releases (the agent must then look at `/releases`).
     version_serves_yanked: bool,
     counts: BTreeMap<Endpoint, usize>,
     unauthorized: usize,
+    log: Vec<Seen>,
     published: u64,
 }
 
 /// A running stand-in. Stops (and closes its listener) when dropped.
 pub struct FlakeHub {
-    addr: SocketAddr,
+    server: Server,
     state: Arc<Mutex<State>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl FlakeHub {
     /// Serves on `addr` (`127.0.0.1:0` for a free port), with no releases and no token check.
     pub fn start(addr: &str) -> io::Result<Self> {
-        Self::serve(TcpListener::bind(addr)?)
+        Self::serve(http::listen(addr)?)
     }
 
-    /// Serves on `addr` inside the named network namespace (`/run/netns/NAME`): a thread joins
-    /// the namespace and binds there (the socket stays in it), the usual loop serves it.
+    /// Serves on `addr` inside the named network namespace (`/run/netns/NAME`).
     pub fn start_in_netns(netns: &str, addr: &str) -> io::Result<Self> {
-        let path = format!("/run/netns/{netns}");
-        let addr = addr.to_string();
-        let listener = thread::spawn(move || {
-            let ns = std::fs::File::open(&path)?;
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-            TcpListener::bind(&addr)
-        })
-        .join()
-        .map_err(|_| io::Error::other("the binding thread panicked"))??;
-        Self::serve(listener)
+        Self::serve(http::listen_in_netns(netns, addr)?)
     }
 
     fn serve(listener: TcpListener) -> io::Result<Self> {
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (state2, stop2) = (state.clone(), stop.clone());
-        let thread = thread::Builder::new()
-            .name("flakehub-standin".into())
-            .spawn(move || accept_loop(listener, state2, stop2))?;
+        let app = Router::new().fallback(handle).with_state(state.clone());
         Ok(FlakeHub {
-            addr,
+            server: Server::start(listener, app)?,
             state,
-            stop,
-            thread: Some(thread),
         })
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// `http://ADDR`: the API URL for the agent's `flakehub.api_url` and for fh.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.state)
     }
 
     /// Requires `Authorization: Bearer <token>` on every API request (`None`: anything goes).
@@ -234,26 +229,9 @@ impl FlakeHub {
 
     /// Yanks a published release; true when it existed.
     pub fn yank(&self, org: &str, flake: &str, version: &str) -> bool {
-        let mut s = self.lock();
-        let Some(releases) = s.flakes.get_mut(&format!("{org}/{flake}")) else {
-            return false;
-        };
-        match releases.iter_mut().find(|r| r.version == version) {
-            Some(r) => {
-                r.yanked_at = Some("2026-11-21T12:00:00Z".into());
-                true
-            }
-            None => false,
-        }
-    }
-
-    pub fn set_down(&self, down: Option<Down>) {
-        self.lock().down = down;
-    }
-
-    /// Down (`how`) whenever `file` exists; `None`: no such condition.
-    pub fn set_down_while_file_exists(&self, file: Option<(&std::path::Path, Down)>) {
-        self.lock().down_while = file.map(|(f, how)| (f.to_path_buf(), how));
+        self.with_release(org, flake, version, |r| {
+            r.yanked_at = Some("2026-11-21T12:00:00Z".into())
+        })
     }
 
     /// Sets a published release's `published_at` (`None`: FlakeHub does not say); true when the
@@ -265,22 +243,53 @@ impl FlakeHub {
         version: &str,
         at: Option<&str>,
     ) -> bool {
+        self.with_release(org, flake, version, |r| {
+            r.published_at = at.map(str::to_string)
+        })
+    }
+
+    fn with_release(
+        &self,
+        org: &str,
+        flake: &str,
+        version: &str,
+        change: impl FnOnce(&mut Release),
+    ) -> bool {
         let mut s = self.lock();
-        let Some(releases) = s.flakes.get_mut(&format!("{org}/{flake}")) else {
-            return false;
-        };
-        match releases.iter_mut().find(|r| r.version == version) {
+        let release = s
+            .flakes
+            .get_mut(&format!("{org}/{flake}"))
+            .and_then(|releases| releases.iter_mut().find(|r| r.version == version));
+        match release {
             Some(r) => {
-                r.published_at = at.map(str::to_string);
+                change(r);
                 true
             }
             None => false,
         }
     }
 
+    pub fn set_down(&self, down: Option<Down>) {
+        self.lock().down = down;
+    }
+
+    /// Down (`how`) whenever `file` exists; `None`: no such condition.
+    pub fn set_down_while_file_exists(&self, file: Option<(&Path, Down)>) {
+        self.lock().down_while = file.map(|(f, how)| (f.to_path_buf(), how));
+    }
+
     /// Every answer waits this long first.
     pub fn set_delay(&self, delay: Option<Duration>) {
         self.lock().delay = delay;
+    }
+
+    /// Answers at `endpoint` wait this long first (a FlakeHub slow to answer `/version`).
+    pub fn set_endpoint_delay(&self, endpoint: Endpoint, delay: Option<Duration>) {
+        let mut s = self.lock();
+        match delay {
+            Some(d) => s.endpoint_delays.insert(endpoint, d),
+            None => s.endpoint_delays.remove(&endpoint),
+        };
     }
 
     /// Answers 404 for everything about `org/flake` (as for a flake the token cannot see).
@@ -312,47 +321,26 @@ impl FlakeHub {
         self.lock().unauthorized
     }
 
+    /// Every request so far (but `/_standin/counts`), in order.
+    pub fn request_log(&self) -> Vec<Seen> {
+        self.lock().log.clone()
+    }
+
     pub fn reset_counts(&self) {
         let mut s = self.lock();
         s.counts.clear();
         s.unauthorized = 0;
+        s.log.clear();
     }
 
-    /// Stops accepting; connections in progress finish on their own threads.
+    /// Stops accepting: connections are refused from now on.
     pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.server.stop();
     }
 
     /// Serves until the process is killed (for the standalone example).
-    pub fn wait(mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for FlakeHub {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
-    while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let state = state.clone();
-                let _ = thread::Builder::new()
-                    .name("flakehub-conn".into())
-                    .spawn(move || {
-                        let _ = handle(stream, &state);
-                    });
-            }
-            Err(_) => thread::sleep(Duration::from_millis(5)),
-        }
+    pub fn wait(self) {
+        self.server.wait();
     }
 }
 
@@ -363,9 +351,8 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
-                .ok()
+            && let Some(v) = s
+                .get(i + 1..i + 3)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
         {
             out.push(v);
@@ -409,86 +396,82 @@ fn error(status: u16, message: &str) -> Answer {
     )
 }
 
-fn handle(stream: TcpStream, state: &Mutex<State>) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    (&mut reader).take(8192).read_line(&mut request_line)?;
-    let mut authorization = None;
-    let mut user_agent = false;
-    for _ in 0..100 {
-        let mut line = String::new();
-        let n = (&mut reader).take(8192).read_line(&mut line)?;
-        if n == 0 || line == "\r\n" || line == "\n" {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            let value = value.trim().to_string();
-            match name.trim().to_ascii_lowercase().as_str() {
-                "authorization" => authorization = Some(value),
-                "user-agent" => user_agent = !value.is_empty(),
-                _ => {}
-            }
+/// What a request carried that the stand-in looks at.
+struct Request<'a> {
+    method: &'a Method,
+    segments: Vec<String>,
+    query: &'a str,
+    authorization: Option<&'a str>,
+    user_agent: bool,
+}
+
+impl Request<'_> {
+    fn endpoint(&self) -> Endpoint {
+        let segs: Vec<&str> = self.segments.iter().map(String::as_str).collect();
+        match segs.as_slice() {
+            ["version", _, _, _] => Endpoint::Version,
+            ["f", _, _, "releases"] => Endpoint::Releases,
+            ["f", _, _, _, "output", _] => Endpoint::Output,
+            ["cli", "status"] => Endpoint::CliStatus,
+            _ => Endpoint::Other,
         }
     }
-    let mut parts = request_line.split_whitespace();
-    let method = parts.next().unwrap_or("").to_string();
-    let target = parts.next().unwrap_or("").to_string();
-    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-    let segments: Vec<String> = path
-        .trim_matches('/')
-        .split('/')
-        .map(percent_decode)
-        .collect();
-    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
-    let endpoint = match segs.as_slice() {
-        ["version", _, _, _] => Endpoint::Version,
-        ["f", _, _, "releases"] => Endpoint::Releases,
-        ["f", _, _, _, "output", _] => Endpoint::Output,
-        ["cli", "status"] => Endpoint::CliStatus,
-        _ => Endpoint::Other,
-    };
+}
 
+async fn handle(
+    Shared(state): Shared<Arc<Mutex<State>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let request = Request {
+        method: &method,
+        segments: uri
+            .path()
+            .trim_matches('/')
+            .split('/')
+            .map(percent_decode)
+            .collect(),
+        query: uri.query().unwrap_or(""),
+        authorization: header(header::AUTHORIZATION),
+        user_agent: header(header::USER_AGENT).is_some_and(|v| !v.trim().is_empty()),
+    };
+    let endpoint = request.endpoint();
     let (delay, answer) = {
-        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-        if segs.as_slice() == ["_standin", "counts"] {
+        let mut s = crate::lock(&state);
+        if request.segments == ["_standin", "counts"] {
             let counts: BTreeMap<&str, usize> =
                 s.counts.iter().map(|(e, n)| (e.name(), *n)).collect();
             let total: usize = s.counts.values().sum();
             let body = serde_json::json!({ "counts": counts, "total": total, "unauthorized": s.unauthorized });
-            drop(s);
-            return respond(stream, 200, &body);
+            return http::json(200, &body);
         }
         *s.counts.entry(endpoint).or_default() += 1;
-        let answer = answer(
-            &mut s,
-            &method,
-            &segs,
-            query,
-            authorization.as_deref(),
-            user_agent,
-        );
-        (s.delay, answer)
+        let authorized = s.token.as_ref().is_none_or(|token| {
+            request
+                .authorization
+                .and_then(|a| a.strip_prefix("Bearer "))
+                .is_some_and(|t| t == token)
+        });
+        s.log.push(Seen {
+            path: uri.path().to_string(),
+            authorized,
+        });
+        let answer = answer(&mut s, &request, authorized);
+        let delay = s.endpoint_delays.get(&endpoint).copied().or(s.delay);
+        (delay, answer)
     };
     if let Some(d) = delay {
-        thread::sleep(d);
+        tokio::time::sleep(d).await;
     }
     match answer {
-        Answer::Close => Ok(()),
-        Answer::Json(status, body) => respond(stream, status, &body),
+        Answer::Close => http::no_answer(),
+        Answer::Json(status, body) => http::json(status, &body),
     }
 }
 
-fn answer(
-    s: &mut State,
-    method: &str,
-    segs: &[&str],
-    query: &str,
-    authorization: Option<&str>,
-    user_agent: bool,
-) -> Answer {
+fn answer(s: &mut State, request: &Request, authorized: bool) -> Answer {
     let down = s.down.or_else(|| {
         s.down_while
             .as_ref()
@@ -500,97 +483,86 @@ fn answer(
         Some(Down::Status(code)) => return error(code, "FlakeHub is unavailable"),
         None => {}
     }
-    if method != "GET" {
+    if request.method != Method::GET {
         return error(405, "method not allowed");
     }
-    if !user_agent {
+    if !request.user_agent {
         return error(400, "a User-Agent header is required");
     }
-    if let Some(token) = &s.token {
-        let ok = authorization
-            .and_then(|a| a.strip_prefix("Bearer "))
-            .is_some_and(|t| t == token);
-        if !ok {
-            s.unauthorized += 1;
-            return error(401, "Unauthorized");
-        }
+    if !authorized {
+        s.unauthorized += 1;
+        return error(401, "Unauthorized");
     }
-    let key = |org: &str, flake: &str| format!("{org}/{flake}");
-    match segs {
+    let segs: Vec<&str> = request.segments.iter().map(String::as_str).collect();
+    match segs.as_slice() {
         ["cli", "status"] => Answer::Json(
             200,
             serde_json::json!({ "gh_name": "test-user", "expires_at": "2027-01-01T00:00:00Z" }),
         ),
-        ["version", org, flake, constraint] => {
-            let k = key(org, flake);
-            let releases = match s.flakes.get(&k) {
-                Some(r) if !s.not_found.contains(&k) => r,
-                _ => return error(404, &format!("flake {k} not found")),
-            };
-            match select(releases, constraint, s.version_serves_yanked) {
+        ["version", org, flake, constraint] => match releases(s, org, flake) {
+            Err(e) => e,
+            Ok(releases) => match select(releases, constraint, s.version_serves_yanked) {
                 Some(r) => Answer::Json(200, r.json(org, flake)),
-                None => error(404, &format!("no release of {k} matches '{constraint}'")),
-            }
-        }
-        ["f", org, flake, "releases"] => {
-            let k = key(org, flake);
-            match s.flakes.get(&k) {
-                Some(r) if !s.not_found.contains(&k) => Answer::Json(
-                    200,
-                    serde_json::Value::Array(r.iter().map(|r| r.json(org, flake)).collect()),
-                ),
-                _ => error(404, &format!("flake {k} not found")),
-            }
-        }
-        ["f", org, flake, constraint, "output", attr] => {
-            let k = key(org, flake);
-            let releases = match s.flakes.get(&k) {
-                Some(r) if !s.not_found.contains(&k) => r,
-                _ => return error(404, &format!("flake {k} not found")),
-            };
-            let Some(release) = select(releases, constraint, false) else {
-                return error(404, &format!("no release of {k} matches '{constraint}'"));
-            };
-            let Some(store_path) = release.outputs.get(*attr) else {
-                return error(
+                None => error(
                     404,
-                    &format!("{k} {} has no output {attr}", release.version),
-                );
-            };
-            let mut body = serde_json::json!({
-                "attribute_path": attr,
-                "store_path": store_path,
-            });
-            if query.split('&').any(|q| q == "include_token=true") {
-                body["token"] = serde_json::Value::String(format!(
-                    "flakehub_scoped_{}",
-                    &release.revision().get(..12).unwrap_or("")
-                ));
-            }
-            Answer::Json(200, body)
-        }
+                    &format!("no release of {org}/{flake} matches '{constraint}'"),
+                ),
+            },
+        },
+        ["f", org, flake, "releases"] => match releases(s, org, flake) {
+            Err(e) => e,
+            Ok(releases) => Answer::Json(
+                200,
+                serde_json::Value::Array(releases.iter().map(|r| r.json(org, flake)).collect()),
+            ),
+        },
+        ["f", org, flake, constraint, "output", attr] => match releases(s, org, flake) {
+            Err(e) => e,
+            Ok(releases) => output(releases, org, flake, constraint, attr, request.query),
+        },
         _ => error(404, "not found"),
     }
 }
 
-fn respond(mut out: TcpStream, status: u16, body: &serde_json::Value) -> io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        _ => "Status",
+/// The releases of `org/flake`, or the 404 FlakeHub gives for a flake it does not have (or
+/// that the token may not see).
+fn releases<'a>(s: &'a State, org: &str, flake: &str) -> Result<&'a [Release], Answer> {
+    let key = format!("{org}/{flake}");
+    match s.flakes.get(&key) {
+        Some(r) if !s.not_found.contains(&key) => Ok(r),
+        _ => Err(error(404, &format!("flake {key} not found"))),
+    }
+}
+
+fn output(
+    releases: &[Release],
+    org: &str,
+    flake: &str,
+    constraint: &str,
+    attr: &str,
+    query: &str,
+) -> Answer {
+    let Some(release) = select(releases, constraint, false) else {
+        return error(
+            404,
+            &format!("no release of {org}/{flake} matches '{constraint}'"),
+        );
     };
-    let body = serde_json::to_vec(body).unwrap_or_default();
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    out.write_all(head.as_bytes())?;
-    out.write_all(&body)?;
-    out.flush()?;
-    out.shutdown(std::net::Shutdown::Write)
+    let Some(store_path) = release.outputs.get(attr) else {
+        return error(
+            404,
+            &format!("{org}/{flake} {} has no output {attr}", release.version),
+        );
+    };
+    let mut body = serde_json::json!({
+        "attribute_path": attr,
+        "store_path": store_path,
+    });
+    if query.split('&').any(|q| q == "include_token=true") {
+        body["token"] = serde_json::Value::String(format!(
+            "flakehub_scoped_{}",
+            &release.revision().get(..12).unwrap_or("")
+        ));
+    }
+    Answer::Json(200, body)
 }
