@@ -449,7 +449,13 @@ fn agent_applies_in_transient_units_under_real_systemd() {
         c.unit_state(AGENT_UNIT),
         agent_journal(&c)
     );
+    // READY=1 comes as the resumed deploy's first step begins (an activation may restart this
+    // very unit), not when the deploy is recorded: wait for the record.
+    let recorded = poll(Duration::from_secs(30), Duration::from_millis(100), || {
+        read_state(&root)["in_flight"].is_null()
+    });
     let s = read_state(&root);
+    assert!(recorded, "the resumed deploy was not recorded: {s:#}");
     assert_eq!(s["deploys"], 2, "recorded exactly once: {s:#}");
     assert_eq!(s["last_deploy"]["version"], v2.as_str(), "{s:#}");
     assert_eq!(s["last_deploy"]["outcome"], "success", "{s:#}");

@@ -154,8 +154,23 @@ fn bit(b: bool) -> u8 {
 /// are left out; their `# HELP` and `# TYPE` are always there.
 pub fn render(state: &State, now: SystemTime) -> String {
     let mut out = String::with_capacity(4096);
-    let o = &mut out;
+    render_checks_and_releases(&mut out, state);
+    render_deploys(&mut out, state);
+    render_condition(&mut out, state);
+    if let Ok(now) = now.duration_since(UNIX_EPOCH) {
+        family(
+            &mut out,
+            "hcloud_nixos_metrics_rendered_timestamp_seconds",
+            "gauge",
+            "When this text was rendered (Unix time); old in a textfile means the agent stopped updating it.",
+        )
+        .sample(&[], now.as_secs());
+    }
+    out
+}
 
+/// The last check, and the releases that run and are wanted.
+fn render_checks_and_releases(o: &mut String, state: &State) {
     let check = state.last_check.as_ref();
     let mut f = family(
         o,
@@ -194,7 +209,10 @@ pub fn render(state: &State, now: SystemTime) -> String {
     if let Some(d) = &state.desired {
         f.sample(&[("version", &d.version), ("store_path", &d.store_path)], 1);
     }
+}
 
+/// Deploys and rollbacks: totals and the last one.
+fn render_deploys(o: &mut String, state: &State) {
     let c = &state.counters;
     family(
         o,
@@ -235,7 +253,10 @@ pub fn render(state: &State, now: SystemTime) -> String {
             bit(d.outcome == crate::agent::lifecycle::state::Outcome::Success),
         );
     }
+}
 
+/// What the agent's condition is now: a deploy under way, a reboot needed, failures, quarantine.
+fn render_condition(o: &mut String, state: &State) {
     family(
         o,
         "hcloud_nixos_deploy_in_progress",
@@ -264,17 +285,6 @@ pub fn render(state: &State, now: SystemTime) -> String {
         "Releases that failed, were rolled back and are not tried again until cleared.",
     )
     .sample(&[], state.quarantined.len());
-
-    if let Ok(now) = now.duration_since(UNIX_EPOCH) {
-        family(
-            o,
-            "hcloud_nixos_metrics_rendered_timestamp_seconds",
-            "gauge",
-            "When this text was rendered (Unix time); old in a textfile means the agent stopped updating it.",
-        )
-        .sample(&[], now.as_secs());
-    }
-    out
 }
 
 /// Writes the text for node-exporter's textfile collector: atomically, mode 0644. The directory
