@@ -19,7 +19,9 @@ for tool in nix-store nix-env curl awk getconf; do
 done
 [[ $(id -u) == 0 ]] || { echo "agent.sh: needs root (the Nix store is written directly)" >&2; exit 2; }
 
-cargo build --release --quiet --bin hcloud-nixos --example metadata-standin --example flakehub-standin
+# The binary servers run (the NixOS module's package): without the workstation's commands.
+cargo build --release --quiet --no-default-features --bin hcloud-nixos
+cargo build --release --quiet --example metadata-standin --example flakehub-standin
 bin=$repo/target/release/hcloud-nixos
 examples=$repo/target/release/examples
 

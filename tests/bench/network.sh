@@ -15,7 +15,9 @@ for tool in /usr/bin/time curl awk sort; do
   command -v "$tool" >/dev/null || { echo "network.sh: $tool is missing" >&2; exit 2; }
 done
 
-cargo build --release --quiet --bin hcloud-nixos --example metadata-standin
+# The binary servers run (the NixOS module's package): without the workstation's commands.
+cargo build --release --quiet --no-default-features --bin hcloud-nixos
+cargo build --release --quiet --example metadata-standin
 bin=$repo/target/release/hcloud-nixos
 
 work=$(mktemp -d)
