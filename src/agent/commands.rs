@@ -104,8 +104,8 @@ pub async fn fleet_command(config_path: &Path, command: &fleet::FleetCommand) ->
 
 /// `hcloud-nixos status`: the state for a person, or as JSON.
 pub fn status(config_path: &Path, json: bool) -> Result<String> {
-    let (state_dir, _) = dirs(config_path)?;
-    let state = State::load(&state_dir)?;
+    let (state_dir, run_dir) = dirs(config_path)?;
+    let state = State::load_for_status(&state_dir, &run_dir)?;
     if json {
         return Ok(serde_json::to_string_pretty(&state)? + "\n");
     }

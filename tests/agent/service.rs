@@ -310,3 +310,54 @@ fn a_check_asked_for_during_a_deploy_follows_it() {
     );
     assert!(agent.running(), "the agent exited: {}", agent.output());
 }
+
+#[test]
+fn an_idle_poll_costs_one_request_and_rewrites_no_state() {
+    let b = bench!(
+        "idle_poll",
+        Options {
+            poll_interval: "1h",
+            ..Options::default()
+        }
+    );
+    let (v1, _) = b.release(1, Kind::Normal);
+    let agent = b.start_agent();
+    b.wait_for(secs(30), "the first release running", || {
+        str_at(&b.state(), "/running/version") == v1
+    });
+    // The poll after a deploy changes the status line; from then on polls are idle.
+    let checks = |n: usize| {
+        for _ in 0..n {
+            let before = b.flakehub.total_requests();
+            agent.signal(Signal::SIGUSR1);
+            b.wait_for(secs(10), "the check's request", || {
+                b.flakehub.total_requests() > before
+            });
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    checks(1);
+    let state_file = b.root.join("state/state.json");
+    let written = std::fs::metadata(&state_file).unwrap().modified().unwrap();
+    b.flakehub.reset_counts();
+    checks(5);
+    assert_eq!(
+        b.flakehub.requests(harness::flakehub::Endpoint::Version),
+        5,
+        "one /version request per poll"
+    );
+    assert_eq!(b.flakehub.total_requests(), 5, "and nothing else");
+    assert_eq!(
+        std::fs::metadata(&state_file).unwrap().modified().unwrap(),
+        written,
+        "an idle poll rewrote the state file"
+    );
+    // `status` shows the last check all the same.
+    let status = b.status_json();
+    let last = status["last_check"]["at"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let on_file = str_at(&b.state(), "/last_check/at").to_string();
+    assert!(last > on_file, "status shows {last}, the file {on_file}");
+}

@@ -25,6 +25,7 @@ pub(crate) async fn cycle<H: Host>(
     state: &mut State,
     report: Report<'_>,
 ) -> (Outcome, Vec<hooks::Event>) {
+    let before = state.clone();
     let outcome = cycle_inner(host, state, report).await;
     let mut events = outcome.events(state);
     let reboot_note = if state.in_flight().is_none() {
@@ -50,7 +51,13 @@ pub(crate) async fn cycle<H: Host>(
         ),
         message: state.status.clone(),
     });
-    if let Err(e) = host.persist(state) {
+    // An idle poll that found what the one before found writes nothing but its time.
+    let written = if state.changed_since(&before) {
+        host.persist(state)
+    } else {
+        host.note_check(state)
+    };
+    if let Err(e) = written {
         tracing::error!(error = %e, "cannot record the state");
     }
     (outcome, events)

@@ -76,6 +76,8 @@ pub(crate) trait Host {
     fn link(&self, link: Link) -> Option<String>;
     /// Writes the state down; a deploy must not go on when its next step cannot be.
     fn persist(&self, state: &State) -> Result<(), String>;
+    /// Notes a check that changed nothing else (cheaper than [`Host::persist`]).
+    fn note_check(&self, state: &State) -> Result<(), String>;
     /// Someone else is switching the system by hand right now, and who.
     fn someone_switching(&self) -> Option<String>;
     /// What stops any deploy before it starts (a missing program, a fleet that cannot be asked).
@@ -263,6 +265,12 @@ impl Host for Context {
         state
             .save(&self.settings.paths.state_dir)
             .map_err(|e| format!("cannot record the deploy's progress: {e:#}"))
+    }
+
+    fn note_check(&self, state: &State) -> Result<(), String> {
+        state
+            .note_check(&self.settings.paths.run_dir)
+            .map_err(|e| format!("cannot note the last check: {e:#}"))
     }
 
     fn someone_switching(&self) -> Option<String> {

@@ -21,6 +21,9 @@ use crate::plumbing::files;
 
 pub(crate) const FILE_NAME: &str = "state.json";
 
+/// The last check, in the runtime directory.
+pub(crate) const LAST_CHECK: &str = "last-check.json";
+
 /// Now, to the second (what the file and the status show).
 pub fn now() -> Timestamp {
     Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH)
@@ -269,6 +272,49 @@ impl State {
         text.push(b'\n');
         let path = Self::path(state_dir);
         files::write_atomic(&path, &text, 0o600)
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// Has anything changed since `before` besides the time of the last check? An idle poll
+    /// that found what the one before it found writes nothing to disk (see [`LAST_CHECK`]).
+    pub fn changed_since(&self, before: &State) -> bool {
+        let same_check = match (&self.last_check, &before.last_check) {
+            (Some(a), Some(b)) => a.ok == b.ok && a.message == b.message,
+            (None, None) => true,
+            _ => false,
+        };
+        if !same_check {
+            return true;
+        }
+        let mut this = self.clone();
+        this.last_check.clone_from(&before.last_check);
+        this != *before
+    }
+
+    /// The state as `status` shows it: the file, with the last check from the runtime file when
+    /// that is newer (idle polls do not rewrite the state file).
+    pub fn load_for_status(state_dir: &Path, run_dir: &Path) -> Result<State> {
+        let mut state = State::load(state_dir)?;
+        let newer = std::fs::read(run_dir.join(LAST_CHECK))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Check>(&bytes).ok())
+            .filter(|c| state.last_check.as_ref().is_none_or(|l| c.at > l.at));
+        if let Some(check) = newer {
+            state.last_check = Some(check);
+        }
+        Ok(state)
+    }
+
+    /// Notes the last check in the runtime directory (a small file on tmpfs), where `status`
+    /// finds it; the state file keeps the last check that changed something.
+    pub fn note_check(&self, run_dir: &Path) -> Result<()> {
+        let Some(check) = &self.last_check else {
+            return Ok(());
+        };
+        files::create_dir_all_mode(run_dir, 0o700)
+            .with_context(|| format!("cannot create {}", run_dir.display()))?;
+        let path = run_dir.join(LAST_CHECK);
+        files::write_atomic(&path, &serde_json::to_vec(check)?, 0o600)
             .with_context(|| format!("cannot write {}", path.display()))
     }
 

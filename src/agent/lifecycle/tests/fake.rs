@@ -208,6 +208,14 @@ impl Host for Fake {
         self.w().persisted = Some(state.clone());
         Ok(())
     }
+    fn note_check(&self, state: &State) -> Result<(), String> {
+        let mut w = self.w();
+        w.log.push("note check".into());
+        if let Some(p) = w.persisted.as_mut() {
+            p.last_check.clone_from(&state.last_check);
+        }
+        Ok(())
+    }
     fn someone_switching(&self) -> Option<String> {
         self.w().switching.clone()
     }

@@ -454,3 +454,26 @@ async fn someone_switching_by_hand_is_waited_for() {
     assert_eq!(host.world.borrow().did("fetch"), 0);
     assert!(host.state().last_check.is_some_and(|c| !c.ok));
 }
+
+#[tokio::test]
+async fn an_idle_poll_writes_nothing_but_its_time() {
+    let host = fake(|_| {});
+    assert_eq!(host.cycle().await, Outcome::Deployed(release(43)));
+    // The first poll after the deploy changes the status line ("just deployed" goes).
+    assert_eq!(host.cycle().await, Outcome::UpToDate(release(43)));
+    assert_eq!(host.world.borrow().did("note check"), 0);
+    let written = host.state();
+    assert_eq!(host.cycle().await, Outcome::UpToDate(release(43)));
+    assert_eq!(
+        host.world.borrow().did("note check"),
+        1,
+        "only the time is noted"
+    );
+    let after = host.state();
+    assert!(!after.changed_since(&written), "{after:?}");
+    // A check whose result differs is written down.
+    let host = host.restarted(|w| w.release = None);
+    assert!(matches!(host.cycle().await, Outcome::Failed { .. }));
+    assert_eq!(host.world.borrow().did("note check"), 1);
+    assert_eq!(host.state().consecutive_failures, 1);
+}
