@@ -219,6 +219,8 @@ async fn check_pending_boot<H: Host>(
         previous_profile: pending.previous_profile.clone(),
         failed_before: Vec::new(),
         started_at: pending.at,
+        fetched_at: None,
+        activated_at: None,
     };
     let verdict = if booted.as_deref() != Some(pending.store_path.as_str()) {
         Err(format!(
@@ -304,6 +306,8 @@ async fn start_deploy<H: Host>(
         previous_profile: host.link(Link::Profile),
         failed_before,
         started_at: host.now(),
+        fetched_at: None,
+        activated_at: None,
     };
     tracing::info!(
         version = %desired.version,

@@ -76,7 +76,7 @@ pub(super) async fn drive<H: Host>(host: &H, state: &mut State, report: Report<'
                 phase
             }
         };
-        if let Err(e) = state.transition(|l| l.enter(phase)) {
+        if let Err(e) = state.transition(|l| l.enter(phase, host.now())) {
             return illegal(&f.target, e);
         }
         if let Err(e) = host.persist(state) {
@@ -417,7 +417,7 @@ async fn roll_back<H: Host>(host: &H, state: &mut State, restarted: &mut bool) -
                     "the rollback was interrupted before it finished; starting it again"
                 );
                 let again = f.phase.clone();
-                if let Err(e) = state.transition(|l| l.enter(again)) {
+                if let Err(e) = state.transition(|l| l.enter(again, host.now())) {
                     return illegal(&f.target, e);
                 }
                 if let Err(e) = host.persist(state) {

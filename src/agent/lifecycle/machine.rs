@@ -77,9 +77,10 @@ impl Lifecycle {
     }
 
     /// Moves the deploy under way to `phase` (or starts its phase's step again), forgetting the
-    /// step of the phase before. Forward only: fetch, activate, confirm; rollback from activate
-    /// or confirm; a phase to itself.
-    pub fn enter(self, phase: Phase) -> Result<Lifecycle, Illegal> {
+    /// step of the phase before, and noting `now` as the end of the fetch or the activation.
+    /// Forward only: fetch, activate, confirm; rollback from activate or confirm; a phase to
+    /// itself.
+    pub fn enter(self, phase: Phase, now: Timestamp) -> Result<Lifecycle, Illegal> {
         let Lifecycle::Deploying {
             mut deploy,
             awaiting,
@@ -106,6 +107,11 @@ impl Lifecycle {
                     phase.name()
                 ),
             });
+        }
+        match (&deploy.phase, &phase) {
+            (Phase::Fetch, Phase::Activate) => deploy.fetched_at = Some(now),
+            (Phase::Activate, Phase::Confirm { .. }) => deploy.activated_at = Some(now),
+            _ => {}
         }
         deploy.phase = phase;
         deploy.step = None;
@@ -322,6 +328,8 @@ impl State {
             previous_path: f.previous_path.clone(),
             operation: f.operation,
             started_at: f.started_at,
+            fetched_at: f.fetched_at,
+            activated_at: f.activated_at,
             finished_at: now,
             outcome: if error.is_none() {
                 Recorded::Success

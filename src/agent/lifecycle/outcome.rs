@@ -414,6 +414,8 @@ mod tests {
                 previous_path: Some("/nix/store/prev".into()),
                 operation: crate::agent::config::Operation::Switch,
                 started_at: now(),
+                fetched_at: None,
+                activated_at: None,
                 finished_at: now(),
                 outcome: Recorded::Success,
                 error: None,

@@ -62,6 +62,12 @@ pub struct Deploy {
     pub previous_path: Option<String>,
     pub operation: Operation,
     pub started_at: Timestamp,
+    /// When the fetch ended and the activation began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched_at: Option<Timestamp>,
+    /// When the activation ended and the confirmation began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activated_at: Option<Timestamp>,
     pub finished_at: Timestamp,
     pub outcome: Outcome,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -120,6 +126,10 @@ pub struct InFlight {
     /// Units already failed before the deploy; they do not count against it.
     pub failed_before: Vec<String>,
     pub started_at: Timestamp,
+    /// When the fetch ended (the activation began).
+    pub fetched_at: Option<Timestamp>,
+    /// When the activation ended (the confirmation began).
+    pub activated_at: Option<Timestamp>,
 }
 
 /// A release applied with `operation = "boot"`, to be checked after the next boot.
@@ -398,6 +408,10 @@ mod wire {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         failure: Option<String>,
         started_at: Timestamp,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fetched_at: Option<Timestamp>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        activated_at: Option<Timestamp>,
     }
 
     fn fetch() -> PhaseName {
@@ -437,6 +451,8 @@ mod wire {
                 previous_profile: f.previous_profile,
                 failed_before: f.failed_before,
                 started_at: f.started_at,
+                fetched_at: f.fetched_at,
+                activated_at: f.activated_at,
             }
         }
     }
@@ -468,6 +484,8 @@ mod wire {
                 confirm_until,
                 failure,
                 started_at: f.started_at,
+                fetched_at: f.fetched_at,
+                activated_at: f.activated_at,
             }
         }
     }
@@ -621,6 +639,8 @@ mod tests {
             previous_profile: None,
             failed_before: vec!["x.service".into()],
             started_at: now(),
+            fetched_at: None,
+            activated_at: None,
         }
     }
 

@@ -30,6 +30,8 @@ fn in_flight(t: &Target, operation: Operation, phase: Phase) -> InFlight {
         previous_profile: Some("/nix/store/prev".into()),
         failed_before: Vec::new(),
         started_at: now(),
+        fetched_at: None,
+        activated_at: None,
     }
 }
 
@@ -130,7 +132,7 @@ fn phases_only_move_forward_or_to_a_rollback() {
             if let Lifecycle::Deploying { deploy, .. } = &mut start {
                 deploy.step = Some(StepHandle::Unit("old.service".into()));
             }
-            let result = start.enter(to.clone());
+            let result = start.enter(to.clone(), now());
             if allowed(from, to) {
                 let Ok(Lifecycle::Deploying { deploy, .. }) = result else {
                     panic!("{from:?} -> {to:?}: {result:?}")
@@ -147,7 +149,7 @@ fn phases_only_move_forward_or_to_a_rollback() {
         Lifecycle::Steady,
         Lifecycle::AwaitingBoot(pending("1", "b")),
     ] {
-        assert!(other.enter(Phase::Activate).is_err());
+        assert!(other.enter(Phase::Activate, now()).is_err());
     }
 }
 
@@ -259,7 +261,11 @@ fn a_refused_transition_leaves_the_state_where_it_stood() {
         ..Default::default()
     };
     let before = state.lifecycle.clone();
-    assert!(state.transition(|l| l.enter(Phase::Activate)).is_err());
+    assert!(
+        state
+            .transition(|l| l.enter(Phase::Activate, now()))
+            .is_err()
+    );
     assert!(state.transition_with(Lifecycle::confirmed).is_err());
     assert_eq!(state.lifecycle, before);
     assert_eq!(state.pending_boot().unwrap().version, "0.1.42");

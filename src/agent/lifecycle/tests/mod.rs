@@ -44,6 +44,10 @@ async fn a_new_release_is_fetched_activated_confirmed_and_recorded() {
     assert_eq!(state.lifecycle, Lifecycle::Steady);
     assert_eq!(state.running, Some(release(43)));
     assert_eq!(state.status, "up to date: 0.1.43 (just deployed)");
+    // When each phase ended, for `hcloud-nixos create`'s timeline.
+    let d = state.last_deploy.as_ref().unwrap();
+    let (fetched, activated) = (d.fetched_at.unwrap(), d.activated_at.unwrap());
+    assert!(d.started_at <= fetched && fetched <= activated && activated <= d.finished_at);
     // Then: up to date, nothing run.
     assert_eq!(host.cycle().await, Outcome::UpToDate(release(43)));
     assert_eq!(host.world.borrow().did("fetch"), 1);
