@@ -185,7 +185,7 @@ fn notify_status(text: &str) {
     let line: String = text
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
-        .take(300)
+        .take(500)
         .collect();
     if line.is_empty() {
         return;

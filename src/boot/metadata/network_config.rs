@@ -385,7 +385,7 @@ fn static_subnet(
     }
     let gateway = match sget("gateway").and_then(scalar_string) {
         Some(gw) => {
-            let gw_addr = IpAddr::from_str(gw.trim()).map_err(|_| {
+            let gw_addr = gateway_address(gw.trim()).ok_or_else(|| {
                 ctx.err(
                     sat("gateway"),
                     format!("{} is not an IP address", quote(&gw)),
@@ -414,6 +414,21 @@ fn static_subnet(
         iface.gateways.push(gw);
     }
     Ok(())
+}
+
+/// A gateway's address; a link-local IPv6 one may carry its link (`fe80::1%eth0`, as in the
+/// older layout's routes): the file for the NIC says `GatewayOnLink=yes` anyway.
+fn gateway_address(text: &str) -> Option<IpAddr> {
+    match text.split_once('%') {
+        None => IpAddr::from_str(text).ok(),
+        Some((addr, link)) => {
+            IfName::parse(link).ok()?;
+            Ipv6Addr::from_str(addr)
+                .ok()
+                .filter(Ipv6Addr::is_unicast_link_local)
+                .map(IpAddr::V6)
+        }
+    }
 }
 
 /// The texts of a list (or of one whitespace-separated string); an item that is no scalar is a

@@ -372,6 +372,18 @@ fn invalid_addresses_cost_their_nic() {
             .problem
             .contains("prefix length")
     );
+    let scoped = bad_address
+        .replace("2a01:4f8:zz::1/64", "2a01:4f8::1/64")
+        .replace("fe80::1", "'fe80::1%eth0'");
+    assert_eq!(
+        only_nic(&md(&doc_with_nic(&scoped))).gateways,
+        vec![v6("fe80::1")]
+    );
+    let scoped_global = scoped.replace("fe80::1%eth0", "2a01::1%eth0");
+    assert_eq!(
+        field(&scoped_global),
+        "network-config.config[0].subnets[0].gateway"
+    );
     let bad_gateway = bad_address
         .replace("2a01:4f8:zz::1/64", "2a01:4f8::1/64")
         .replace("fe80::1", "fe80::g");

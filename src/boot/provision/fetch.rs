@@ -244,7 +244,7 @@ async fn from_saved(why: anyhow::Error, opts: &Options) -> Result<Fetched> {
         Ok(problems) => fetched.problems.extend(problems),
         Err(not_ours) => {
             return Err(anyhow!(
-                "{why:#}; the metadata saved at {when} is not this server's, so nothing is configured from it: {not_ours}"
+                "the metadata saved at {when} is not this server's: {not_ours}; nothing is configured from it, and {why:#}"
             ));
         }
     }
