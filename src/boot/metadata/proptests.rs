@@ -12,7 +12,6 @@
 //! `PROPTEST_CASES=200000 cargo test --release --lib boot::metadata::proptests -- --nocapture`
 //! (each property prints how many inputs it ran and how long it took).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
@@ -80,11 +79,54 @@ fn private_seeds() -> Vec<String> {
 /// One change to a document's bytes.
 #[derive(Debug, Clone)]
 enum Mutation {
-    Flip { at: usize, bit: u8 },
-    Truncate { at: usize },
-    Insert { at: usize, bytes: Vec<u8> },
-    DuplicateLine { line: usize },
-    DeleteLine { line: usize },
+    Flip {
+        at: usize,
+        bit: u8,
+    },
+    Truncate {
+        at: usize,
+    },
+    Insert {
+        at: usize,
+        bytes: Vec<u8>,
+    },
+    DuplicateLine {
+        line: usize,
+    },
+    DeleteLine {
+        line: usize,
+    },
+    /// The value of the `line`-th `key: value` (or `- item`) line, replaced by `value` as a
+    /// double-quoted string: the document stays YAML, the value is hostile.
+    ReplaceValue {
+        line: usize,
+        value: String,
+    },
+}
+
+/// Values that have tripped parsers and renderers up, as text.
+fn nasty_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("eth0\n[Network]\nDNS=192.0.2.66".to_string()),
+        Just("example.com\n[Route]\nGateway=192.0.2.1".to_string()),
+        Just("96€€€a".to_string()),
+        Just("€€€€".to_string()),
+        Just("96:00:03:aa:bb:cc\n".to_string()),
+        Just("eth0:0".to_string()),
+        Just("fe80::1%eth0".to_string()),
+        Just("2a01:4f8::1/64".to_string()),
+        Just("2a01:4f8::1/129".to_string()),
+        Just("255.255.0.255".to_string()),
+        Just("99999999999999999999999999".to_string()),
+        Just("-1".to_string()),
+        Just("x\u{1b}[2J\u{202e}".to_string()),
+        Just("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBjYTHGY k\r\n".to_string()),
+        Just("command=\"sh\" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBjYTHGY".to_string()),
+        Just(String::new()),
+        Just("a".repeat(300)),
+        any::<String>(),
+        "[0-9a-f:./%-]{0,40}",
+    ]
 }
 
 /// Text that parsers have tripped over: structure, huge numbers, deep nesting, control and
@@ -122,12 +164,48 @@ fn nasty() -> impl Strategy<Value = Vec<u8>> {
 
 fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
-        (any::<usize>(), 0u8..8).prop_map(|(at, bit)| Mutation::Flip { at, bit }),
-        any::<usize>().prop_map(|at| Mutation::Truncate { at }),
-        (any::<usize>(), nasty()).prop_map(|(at, bytes)| Mutation::Insert { at, bytes }),
-        any::<usize>().prop_map(|line| Mutation::DuplicateLine { line }),
-        any::<usize>().prop_map(|line| Mutation::DeleteLine { line }),
+        1 => (any::<usize>(), 0u8..8).prop_map(|(at, bit)| Mutation::Flip { at, bit }),
+        1 => any::<usize>().prop_map(|at| Mutation::Truncate { at }),
+        2 => (any::<usize>(), nasty()).prop_map(|(at, bytes)| Mutation::Insert { at, bytes }),
+        2 => any::<usize>().prop_map(|line| Mutation::DuplicateLine { line }),
+        1 => any::<usize>().prop_map(|line| Mutation::DeleteLine { line }),
+        6 => (any::<usize>(), nasty_value())
+            .prop_map(|(line, value)| Mutation::ReplaceValue { line, value }),
     ]
+}
+
+/// Replaces the value of the `line`-th line that has one (after `: ` or `- `), if any.
+fn replace_value(doc: Vec<u8>, line: usize, value: &str) -> Vec<u8> {
+    let Ok(text) = String::from_utf8(doc.clone()) else {
+        return doc;
+    };
+    let mut lines: Vec<String> = text.split('\n').map(str::to_string).collect();
+    let candidates: Vec<(usize, usize)> = lines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let at = l.find(": ").map(|p| p + 2).or_else(|| {
+                let trimmed = l.trim_start();
+                trimmed
+                    .starts_with("- ")
+                    .then(|| l.len() - trimmed.len() + 2)
+            })?;
+            Some((i, at))
+        })
+        .collect();
+    if candidates.is_empty() {
+        return doc;
+    }
+    let (i, at) = candidates[line % candidates.len()];
+    let quoted = serde_json::to_string(value).unwrap();
+    // Keep a JSON document's trailing comma.
+    let comma = if lines[i].trim_end().ends_with(',') {
+        ","
+    } else {
+        ""
+    };
+    lines[i] = format!("{}{quoted}{comma}", &lines[i][..at]);
+    lines.join("\n").into_bytes()
 }
 
 fn apply(mut doc: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
@@ -156,6 +234,7 @@ fn apply(mut doc: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
                 }
                 doc = lines.join(&b'\n');
             }
+            Mutation::ReplaceValue { line, value } => doc = replace_value(doc, *line, value),
         }
         doc.truncate(MAX_INPUT);
     }
@@ -166,7 +245,7 @@ fn apply(mut doc: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
 fn document(seeds: Vec<String>) -> impl Strategy<Value = Vec<u8>> {
     let mutated = (
         proptest::sample::select(seeds),
-        proptest::collection::vec(mutation(), 1..6),
+        proptest::collection::vec(mutation(), 1..4),
     )
         .prop_map(|(seed, ms)| apply(seed.into_bytes(), &ms));
     prop_oneof![
@@ -217,9 +296,12 @@ fn assert_file_shape(file: &NetworkFile) {
     }
 }
 
-fn check_metadata(bytes: &[u8]) {
+/// How an input ended, for the run's summary.
+type Outcome = &'static str;
+
+fn check_metadata(bytes: &[u8]) -> Outcome {
     let Some(text) = as_text(bytes) else {
-        return;
+        return "not UTF-8";
     };
     let started = Instant::now();
     let result = parse_metadata(text);
@@ -229,10 +311,13 @@ fn check_metadata(bytes: &[u8]) {
         started.elapsed()
     );
     match result {
-        Err(e) => assert!(
-            one_line(&e.to_string()) && e.to_string().len() < 512,
-            "{e:?}"
-        ),
+        Err(e) => {
+            assert!(
+                one_line(&e.to_string()) && e.to_string().len() < 512,
+                "{e:?}"
+            );
+            "error"
+        }
         Ok(parsed) => {
             assert!(parsed.problems.len() <= MAX_PROBLEMS + 1);
             for p in &parsed.problems {
@@ -252,13 +337,18 @@ fn check_metadata(bytes: &[u8]) {
             if let Some(h) = &m.hostname {
                 assert!(Hostname::parse(h).is_ok());
             }
+            match (&m.network, parsed.problems.is_empty()) {
+                (Some(n), true) if !n.interfaces.is_empty() => "value with NICs",
+                (_, true) => "value",
+                (_, false) => "value with problems",
+            }
         }
     }
 }
 
-fn check_private(bytes: &[u8]) {
+fn check_private(bytes: &[u8]) -> Outcome {
     let Some(text) = as_text(bytes) else {
-        return;
+        return "not UTF-8";
     };
     let started = Instant::now();
     let result = parse_private_networks(text);
@@ -268,7 +358,10 @@ fn check_private(bytes: &[u8]) {
         started.elapsed()
     );
     match result {
-        Err(e) => assert!(one_line(&e.to_string()), "{e:?}"),
+        Err(e) => {
+            assert!(one_line(&e.to_string()), "{e:?}");
+            "error"
+        }
         Ok(parsed) => {
             assert!(parsed.value.len() <= MAX_PRIVATE_NICS);
             for p in &parsed.problems {
@@ -277,14 +370,19 @@ fn check_private(bytes: &[u8]) {
             for file in network::render(&NetworkConfig::default(), &parsed.value) {
                 assert_file_shape(&file);
             }
+            if parsed.problems.is_empty() {
+                "value"
+            } else {
+                "value with problems"
+            }
         }
     }
 }
 
-/// Runs `property` on `cases` inputs of `strategy` (from `PROPTEST_CASES`) and prints the count
-/// and time, for the long run's report.
-fn run<S: Strategy>(name: &str, strategy: S, property: impl Fn(S::Value)) {
-    let count = AtomicUsize::new(0);
+/// Runs `property` on `cases` inputs of `strategy` (from `PROPTEST_CASES`) and prints the count,
+/// the time and how the inputs ended, for the long run's report.
+fn run<S: Strategy>(name: &str, strategy: S, property: impl Fn(S::Value) -> Outcome) {
+    let outcomes = std::sync::Mutex::new(std::collections::BTreeMap::<Outcome, usize>::new());
     let config = Config {
         failure_persistence: None,
         ..Config::default()
@@ -292,13 +390,14 @@ fn run<S: Strategy>(name: &str, strategy: S, property: impl Fn(S::Value)) {
     let started = Instant::now();
     let mut runner = TestRunner::new(config);
     let result = runner.run(&strategy, |value| {
-        count.fetch_add(1, Ordering::Relaxed);
-        property(value);
+        let outcome = property(value);
+        *outcomes.lock().unwrap().entry(outcome).or_default() += 1;
         Ok(())
     });
-    let n = count.load(Ordering::Relaxed);
+    let outcomes = outcomes.into_inner().unwrap();
     eprintln!(
-        "{name}: {n} inputs in {:.1} s",
+        "{name}: {} inputs in {:.1} s: {outcomes:?}",
+        outcomes.values().sum::<usize>(),
         started.elapsed().as_secs_f64()
     );
     if let Err(e) = result {
@@ -331,16 +430,24 @@ fn network_config_documents_under_fire() {
         .collect();
     run("network-config", document(seeds), |bytes| {
         let Some(text) = as_text(&bytes) else {
-            return;
+            return "not UTF-8";
         };
         let started = Instant::now();
         let result = parse_network_config_document(text);
         assert!(started.elapsed() < PER_INPUT);
         match result {
-            Err(e) => assert!(one_line(&e.to_string())),
+            Err(e) => {
+                assert!(one_line(&e.to_string()));
+                "error"
+            }
             Ok(parsed) => {
                 for file in network::render(&parsed.value, &[]) {
                     assert_file_shape(&file);
+                }
+                if parsed.value.interfaces.is_empty() {
+                    "value without NICs"
+                } else {
+                    "value with NICs"
                 }
             }
         }
@@ -351,13 +458,29 @@ fn network_config_documents_under_fire() {
 #[test]
 fn macs_under_fire() {
     let near = "[0-9a-fA-F:\\-€é٩ \n]{0,20}";
-    let strategy = prop_oneof![any::<String>(), near.prop_map(|s| s)];
-    run("mac", strategy, |text| {
-        if let Ok(mac) = text.parse::<MacAddr>() {
+    let formed = (
+        any::<[u8; 6]>(),
+        proptest::sample::select(vec![":", "-", ""]),
+        any::<bool>(),
+    )
+        .prop_map(|(bytes, sep, upper)| {
+            let parts: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let text = parts.join(sep);
+            if upper { text.to_uppercase() } else { text }
+        });
+    let spoiled = (formed.clone(), any::<usize>(), nasty()).prop_map(|(mac, at, bytes)| {
+        let spoiled = apply(mac.into_bytes(), &[Mutation::Insert { at, bytes }]);
+        String::from_utf8_lossy(&spoiled).into_owned()
+    });
+    let strategy = prop_oneof![any::<String>(), near.prop_map(|s| s), formed, spoiled];
+    run("mac", strategy, |text| match text.parse::<MacAddr>() {
+        Ok(mac) => {
             let shown = mac.to_string();
             assert_eq!(shown.len(), 17);
             assert_eq!(shown.parse::<MacAddr>(), Ok(mac));
+            "MAC"
         }
+        Err(_) => "error",
     });
 }
 
@@ -365,19 +488,38 @@ fn macs_under_fire() {
 #[test]
 fn ip_prefixes_under_fire() {
     let near = "[0-9a-fA-F:./%]{0,45}";
+    let formed =
+        (any::<std::net::IpAddr>(), 0u8..140, any::<bool>()).prop_map(|(addr, len, with_len)| {
+            if with_len {
+                format!("{addr}/{len}")
+            } else {
+                addr.to_string()
+            }
+        });
     let strategy = (
-        prop_oneof![any::<String>(), near.prop_map(|s| s)],
+        prop_oneof![any::<String>(), near.prop_map(|s| s), formed],
         proptest::option::of(prop_oneof![
             any::<String>(),
-            "[0-9./:f]{0,40}".prop_map(|s| s)
+            "[0-9./:f]{0,40}".prop_map(|s| s),
+            (0u8..140).prop_map(|l| l.to_string()),
+            any::<std::net::IpAddr>().prop_map(|a| a.to_string()),
         ]),
     );
-    run("ip-prefix", strategy, |(address, netmask)| {
-        if let Ok(p) = IpPrefix::parse(&address, netmask.as_deref()) {
-            assert!(p.len <= if p.addr.is_ipv4() { 32 } else { 128 });
-            assert_eq!(IpPrefix::parse(&p.to_string(), None), Ok(p));
-        }
-    });
+    run(
+        "ip-prefix",
+        strategy,
+        |(address, netmask)| match IpPrefix::parse(&address, netmask.as_deref()) {
+            Ok(p) => {
+                assert!(p.len <= if p.addr.is_ipv4() { 32 } else { 128 });
+                assert_eq!(IpPrefix::parse(&p.to_string(), None), Ok(p));
+                "prefix"
+            }
+            Err(e) => {
+                assert!(one_line(&e));
+                "error"
+            }
+        },
+    );
 }
 
 /// Keys: a value is one line without control characters that parses to itself.
@@ -394,10 +536,12 @@ fn ssh_keys_under_fire() {
             .into_owned()
         }),
     ];
-    run("ssh-key", strategy, |text| {
-        if let Ok(k) = SshKey::parse(&text) {
+    run("ssh-key", strategy, |text| match SshKey::parse(&text) {
+        Ok(k) => {
             assert!(one_line(&k) && !k.contains('\n'));
             assert_eq!(SshKey::parse(&k), Ok(k.clone()));
+            "key"
         }
+        Err(_) => "error",
     });
 }
