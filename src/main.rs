@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use hcloud_nixos::agent::config;
 use hcloud_nixos::agent::userdata;
 use hcloud_nixos::agent::{commands, service};
+use hcloud_nixos::boot::cache;
 use hcloud_nixos::boot::hostname::Policy;
 use hcloud_nixos::boot::metadata::client::DEFAULT_URL;
 use hcloud_nixos::boot::provision;
@@ -76,6 +77,12 @@ enum Command {
         /// Print what would be written and done; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Where the last good metadata is kept (root-only), used when the service is silent.
+        #[arg(long, default_value = cache::DEFAULT_STATE_DIR, value_name = "DIR")]
+        state_dir: PathBuf,
+        /// The machine's SMBIOS data (its serial tells whose saved metadata this is).
+        #[arg(long, default_value = cache::DEFAULT_DMI_DIR, value_name = "DIR", hide = true)]
+        dmi_dir: PathBuf,
     },
     /// Follow a FlakeHub output reference: poll, apply new releases with fh, verify, record.
     Agent {
@@ -257,6 +264,8 @@ async fn run(command: Command) -> Result<Done> {
             hostname_file,
             keys_file,
             dry_run,
+            state_dir,
+            dmi_dir,
         } => {
             let opts = provision::Options {
                 network_dir,
@@ -265,6 +274,8 @@ async fn run(command: Command) -> Result<Done> {
                 hostname_file,
                 keys_file,
                 dry_run,
+                state_dir,
+                dmi_dir,
             };
             provision::network(&source.source()?, &opts).await?;
             Ok(Done::Ok)

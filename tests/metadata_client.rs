@@ -333,6 +333,9 @@ impl Run {
     fn keys(&self) -> PathBuf {
         self.dir.path().join("keys")
     }
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
     fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.out.stderr).into_owned()
     }
@@ -367,20 +370,45 @@ fn binary() -> Command {
     cmd
 }
 
-/// Runs `hcloud-nixos network` against `base_url`, writing only below a temporary directory;
-/// `prepare` may put files into the network directory first.
+/// Runs `hcloud-nixos network` against `base_url`, writing only below a temporary directory
+/// (network files, keys, the saved metadata; no SMBIOS data); `prepare` may put files into the
+/// network directory first.
 fn run_network(base_url: &str, extra: &[&str], prepare: impl FnOnce(&Path)) -> Run {
-    let dir = tempfile::tempdir().unwrap();
+    run_network_in(tempfile::tempdir().unwrap(), base_url, extra, prepare)
+}
+
+/// As [`run_network`], in `dir` (a later boot of the same machine passes the earlier's).
+fn run_network_in(
+    dir: tempfile::TempDir,
+    base_url: &str,
+    extra: &[&str],
+    prepare: impl FnOnce(&Path),
+) -> Run {
     let net = dir.path().join("network");
+    if net.exists() {
+        std::fs::remove_dir_all(&net).unwrap();
+    }
     std::fs::create_dir(&net).unwrap();
+    let _ = std::fs::remove_file(dir.path().join("keys"));
     prepare(&net);
+    // A generous deadline unless the test gives its own.
+    let deadline: &[&str] = if extra.contains(&"--deadline") {
+        &[]
+    } else {
+        &["--deadline", "10s"]
+    };
     let out = binary()
         .arg("network")
-        .args(["--metadata-url", base_url, "--deadline", "10s"])
+        .args(["--metadata-url", base_url])
+        .args(deadline)
         .arg("--network-dir")
         .arg(&net)
         .arg("--keys-file")
         .arg(dir.path().join("keys"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--dmi-dir")
+        .arg(dir.path().join("dmi"))
         .args(["--hostname", "never", "--no-reload"])
         .args(extra)
         .output()
@@ -626,27 +654,67 @@ fn full_example() -> String {
 }
 
 #[test]
-fn network_rejects_version_2() {
+fn network_rejects_a_document_that_is_not_yaml() {
+    assert_rejected("hostname: [unclosed\n", "not valid YAML");
+    assert_rejected("- a list\n", "not a mapping");
+}
+
+/// Another version of network-config costs the network files (left as they are), not the keys.
+#[test]
+fn network_version_2_leaves_the_files_alone_and_still_sets_the_keys() {
     let doc = full_example().replace("  version: 1", "  version: 2");
-    assert_rejected(&doc, "version");
+    let s = server("metadata.full-example.yaml", None);
+    s.set_document("metadata", Some(doc.as_bytes()));
+    let run = run_network(&s.base_url(), &[], |net| {
+        std::fs::write(
+            net.join("50-hcloud-nixos-public-960003aabbcc.network"),
+            "old\n",
+        )
+        .unwrap();
+    });
+    run.assert_ok();
+    assert_eq!(
+        run.read("50-hcloud-nixos-public-960003aabbcc.network"),
+        "old\n"
+    );
+    assert_keys(&run, &[FULL_KEY]);
+    assert_warned(&run, "network-config.version");
 }
 
+/// A bad MAC or address costs its NIC: no file for it (our old one is stale), the rest done.
 #[test]
-fn network_rejects_a_bad_mac() {
-    let doc = full_example().replace("96:00:03:aa:bb:cc", "96:00:03:zz:bb:cc");
-    assert_rejected(&doc, "mac_address");
-}
-
-#[test]
-fn network_rejects_a_bad_address() {
-    let doc = full_example().replace("2a01:4f8:c012:abcd::1/64", "2a01:4f8:c012:abcd::1/999");
-    assert_rejected(&doc, "address");
+fn network_a_bad_mac_or_address_costs_its_nic() {
+    for (doc, field) in [
+        (
+            full_example().replace("96:00:03:aa:bb:cc", "96:00:03:zz:bb:cc"),
+            "network-config.config[0].mac_address",
+        ),
+        (
+            full_example().replace("2a01:4f8:c012:abcd::1/64", "2a01:4f8:c012:abcd::1/999"),
+            "network-config.config[0].subnets[1].address",
+        ),
+    ] {
+        let s = server("metadata.full-example.yaml", None);
+        s.set_document("metadata", Some(doc.as_bytes()));
+        let run = run_network(&s.base_url(), &[], |net| {
+            std::fs::write(
+                net.join("50-hcloud-nixos-public-960003aabbcc.network"),
+                "old\n",
+            )
+            .unwrap();
+        });
+        run.assert_ok();
+        assert_eq!(run.files(), Vec::<String>::new());
+        assert_keys(&run, &[FULL_KEY]);
+        assert_warned(&run, field);
+    }
 }
 
 #[test]
 fn network_gives_up_at_the_deadline_when_nothing_listens() {
     let base = format!("http://{}/hetzner/v1/", MetadataServer::refused_addr());
     let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
     let started = std::time::Instant::now();
     let out = binary()
         .args(["network", "--metadata-url", &base, "--deadline", "2s"])
@@ -654,6 +722,8 @@ fn network_gives_up_at_the_deadline_when_nothing_listens() {
         .arg(dir.path())
         .arg("--keys-file")
         .arg(dir.path().join("keys"))
+        .arg("--state-dir")
+        .arg(state.path())
         .args(["--hostname", "never", "--no-reload"])
         .output()
         .unwrap();
@@ -673,6 +743,7 @@ fn network_gives_up_at_the_deadline_when_nothing_listens() {
 fn url_from_the_environment_is_used() {
     let s = server("metadata.full-example.yaml", None);
     let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
     let out = binary()
         .env("HCLOUD_NIXOS_METADATA_URL", s.base_url())
         .args(["network", "--deadline", "10s"])
@@ -680,6 +751,8 @@ fn url_from_the_environment_is_used() {
         .arg(dir.path())
         .arg("--keys-file")
         .arg(dir.path().join("keys"))
+        .arg("--state-dir")
+        .arg(state.path())
         .args(["--hostname", "never", "--no-reload"])
         .output()
         .unwrap();
@@ -740,4 +813,291 @@ fn metadata_userdata_prints_raw_bytes() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(out.stdout, ud);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile and odd documents: one bad part costs that part only
+
+/// Warning lines of a run (the log's `WARN` lines), for asserting which field was named.
+fn warnings(run: &Run) -> Vec<String> {
+    run.stderr()
+        .lines()
+        .filter(|l| l.contains("WARN"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn assert_warned(run: &Run, field: &str) {
+    let w = warnings(run);
+    assert!(
+        w.iter().any(|l| l.contains(field)),
+        "no warning naming '{field}':\n{}",
+        run.stderr()
+    );
+    for line in run.stderr().lines() {
+        assert!(
+            !line.starts_with("[Network]") && !line.starts_with("DNS=") && !line.contains('\u{1b}'),
+            "metadata text reached the log unescaped: {line}"
+        );
+    }
+}
+
+const GOOD_NIC: &str = "  - type: physical\n    mac_address: 96:00:03:aa:bb:cc\n    name: eth0\n    subnets:\n    - {type: dhcp, ipv4: true}\n    - {type: static, address: '2a01:4f8:c012:abcd::1/64', gateway: 'fe80::1'}\n";
+
+fn document(nics: &str, extra: &str) -> String {
+    format!(
+        "hostname: my-nixos-server\ninstance-id: 58123456\npublic-keys:\n- {FULL_KEY}\n{extra}network-config:\n  version: 1\n  config:\n{nics}"
+    )
+}
+
+fn run_document(doc: &str, private: Option<&str>) -> Run {
+    let s = server("metadata.full-example.yaml", None);
+    s.set_document("metadata", Some(doc.as_bytes()));
+    if let Some(p) = private {
+        s.set_document("metadata/private-networks", Some(p.as_bytes()));
+    }
+    run_network(&s.base_url(), &[], |_| {})
+}
+
+/// A MAC of non-ASCII characters panicked the parser (byte slicing), so that nothing was
+/// written at all: no keys, no other NIC.
+#[test]
+fn network_a_non_ascii_mac_costs_only_its_nic() {
+    let bad = "  - type: physical\n    mac_address: \"96€€€a\"\n    name: eth1\n    subnets: [{type: dhcp}]\n";
+    let run = run_document(&document(&format!("{bad}{GOOD_NIC}"), ""), None);
+    run.assert_ok();
+    assert_eq!(run.files(), ["50-hcloud-nixos-public-960003aabbcc.network"]);
+    assert_public(
+        &run.read("50-hcloud-nixos-public-960003aabbcc.network"),
+        "96:00:03:aa:bb:cc",
+        "2a01:4f8:c012:abcd::1/64",
+        "fe80::1",
+    );
+    assert_keys(&run, &[FULL_KEY]);
+    assert_warned(&run, "network-config.config[0].mac_address");
+}
+
+/// The older layout with the IPv6 subnet on an alias entry `eth0:0` (no MAC of its own): the
+/// alias's subnets belong to eth0.
+#[test]
+fn network_alias_entry_gives_its_nic_the_ipv6() {
+    let s = server("metadata.alias-ipv6.yaml", None);
+    let run = run_network(&s.base_url(), &[], |_| {});
+    run.assert_ok();
+    assert_eq!(run.files(), ["50-hcloud-nixos-public-9600004e1f2a.network"]);
+    let text = run.read("50-hcloud-nixos-public-9600004e1f2a.network");
+    assert_public(
+        &text,
+        "96:00:00:4e:1f:2a",
+        "2a01:4f8:c17:1a2b::1/64",
+        "fe80::1",
+    );
+    assert!(text.contains("DNS=213.133.100.100"), "{text}");
+}
+
+/// Line breaks in a NIC's name, a search domain or a private network's name added lines and
+/// sections to networkd's files. Each is checked where it enters; what is dropped is named.
+#[test]
+fn network_text_from_the_metadata_cannot_add_lines() {
+    let inject = "\\n[Network]\\nDNS=192.0.2.66";
+    let named = format!(
+        "  - type: physical\n    mac_address: 96:00:03:aa:bb:cc\n    name: \"eth0{inject}\"\n    subnets:\n    - {{type: dhcp, ipv4: true}}\n    - {{type: static, address: '2a01:4f8:c012:abcd::1/64', gateway: 'fe80::1'}}\n"
+    );
+    let searched = format!(
+        "  - type: physical\n    mac_address: 96:00:03:aa:bb:dd\n    subnets:\n    - type: dhcp\n      dns_search: [\"example.com{inject}\"]\n"
+    );
+    let private = format!(
+        "- mac_address: 86:00:00:98:40:6e\n  ip: 10.0.0.2\n  network_name: \"foo{inject}\"\n"
+    );
+    let run = run_document(
+        &document(&format!("{named}{searched}"), "region: \"eu\\u001b[31m\"\n"),
+        Some(&private),
+    );
+    run.assert_ok();
+    for name in run.files() {
+        let text = run.read(&name);
+        assert!(
+            !text.lines().any(|l| l.trim() == "DNS=192.0.2.66"),
+            "{name}:\n{text}"
+        );
+        assert_eq!(text.matches("[Network]").count(), 1, "{name}:\n{text}");
+    }
+    assert!(
+        run.files()
+            .contains(&"50-hcloud-nixos-public-960003aabbcc.network".to_string())
+    );
+    assert_warned(&run, "network-config.config[0].name");
+    assert_warned(&run, "network-config.config[1].subnets[0].dns_search");
+    assert_warned(&run, "[0].network_name");
+    assert_keys(&run, &[FULL_KEY]);
+}
+
+/// A hostname the metadata gives wrongly costs the hostname, not the network or the keys.
+#[test]
+fn network_a_bad_hostname_costs_only_the_hostname() {
+    let doc =
+        document(GOOD_NIC, "").replace("hostname: my-nixos-server", "hostname: \"evil\\nhost\"");
+    let run = run_document(&doc, None);
+    run.assert_ok();
+    assert_eq!(run.files(), ["50-hcloud-nixos-public-960003aabbcc.network"]);
+    assert_keys(&run, &[FULL_KEY]);
+    assert_warned(&run, "hostname");
+}
+
+/// Keys as they arrive from the Hetzner console and API: with a trailing newline, CRLF,
+/// surrounding blanks.
+#[test]
+fn network_keys_with_trailing_newlines_are_taken() {
+    let second =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHx3Jd0w8uQy1mZ0c2YXB9gU4k2pV7nR5tL6eS8aQ1bC bob@desk";
+    let third = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7 carol";
+    let doc = format!(
+        "hostname: h\npublic-keys:\n- \"{FULL_KEY}\\n\"\n- \"{second}\\r\\n\"\n- \"  {third}\\n\\n\"\nnetwork-config:\n  version: 1\n  config:\n{GOOD_NIC}"
+    );
+    let run = run_document(&doc, None);
+    run.assert_ok();
+    assert_keys(&run, &[FULL_KEY, second, third]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The last good metadata: saved, and used only for this server when the service is silent
+
+fn refused_url() -> String {
+    format!("http://{}/hetzner/v1/", MetadataServer::refused_addr())
+}
+
+fn error_lines(run: &Run) -> Vec<String> {
+    run.stderr()
+        .lines()
+        .filter(|l| l.starts_with("error"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn network_saves_the_metadata_root_only_and_not_in_a_dry_run() {
+    use std::os::unix::fs::MetadataExt;
+    let s = server(
+        "metadata.full-example.yaml",
+        Some("private-networks.two-networks.yaml"),
+    );
+    let run = run_network(&s.base_url(), &["--dry-run"], |_| {});
+    run.assert_ok();
+    assert!(!run.state().exists(), "a dry run saved the metadata");
+    let run = run_network(&s.base_url(), &[], |_| {});
+    run.assert_ok();
+    let file = run.state().join("metadata.json");
+    assert_eq!(std::fs::metadata(&file).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(run.state()).unwrap().mode() & 0o777,
+        0o700
+    );
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(saved["metadata"], full_example());
+    assert_eq!(
+        saved["private_networks"],
+        std::fs::read_to_string(fixture("private-networks.two-networks.yaml")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read_dir(run.state()).unwrap().count(),
+        1,
+        "temporary files left"
+    );
+}
+
+#[test]
+fn network_without_the_service_and_nothing_saved_fails_in_one_line() {
+    let run = run_network(&refused_url(), &["--deadline", "1s"], |_| {});
+    assert!(!run.out.status.success());
+    let errors = error_lines(&run);
+    assert_eq!(errors.len(), 1, "{}", run.stderr());
+    assert!(errors[0].contains("no metadata was saved"), "{}", errors[0]);
+    assert!(run.files().is_empty() && !run.keys().exists());
+}
+
+/// The saved metadata names a NIC that this machine does not have (the MACs of the machine the
+/// tests run on are not the fixture's): refused, nothing written, one line that says why.
+#[test]
+fn network_never_takes_the_saved_metadata_of_another_server() {
+    let s = server("metadata.full-example.yaml", None);
+    let first = run_network(&s.base_url(), &[], |_| {});
+    first.assert_ok();
+    let run = run_network_in(first.dir, &refused_url(), &["--deadline", "1s"], |_| {});
+    assert!(!run.out.status.success(), "{}", run.stderr());
+    let errors = error_lines(&run);
+    assert_eq!(errors.len(), 1, "{}", run.stderr());
+    assert!(
+        errors[0].contains("is not this server's")
+            && errors[0].contains("96:00:03:aa:bb:cc is not on this machine"),
+        "{}",
+        errors[0]
+    );
+    assert!(run.files().is_empty(), "files written: {:?}", run.files());
+    assert!(!run.keys().exists(), "another server's keys written");
+}
+
+/// A server without a public network, whose saved metadata is tied to it by the SMBIOS serial
+/// (Hetzner's servers carry their id there): configured from it, and it says so. Its private
+/// networks' NICs are not on the machine the tests run on: those are skipped, named.
+#[test]
+fn network_falls_back_to_the_saved_metadata_tied_by_the_smbios_serial() {
+    let doc = document("", "").replace(
+        "network-config:\n  version: 1\n  config:\n",
+        "network-config:\n  version: 1\n  config: []\n",
+    );
+    let s = server(
+        "metadata.full-example.yaml",
+        Some("private-networks.two-networks.yaml"),
+    );
+    s.set_document("metadata", Some(doc.as_bytes()));
+    let first = run_network(&s.base_url(), &[], |_| {});
+    first.assert_ok();
+    let dmi = first.dir.path().join("dmi");
+    std::fs::create_dir(&dmi).unwrap();
+    std::fs::write(dmi.join("sys_vendor"), "Hetzner\n").unwrap();
+    std::fs::write(dmi.join("product_serial"), "58123456\n").unwrap();
+    let run = run_network_in(first.dir, &refused_url(), &["--deadline", "1s"], |_| {});
+    run.assert_ok();
+    assert_keys(&run, &[FULL_KEY]);
+    assert!(run.files().is_empty(), "{:?}", run.files());
+    assert!(
+        warnings(&run)
+            .iter()
+            .any(|l| l.contains("cannot be reached") && l.contains("saved at")),
+        "{}",
+        run.stderr()
+    );
+    assert_warned(&run, "86:00:00:98:40:6e is not on this machine");
+    // Another serial: refused.
+    std::fs::write(run.dir.path().join("dmi/product_serial"), "4711\n").unwrap();
+    let run = run_network_in(run.dir, &refused_url(), &["--deadline", "1s"], |_| {});
+    assert!(!run.out.status.success());
+    assert!(
+        error_lines(&run)[0].contains("server 58123456's"),
+        "{}",
+        run.stderr()
+    );
+}
+
+/// private-networks does not come before the deadline: this server's saved one is used.
+#[test]
+fn network_takes_the_saved_private_networks_when_only_they_are_missing() {
+    let s = server(
+        "metadata.full-example.yaml",
+        Some("private-networks.two-networks.yaml"),
+    );
+    let first = run_network(&s.base_url(), &[], |_| {});
+    first.assert_ok();
+    assert_eq!(first.files().len(), 3);
+    s.fail_next("metadata/private-networks", 503, 10_000);
+    let run = run_network_in(first.dir, &s.base_url(), &["--deadline", "2s"], |_| {});
+    run.assert_ok();
+    assert_eq!(run.files().len(), 3, "{}", run.stderr());
+    assert!(
+        warnings(&run)
+            .iter()
+            .any(|l| l.contains("using the one saved")),
+        "{}",
+        run.stderr()
+    );
 }

@@ -44,6 +44,11 @@ struct Bench {
 }
 
 fn bench(case: Eth0) -> Bench {
+    bench_with_mac(case, MAC)
+}
+
+/// As [`bench`], with the guest's eth0 carrying `mac`.
+fn bench_with_mac(case: Eth0, mac: &str) -> Bench {
     let id = netns::unique();
     let meta_ns = Netns::new(format!("hnm-{id}"));
     let guest_ns = Netns::new(format!("hng-{id}"));
@@ -61,7 +66,7 @@ fn bench(case: Eth0) -> Bench {
     ]);
     meta_ns.ip(&["addr", "add", "169.254.169.254/16", "dev", "m0"]);
     meta_ns.ip(&["link", "set", "m0", "up"]);
-    guest_ns.ip(&["link", "set", "eth0", "address", MAC]);
+    guest_ns.ip(&["link", "set", "eth0", "address", mac]);
     if case == Eth0::Addressed {
         guest_ns.ip(&["addr", "add", "169.254.10.2/16", "dev", "eth0"]);
         guest_ns.ip(&["link", "set", "eth0", "up"]);
@@ -115,7 +120,9 @@ fn provision(case: Eth0) {
     // Declared before the guest, so dropped after it (a panic anywhere still runs every Drop).
     let b = bench(case);
     let standin = &b.standin;
+    let state = tempfile::tempdir().unwrap();
     let guest = Guest::start(&b.guest_ns, &GuestOptions::default());
+    isolate(&guest, state.path());
     let ready = netns::poll(Duration::from_secs(20), Duration::from_millis(100), || {
         guest.bus_name_owned("org.freedesktop.network1")
             && guest.bus_name_owned("org.freedesktop.hostname1")
@@ -216,6 +223,7 @@ fn network_without_networkd_and_with_a_static_hostname() {
         return;
     }
     let b = bench(Eth0::DownWithoutAddress);
+    let state = tempfile::tempdir().unwrap();
     let guest = Guest::start(
         &b.guest_ns,
         &GuestOptions {
@@ -223,6 +231,7 @@ fn network_without_networkd_and_with_a_static_hostname() {
             etc_hostname: "static-name\n".into(),
         },
     );
+    isolate(&guest, state.path());
     let ready = netns::poll(Duration::from_secs(20), Duration::from_millis(100), || {
         guest.bus_name_owned("org.freedesktop.hostname1")
     });
@@ -271,7 +280,9 @@ fn network_failing_fetch_restores_the_link() {
     b.standin.fail_next("metadata", 503, 10_000);
     b.standin
         .fail_next("metadata/private-networks", 503, 10_000);
+    let state = tempfile::tempdir().unwrap();
     let guest = Guest::start(&b.guest_ns, &GuestOptions::default());
+    isolate(&guest, state.path());
     let started = std::time::Instant::now();
     let out = guest.exec(
         Duration::from_secs(30),
@@ -296,4 +307,125 @@ fn network_failing_fetch_restores_the_link() {
         "files written without metadata"
     );
     assert_link_restored(&guest);
+}
+
+/// A guest whose /var/lib is `state`, a directory of the host's that outlives the guest (as a
+/// server's disk outlives a boot), and whose DMI data is hidden, so that the host's own identity
+/// (a CI machine may itself be a Hetzner server) plays no part.
+fn boot_with_state(b: &Bench, state: &Path) -> Guest {
+    let guest = Guest::start(&b.guest_ns, &GuestOptions::default());
+    isolate(&guest, state);
+    let ready = netns::poll(Duration::from_secs(20), Duration::from_millis(100), || {
+        guest.bus_name_owned("org.freedesktop.network1")
+    });
+    assert!(ready, "networkd did not appear on the guest's bus");
+    guest
+}
+
+/// Gives the guest `state` as its /var/lib (where `network` saves the metadata by default: the
+/// host's own must not be written) and hides the host's DMI data.
+fn isolate(guest: &Guest, state: &Path) {
+    let mount = |args: &[&str]| {
+        let out = guest.exec(Duration::from_secs(10), "mount", args);
+        assert!(
+            out.status.success(),
+            "mount {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    mount(&["--bind", &state.display().to_string(), "/var/lib"]);
+    if Path::new("/sys/devices/virtual/dmi/id").is_dir() {
+        mount(&["-t", "tmpfs", "tmpfs", "/sys/devices/virtual/dmi/id"]);
+    }
+}
+
+/// Whether networkd configured the static IPv6 address and the default route on eth0 within
+/// `timeout`; the last `ip` output for the message.
+fn ipv6_configured(guest: &Guest, timeout: Duration) -> (bool, String) {
+    let mut seen = String::new();
+    let ok = netns::poll(timeout, Duration::from_millis(200), || {
+        let addr = guest.text("ip", &["-6", "addr", "show", "dev", "eth0"]);
+        let route = guest.text("ip", &["-6", "route"]);
+        seen = format!("{addr}{route}");
+        addr.contains(IPV6) && route.contains("default via fe80::1 dev eth0")
+    });
+    (ok, seen)
+}
+
+/// A metadata outage at boot: the server configures itself from the last good metadata it
+/// saved (IPv6 by real networkd, the SSH keys), says so, and never takes the saved metadata of
+/// another server (an image made from a snapshot carries it to servers with other MACs).
+#[test]
+fn network_outage_falls_back_to_the_saved_metadata_of_this_server_only() {
+    if !netns::can_run("network_netns (metadata outage)", netns::GUEST_TOOLS) {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+
+    // Boot 1: the service answers; the metadata is saved.
+    let b = bench(Eth0::Addressed);
+    let guest = boot_with_state(&b, state.path());
+    run_network(&guest);
+    let (ok, seen) = ipv6_configured(&guest, Duration::from_secs(20));
+    assert!(ok, "first boot: no IPv6:\n{seen}");
+    drop(guest);
+    drop(b);
+
+    // Boot 2: nothing answers at 169.254.169.254.
+    let mut b = bench(Eth0::Addressed);
+    b.standin.stop();
+    let guest = boot_with_state(&b, state.path());
+    let out = guest.exec(
+        Duration::from_secs(60),
+        env!("CARGO_BIN_EXE_hcloud-nixos"),
+        &["network", "--deadline", "3s"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "outage with saved metadata failed ({}):\n{stderr}",
+        out.status
+    );
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("saved")),
+        "the fallback is not said in the log:\n{stderr}"
+    );
+    let (ok, seen) = ipv6_configured(&guest, Duration::from_secs(20));
+    assert!(
+        ok,
+        "outage: no IPv6 from the saved metadata:\n{seen}\n{stderr}"
+    );
+    assert_keys(&guest);
+    drop(guest);
+    drop(b);
+
+    // Boot 3: the same saved metadata on a machine with another MAC: refused.
+    let mut b = bench_with_mac(Eth0::Addressed, "96:00:03:11:22:33");
+    b.standin.stop();
+    let guest = boot_with_state(&b, state.path());
+    let out = guest.exec(
+        Duration::from_secs(60),
+        env!("CARGO_BIN_EXE_hcloud-nixos"),
+        &["network", "--deadline", "3s"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "took another server's metadata:\n{stderr}"
+    );
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains(MAC), "{stderr}");
+    assert!(
+        guest
+            .text("ls", &["-A", "/run/systemd/network"])
+            .trim()
+            .is_empty(),
+        "files written from another server's metadata"
+    );
+    assert!(guest.text("cat", &[KEYS_FILE]).is_empty(), "keys written");
+    let (ok, _) = ipv6_configured(&guest, Duration::from_secs(3));
+    assert!(!ok, "another server's IPv6 configured");
 }

@@ -4,6 +4,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
+use crate::boot::metadata::Hostname;
+
 /// `--hostname`: when the metadata's hostname is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -29,17 +31,23 @@ pub fn has_static_hostname(path: &Path) -> bool {
 }
 
 /// The hostname to set, if any.
-pub fn decide(policy: Policy, from_metadata: Option<&str>, has_static: bool) -> Option<String> {
+pub fn decide(
+    policy: Policy,
+    from_metadata: Option<&Hostname>,
+    has_static: bool,
+) -> Option<Hostname> {
     let name = from_metadata?;
     match policy {
         Policy::Never => None,
         Policy::Auto if has_static => None,
-        Policy::Auto | Policy::Always => Some(name.to_string()),
+        Policy::Auto | Policy::Always => Some(name.clone()),
     }
 }
 
-/// Sets the transient hostname through `org.freedesktop.hostname1`.
-pub async fn set_transient(name: &str) -> Result<()> {
+/// Sets the transient hostname through `org.freedesktop.hostname1` (checked where it entered:
+/// hostnamed refuses some names, but is not relied on).
+pub async fn set_transient(name: &Hostname) -> Result<()> {
+    let name = name.as_str();
     let conn = zbus::Connection::system()
         .await
         .context("cannot connect to the system D-Bus to set the hostname")?;
@@ -61,16 +69,12 @@ mod tests {
 
     #[test]
     fn auto_takes_the_metadata_name_only_without_a_static_one() {
-        assert_eq!(
-            decide(Policy::Auto, Some("web-1"), false).as_deref(),
-            Some("web-1")
-        );
-        assert_eq!(decide(Policy::Auto, Some("web-1"), true), None);
-        assert_eq!(
-            decide(Policy::Always, Some("web-1"), true).as_deref(),
-            Some("web-1")
-        );
-        assert_eq!(decide(Policy::Never, Some("web-1"), false), None);
+        let web = Hostname::parse("web-1").unwrap();
+        let web = Some(&web);
+        assert_eq!(decide(Policy::Auto, web, false).as_deref(), Some("web-1"));
+        assert_eq!(decide(Policy::Auto, web, true), None);
+        assert_eq!(decide(Policy::Always, web, true).as_deref(), Some("web-1"));
+        assert_eq!(decide(Policy::Never, web, false), None);
         assert_eq!(decide(Policy::Always, None, false), None);
     }
 

@@ -1,6 +1,7 @@
 //! Boot-time provisioning (`hcloud-nixos network`, and `metadata` for a person): what DHCP does
 //! not give a Hetzner server, from the metadata service, before networkd starts.
 
+pub mod cache;
 pub mod hostname;
 pub mod metadata;
 pub mod network;

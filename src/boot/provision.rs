@@ -5,17 +5,18 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use tokio::time::Instant;
 
 use crate::boot::hostname::{self, Policy};
 use crate::boot::metadata::client::{self, Client};
-use crate::boot::metadata::{self, Metadata, PrivateNetwork};
-use crate::boot::network::link::{self, Netlink};
+use crate::boot::metadata::{Hostname, Metadata, PrivateNetwork, Problem, SshKey};
 use crate::boot::network::networkd::{self, Reload};
 use crate::boot::network::{self as net, NetworkFile};
 use crate::boot::sshkeys;
 use crate::plumbing::files;
+
+mod fetch;
 
 /// Where to fetch from and for how long.
 #[derive(Debug, Clone)]
@@ -33,6 +34,20 @@ pub struct Options {
     pub hostname_file: PathBuf,
     pub keys_file: PathBuf,
     pub dry_run: bool,
+    /// Where the last good metadata is kept (root-only), for a boot without the service.
+    pub state_dir: PathBuf,
+    /// Where the machine's SMBIOS data is (`/sys/class/dmi/id`), to tell saved metadata's owner.
+    pub dmi_dir: PathBuf,
+}
+
+/// Where the documents came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Origin {
+    /// The metadata service, now.
+    Service,
+    /// The metadata saved at an earlier boot (seconds since the epoch); the service was silent.
+    Saved { saved_at: u64 },
 }
 
 /// Everything the metadata service told us.
@@ -40,6 +55,10 @@ pub struct Options {
 pub struct Fetched {
     pub metadata: Metadata,
     pub private_networks: Vec<PrivateNetwork>,
+    /// Parts of the documents that were left out, each naming its field.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<Problem>,
+    pub origin: Origin,
 }
 
 /// What `network` will do, decided from the metadata and the machine's state (pure data).
@@ -49,8 +68,8 @@ pub struct Plan {
     pub files: Option<Vec<NetworkFile>>,
     /// Our own files from an earlier run that no NIC needs any more.
     pub stale: Vec<String>,
-    pub hostname: Option<String>,
-    pub keys: Vec<String>,
+    pub hostname: Option<Hostname>,
+    pub keys: Vec<SshKey>,
 }
 
 /// Decides what to do. `existing` are the names in the network directory now.
@@ -81,62 +100,17 @@ pub fn plan(
         stale,
         hostname: hostname::decide(
             policy,
-            fetched.metadata.hostname.as_deref(),
+            fetched.metadata.hostname.as_ref(),
             has_static_hostname,
         ),
         keys: fetched.metadata.public_keys.clone(),
     }
 }
 
-/// Fetches and parses `metadata` and `metadata/private-networks` within one deadline, borrowing
-/// a link-local address first when no NIC can reach a link-local service yet.
+/// Fetches and parses `metadata` and `metadata/private-networks` from the service within one
+/// deadline (for `hcloud-nixos metadata`: no saved metadata is used).
 pub async fn fetch(source: &Source) -> Result<Fetched> {
-    let client = Client::new(client::Settings {
-        base_url: source.url.clone(),
-        ..Default::default()
-    })?;
-    let deadline = Instant::now() + source.deadline;
-    if !link::url_needs_link(client.base_url()) {
-        return fetch_documents(&client, deadline).await;
-    }
-    let netlink = Netlink::connect()?;
-    let links = netlink.links().await?;
-    let Some(borrow) = link::link_to_borrow(&links) else {
-        return fetch_documents(&client, deadline).await;
-    };
-    tracing::info!(
-        link = %borrow.name,
-        address = %link::TEMPORARY_ADDRESS,
-        "no NIC has an IPv4 address yet; borrowing a link-local address to reach the metadata service"
-    );
-    let borrowed = netlink.borrow(borrow).await?;
-    let result = fetch_documents(&client, deadline).await;
-    let name = borrowed.link_name().to_string();
-    let given_back = netlink.give_back(borrowed).await;
-    let fetched = result?;
-    given_back?;
-    tracing::debug!(link = %name, "temporary address removed");
-    Ok(fetched)
-}
-
-async fn fetch_documents(client: &Client, deadline: Instant) -> Result<Fetched> {
-    let url = format!("{}metadata", client.base_url());
-    let body = client
-        .get("metadata", deadline)
-        .await?
-        .ok_or_else(|| anyhow!("{url} does not exist (HTTP 404): is this a Hetzner Cloud server, and is --metadata-url right?"))?;
-    let metadata = metadata::parse_metadata(&utf8(&body, "metadata")?)?;
-    let private_networks = match client.get("metadata/private-networks", deadline).await? {
-        Some(body) => metadata::parse_private_networks(&utf8(&body, "private-networks")?)?,
-        None => {
-            tracing::warn!("the metadata service has no private-networks document; assuming none");
-            Vec::new()
-        }
-    };
-    Ok(Fetched {
-        metadata,
-        private_networks,
-    })
+    fetch::fetch(source).await
 }
 
 /// Fetches the raw user-data; empty when there is none.
@@ -149,18 +123,22 @@ pub async fn fetch_userdata(source: &Source) -> Result<Vec<u8>> {
     Ok(client.get("userdata", deadline).await?.unwrap_or_default())
 }
 
-fn utf8(body: &[u8], document: &str) -> Result<String> {
-    String::from_utf8(body.to_vec()).map_err(|e| {
-        anyhow!(
-            "{document}: (document): is not UTF-8 text (invalid byte at offset {})",
-            e.utf8_error().valid_up_to()
-        )
-    })
+/// `hcloud-nixos network`. The outcome is also the unit's status line (sd_notify `STATUS=`),
+/// which `systemctl status hcloud-nixos-network` shows after the run.
+pub async fn network(source: &Source, opts: &Options) -> Result<()> {
+    let result = provision(source, opts).await;
+    match &result {
+        Ok(status) => notify_status(status),
+        Err(e) => notify_status(&format!("failed: {e:#}")),
+    }
+    result.map(|_| ())
 }
 
-/// `hcloud-nixos network`.
-pub async fn network(source: &Source, opts: &Options) -> Result<()> {
-    let fetched = fetch(source).await?;
+async fn provision(source: &Source, opts: &Options) -> Result<String> {
+    let fetched = fetch::fetch_or_saved(source, opts).await?;
+    for problem in &fetched.problems {
+        tracing::warn!("{problem}");
+    }
     let existing = list_dir(&opts.network_dir)?;
     let has_static = hostname::has_static_hostname(&opts.hostname_file);
     let plan = plan(&fetched, &existing, opts.hostname, has_static);
@@ -177,19 +155,44 @@ pub async fn network(source: &Source, opts: &Options) -> Result<()> {
         );
     }
     if fetched.metadata.network.is_none() {
-        tracing::warn!("the metadata has no network-config; network files are left as they are");
-    }
-    for index in &fetched.metadata.rejected_keys {
         tracing::warn!(
-            index,
-            "public-keys entry is not a single-line OpenSSH public key; skipped"
+            "the metadata has no usable network-config; network files are left as they are"
         );
     }
     if opts.dry_run {
         print!("{}", describe(&plan, opts, has_static));
-        return Ok(());
+        return Ok(String::new());
     }
-    apply(&plan, opts).await
+    apply(&plan, opts).await?;
+    let mut status = match fetched.origin {
+        Origin::Service => "configured from the metadata service".to_string(),
+        Origin::Saved { saved_at } => format!(
+            "the metadata service cannot be reached: configured from the metadata saved at {}",
+            crate::boot::cache::format_time(saved_at)
+        ),
+    };
+    if !fetched.problems.is_empty() {
+        status.push_str(&format!(
+            "; {} problem(s) in the metadata, see the journal",
+            fetched.problems.len()
+        ));
+    }
+    Ok(status)
+}
+
+/// Sets the unit's status line (one line; nothing happens outside systemd).
+fn notify_status(text: &str) {
+    let line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(500)
+        .collect();
+    if line.is_empty() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]) {
+        tracing::debug!(error = %e, "cannot tell systemd the status");
+    }
 }
 
 /// Carries out a plan. Each step is attempted even when an earlier one failed; the first
@@ -352,7 +355,7 @@ pub fn describe_metadata(fetched: &Fetched) -> String {
     let _ = writeln!(
         out,
         "hostname:          {}",
-        m.hostname.clone().unwrap_or_else(none)
+        m.hostname.as_ref().map_or_else(none, ToString::to_string)
     );
     let _ = writeln!(
         out,
@@ -362,12 +365,14 @@ pub fn describe_metadata(fetched: &Fetched) -> String {
     let _ = writeln!(
         out,
         "region:            {}",
-        m.region.clone().unwrap_or_else(none)
+        m.region.as_ref().map_or_else(none, ToString::to_string)
     );
     let _ = writeln!(
         out,
         "availability zone: {}",
-        m.availability_zone.clone().unwrap_or_else(none)
+        m.availability_zone
+            .as_ref()
+            .map_or_else(none, ToString::to_string)
     );
     let _ = writeln!(
         out,
@@ -398,7 +403,10 @@ pub fn describe_metadata(fetched: &Fetched) -> String {
     }
     for p in &fetched.private_networks {
         let ip = p.ip.map(|i| i.to_string()).unwrap_or_else(none);
-        let name = p.network_name.clone().unwrap_or_else(none);
+        let name = p
+            .network_name
+            .as_ref()
+            .map_or_else(none, ToString::to_string);
         let _ = writeln!(out, "private NIC:       {} {ip} (network {name})", p.mac);
     }
     if m.public_keys.is_empty() {
@@ -406,6 +414,9 @@ pub fn describe_metadata(fetched: &Fetched) -> String {
     }
     for key in &m.public_keys {
         let _ = writeln!(out, "SSH key:           {key}");
+    }
+    for problem in &fetched.problems {
+        let _ = writeln!(out, "problem:           {problem}");
     }
     out
 }

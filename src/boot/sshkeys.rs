@@ -4,19 +4,20 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
+use crate::boot::metadata::SshKey;
 use crate::plumbing::files;
 
 /// Where the NixOS module points sshd's extra `AuthorizedKeysFile` (`/run/hcloud-nixos/authorized_keys/%u`).
 pub const DEFAULT_KEYS_FILE: &str = "/run/hcloud-nixos/authorized_keys/root";
 
-/// The file's contents for these keys (already validated as single-line OpenSSH keys).
-pub fn render(keys: &[String]) -> String {
+/// The file's contents for these keys (each checked where it entered: one line, no options).
+pub fn render(keys: &[SshKey]) -> String {
     let mut out = String::from(
         "# SSH keys of this server in the Hetzner metadata service.\n\
          # Written by `hcloud-nixos network` at every boot; keys in ~/.ssh/authorized_keys stay as they are.\n",
     );
     for key in keys {
-        out.push_str(key);
+        out.push_str(key.as_str());
         out.push('\n');
     }
     out
@@ -38,7 +39,7 @@ mod tests {
 
     #[test]
     fn one_key_a_line_after_a_comment() {
-        let text = render(&["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA a@b".into()]);
+        let text = render(&[SshKey::parse("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA a@b").unwrap()]);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with('#') && lines[1].starts_with('#'));
         assert_eq!(lines[2], "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA a@b");

@@ -9,6 +9,8 @@ use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
 use rtnetlink::{Handle, LinkUnspec};
 
+use crate::boot::metadata::MacAddr;
+
 /// The address we borrow, as cloud-init and the peers do.
 pub const TEMPORARY_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
 pub const TEMPORARY_PREFIX: u8 = 16;
@@ -20,6 +22,8 @@ pub struct Link {
     pub name: String,
     pub up: bool,
     pub has_ipv4: bool,
+    /// Its hardware address, when it has an Ethernet one (not all zeros, as loopback's).
+    pub mac: Option<MacAddr>,
 }
 
 /// Ethernet NICs as the kernel names them on servers (`eth0`, `ens3`, `enp1s0`).
@@ -83,12 +87,20 @@ impl Netlink {
                 LinkAttribute::IfName(n) => Some(n.clone()),
                 _ => None,
             });
+            let mac = msg.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice())
+                    .ok()
+                    .map(MacAddr)
+                    .filter(|m| !m.is_zero()),
+                _ => None,
+            });
             if let Some(name) = name {
                 links.push(Link {
                     index: msg.header.index,
                     name,
                     up: msg.header.flags.contains(LinkFlags::Up),
                     has_ipv4: false,
+                    mac,
                 });
             }
         }
@@ -182,6 +194,7 @@ mod tests {
             name: name.into(),
             up: false,
             has_ipv4,
+            mac: None,
         }
     }
 

@@ -3,6 +3,9 @@
 //! One `.network` file per NIC, matched by MAC address. The names sort before NixOS's catch-all
 //! `99-ethernet-default-dhcp.network`, so ours win for the NICs they match, and after the
 //! `40-<name>.network` files of interfaces a user configured by hand, so theirs still win.
+//!
+//! Everything rendered here was checked where it entered (`metadata::text`): no value can hold
+//! a line break, so none can add a line or a section.
 
 pub mod link;
 pub mod networkd;
@@ -76,7 +79,8 @@ fn render_public(nic: &PublicInterface) -> NetworkFile {
         let _ = writeln!(out, "DNS={dns}");
     }
     if !nic.dns_search.is_empty() {
-        let _ = writeln!(out, "Domains={}", nic.dns_search.join(" "));
+        let domains: Vec<&str> = nic.dns_search.iter().map(|d| d.as_str()).collect();
+        let _ = writeln!(out, "Domains={}", domains.join(" "));
     }
     for gateway in &nic.gateways {
         // fe80::1 is link-local: the route must say it is on this link.

@@ -1,7 +1,7 @@
 //! Rendering networkd files from parsed metadata.
 
 use super::*;
-use crate::boot::metadata::{self, MacAddr};
+use crate::boot::metadata::{self, DomainName, MacAddr};
 
 fn fixture(name: &str) -> String {
     let path = format!(
@@ -13,7 +13,9 @@ fn fixture(name: &str) -> String {
 
 #[test]
 fn public_nic_of_the_full_example() {
-    let m = metadata::parse_metadata(&fixture("metadata.full-example.yaml")).unwrap();
+    let m = metadata::parse_metadata(&fixture("metadata.full-example.yaml"))
+        .unwrap()
+        .value;
     let files = render(m.network.as_ref().unwrap(), &[]);
     assert_eq!(files.len(), 1);
     assert_eq!(files[0].name, "50-hcloud-nixos-public-960003aabbcc.network");
@@ -38,9 +40,10 @@ fn every_fixture_renders_files_that_sort_before_the_nixos_catch_all() {
         "metadata.no-static-type.yaml",
         "metadata.real-redacted.yaml",
     ] {
-        let m = metadata::parse_metadata(&fixture(name)).unwrap();
-        let private =
-            metadata::parse_private_networks(&fixture("private-networks.alias-ips.yaml")).unwrap();
+        let m = metadata::parse_metadata(&fixture(name)).unwrap().value;
+        let private = metadata::parse_private_networks(&fixture("private-networks.alias-ips.yaml"))
+            .unwrap()
+            .value;
         let files = render(m.network.as_ref().unwrap(), &private);
         assert_eq!(files.len(), 3, "{name}");
         for f in &files {
@@ -57,8 +60,9 @@ fn every_fixture_renders_files_that_sort_before_the_nixos_catch_all() {
 
 #[test]
 fn private_nics_get_dhcp_and_alias_ips() {
-    let private =
-        metadata::parse_private_networks(&fixture("private-networks.alias-ips.yaml")).unwrap();
+    let private = metadata::parse_private_networks(&fixture("private-networks.alias-ips.yaml"))
+        .unwrap()
+        .value;
     let files = render(&NetworkConfig::default(), &private);
     assert_eq!(
         files[0].name,
@@ -82,7 +86,9 @@ fn dhcp_modes_mtu_and_search_domains() {
         addresses: vec![],
         gateways: vec![],
         dns: vec![],
-        dns_search: vec!["a.example".into(), "b.example".into()],
+        dns_search: ["a.example", "b.example"]
+            .map(|d| DomainName::parse(d).unwrap())
+            .to_vec(),
         mtu: Some(1400),
     };
     let text = |n| {
@@ -113,4 +119,47 @@ fn own_files_only() {
     ));
     assert!(!is_own_file("99-ethernet-default-dhcp.network"));
     assert!(!is_own_file(".50-hcloud-nixos-x.network.tmp-1"));
+}
+
+/// Text from the metadata with line breaks must not add lines or sections to a `.network` file.
+#[test]
+fn text_from_the_metadata_cannot_add_lines_to_network_files() {
+    let injected = "x\\n[Network]\\nDNS=192.0.2.66";
+    let public = [
+        format!(
+            "network-config:\n  version: 1\n  config:\n  - type: physical\n    mac_address: 96:00:00:00:00:01\n    name: \"eth0{injected}\"\n    subnets: [{{type: dhcp}}]\n"
+        ),
+        format!(
+            "network-config:\n  version: 1\n  config:\n  - type: physical\n    mac_address: 96:00:00:00:00:01\n    subnets:\n    - type: dhcp\n      dns_search: [\"example.com{injected}\"]\n"
+        ),
+        format!(
+            "network-config:\n  version: 1\n  config:\n  - type: physical\n    mac_address: 96:00:00:00:00:01\n  - type: nameserver\n    address: [185.12.64.1]\n    search: \"example.com{injected}\"\n"
+        ),
+    ];
+    let check = |files: &[NetworkFile]| {
+        for f in files {
+            assert!(
+                !f.contents.lines().any(|l| l.trim() == "DNS=192.0.2.66"),
+                "{}:\n{}",
+                f.name,
+                f.contents
+            );
+            assert!(
+                f.contents.matches("[Network]").count() <= 1,
+                "{}",
+                f.contents
+            );
+        }
+    };
+    for doc in &public {
+        if let Ok(m) = metadata::parse_metadata(doc) {
+            check(&render(m.value.network.as_ref().unwrap(), &[]));
+        }
+    }
+    let private = format!(
+        "- mac_address: 86:00:00:00:00:01\n  ip: 10.0.0.2\n  network_name: \"nw{injected}\"\n"
+    );
+    if let Ok(p) = metadata::parse_private_networks(&private) {
+        check(&render(&NetworkConfig::default(), &p.value));
+    }
 }

@@ -4,9 +4,12 @@ use super::*;
 use crate::boot::metadata::parse_metadata;
 
 fn fetched(text: &str) -> Fetched {
+    let parsed = parse_metadata(text).unwrap();
     Fetched {
-        metadata: parse_metadata(text).unwrap(),
+        metadata: parsed.value,
         private_networks: Vec::new(),
+        problems: parsed.problems,
+        origin: Origin::Service,
     }
 }
 
@@ -20,6 +23,8 @@ fn opts(dir: &Path) -> Options {
         hostname_file: dir.join("hostname"),
         keys_file: dir.join("keys/root"),
         dry_run: false,
+        state_dir: dir.join("state"),
+        dmi_dir: dir.join("dmi"),
     }
 }
 
