@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::config::{ApplyMode, Operation};
 use crate::agent::systemd::{Systemd, TransientService};
+use crate::plumbing::procfs;
 
 /// Which step of a deploy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,17 +127,17 @@ pub enum Running {
     Orphan(u32),
 }
 
-/// Is `pid` running exactly `argv` (and not a process that reused the PID)? An interpreter may
-/// stand first (`bash /path/fh apply ...`), so `argv` is looked for anywhere in the command line.
+/// Is `pid` running exactly `argv` as this agent's user (and not a process that reused the PID)?
+/// An interpreter may stand first (`bash /path/fh apply ...`), so `argv` is looked for anywhere in
+/// the command line; anyone can write a command line, so another user's process never counts.
 pub fn is_running(pid: u32, argv: &[String]) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
+    let cmdline = procfs::cmdline(pid);
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     !argv.is_empty()
         && args
             .windows(argv.len())
             .any(|w| w.iter().zip(argv).all(|(a, b)| *a == b.as_bytes()))
+        && procfs::runs_as(pid, nix::unistd::geteuid().as_raw())
 }
 
 /// Starts steps and waits for them.
@@ -235,12 +236,17 @@ impl Applier {
                 }
             },
             Running::Orphan(pid) => {
-                while Path::new(&format!("/proc/{pid}")).exists() {
+                // Until it is gone (a process of another user's that took its PID is not it).
+                let euid = nix::unistd::geteuid().as_raw();
+                while procfs::runs_as(pid, euid) {
                     if tokio::time::Instant::now() >= deadline {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid as i32),
-                            nix::sys::signal::Signal::SIGTERM,
-                        );
+                        // Never 0 or -1 (our group, every process) from a PID out of range.
+                        if let Some(pid) = i32::try_from(pid).ok().filter(|p| *p > 1) {
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid),
+                                nix::sys::signal::Signal::SIGTERM,
+                            );
+                        }
                         return Ok(timed_out());
                     }
                     tokio::time::sleep(Duration::from_millis(500)).await;

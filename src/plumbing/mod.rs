@@ -5,6 +5,7 @@ pub mod exec;
 pub mod files;
 pub mod http;
 pub mod logging;
+pub mod procfs;
 pub mod retry;
 pub mod secret;
 pub mod tls;
