@@ -30,6 +30,9 @@ pub enum StepKind {
 }
 
 impl StepKind {
+    /// Every kind, in a deploy's order.
+    pub const ALL: [StepKind; 3] = [StepKind::Fetch, StepKind::Activate, StepKind::Rollback];
+
     pub fn as_str(self) -> &'static str {
         match self {
             StepKind::Fetch => "fetch",
@@ -91,11 +94,21 @@ pub fn unit_name(kind: StepKind, unix_secs: u64) -> String {
     format!("hcloud-nixos-{}-{unix_secs}.service", kind.as_str())
 }
 
-/// Is this one of the units the agent starts?
+/// Is this one of the units the agent starts (as [`unit_name`] names them; `apply` is what
+/// agents before the split into steps called theirs)?
 pub fn is_step_unit(name: &str) -> bool {
-    ["fetch", "activate", "rollback", "apply"]
-        .iter()
-        .any(|k| name.starts_with(&format!("hcloud-nixos-{k}-")))
+    let Some(rest) = name
+        .strip_prefix("hcloud-nixos-")
+        .and_then(|n| n.strip_suffix(".service"))
+    else {
+        return false;
+    };
+    let Some((kind, secs)) = rest.split_once('-') else {
+        return false;
+    };
+    (StepKind::ALL.iter().any(|k| k.as_str() == kind) || kind == "apply")
+        && !secs.is_empty()
+        && secs.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// How a step's process ended.
@@ -348,8 +361,14 @@ mod tests {
             unit_name(StepKind::Rollback, 1700000000),
             "hcloud-nixos-rollback-1700000000.service"
         );
-        assert!(is_step_unit("hcloud-nixos-activate-1.service"));
+        for kind in StepKind::ALL {
+            assert!(is_step_unit(&unit_name(kind, 1700000000)), "{kind:?}");
+        }
+        assert!(is_step_unit("hcloud-nixos-apply-17.service"));
         assert!(!is_step_unit("hcloud-nixos-agent.service"));
+        assert!(!is_step_unit("hcloud-nixos-activate-web.service"));
+        assert!(!is_step_unit("hcloud-nixos-activate-.service"));
+        assert!(!is_step_unit("x-hcloud-nixos-fetch-1.service"));
     }
 
     #[test]
