@@ -28,6 +28,8 @@ use std::path::Path;
 use base64::Engine as _;
 use serde_json::Value;
 
+use crate::plumbing::text::one_line;
+
 mod section;
 
 pub(crate) use section::known_keys;
@@ -44,6 +46,8 @@ pub const MAX_DECODED: usize = 1024 * 1024;
 const MAX_LAYERS: usize = 4;
 /// The section of the cloud-config document that is ours.
 pub const SECTION: &str = "hcloud_nixos";
+/// The longest message about the document, in characters.
+const MAX_MESSAGE: usize = 500;
 
 /// Why user-data could not be decoded into a text document.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -442,6 +446,16 @@ pub fn parse(raw: &[u8]) -> UserData {
     secrets.retain(|s| s.len() >= 4);
     redact(&mut data.problems, &secrets);
     redact(&mut data.other_keys, &secrets);
+    // Everything said about the document goes to the log: one line each, whatever the document
+    // (a key, a MIME type or a parser's quote) holds.
+    for line in data
+        .problems
+        .iter_mut()
+        .chain(&mut data.other_keys)
+        .chain(&mut data.other_parts)
+    {
+        *line = one_line(line, MAX_MESSAGE);
+    }
     data
 }
 
