@@ -111,7 +111,10 @@ async fn cycle_inner<H: Host>(host: &H, state: &mut State, report: Report<'_>) -
     if let Err(e) = host.login(state).await {
         return Outcome::check_failed(e, false);
     }
-    let attr = flake.attr_or_default(host.hostname());
+    let attr = match flake.attr_or_default(host.hostname()) {
+        Ok(attr) => attr,
+        Err(e) => return Outcome::check_failed(e, false),
+    };
     let resolved = match host.resolve(&flake, &attr).await {
         Ok(r) => r,
         Err(e) => return Outcome::check_failed(e.to_string(), e.is_transient()),

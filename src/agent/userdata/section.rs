@@ -33,7 +33,7 @@ pub(super) const FIELDS: &[Field] = &[
                 .as_deref()
                 .map(|text| match text.parse::<FlakeRef>() {
                     Ok(f) if f.attr.is_some() => f.to_string(),
-                    Ok(f) => format!("{f} (attribute: nixosConfigurations.<hostname>)"),
+                    Ok(f) => format!("{f} (attribute: nixosConfigurations.<short hostname>)"),
                     Err(_) => shown(text),
                 })
         },
