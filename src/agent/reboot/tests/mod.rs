@@ -221,6 +221,42 @@ fn the_kernel_version_comes_from_the_modules_or_the_store_name() {
     );
 }
 
+#[test]
+fn a_kernel_version_reaches_terminals_on_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = system(tmp.path(), "s", "k", "i", "modules-6.12\u{1b}[2J\nroot");
+    assert_eq!(kernel_version(&s).as_deref(), Some("6.12\\u{1b}[2J\\nroot"));
+}
+
+#[test]
+fn only_terminals_logind_names_are_written_to() {
+    for good in ["pts/3", "tty1", "ttyS0", "hvc0"] {
+        assert!(is_tty_name(good), "{good}");
+    }
+    for bad in [
+        "",
+        "/etc/shadow",
+        "../etc/shadow",
+        "pts/../../etc/x",
+        "pts//1",
+        ".x",
+        "a b",
+    ] {
+        assert!(!is_tty_name(bad), "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn the_wall_message_goes_to_terminals_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("not-a-tty");
+    std::fs::write(&file, "precious").unwrap();
+    let link = tmp.path().join("link");
+    symlink("/dev/null", &link).unwrap();
+    write_ttys(&[file.clone(), link], "rebooting").await;
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+}
+
 // ---- window arithmetic, by example ----
 
 #[test]
