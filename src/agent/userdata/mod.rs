@@ -48,6 +48,17 @@ const MAX_LAYERS: usize = 4;
 pub const SECTION: &str = "hcloud_nixos";
 /// The longest message about the document, in characters.
 const MAX_MESSAGE: usize = 500;
+/// The longest key shown in a message (the longest we know has 24). A longer one is no typo of
+/// ours, and a mangled line can make a token part of a key: its length is shown instead.
+const MAX_KEY_SHOWN: usize = 32;
+
+/// A key of the document for a message: itself on one line, or how long it is.
+fn shown_key(key: &str) -> String {
+    match key.chars().count() {
+        n if n > MAX_KEY_SHOWN => format!("(a key of {n} characters)"),
+        _ => one_line(key, MAX_KEY_SHOWN),
+    }
+}
 
 /// Why user-data could not be decoded into a text document.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -448,13 +459,11 @@ pub fn parse(raw: &[u8]) -> UserData {
     redact(&mut data.other_keys, &secrets);
     // Everything said about the document goes to the log: one line each, whatever the document
     // (a key, a MIME type or a parser's quote) holds.
-    for line in data
-        .problems
-        .iter_mut()
-        .chain(&mut data.other_keys)
-        .chain(&mut data.other_parts)
-    {
+    for line in data.problems.iter_mut().chain(&mut data.other_parts) {
         *line = one_line(line, MAX_MESSAGE);
+    }
+    for key in &mut data.other_keys {
+        *key = shown_key(key);
     }
     data
 }

@@ -145,7 +145,7 @@ pub(super) fn parse_section(section: &Value, problems: &mut Vec<String>) -> User
             };
             problems.push(format!(
                 "{SECTION}.{}: unknown key{hint}; known keys are {}",
-                shown(key).trim_matches('\''),
+                super::shown_key(key),
                 known_keys_list()
             ));
         } else if !value.is_null() {

@@ -480,3 +480,27 @@ fn text_from_the_document_reaches_messages_on_one_line() {
         assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
     }
 }
+
+#[test]
+fn a_key_that_is_no_typo_of_ours_is_not_shown() {
+    // A mangled line can make a token (even without its prefix) a key.
+    let doc = format!(
+        "#cloud-config\nlakehub1_{secret}: 1\nhcloud_nixos:\n  lakehub1_{secret}: x\n  flak: a/b/0.1\n",
+        secret = "s3cr3tT0kenValue_0123456789abcdef"
+    );
+    let data = parse(doc.as_bytes());
+    assert_eq!(data.other_keys, ["(a key of 42 characters)"]);
+    assert!(
+        data.problems
+            .iter()
+            .any(|p| p.starts_with("hcloud_nixos.(a key of 42 characters): unknown key")),
+        "{data:?}"
+    );
+    assert!(
+        data.problems
+            .iter()
+            .any(|p| p.starts_with("hcloud_nixos.flak: unknown key (did you mean flake?)")),
+        "{data:?}"
+    );
+    assert!(!format!("{data:?}").contains("s3cr3t"));
+}
