@@ -46,7 +46,7 @@ impl Output {
 }
 
 /// Bytes of each output stream [`run`] keeps: the end, where a program says what went wrong.
-pub const MAX_OUTPUT: usize = 64 * 1024;
+pub(crate) const MAX_OUTPUT: usize = 64 * 1024;
 
 /// The last `MAX_OUTPUT` bytes of a stream, read to its end.
 #[derive(Default)]
@@ -119,7 +119,7 @@ pub async fn run(program: &Path, args: &[&str], timeout: Duration) -> Result<Out
 }
 
 /// Sends SIGKILL to the process group led by `leader` (never to group 0 or 1: ourselves, init).
-pub fn kill_group(leader: Option<u32>) {
+pub(crate) fn kill_group(leader: Option<u32>) {
     use nix::sys::signal::{Signal, killpg};
     use nix::unistd::Pid;
     if let Some(pgid) = leader

@@ -65,7 +65,7 @@ fn create_temporary(dir: &Path, name: &str) -> io::Result<(File, PathBuf)> {
 /// Opens `path` for writing, creating it if it is missing, as a regular file of mode 0600
 /// exactly (also when an earlier run left it with another mode, or under another umask). A
 /// symlink is not followed.
-pub fn open_private(path: &Path) -> io::Result<File> {
+pub(crate) fn open_private(path: &Path) -> io::Result<File> {
     let file = OpenOptions::new()
         .write(true)
         .create(true)

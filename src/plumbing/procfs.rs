@@ -14,22 +14,22 @@ fn users(pid: u32) -> Option<(u32, u32)> {
 
 /// Does `pid` run as `uid` (its real and its effective user)? A process that is gone, or whose
 /// status cannot be read, does not.
-pub fn runs_as(pid: u32, uid: u32) -> bool {
+pub(crate) fn runs_as(pid: u32, uid: u32) -> bool {
     users(pid) == Some((uid, uid))
 }
 
 /// Does `pid` run as root (real and effective user)?
-pub fn runs_as_root(pid: u32) -> bool {
+pub(crate) fn runs_as_root(pid: u32) -> bool {
     runs_as(pid, 0)
 }
 
 /// The NUL-separated command line of `pid` (empty for a kernel thread or a process that is gone).
-pub fn cmdline(pid: u32) -> Vec<u8> {
+pub(crate) fn cmdline(pid: u32) -> Vec<u8> {
     std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()
 }
 
 /// Every process this /proc shows.
-pub fn pids() -> Vec<u32> {
+pub(crate) fn pids() -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -40,7 +40,7 @@ pub fn pids() -> Vec<u32> {
 
 /// Who holds the lock on `path` that keeps a shared lock from it, as `/proc/locks` tells.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Holders {
+pub(crate) enum Holders {
     /// Processes of root's among the holders (their PIDs).
     Root(Vec<u32>),
     /// Only other users' processes hold it.
@@ -51,7 +51,7 @@ pub enum Holders {
 }
 
 /// Who holds locks on `path` (flock or POSIX), by `/proc/locks`.
-pub fn lock_holders(path: &Path) -> Holders {
+pub(crate) fn lock_holders(path: &Path) -> Holders {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::metadata(path) else {
         return Holders::Unknown;

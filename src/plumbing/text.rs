@@ -3,7 +3,7 @@
 
 /// `text` on one line: control characters (a newline, an escape) written as escapes (`\n`,
 /// `\u{1b}`), cut to `max` characters (then `...`).
-pub fn one_line(text: &str, max: usize) -> String {
+pub(crate) fn one_line(text: &str, max: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max * 4));
     for (n, c) in text.chars().enumerate() {
         if n == max {
@@ -20,7 +20,7 @@ pub fn one_line(text: &str, max: usize) -> String {
 }
 
 /// `text` quoted for a message: `'...'`, on one line, at most 80 characters of it.
-pub fn quoted(text: &str) -> String {
+pub(crate) fn quoted(text: &str) -> String {
     format!("'{}'", one_line(text, 80))
 }
 

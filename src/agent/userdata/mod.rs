@@ -446,7 +446,13 @@ pub fn parse(raw: &[u8]) -> UserData {
         data.settings = Some(parse_section(section, &mut data.problems));
     }
 
-    // Belt and braces: no message, no key name carries the token.
+    fit_for_the_log(&mut data, secrets);
+    data
+}
+
+/// What is said about the document goes to the log: no message, no key carries the token, and
+/// each is one line, whatever the document (a key, a MIME type, a parser's quote) holds.
+fn fit_for_the_log(data: &mut UserData, mut secrets: Vec<String>) {
     if let Some(token) = data
         .settings
         .as_ref()
@@ -457,15 +463,12 @@ pub fn parse(raw: &[u8]) -> UserData {
     secrets.retain(|s| s.len() >= 4);
     redact(&mut data.problems, &secrets);
     redact(&mut data.other_keys, &secrets);
-    // Everything said about the document goes to the log: one line each, whatever the document
-    // (a key, a MIME type or a parser's quote) holds.
     for line in data.problems.iter_mut().chain(&mut data.other_parts) {
         *line = one_line(line, MAX_MESSAGE);
     }
     for key in &mut data.other_keys {
         *key = shown_key(key);
     }
-    data
 }
 
 /// The effective settings as `hcloud-nixos userdata check` prints them: the token as
