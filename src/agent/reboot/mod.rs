@@ -524,7 +524,15 @@ pub fn blocking(inhibitors: &[Inhibitor], own_pid: u32) -> Vec<String> {
         .iter()
         .filter(|i| i.mode == "block" && i.what.split(':').any(|w| w == "shutdown"))
         .filter(|i| i.pid != own_pid)
-        .map(|i| format!("{} ({}, pid {})", i.who, i.why, i.pid))
+        // Whoever takes a lock writes its who and why: one line each, and short.
+        .map(|i| {
+            format!(
+                "{} ({}, pid {})",
+                crate::plumbing::text::one_line(&i.who, 60),
+                crate::plumbing::text::one_line(&i.why, 120),
+                i.pid
+            )
+        })
         .collect()
 }
 

@@ -412,6 +412,28 @@ fn only_block_locks_on_shutdown_held_by_others_block() {
     );
 }
 
+#[test]
+fn what_another_user_says_about_a_lock_is_one_line() {
+    // Anyone allowed to take an inhibitor lock chooses its `who` and `why`; they reach the log
+    // and the status line.
+    let lock = Inhibitor {
+        what: "shutdown".into(),
+        who: "me\nWARN forged".into(),
+        why: format!("\u{1b}[2J{}", "x".repeat(500)),
+        mode: "block".into(),
+        uid: 1000,
+        pid: 10,
+    };
+    let said = blocking(&[lock], 99);
+    assert_eq!(said.len(), 1);
+    assert!(!said[0].chars().any(char::is_control), "{said:?}");
+    assert!(said[0].len() < 250, "{said:?}");
+    assert!(
+        said[0].starts_with("me\\nWARN forged (\\u{1b}[2J"),
+        "{said:?}"
+    );
+}
+
 // ---- carrying out, with a fake host ----
 
 #[derive(Debug, Clone, PartialEq, Eq)]
