@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::config::{ApplyMode, Operation};
 use crate::agent::systemd::{Systemd, TransientService};
+use crate::plumbing::procfs;
 
 /// Which step of a deploy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +30,9 @@ pub enum StepKind {
 }
 
 impl StepKind {
+    /// Every kind, in a deploy's order.
+    pub const ALL: [StepKind; 3] = [StepKind::Fetch, StepKind::Activate, StepKind::Rollback];
+
     pub fn as_str(self) -> &'static str {
         match self {
             StepKind::Fetch => "fetch",
@@ -90,11 +94,21 @@ pub fn unit_name(kind: StepKind, unix_secs: u64) -> String {
     format!("hcloud-nixos-{}-{unix_secs}.service", kind.as_str())
 }
 
-/// Is this one of the units the agent starts?
+/// Is this one of the units the agent starts (as [`unit_name`] names them; `apply` is what
+/// agents before the split into steps called theirs)?
 pub fn is_step_unit(name: &str) -> bool {
-    ["fetch", "activate", "rollback", "apply"]
-        .iter()
-        .any(|k| name.starts_with(&format!("hcloud-nixos-{k}-")))
+    let Some(rest) = name
+        .strip_prefix("hcloud-nixos-")
+        .and_then(|n| n.strip_suffix(".service"))
+    else {
+        return false;
+    };
+    let Some((kind, secs)) = rest.split_once('-') else {
+        return false;
+    };
+    (StepKind::ALL.iter().any(|k| k.as_str() == kind) || kind == "apply")
+        && !secs.is_empty()
+        && secs.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// How a step's process ended.
@@ -126,17 +140,17 @@ pub enum Running {
     Orphan(u32),
 }
 
-/// Is `pid` running exactly `argv` (and not a process that reused the PID)? An interpreter may
-/// stand first (`bash /path/fh apply ...`), so `argv` is looked for anywhere in the command line.
+/// Is `pid` running exactly `argv` as this agent's user (and not a process that reused the PID)?
+/// An interpreter may stand first (`bash /path/fh apply ...`), so `argv` is looked for anywhere in
+/// the command line; anyone can write a command line, so another user's process never counts.
 pub fn is_running(pid: u32, argv: &[String]) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
+    let cmdline = procfs::cmdline(pid);
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     !argv.is_empty()
         && args
             .windows(argv.len())
             .any(|w| w.iter().zip(argv).all(|(a, b)| *a == b.as_bytes()))
+        && procfs::runs_as(pid, nix::unistd::geteuid().as_raw())
 }
 
 /// Starts steps and waits for them.
@@ -235,12 +249,17 @@ impl Applier {
                 }
             },
             Running::Orphan(pid) => {
-                while Path::new(&format!("/proc/{pid}")).exists() {
+                // Until it is gone (a process of another user's that took its PID is not it).
+                let euid = nix::unistd::geteuid().as_raw();
+                while procfs::runs_as(pid, euid) {
                     if tokio::time::Instant::now() >= deadline {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid as i32),
-                            nix::sys::signal::Signal::SIGTERM,
-                        );
+                        // Never 0 or -1 (our group, every process) from a PID out of range.
+                        if let Some(pid) = i32::try_from(pid).ok().filter(|p| *p > 1) {
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid),
+                                nix::sys::signal::Signal::SIGTERM,
+                            );
+                        }
                         return Ok(timed_out());
                     }
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -342,8 +361,14 @@ mod tests {
             unit_name(StepKind::Rollback, 1700000000),
             "hcloud-nixos-rollback-1700000000.service"
         );
-        assert!(is_step_unit("hcloud-nixos-activate-1.service"));
+        for kind in StepKind::ALL {
+            assert!(is_step_unit(&unit_name(kind, 1700000000)), "{kind:?}");
+        }
+        assert!(is_step_unit("hcloud-nixos-apply-17.service"));
         assert!(!is_step_unit("hcloud-nixos-agent.service"));
+        assert!(!is_step_unit("hcloud-nixos-activate-web.service"));
+        assert!(!is_step_unit("hcloud-nixos-activate-.service"));
+        assert!(!is_step_unit("x-hcloud-nixos-fetch-1.service"));
     }
 
     #[test]

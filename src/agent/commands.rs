@@ -35,9 +35,12 @@ pub fn request_check(config_path: &Path) -> Result<u32> {
             pid_path.display()
         )
     })?;
+    // Never 0 or below: kill() would signal our own process group, or every process.
     let pid: i32 = text
         .trim()
         .parse()
+        .ok()
+        .filter(|p| *p > 1)
         .with_context(|| format!("{} does not hold a PID", pid_path.display()))?;
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     if !comm.trim().starts_with("hcloud-nixos") {
@@ -191,4 +194,27 @@ pub fn describe_state(state: &State) -> String {
     }
     let _ = writeln!(out, "deploys:      {}", state.deploys);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pid_file_never_leads_to_signalling_a_group_or_everyone() {
+        let dir = tempfile::tempdir().unwrap();
+        let run_dir = dir.path().join("run");
+        std::fs::create_dir(&run_dir).unwrap();
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!("[paths]\nrun_dir = \"{}\"\n", run_dir.display()),
+        )
+        .unwrap();
+        for text in ["0", "-1", "1", "x"] {
+            std::fs::write(run_dir.join(PID_FILE), text).unwrap();
+            let e = format!("{:#}", request_check(&config).unwrap_err());
+            assert!(e.contains("does not hold a PID"), "{text}: {e}");
+        }
+    }
 }

@@ -2,55 +2,152 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use jiff::Timestamp;
+use serde::Deserialize;
 
 use crate::agent::flakeref::FlakeRef;
 use crate::plumbing::http::{BodyError, describe, read_limited};
 use crate::plumbing::secret::Secret;
+use crate::plumbing::text::{one_line, quoted};
 
 pub const DEFAULT_API_URL: &str = "https://api.flakehub.com";
 
 /// A release's JSON carries its README; a list of them can be large, but not this large.
 const MAX_BODY: usize = 8 * 1024 * 1024;
 
-/// One release of a flake, as `GET /version/...` and `GET /f/.../releases` give it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+/// The longest release version accepted (FlakeHub's are `0.1.<n>+rev-<40 hex>`, some 60 bytes).
+const MAX_VERSION_LEN: usize = 128;
+/// Nix's base-32 alphabet, the characters of a store path's hash.
+const NIX32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+/// The longest name Nix gives a store path.
+const MAX_STORE_NAME_LEN: usize = 211;
+
+/// One release as FlakeHub's JSON has it: only what the agent reads, checked by
+/// [`Release::checked`] before anything else sees it.
+#[derive(Deserialize)]
+struct ReleaseJson {
+    version: String,
+    #[serde(default)]
+    published_at: Option<String>,
+    #[serde(default)]
+    yanked_at: Option<String>,
+}
+
+/// One release of a flake (`GET /version/...`, `GET /f/.../releases`), checked where it enters:
+/// its version reaches `STATUS=`, the journal, hooks' environments, unit descriptions and fh's
+/// argv.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Release {
+    /// A SemVer version (`0.1.42+rev-<sha>`): ASCII letters, digits, `.`, `+` and `-` only.
     pub version: String,
-    #[serde(default)]
-    pub simplified_version: Option<String>,
-    #[serde(default)]
-    pub revision: Option<String>,
-    #[serde(default)]
-    pub commit_count: Option<u64>,
-    #[serde(default)]
-    pub published_at: Option<String>,
-    #[serde(default)]
-    pub yanked_at: Option<String>,
+    /// When it was published; `None` when FlakeHub gives no time, or something that is not one.
+    pub published_at: Option<Timestamp>,
+    pub yanked: bool,
 }
 
 impl Release {
-    pub fn is_yanked(&self) -> bool {
-        self.yanked_at.as_deref().is_some_and(|s| !s.is_empty())
+    fn checked(json: ReleaseJson) -> Result<Release, String> {
+        check_version(&json.version)?;
+        Ok(Release {
+            version: json.version,
+            published_at: json.published_at.and_then(|p| p.parse().ok()),
+            yanked: json.yanked_at.is_some_and(|s| !s.is_empty()),
+        })
     }
 }
 
-/// A flake output at one release.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Output {
+/// A flake output at one release as FlakeHub's JSON has it.
+#[derive(Deserialize)]
+struct OutputJson {
     #[serde(default)]
-    pub attribute_path: Option<String>,
-    #[serde(default)]
-    pub store_path: Option<String>,
+    store_path: Option<String>,
 }
 
 /// What a reference resolves to right now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
     pub version: String,
     pub attr: String,
+    /// A store path, checked ([`check_store_path`]).
     pub store_path: String,
-    pub published_at: Option<String>,
+    pub published_at: Option<Timestamp>,
+}
+
+/// `GET /version/...`'s answer: the release, checked.
+pub fn parse_release(body: &[u8]) -> Result<Release, String> {
+    Release::checked(json(body)?)
+}
+
+/// `GET /f/.../releases`'s answer: the releases whose version passes the checks (one FlakeHub got
+/// wrong does not hide the others; none of its text goes anywhere).
+pub fn parse_releases(body: &[u8]) -> Result<Vec<Release>, String> {
+    let all: Vec<ReleaseJson> = json(body)?;
+    Ok(all
+        .into_iter()
+        .filter_map(|r| Release::checked(r).ok())
+        .collect())
+}
+
+/// `GET /f/.../output/...`'s answer: the store path, checked; `None` when the release was
+/// published without output paths.
+pub fn parse_output(body: &[u8]) -> Result<Option<String>, String> {
+    let output: OutputJson = json(body)?;
+    match output.store_path.filter(|p| !p.is_empty()) {
+        None => Ok(None),
+        Some(path) => check_store_path(&path).map(|()| Some(path)),
+    }
+}
+
+/// JSON into `T`; the error is one line.
+fn json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| one_line(&e.to_string(), 200))
+}
+
+/// A release version as the agent passes it on: SemVer, nothing else.
+pub fn check_version(version: &str) -> Result<(), String> {
+    let fits = !version.is_empty()
+        && version.len() <= MAX_VERSION_LEN
+        && version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
+    if !fits {
+        return Err(format!(
+            "the version {} is not a release version (SemVer: letters, digits, '.', '+' and '-', at most {MAX_VERSION_LEN})",
+            quoted(version)
+        ));
+    }
+    semver::Version::parse(version)
+        .map(|_| ())
+        .map_err(|e| format!("the version {} is not SemVer ({e})", quoted(version)))
+}
+
+/// A path `/nix/store/<32 characters of Nix's base 32>-<name>`, nothing else: it becomes argv
+/// (`<path>/bin/switch-to-configuration`) and the system profile's target. The name uses Nix's
+/// characters, does not start with `.` and holds no `..`.
+pub fn check_store_path(path: &str) -> Result<(), String> {
+    let refuse = |why: &str| Err(format!("{} is not a Nix store path: {why}", quoted(path)));
+    let Some(rest) = path.strip_prefix("/nix/store/") else {
+        return refuse("it is not in /nix/store");
+    };
+    let Some((hash, name)) = rest.split_once('-') else {
+        return refuse("no '-' after the hash");
+    };
+    if hash.len() != 32 || !hash.bytes().all(|c| NIX32.contains(&c)) {
+        return refuse("the hash is not 32 characters of Nix's base 32");
+    }
+    if name.is_empty() || name.len() > MAX_STORE_NAME_LEN {
+        return refuse("the name is empty or too long");
+    }
+    if !name
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))
+    {
+        return refuse("the name has a character Nix does not use in one");
+    }
+    if name.starts_with('.') || name.contains("..") {
+        return refuse("the name starts with '.' or holds '..'");
+    }
+    Ok(())
 }
 
 /// Why FlakeHub could not resolve a reference. Messages are one line and carry no token.
@@ -124,20 +221,17 @@ impl Client {
         url
     }
 
-    async fn get<T: serde::de::DeserializeOwned>(
-        &self,
-        segments: &[&str],
-        what: &str,
-    ) -> Result<T, Error> {
+    /// The body of a 2xx answer at `segments`; `what` names it in errors.
+    async fn get(&self, segments: &[&str], what: &str) -> Result<Vec<u8>, Error> {
         let url = self.url(segments);
         let mut req = self.http.get(url.clone());
         if let Some(token) = &self.token {
             req = req.bearer_auth(token.expose());
         }
-        let resp = req.send().await.map_err(|e| Error::Unreachable {
-            url: self.api_url.to_string(),
-            why: describe(&e),
-        })?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| self.unreachable(describe(&e)))?;
         let status = resp.status().as_u16();
         match status {
             200..=299 => {}
@@ -150,20 +244,17 @@ impl Client {
                 });
             }
         }
-        let body = read_limited(resp, MAX_BODY).await.map_err(|e| match e {
-            BodyError::TooLarge => Error::Invalid {
-                what: what.to_string(),
-                why: format!("larger than {MAX_BODY} bytes"),
-            },
-            BodyError::Cut(why) => Error::Unreachable {
-                url: self.api_url.to_string(),
-                why,
-            },
-        })?;
-        serde_json::from_slice(&body).map_err(|e| Error::Invalid {
-            what: what.to_string(),
-            why: e.to_string(),
+        read_limited(resp, MAX_BODY).await.map_err(|e| match e {
+            BodyError::TooLarge => invalid(what, format!("larger than {MAX_BODY} bytes")),
+            BodyError::Cut(why) => self.unreachable(why),
         })
+    }
+
+    fn unreachable(&self, why: String) -> Error {
+        Error::Unreachable {
+            url: self.api_url.to_string(),
+            why: one_line(&why, 200),
+        }
     }
 
     /// The release matching the reference's version constraint.
@@ -172,44 +263,57 @@ impl Client {
             "release of {}/{} matching '{}'",
             flake.org, flake.flake, flake.version
         );
-        self.get(
-            &["version", &flake.org, &flake.flake, &flake.version],
-            &what,
-        )
-        .await
+        let body = self
+            .get(
+                &["version", &flake.org, &flake.flake, &flake.version],
+                &what,
+            )
+            .await?;
+        parse_release(&body).map_err(|why| invalid(&what, why))
     }
 
-    /// Every release of the flake.
+    /// Every release of the flake (those FlakeHub describes well).
     pub async fn releases(&self, flake: &FlakeRef) -> Result<Vec<Release>, Error> {
         let what = format!("releases of {}/{}", flake.org, flake.flake);
-        self.get(&["f", &flake.org, &flake.flake, "releases"], &what)
-            .await
+        let body = self
+            .get(&["f", &flake.org, &flake.flake, "releases"], &what)
+            .await?;
+        parse_releases(&body).map_err(|why| invalid(&what, why))
     }
 
-    /// The output `attr` at exactly `version`.
+    /// The store path of the output `attr` at exactly `version`.
     pub async fn output(
         &self,
         flake: &FlakeRef,
         version: &str,
         attr: &str,
-    ) -> Result<Output, Error> {
+    ) -> Result<String, Error> {
         let what = format!(
             "output {attr} of {}/{} at version {version}",
             flake.org, flake.flake
         );
         let exact = format!("={version}");
-        self.get(
-            &["f", &flake.org, &flake.flake, &exact, "output", attr],
-            &what,
-        )
-        .await
+        let body = self
+            .get(
+                &["f", &flake.org, &flake.flake, &exact, "output", attr],
+                &what,
+            )
+            .await?;
+        parse_output(&body)
+            .map_err(|why| invalid(&what, why))?
+            .ok_or_else(|| {
+                invalid(
+                    &what,
+                    "it has no store path: publish the release with output paths included (include-output-paths: true)".into(),
+                )
+            })
     }
 
     /// Resolves the reference: the newest matching release that is not yanked, then the store
     /// path of the output at exactly that version.
     pub async fn resolve(&self, flake: &FlakeRef, attr: &str) -> Result<Resolved, Error> {
         let mut release = self.release(flake).await?;
-        if release.is_yanked() {
+        if release.yanked {
             let all = self.releases(flake).await?;
             release = newest_unyanked(&all, &flake.version).ok_or_else(|| {
                 Error::NotFound(format!(
@@ -230,18 +334,7 @@ impl Client {
                 ..known.clone()
             });
         }
-        let output = self.output(flake, &release.version, attr).await?;
-        let store_path = output.store_path.filter(|p| !p.is_empty()).ok_or_else(|| Error::Invalid {
-            what: format!("output {attr} of {}/{} at version {}", flake.org, flake.flake, release.version),
-            why: "it has no store path: publish the release with output paths included (include-output-paths: true)"
-                .to_string(),
-        })?;
-        if !is_store_path(&store_path) {
-            return Err(Error::Invalid {
-                what: format!("output {attr} at version {}", release.version),
-                why: format!("'{store_path}' is not a Nix store path"),
-            });
-        }
+        let store_path = self.output(flake, &release.version, attr).await?;
         let resolved = Resolved {
             version: release.version,
             attr: attr.to_string(),
@@ -255,23 +348,11 @@ impl Client {
     }
 }
 
-/// A path `/nix/store/<32 base32 characters>-<name>`, nothing else.
-pub fn is_store_path(path: &str) -> bool {
-    let Some(rest) = path.strip_prefix("/nix/store/") else {
-        return false;
-    };
-    let (hash, name) = match rest.split_once('-') {
-        Some(parts) => parts,
-        None => return false,
-    };
-    hash.len() == 32
-        && hash
-            .bytes()
-            .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase())
-        && !name.is_empty()
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))
+fn invalid(what: &str, why: String) -> Error {
+    Error::Invalid {
+        what: what.to_string(),
+        why,
+    }
 }
 
 /// The highest version that matches `constraint` (Cargo's rules, as FlakeHub's) and is not yanked.
@@ -279,7 +360,7 @@ pub fn newest_unyanked(releases: &[Release], constraint: &str) -> Option<Release
     let req = semver::VersionReq::parse(constraint).ok();
     releases
         .iter()
-        .filter(|r| !r.is_yanked())
+        .filter(|r| !r.yanked)
         .filter_map(|r| semver::Version::parse(&r.version).ok().map(|v| (v, r)))
         .filter(|(v, _)| match &req {
             // FlakeHub matches pre-release-free versions with build metadata; compare without it.
@@ -299,11 +380,8 @@ mod tests {
     fn rel(version: &str, yanked: bool) -> Release {
         Release {
             version: version.into(),
-            simplified_version: None,
-            revision: None,
-            commit_count: None,
             published_at: None,
-            yanked_at: yanked.then(|| "2026-01-01T00:00:00Z".into()),
+            yanked,
         }
     }
 
@@ -314,13 +392,16 @@ mod tests {
             "/tests/fixtures/flakehub/version.example.json"
         ))
         .unwrap();
-        let r: Release = serde_json::from_str(&text).unwrap();
+        let r = parse_release(text.as_bytes()).unwrap();
         assert_eq!(
             r.version,
             "1.1.0+rev-ff81ac966bb2cae68946d5ed5fc4994f96d0ffec"
         );
-        assert_eq!(r.published_at.as_deref(), Some("2024-12-04T12:00:00Z"));
-        assert!(!r.is_yanked());
+        assert_eq!(
+            r.published_at,
+            Some("2024-12-04T12:00:00Z".parse().unwrap())
+        );
+        assert!(!r.yanked);
     }
 
     #[test]
@@ -345,17 +426,59 @@ mod tests {
 
     #[test]
     fn store_paths_are_checked() {
-        assert!(is_store_path(
+        let ok = |p: &str| check_store_path(p).is_ok();
+        assert!(ok(
             "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-web-24.11"
         ));
-        assert!(!is_store_path("/nix/store/short-x"));
-        assert!(!is_store_path("/tmp/0123456789abcdfghijklmnpqrsvwxyz-x"));
-        assert!(!is_store_path(
+        assert!(ok("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-a+b_c?d=e"));
+        assert!(!ok("/nix/store/short-x"));
+        assert!(!ok("/tmp/0123456789abcdfghijklmnpqrsvwxyz-x"));
+        assert!(!ok(
             "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-x; rm -rf /"
         ));
-        assert!(!is_store_path(
-            "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-../../etc"
-        ));
+        assert!(!ok("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-../../etc"));
+        assert!(!ok("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-.hidden"));
+        // 'e', 'o', 'u' and 't' are not in Nix's base 32.
+        assert!(!ok("/nix/store/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee-x"));
+        let e = check_store_path("/nix/store/x\ny").unwrap_err();
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn versions_are_semver_and_nothing_else() {
+        for v in ["0.1.42+rev-abc", "1.0.0-beta.1", "0.1.0"] {
+            check_version(v).unwrap();
+        }
+        for v in [
+            "",
+            "0.1",
+            "0.1.42\nX=1",
+            "0.1.42 ",
+            "v0.1.42",
+            "0.1.42+rev/abc",
+        ] {
+            let e = check_version(v).unwrap_err();
+            assert!(!e.contains('\n'), "{e}");
+        }
+        check_version(&format!("0.1.0+{}", "a".repeat(200))).unwrap_err();
+    }
+
+    #[test]
+    fn a_list_keeps_the_releases_that_pass() {
+        let body = serde_json::json!([
+            {"version": "0.1.1+rev-a", "yanked_at": null},
+            {"version": "0.1.2\nWATCHDOG=trigger"},
+            {"version": "0.1.3+rev-c", "published_at": "2026-01-01T00:00:00Z", "yanked_at": "2026-01-02T00:00:00Z"}
+        ])
+        .to_string();
+        let all = parse_releases(body.as_bytes()).unwrap();
+        let versions: Vec<&str> = all.iter().map(|r| r.version.as_str()).collect();
+        assert_eq!(versions, ["0.1.1+rev-a", "0.1.3+rev-c"]);
+        assert!(all[1].yanked && all[1].published_at.is_some());
+        assert!(parse_releases(b"{}").is_err());
+        assert_eq!(parse_output(br#"{"store_path": null}"#), Ok(None));
+        assert_eq!(parse_output(br#"{"store_path": ""}"#), Ok(None));
+        assert!(parse_output(br#"{"store_path": "/etc"}"#).is_err());
     }
 
     #[test]

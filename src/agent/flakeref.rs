@@ -12,7 +12,7 @@
 //!   is then checked with the `semver` crate's `VersionReq` (Cargo's own rules);
 //! - `#attr` (optional): a dot-separated attribute path whose parts are made of ASCII letters,
 //!   digits, `_`, `-` and `'` (no quoting, no spaces). Without it the attribute is
-//!   `nixosConfigurations.<hostname>`.
+//!   `nixosConfigurations.<short hostname>` (the hostname up to its first dot).
 //!
 //! The whole reference is at most 256 characters.
 
@@ -23,6 +23,8 @@ use std::str::FromStr;
 pub const MAX_LEN: usize = 256;
 /// The longest org or flake name accepted.
 const MAX_NAME_LEN: usize = 64;
+/// The longest hostname label (DNS's limit, and NixOS's for `networking.hostName`).
+const MAX_HOST_LEN: usize = 63;
 /// The prefix of a FlakeHub URL that may be given in front of a reference.
 const URL_PREFIX: &str = "https://flakehub.com/f/";
 /// What a valid reference looks like, for error messages.
@@ -40,12 +42,32 @@ pub struct FlakeRef {
 }
 
 impl FlakeRef {
-    /// The attribute path to apply: the given one, or `nixosConfigurations.<hostname>` (what `fh`
-    /// uses). Pass the short hostname (no domain), as NixOS's `networking.hostName` is.
-    pub fn attr_or_default(&self, hostname: &str) -> String {
-        match &self.attr {
-            Some(attr) => attr.clone(),
-            None => format!("nixosConfigurations.{hostname}"),
+    /// The attribute path to apply: the given one, or `nixosConfigurations.<name>` where `name`
+    /// is the hostname's first label (`web-1` for `web-1.example.com`).
+    ///
+    /// fh itself takes the whole hostname (`nixosConfigurations.web-1.example.com`, an attribute
+    /// path of four names that no flake has), so a server named by its FQDN would never deploy.
+    /// A NixOS configuration is named for `networking.hostName`, which may not hold a dot: the
+    /// short name is the one it can have. The error (a hostname no configuration can be named
+    /// by) is one line and says to give `#attr`.
+    pub fn attr_or_default(&self, hostname: &str) -> Result<String, String> {
+        if let Some(attr) = &self.attr {
+            return Ok(attr.clone());
+        }
+        let short = hostname.split('.').next().unwrap_or_default();
+        let fits = !short.is_empty()
+            && short.len() <= MAX_HOST_LEN
+            && short
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if fits {
+            Ok(format!("nixosConfigurations.{short}"))
+        } else {
+            Err(format!(
+                "the hostname {} names no NixOS configuration (letters, digits, '-' and '_' before the first dot); give the attribute in the reference: {}#nixosConfigurations.NAME",
+                shown(hostname),
+                self
+            ))
         }
     }
 
@@ -264,7 +286,7 @@ fn check_version(version: &str) -> Result<(), String> {
 fn check_attr(attr: &str) -> Result<(), String> {
     if attr.is_empty() {
         return Err(
-            "the attribute after '#' is empty (leave out '#' for nixosConfigurations.<hostname>)"
+            "the attribute after '#' is empty (leave out '#' for nixosConfigurations.<short hostname>)"
                 .into(),
         );
     }
@@ -354,9 +376,25 @@ mod tests {
     #[test]
     fn default_attr_and_exact() {
         let r = ok("my-org/infra/0.1");
-        assert_eq!(r.attr_or_default("web"), "nixosConfigurations.web");
+        assert_eq!(r.attr_or_default("web").unwrap(), "nixosConfigurations.web");
+        // A server named by its FQDN: the configuration is named by the short name.
+        assert_eq!(
+            r.attr_or_default("web-1.example.com").unwrap(),
+            "nixosConfigurations.web-1"
+        );
+        for bad in ["", ".example.com", "we$b", "web\n1", &"w".repeat(64)] {
+            let e = r.attr_or_default(bad).unwrap_err();
+            assert!(!e.contains('\n'), "{e}");
+            assert!(
+                e.ends_with(
+                    "give the attribute in the reference: my-org/infra/0.1#nixosConfigurations.NAME"
+                ),
+                "{e}"
+            );
+        }
         let r = ok("my-org/infra/0.1#nixosConfigurations.db");
-        assert_eq!(r.attr_or_default("web"), "nixosConfigurations.db");
+        assert_eq!(r.attr_or_default("web").unwrap(), "nixosConfigurations.db");
+        assert_eq!(r.attr_or_default("").unwrap(), "nixosConfigurations.db");
         assert_eq!(
             r.exact("0.1.42+rev-abc", "nixosConfigurations.db"),
             "my-org/infra/=0.1.42+rev-abc#nixosConfigurations.db"

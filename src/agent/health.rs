@@ -113,15 +113,13 @@ impl Check {
     }
 }
 
-/// Units that failed after the deploy and had not failed before it (the agent's own apply
-/// units excepted).
+/// Units that failed after the deploy and had not failed before it (the agent's own step units
+/// excepted: a rolled-back deploy leaves its failed activation behind).
 pub fn new_failures(before: &[String], after: &[String]) -> Vec<String> {
     let mut new: Vec<String> = after
         .iter()
         .filter(|u| !before.contains(u))
-        .filter(|u| {
-            !u.starts_with("hcloud-nixos-apply-") && !u.starts_with("hcloud-nixos-rollback-")
-        })
+        .filter(|u| !crate::agent::apply::is_step_unit(u))
         .cloned()
         .collect();
     new.sort();
@@ -225,6 +223,93 @@ mod tests {
                 .unwrap();
         assert_eq!(check.run(&http).await, Ok(()));
         assert!(check.run(&http).await.unwrap_err().contains("HTTP 503"));
+    }
+
+    #[test]
+    fn the_agents_own_step_units_never_count() {
+        // A rolled-back deploy leaves its failed activation unit behind; the rollback's own
+        // confirmation must not fail over it, nor over a fetch or rollback unit.
+        let after: Vec<String> = [
+            "hcloud-nixos-fetch-1700000000.service",
+            "hcloud-nixos-activate-1700000001.service",
+            "hcloud-nixos-rollback-1700000002.service",
+            "web.service",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(new_failures(&[], &after), vec!["web.service".to_string()]);
+        // A unit of someone else's that only starts like ours still counts.
+        let theirs = vec!["hcloud-nixos-activate-web.service".to_string()];
+        assert_eq!(new_failures(&[], &theirs), theirs);
+    }
+
+    #[tokio::test]
+    async fn a_command_check_that_times_out_is_killed_with_everything_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let script = format!(
+            "sleep 60 & echo $! > {}; sleep 60; true",
+            pid_file.display()
+        );
+        let check = Check::Command {
+            argv: vec!["/bin/sh".into(), "-c".into(), script],
+            timeout: Duration::from_millis(500),
+        };
+        let http = crate::plumbing::tls::client_builder().build().unwrap();
+        let e = check.run(&http).await.unwrap_err();
+        assert!(e.contains("did not finish"), "{e}");
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Killed and reaped by the shell's parent (us, or init once the shell is gone).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the check's background process {pid} outlived it"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_check_that_prints_without_end_is_kept_within_bounds() {
+        // 64 MiB on stdout and a last line on stderr: what is kept is bounded, and the last
+        // line (what the status shows) is still there.
+        let check = Check::Command {
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "head -c 67108864 /dev/zero; echo the app is down >&2; exit 1".into(),
+            ],
+            timeout: Duration::from_secs(30),
+        };
+        let out = exec::run(
+            std::path::Path::new("/bin/sh"),
+            &[
+                "-c",
+                "head -c 67108864 /dev/zero; echo the app is down >&2; exit 1",
+            ],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        assert!(
+            out.stdout.len() <= 1024 * 1024 && out.stderr.len() <= 1024 * 1024,
+            "kept {} and {} bytes",
+            out.stdout.len(),
+            out.stderr.len()
+        );
+        let http = crate::plumbing::tls::client_builder().build().unwrap();
+        let e = check.run(&http).await.unwrap_err();
+        assert!(e.ends_with(": the app is down"), "{e}");
     }
 
     #[test]

@@ -196,17 +196,51 @@ impl Capture {
         }
     }
 
-    /// The output for the log: trimmed, cut to `LOG_OUTPUT` characters, "-" when there is none.
+    /// The output for the log: trimmed, on one line (control characters escaped, a byte that is
+    /// not UTF-8 shown as U+FFFD), cut to `LOG_OUTPUT` characters, "-" when there is none. What
+    /// is left out is counted in bytes of the output.
     fn for_log(&self) -> String {
-        let text = String::from_utf8_lossy(&self.kept);
-        let text = text.trim();
-        if text.is_empty() {
+        let kept = &self.kept;
+        let start = kept
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .unwrap_or(kept.len());
+        let end = kept
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .map_or(start, |i| i + 1);
+        if start == end {
             return "-".into();
         }
-        match text.char_indices().nth(LOG_OUTPUT) {
-            None if self.total == self.kept.len() => text.to_string(),
-            None => format!("{text} … ({} bytes more)", self.total - self.kept.len()),
-            Some((cut, _)) => format!("{} … ({} bytes more)", &text[..cut], self.total - cut),
+        let mut shown = String::new();
+        let mut chars = 0;
+        // Bytes of the output accounted for: the leading whitespace, then what is shown.
+        let mut used = start;
+        'text: for chunk in kept[start..end].utf8_chunks() {
+            let pieces =
+                chunk.valid().chars().map(|c| (c, c.len_utf8())).chain(
+                    (!chunk.invalid().is_empty()).then(|| ('\u{fffd}', chunk.invalid().len())),
+                );
+            for (c, len) in pieces {
+                if chars == LOG_OUTPUT {
+                    break 'text;
+                }
+                if c.is_control() {
+                    shown.extend(c.escape_debug());
+                } else {
+                    shown.push(c);
+                }
+                chars += 1;
+                used += len;
+            }
+        }
+        if used == end {
+            // All of it is shown; trailing whitespace counts as shown too.
+            used = kept.len();
+        }
+        match self.total.saturating_sub(used) {
+            0 => shown,
+            more => format!("{shown} … ({more} bytes more)"),
         }
     }
 }
@@ -256,22 +290,13 @@ async fn run_one(hook: &Hook, event: &Event, env: &[(String, String)]) {
         Err(_) => {
             // Whether the hook itself is still running or only something it left behind holding
             // its output: kill the whole group.
-            kill_group(pgid);
+            crate::plumbing::exec::kill_group(pgid);
             let exited = match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
                 Ok(Ok(status)) => status.to_string(),
                 _ => "unknown".into(),
             };
             tracing::warn!(hook = %program, event = %event.kind, %timeout, status = %exited, stdout = %out.for_log(), stderr = %err.for_log(), "hook did not finish within its timeout (or left processes holding its output); killed");
         }
-    }
-}
-
-/// Sends SIGKILL to the process group led by `pgid`.
-fn kill_group(pgid: Option<u32>) {
-    use nix::sys::signal::{Signal, killpg};
-    use nix::unistd::Pid;
-    if let Some(pgid) = pgid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 1) {
-        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
     }
 }
 
@@ -489,6 +514,33 @@ mod tests {
             dir.path().join("after.ran").exists(),
             "a later hook still runs"
         );
+    }
+
+    #[test]
+    fn output_that_is_not_utf8_is_cut_and_counted_in_bytes() {
+        // Each invalid byte becomes a three-byte U+FFFD when shown: the count of what is left
+        // out is still in bytes of the output, and never below zero.
+        let mut c = Capture {
+            kept: vec![0xff; 3000],
+            total: 3000,
+        };
+        let log = c.for_log();
+        assert!(log.starts_with(&"\u{fffd}".repeat(LOG_OUTPUT)), "{log}");
+        assert!(
+            log.ends_with(&format!("({} bytes more)", 3000 - LOG_OUTPUT)),
+            "{log}"
+        );
+        // Leading whitespace that is trimmed counts as shown.
+        c.kept = b"   ".to_vec();
+        c.kept.extend(vec![0xfe; LOG_OUTPUT + 10]);
+        c.total = c.kept.len() + 5;
+        let log = c.for_log();
+        assert!(log.ends_with("(15 bytes more)"), "{log}");
+        // Control characters do not reach the log as such (a fake log line, a terminal escape).
+        c.kept = b"ok\nWARN fake line\x1b[31m".to_vec();
+        c.total = c.kept.len();
+        let log = c.for_log();
+        assert!(!log.contains('\x1b') && !log.contains('\n'), "{log:?}");
     }
 
     #[test]

@@ -22,6 +22,16 @@ fn notify(state: &[NotifyState]) {
     }
 }
 
+/// `STATUS=` with `line` on one line: the protocol is one assignment per line, and a newline in
+/// the status would add one (`WATCHDOG=trigger`, `MAINPID=`).
+fn notify_status(line: &str) {
+    notify(&[NotifyState::Status(&status_value(line))]);
+}
+
+fn status_value(line: &str) -> String {
+    crate::plumbing::text::one_line(line, lifecycle::cycle::STATUS_MAX)
+}
+
 struct Signals {
     term: Signal,
     int: Signal,
@@ -125,7 +135,7 @@ impl Service {
             };
             log_outcome(&outcome, &self.state);
             self.publisher.publish(&self.state);
-            notify(&[NotifyState::Status(&self.state.status)]);
+            notify_status(&self.state.status);
             self.ready();
             if wake.is_none() {
                 let policy = WaitPolicy {
@@ -166,7 +176,7 @@ impl Service {
             if !ready_sent.swap(true, Ordering::Relaxed) {
                 notify(&[NotifyState::Ready]);
             }
-            notify(&[NotifyState::Status(line)]);
+            notify_status(line);
         };
         let cycle = lifecycle::run_cycle(&self.ctx, &mut self.state, &report);
         tokio::pin!(cycle);
@@ -189,7 +199,7 @@ impl Service {
                     }
                     // fh is our child here: let it finish rather than kill it mid-switch.
                     tracing::info!("stopping once the running apply has finished");
-                    notify(&[NotifyState::Status("stopping after the running apply")]);
+                    notify_status("stopping after the running apply");
                     after = Some(Wake::Stop);
                 }
             }
@@ -269,4 +279,17 @@ fn write_pid_file(run_dir: &Path) -> Result<PathBuf> {
     files::write_atomic(&path, format!("{}\n", std::process::id()).as_bytes(), 0o644)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_is_one_assignment() {
+        let line = status_value("deploy of 0.1.2 failed: x\nWATCHDOG=trigger\r\nMAINPID=1");
+        let message = format!("{}\n", NotifyState::Status(&line));
+        assert_eq!(message.lines().count(), 1, "{message:?}");
+        assert!(message.starts_with("STATUS=deploy of 0.1.2 failed: x\\nWATCHDOG=trigger"));
+    }
 }

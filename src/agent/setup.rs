@@ -78,8 +78,11 @@ async fn fetch_instance_id(url: &str) -> Result<String, String> {
         .map_err(|e| format!("cannot read this server's instance id: {e}"))?
         .unwrap_or_default();
     let id = String::from_utf8_lossy(&body).trim().to_string();
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("the metadata service gave no instance id ('{id}')"));
+    if id.is_empty() || id.len() > 20 || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "the metadata service gave no instance id ({})",
+            crate::plumbing::text::quoted(&id)
+        ));
     }
     Ok(id)
 }

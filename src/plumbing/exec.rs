@@ -1,5 +1,6 @@
-//! Finding and running the external programs the agent drives (fh, determinate-nixd), never
-//! through a shell.
+//! Finding and running the external programs the agent drives (fh, determinate-nixd, nix-env,
+//! health checks), never through a shell: each in a process group of its own that a timeout
+//! kills whole, its output kept within bounds.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -44,30 +45,89 @@ impl Output {
     }
 }
 
-/// Runs `program args...` with no stdin, collecting its output, killed after `timeout`.
+/// Bytes of each output stream [`run`] keeps: the end, where a program says what went wrong.
+pub(crate) const MAX_OUTPUT: usize = 64 * 1024;
+
+/// The last `MAX_OUTPUT` bytes of a stream, read to its end.
+#[derive(Default)]
+struct Tail {
+    kept: std::collections::VecDeque<u8>,
+}
+
+impl Tail {
+    async fn fill(&mut self, reader: Option<impl tokio::io::AsyncRead + Unpin>) {
+        use tokio::io::AsyncReadExt;
+        let Some(mut reader) = reader else { return };
+        let mut chunk = [0u8; 8192];
+        loop {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    self.kept.extend(&chunk[..n]);
+                    let excess = self.kept.len().saturating_sub(MAX_OUTPUT);
+                    self.kept.drain(..excess);
+                }
+            }
+        }
+    }
+
+    fn text(self) -> String {
+        let bytes: Vec<u8> = self.kept.into();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+/// Runs `program args...` with no stdin, in a process group of its own, collecting the end of
+/// its output ([`MAX_OUTPUT`] bytes of each stream). After `timeout` the whole group is killed:
+/// what the program started does not outlive it.
 pub async fn run(program: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true);
-    let child = cmd
+    let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot run {}", program.display()))?;
-    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(out) => out.with_context(|| format!("cannot run {}", program.display()))?,
-        Err(_) => bail!(
-            "{} did not finish within {}s",
-            program.display(),
-            timeout.as_secs()
-        ),
-    };
-    Ok(Output {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    let group = child.id();
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let (mut out, mut err) = (Tail::default(), Tail::default());
+    // Done when the program has exited and nothing it started still holds its output.
+    let finished = tokio::time::timeout(timeout, async {
+        let (status, (), ()) = tokio::join!(child.wait(), out.fill(stdout), err.fill(stderr));
+        status
     })
+    .await;
+    match finished {
+        Ok(status) => Ok(Output {
+            status: status.with_context(|| format!("cannot run {}", program.display()))?,
+            stdout: out.text(),
+            stderr: err.text(),
+        }),
+        Err(_) => {
+            kill_group(group);
+            let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+            bail!(
+                "{} did not finish within {} and was killed with everything it started",
+                program.display(),
+                humantime::format_duration(timeout)
+            )
+        }
+    }
+}
+
+/// Sends SIGKILL to the process group led by `leader` (never to group 0 or 1: ourselves, init).
+pub(crate) fn kill_group(leader: Option<u32>) {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    if let Some(pgid) = leader
+        .and_then(|p| i32::try_from(p).ok())
+        .filter(|p| *p > 1)
+    {
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    }
 }
 
 #[cfg(test)]
@@ -101,5 +161,19 @@ mod tests {
         assert_eq!(out.last_line(), "err");
         let slow = run(Path::new("/bin/sleep"), &["5"], Duration::from_millis(100)).await;
         assert!(slow.unwrap_err().to_string().contains("did not finish"));
+    }
+
+    #[tokio::test]
+    async fn keeps_the_end_of_long_output() {
+        let out = run(
+            Path::new("/bin/sh"),
+            &["-c", "seq 1 100000; echo the end"],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.stdout.len(), MAX_OUTPUT);
+        assert!(out.stdout.ends_with("100000\nthe end\n"));
+        assert_eq!(out.last_line(), "the end");
     }
 }

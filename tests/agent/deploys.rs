@@ -543,3 +543,24 @@ fn a_release_without_the_agent_is_refused_and_can_be_deployed_on_purpose() {
         run.stderr
     );
 }
+
+/// A server named by its FQDN (Hetzner gives a server created as `web.example.com` that
+/// hostname) follows a reference without `#attr`: its configuration is named by the short name,
+/// as NixOS's `networking.hostName` is (it may not hold a dot).
+#[test]
+fn a_server_with_an_fqdn_hostname_deploys_its_short_names_configuration() {
+    let b = bench!(
+        "fqdn_hostname",
+        Options {
+            hostname: Some("web.example.com".into()),
+            ..Options::default()
+        }
+    );
+    let (v1, p1) = b.release(1, Kind::Normal);
+    b.set_userdata(&format!("{ORG}/infra/0.1"), Some(TOKEN), Encoding::Plain);
+    let run = b.once();
+    assert!(run.ok(), "{}", run.all());
+    assert_eq!(str_at(&b.state(), "/running/version"), v1);
+    assert_eq!(b.current_system(), p1);
+    assert_eq!(b.fh_runs(), vec![fh_fetch("infra", &v1)]);
+}

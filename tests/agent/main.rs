@@ -8,6 +8,7 @@
 
 mod deploys;
 mod hooks_metrics;
+mod local_users;
 mod login;
 mod reboots;
 mod rollbacks;

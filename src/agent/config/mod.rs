@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::agent::flakeref::FlakeRef;
 use crate::agent::userdata::UserSettings;
 use crate::plumbing::secret::Secret;
+use crate::plumbing::text::one_line;
 
 pub use raw::{ApplySection, FlakehubSection, MetadataSection, PathsSection, RawConfig};
 use raw::{Merge, shown};
@@ -188,10 +189,30 @@ pub fn parse_file(text: &str) -> Result<FileConfig, String> {
         }
         _ => String::new(),
     };
-    let document = toml::Deserializer::parse(text)
-        .map_err(|e| format!("{}{}", line_of(&e), e.message().replace('\n', " ")))?;
-    raw::decode(document)
-        .map_err(|(key, e)| format!("{}{key}{}", line_of(&e), e.message().replace('\n', " ")))
+    // The parser's messages quote the document: one line, whatever it holds.
+    let message = |e: &toml::de::Error| one_line(&e.message().replace('\n', " "), 300);
+    let document =
+        toml::Deserializer::parse(text).map_err(|e| format!("{}{}", line_of(&e), message(&e)))?;
+    raw::decode(document).map_err(|(key, e)| format!("{}{key}{}", line_of(&e), message(&e)))
+}
+
+/// Parses the settings as JSON (what the NixOS module hands `pkgs.formats.toml`); nothing may
+/// follow them. The error is one line and names the key.
+pub fn parse_json(text: &str) -> Result<FileConfig, String> {
+    let mut document = serde_json::Deserializer::from_str(text);
+    raw::decode(&mut document)
+        .and_then(|file| {
+            document
+                .end()
+                .map(|()| file)
+                .map_err(|e| (String::new(), e))
+        })
+        .map_err(|(key, e)| {
+            format!(
+                "not the agent's settings as JSON: {key}{}",
+                one_line(&e.to_string(), 300)
+            )
+        })
 }
 
 /// Reads the configuration file; a missing file means every default.
@@ -217,19 +238,7 @@ pub fn check_file(path: &Path, json: bool) -> Result<String, Vec<String>> {
     let text =
         std::fs::read_to_string(path).map_err(|e| vec![format!("{shown}: cannot read: {e}")])?;
     let file = if json {
-        let mut document = serde_json::Deserializer::from_str(&text);
-        raw::decode(&mut document)
-            .and_then(|file| {
-                document
-                    .end()
-                    .map(|()| file)
-                    .map_err(|e| (String::new(), e))
-            })
-            .map_err(|(key, e)| {
-                vec![format!(
-                    "{shown}: not the agent's settings as JSON: {key}{e}"
-                )]
-            })?
+        parse_json(&text).map_err(|e| vec![format!("{shown}: {e}")])?
     } else {
         parse_file(&text).map_err(|e| vec![format!("{shown}: {e}")])?
     };

@@ -115,9 +115,10 @@ where
     T: Deserialize<'de>,
 {
     serde_path_to_error::deserialize(document).map_err(|e| {
+        // The path is made of the document's own keys: one line, whatever they hold.
         let key = match e.path().to_string().as_str() {
             "." | "" => String::new(),
-            key => format!("{key}: "),
+            key => format!("{}: ", crate::plumbing::text::one_line(key, 100)),
         };
         (key, e.into_inner())
     })

@@ -10,6 +10,7 @@ use super::{Paths, Settings, Token};
 use crate::agent::flakeref::FlakeRef;
 use crate::agent::reboot::{Policy, Window, WindowConfig};
 use crate::plumbing::secret::Secret;
+use crate::plumbing::text::one_line;
 
 /// The problems found so far. Each reader records its problem and hands back a stand-in, so that
 /// the pass goes on and finds the next one.
@@ -93,7 +94,8 @@ pub(crate) fn settings(
     let fleet = raw.fleet.as_ref().and_then(|f| p.all(f.resolve()));
     let paths = paths(&raw.paths, &mut p);
     if !p.0.is_empty() {
-        return Err(p.0);
+        // Problems quote values (a path, a URL, a command): one line each, whatever they hold.
+        return Err(p.0.iter().map(|line| one_line(line, 500)).collect());
     }
     Ok(Settings {
         flake,
@@ -241,6 +243,11 @@ fn paths(raw: &super::raw::PathsSection, p: &mut Problems) -> Paths {
         if !path.is_absolute() {
             p.0.push(format!(
                 "{key}: '{}' is not an absolute path",
+                path.display()
+            ));
+        } else if path.to_string_lossy().chars().any(char::is_control) {
+            p.0.push(format!(
+                "{key}: '{}' contains a control character",
                 path.display()
             ));
         }

@@ -15,6 +15,9 @@ use crate::agent::flakeref::FlakeRef;
 use crate::agent::hooks;
 use crate::fleet::{Ending, Purpose};
 
+/// The longest status line kept, in characters.
+pub(crate) const STATUS_MAX: usize = 1000;
+
 /// Status lines as the cycle works ("applying 0.1.43").
 pub type Report<'a> = &'a (dyn Fn(&str) + Sync);
 
@@ -34,10 +37,13 @@ pub(crate) async fn cycle<H: Host>(
         None
     };
     let running = running_version(host, state);
-    state.status = outcome.status_line(running.as_deref());
+    let mut status = outcome.status_line(running.as_deref());
     if let Some(note) = reboot_note {
-        state.status = format!("{}; {note}", state.status);
+        status = format!("{status}; {note}");
     }
+    // One line: it goes to STATUS=, the log, the state file and `status`, and carries text
+    // from programs (a health check's last line).
+    state.status = crate::plumbing::text::one_line(&status, STATUS_MAX);
     state.consecutive_failures = if outcome.failed() {
         state.consecutive_failures.saturating_add(1)
     } else {
@@ -112,7 +118,10 @@ async fn cycle_inner<H: Host>(host: &H, state: &mut State, report: Report<'_>) -
     if let Err(e) = host.login(state).await {
         return Outcome::check_failed(e, false);
     }
-    let attr = flake.attr_or_default(host.hostname());
+    let attr = match flake.attr_or_default(host.hostname()) {
+        Ok(attr) => attr,
+        Err(e) => return Outcome::check_failed(e, false),
+    };
     let resolved = match host.resolve(&flake, &attr).await {
         Ok(r) => r,
         Err(e) => return Outcome::check_failed(e.to_string(), e.is_transient()),
@@ -126,10 +135,7 @@ async fn cycle_inner<H: Host>(host: &H, state: &mut State, report: Report<'_>) -
         tracing::info!(version = %desired.version, "a different release appeared; earlier quarantined releases may be tried again");
     }
     let settings = host.settings();
-    let published = resolved
-        .published_at
-        .as_deref()
-        .and_then(|p| p.parse::<jiff::Timestamp>().ok());
+    let published = resolved.published_at;
     let decision = decide(
         &desired,
         host.system_at(settings.operation).as_deref(),

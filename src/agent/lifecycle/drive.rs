@@ -362,13 +362,13 @@ fn finish_rollback<H: Host>(
     state.record(&f, Some(error.clone()), host.now());
     state.quarantine(&f.target, &error, host.now());
     if ok {
-        state.counters.rollbacks_succeeded += 1;
+        state.counters.rollbacks_succeeded = state.counters.rollbacks_succeeded.saturating_add(1);
         state.running = state
             .running
             .clone()
             .filter(|r| Some(&r.store_path) == f.previous_path.as_ref());
     } else {
-        state.counters.rollbacks_failed += 1;
+        state.counters.rollbacks_failed = state.counters.rollbacks_failed.saturating_add(1);
     }
     if let Some(d) = detail {
         tracing::error!(error = %d, "the rollback did not end healthy");

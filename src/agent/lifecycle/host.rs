@@ -17,6 +17,7 @@ use crate::agent::flakeref::FlakeRef;
 use crate::agent::programs::Programs;
 use crate::agent::{health, hooks, login, reboot};
 use crate::fleet::{self, Acquired, Ending, Purpose, SlotGuard};
+use crate::plumbing::procfs;
 
 /// A link the lifecycle reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,29 +201,34 @@ pub(crate) fn resolve_link(link: &Path) -> Option<String> {
         .map(|p| p.to_string_lossy().into_owned())
 }
 
-/// Is someone running `switch-to-configuration` by hand right now (it holds this lock)?
+/// Is someone running `switch-to-configuration` by hand right now (root holds this lock)? Anyone
+/// who can read the lock file can hold a lock on it: a lock held only by other users' processes
+/// does not count.
 fn switch_in_progress(lock: &Path) -> bool {
     use nix::fcntl::{Flock, FlockArg};
-    let Ok(file) = std::fs::File::open(lock) else {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Not blocked by a FIFO, not led elsewhere by a symlink.
+    let Ok(file) = std::fs::File::options()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
+        .open(lock)
+    else {
         return false;
     };
-    matches!(
-        Flock::lock(file, FlockArg::LockSharedNonblock),
-        Err((_, nix::errno::Errno::EWOULDBLOCK))
-    )
+    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            procfs::lock_holders(lock) != procfs::Holders::Others
+        }
+        _ => false,
+    }
 }
 
-/// The PID of an `fh apply nixos` someone else is running, if any (an operator by hand).
+/// The PID of an `fh apply nixos` root is running, if any (an operator by hand). Anyone can
+/// start a process whose command line reads so: other users' processes do not count.
 fn fh_apply_running() -> Option<u32> {
-    let entries = std::fs::read_dir("/proc").ok()?;
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| {
-            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                return false;
-            };
-            is_fh_apply(&cmdline)
-        })
+    procfs::pids()
+        .into_iter()
+        .find(|pid| is_fh_apply(&procfs::cmdline(*pid)) && procfs::runs_as_root(*pid))
 }
 
 /// Is this NUL-separated command line `fh apply nixos ...` (maybe behind an interpreter)?

@@ -338,17 +338,19 @@ impl State {
             },
             error: error.clone(),
         });
-        self.deploys += 1;
+        self.deploys = self.deploys.saturating_add(1);
         match error {
             None => {
-                self.counters.deploys_succeeded += 1;
+                self.counters.deploys_succeeded = self.counters.deploys_succeeded.saturating_add(1);
                 self.running = Some(f.target.clone());
                 self.failures = None;
             }
             Some(error) => {
-                self.counters.deploys_failed += 1;
+                self.counters.deploys_failed = self.counters.deploys_failed.saturating_add(1);
                 let count = match &self.failures {
-                    Some(prev) if prev.store_path == f.target.store_path => prev.count + 1,
+                    Some(prev) if prev.store_path == f.target.store_path => {
+                        prev.count.saturating_add(1)
+                    }
                     _ => 1,
                 };
                 self.failures = Some(Failures {

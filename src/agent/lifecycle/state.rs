@@ -350,15 +350,14 @@ impl State {
 
 /// The lock that keeps two agents apart (this one and an operator's `agent --once` or `retry`)
 /// while one reads and writes the state. `wait`: block until it is free; else `None` when taken.
+///
+/// The file is root's alone (0600), whatever the umask of whoever creates it: anyone who can open
+/// a file can hold a lock on it, and the run directory is open to all (systemd's default 0755).
 pub fn take_lock(run_dir: &Path, wait: bool) -> Result<Option<Flock<File>>> {
     files::create_dir_all_mode(run_dir, 0o700)?;
     let path = run_dir.join("apply.lock");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let file =
+        files::open_private(&path).with_context(|| format!("cannot open {}", path.display()))?;
     let how = if wait {
         FlockArg::LockExclusive
     } else {

@@ -246,13 +246,14 @@ pub fn kernel_version(system: &Path) -> Option<String> {
             .collect();
         names.sort();
         if let Some(name) = names.pop() {
-            return Some(name);
+            // It goes to logged-in users' terminals: one line, no escape sequences.
+            return Some(crate::plumbing::text::one_line(&name, 64));
         }
     }
     let kernel = std::fs::canonicalize(system.join("kernel")).ok()?;
     let package = kernel.parent()?.file_name()?.to_str()?;
     let (_, version) = package.split_once("-linux-")?;
-    Some(version.to_string())
+    Some(crate::plumbing::text::one_line(version, 64))
 }
 
 /// The window open at `now`, or else the next one, as `[start, end)`. A window belongs to the
@@ -523,7 +524,15 @@ pub fn blocking(inhibitors: &[Inhibitor], own_pid: u32) -> Vec<String> {
         .iter()
         .filter(|i| i.mode == "block" && i.what.split(':').any(|w| w == "shutdown"))
         .filter(|i| i.pid != own_pid)
-        .map(|i| format!("{} ({}, pid {})", i.who, i.why, i.pid))
+        // Whoever takes a lock writes its who and why: one line each, and short.
+        .map(|i| {
+            format!(
+                "{} ({}, pid {})",
+                crate::plumbing::text::one_line(&i.who, 60),
+                crate::plumbing::text::one_line(&i.why, 120),
+                i.pid
+            )
+        })
         .collect()
 }
 
@@ -601,7 +610,7 @@ impl Logind {
             let Ok(reply) = reply else { continue };
             let value: zbus::OwnedVariant = reply.body().deserialize()?;
             if let Ok(tty) = String::try_from(value)
-                && !tty.is_empty()
+                && is_tty_name(&tty)
             {
                 ttys.push(Path::new("/dev").join(tty));
             }
@@ -612,9 +621,23 @@ impl Logind {
     }
 }
 
-/// Writes the message to each TTY, without waiting on one that is stuck.
+/// A TTY as logind names a session's (`pts/3`, `tty1`): a path under /dev that leads nowhere else.
+fn is_tty_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('/')
+        && !name
+            .split('/')
+            .any(|part| part.is_empty() || part.starts_with('.'))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'/' || b == b'-' || b == b'_')
+}
+
+/// Writes the message to each TTY, without waiting on one that is stuck. Only a character
+/// device is written to, never through a symlink.
 async fn write_ttys(ttys: &[PathBuf], message: &str) {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let text = format!("\r\n{}\r\n", message.replace('\n', "\r\n"));
     for tty in ttys {
         let path = tty.clone();
@@ -623,8 +646,11 @@ async fn write_ttys(ttys: &[PathBuf], message: &str) {
             use std::io::Write;
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
-                .custom_flags(nix::libc::O_NOCTTY | nix::libc::O_NONBLOCK)
+                .custom_flags(nix::libc::O_NOCTTY | nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
                 .open(&path)?;
+            if !f.metadata()?.file_type().is_char_device() {
+                return Err(std::io::Error::other("not a terminal"));
+            }
             f.write_all(text.as_bytes())
         });
         match tokio::time::timeout(Duration::from_secs(2), write).await {

@@ -28,6 +28,8 @@ use std::path::Path;
 use base64::Engine as _;
 use serde_json::Value;
 
+use crate::plumbing::text::one_line;
+
 mod section;
 
 pub(crate) use section::known_keys;
@@ -44,6 +46,19 @@ pub const MAX_DECODED: usize = 1024 * 1024;
 const MAX_LAYERS: usize = 4;
 /// The section of the cloud-config document that is ours.
 pub const SECTION: &str = "hcloud_nixos";
+/// The longest message about the document, in characters.
+const MAX_MESSAGE: usize = 500;
+/// The longest key shown in a message (the longest we know has 24). A longer one is no typo of
+/// ours, and a mangled line can make a token part of a key: its length is shown instead.
+const MAX_KEY_SHOWN: usize = 32;
+
+/// A key of the document for a message: itself on one line, or how long it is.
+fn shown_key(key: &str) -> String {
+    match key.chars().count() {
+        n if n > MAX_KEY_SHOWN => format!("(a key of {n} characters)"),
+        _ => one_line(key, MAX_KEY_SHOWN),
+    }
+}
 
 /// Why user-data could not be decoded into a text document.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -431,7 +446,13 @@ pub fn parse(raw: &[u8]) -> UserData {
         data.settings = Some(parse_section(section, &mut data.problems));
     }
 
-    // Belt and braces: no message, no key name carries the token.
+    fit_for_the_log(&mut data, secrets);
+    data
+}
+
+/// What is said about the document goes to the log: no message, no key carries the token, and
+/// each is one line, whatever the document (a key, a MIME type, a parser's quote) holds.
+fn fit_for_the_log(data: &mut UserData, mut secrets: Vec<String>) {
     if let Some(token) = data
         .settings
         .as_ref()
@@ -442,7 +463,12 @@ pub fn parse(raw: &[u8]) -> UserData {
     secrets.retain(|s| s.len() >= 4);
     redact(&mut data.problems, &secrets);
     redact(&mut data.other_keys, &secrets);
-    data
+    for line in data.problems.iter_mut().chain(&mut data.other_parts) {
+        *line = one_line(line, MAX_MESSAGE);
+    }
+    for key in &mut data.other_keys {
+        *key = shown_key(key);
+    }
 }
 
 /// The effective settings as `hcloud-nixos userdata check` prints them: the token as

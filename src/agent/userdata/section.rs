@@ -33,7 +33,7 @@ pub(super) const FIELDS: &[Field] = &[
                 .as_deref()
                 .map(|text| match text.parse::<FlakeRef>() {
                     Ok(f) if f.attr.is_some() => f.to_string(),
-                    Ok(f) => format!("{f} (attribute: nixosConfigurations.<hostname>)"),
+                    Ok(f) => format!("{f} (attribute: nixosConfigurations.<short hostname>)"),
                     Err(_) => shown(text),
                 })
         },
@@ -145,7 +145,7 @@ pub(super) fn parse_section(section: &Value, problems: &mut Vec<String>) -> User
             };
             problems.push(format!(
                 "{SECTION}.{}: unknown key{hint}; known keys are {}",
-                shown(key).trim_matches('\''),
+                super::shown_key(key),
                 known_keys_list()
             ));
         } else if !value.is_null() {

@@ -1,7 +1,7 @@
 //! The lifecycle's pure parts: every transition from every state, deciding, recording.
 
 use super::*;
-use crate::agent::lifecycle::state::now;
+use crate::agent::lifecycle::state::{Counters, now};
 
 fn target(v: &str) -> Target {
     Target {
@@ -410,4 +410,27 @@ fn record_counts_each_deploy_once_and_tracks_failures() {
     assert_eq!(state.failures, None);
     assert_eq!(state.running, Some(t));
     assert_eq!(state.last_deploy.unwrap().outcome, Recorded::Success);
+}
+
+#[test]
+fn counters_from_a_state_file_at_their_limit_stay_there() {
+    // A state file says what it says: counting on from its largest numbers must not overflow.
+    let t = target("0.1.43");
+    let mut state = State {
+        deploys: u64::MAX,
+        counters: Counters {
+            deploys_succeeded: u64::MAX,
+            deploys_failed: u64::MAX,
+            rollbacks_succeeded: u64::MAX,
+            rollbacks_failed: u64::MAX,
+        },
+        failures: Some(failures(&t, u32::MAX)),
+        ..State::default()
+    };
+    let f = in_flight(&t, Operation::Switch, Phase::Fetch);
+    state.record(&f, Some("boom".into()), now());
+    assert_eq!(state.failures.as_ref().unwrap().count, u32::MAX);
+    state.record(&f, None, now());
+    assert_eq!(state.deploys, u64::MAX);
+    assert_eq!(state.counters.deploys_succeeded, u64::MAX);
 }

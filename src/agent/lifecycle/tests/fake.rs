@@ -253,7 +253,7 @@ impl Host for Fake {
                 version: r.version,
                 attr: attr.into(),
                 store_path: r.store_path,
-                published_at: Some("2026-01-01T00:00:00Z".into()),
+                published_at: Some("2026-01-01T00:00:00Z".parse().unwrap()),
             })
             .ok_or(flakehub::Error::NotFound("FlakeHub has no release".into()))
     }

@@ -221,6 +221,42 @@ fn the_kernel_version_comes_from_the_modules_or_the_store_name() {
     );
 }
 
+#[test]
+fn a_kernel_version_reaches_terminals_on_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = system(tmp.path(), "s", "k", "i", "modules-6.12\u{1b}[2J\nroot");
+    assert_eq!(kernel_version(&s).as_deref(), Some("6.12\\u{1b}[2J\\nroot"));
+}
+
+#[test]
+fn only_terminals_logind_names_are_written_to() {
+    for good in ["pts/3", "tty1", "ttyS0", "hvc0"] {
+        assert!(is_tty_name(good), "{good}");
+    }
+    for bad in [
+        "",
+        "/etc/shadow",
+        "../etc/shadow",
+        "pts/../../etc/x",
+        "pts//1",
+        ".x",
+        "a b",
+    ] {
+        assert!(!is_tty_name(bad), "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn the_wall_message_goes_to_terminals_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("not-a-tty");
+    std::fs::write(&file, "precious").unwrap();
+    let link = tmp.path().join("link");
+    symlink("/dev/null", &link).unwrap();
+    write_ttys(&[file.clone(), link], "rebooting").await;
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+}
+
 // ---- window arithmetic, by example ----
 
 #[test]
@@ -373,6 +409,28 @@ fn only_block_locks_on_shutdown_held_by_others_block() {
     assert_eq!(
         blocking(&list, 99),
         vec!["who (why, pid 10)", "who (why, pid 11)"]
+    );
+}
+
+#[test]
+fn what_another_user_says_about_a_lock_is_one_line() {
+    // Anyone allowed to take an inhibitor lock chooses its `who` and `why`; they reach the log
+    // and the status line.
+    let lock = Inhibitor {
+        what: "shutdown".into(),
+        who: "me\nWARN forged".into(),
+        why: format!("\u{1b}[2J{}", "x".repeat(500)),
+        mode: "block".into(),
+        uid: 1000,
+        pid: 10,
+    };
+    let said = blocking(&[lock], 99);
+    assert_eq!(said.len(), 1);
+    assert!(!said[0].chars().any(char::is_control), "{said:?}");
+    assert!(said[0].len() < 250, "{said:?}");
+    assert!(
+        said[0].starts_with("me\\nWARN forged (\\u{1b}[2J"),
+        "{said:?}"
     );
 }
 

@@ -453,3 +453,54 @@ fn a_broken_part_does_not_hide_the_others() {
         data.problems
     );
 }
+
+#[test]
+fn text_from_the_document_reaches_messages_on_one_line() {
+    // Keys, MIME types and parser messages go to the log: a key with a newline must not become
+    // a log line of its own, nor a terminal escape reach a terminal.
+    let doc = "#cloud-config\n\"evil\\nWARN forged line\": 1\n\"\\e[31mred\": 2\nhcloud_nixos:\n  \"flake\\n\": x\n";
+    let data = parse(doc.as_bytes());
+    let all: Vec<&String> = data
+        .other_keys
+        .iter()
+        .chain(&data.problems)
+        .chain(&data.other_parts)
+        .collect();
+    assert!(data.other_keys.len() == 2, "{data:?}");
+    for line in all {
+        assert!(
+            !line.chars().any(|c| c.is_control()),
+            "a control character in {line:?}"
+        );
+    }
+    let mime = terraform_multipart("#cloud-config\nhcloud_nixos: {}\n")
+        .replace("text/x-shellscript", "text/x-\u{1b}[2Jshellscript");
+    let data = parse(mime.as_bytes());
+    for line in data.other_parts.iter().chain(&data.problems) {
+        assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+    }
+}
+
+#[test]
+fn a_key_that_is_no_typo_of_ours_is_not_shown() {
+    // A mangled line can make a token (even without its prefix) a key.
+    let doc = format!(
+        "#cloud-config\nlakehub1_{secret}: 1\nhcloud_nixos:\n  lakehub1_{secret}: x\n  flak: a/b/0.1\n",
+        secret = "s3cr3tT0kenValue_0123456789abcdef"
+    );
+    let data = parse(doc.as_bytes());
+    assert_eq!(data.other_keys, ["(a key of 42 characters)"]);
+    assert!(
+        data.problems
+            .iter()
+            .any(|p| p.starts_with("hcloud_nixos.(a key of 42 characters): unknown key")),
+        "{data:?}"
+    );
+    assert!(
+        data.problems
+            .iter()
+            .any(|p| p.starts_with("hcloud_nixos.flak: unknown key (did you mean flake?)")),
+        "{data:?}"
+    );
+    assert!(!format!("{data:?}").contains("s3cr3t"));
+}

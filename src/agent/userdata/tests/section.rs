@@ -277,7 +277,7 @@ fn describe_shows_the_effective_settings() {
     let data = parse(b"hcloud_nixos:\n  flake: a/b/0.1\n");
     let text = describe(&data);
     assert!(
-        text.contains("a/b/0.1 (attribute: nixosConfigurations.<hostname>)"),
+        text.contains("a/b/0.1 (attribute: nixosConfigurations.<short hostname>)"),
         "{text}"
     );
     assert!(
