@@ -239,7 +239,7 @@ fn print_results(
     for (j, r) in job_list.iter().zip(results) {
         match r {
             Ok(o) => outcomes.push(o),
-            Err(e) => errors.push(format!("{}: {e:#}", j.image)),
+            Err(e) => errors.push(format!("{}: {e:#}", source::display_name(&j.image))),
         }
     }
     if args.json {

@@ -99,10 +99,11 @@ async fn read_source(ctx: &Ctx, job: &Job, p: &str) -> anyhow::Result<Source> {
             })
         }
         Location::Url(url) => {
-            let (codec, format) = source::resolve_url(&url, args.compression, args.format);
+            let (codec, format) = source::resolve_url(&url, args.compression, args.format)?;
             if format == DiskFormat::Qcow2 {
                 anyhow::bail!(
-                    "--image {url}: a qcow2 image can only be uploaded from a local file (it is converted to raw locally); download it and pass the path"
+                    "--image {}: a qcow2 image can only be uploaded from a local file (it is converted to raw locally); download it and pass the path",
+                    source::display_name(&url)
                 );
             }
             Ok(Source::Url { url, codec })
@@ -387,7 +388,8 @@ async fn download_url(
     .await?;
     if !out.success() {
         anyhow::bail!(
-            "downloading {url} on the rescue system failed: {}",
+            "downloading {} on the rescue system failed: {}",
+            source::display_name(url),
             out.failure_summary()
         );
     }
@@ -497,9 +499,11 @@ fn resource_name(run_id: &str, index: usize) -> String {
     format!("hcloud-nixos-upload-{run_id}-{index}")
 }
 
-/// What each line of one upload starts with: its architecture and file name.
+/// What each line of one upload starts with: its architecture and file name (of a URL, without
+/// the query, which may carry credentials).
 pub(crate) fn prefix(job: &Job) -> String {
-    let name = job.image.rsplit('/').next().unwrap_or(&job.image);
+    let shown = source::display_name(&job.image);
+    let name = shown.rsplit('/').next().unwrap_or(&shown);
     format!("[{} {}]", job.architecture.as_str(), name)
 }
 

@@ -9,7 +9,7 @@
 //! | `liveness.rs` | a run's lease: `cleanup` leaves live runs alone, and takes what a dead run left |
 
 mod flows;
-// mod hostile_images;
+mod hostile_images;
 // mod liveness;
 // mod lost_answers;
 
