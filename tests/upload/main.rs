@@ -10,8 +10,8 @@
 
 mod flows;
 mod hostile_images;
-// mod liveness;
-// mod lost_answers;
+mod liveness;
+mod lost_answers;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
