@@ -6,6 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use super::api::{Client, Kind, RetryPolicy};
 use super::flow::{endpoint, find_temporaries, now_unix};
 use super::leftovers::{Leftovers, Resource, deletion_order};
+use super::outside::one_line;
 use super::progress::Reporter;
 use super::{CleanupArgs, labels, token};
 
@@ -40,7 +41,7 @@ pub(crate) fn sort_out(
         let run = labels::run_of(&l).unwrap_or("");
         match leases.get(run) {
             Some(&until) if until > now && !force => {
-                sorted.live.push((r, run.to_string(), until));
+                sorted.live.push((r, one_line(run, 63), until));
             }
             _ if !labels::is_stale(&l, now, min_age) => sorted.young += 1,
             _ => sorted.delete.push(r),

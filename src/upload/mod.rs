@@ -15,6 +15,8 @@ mod results;
 mod source;
 mod ssh;
 mod token;
+#[cfg(test)]
+mod under_fire;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
