@@ -1,21 +1,23 @@
-//! The upload and cleanup commands: a run's uploads side by side, and a clean-up that always runs.
+//! The upload command: a run's uploads side by side, its lease, and a clean-up that always runs.
 //!
-//! Deadlines and signals are handled here; one upload's phases are in `phases`.
+//! Deadlines and signals are handled here; one upload's phases are in `phases`, the report at
+//! the end in `results`, `cleanup` in `cleanup`.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use super::api::{self, Client, RetryPolicy};
-use super::leftovers::{Leftovers, Resource, deletion_order, left_behind_message};
+use super::api::{self, Client, Kind, RetryPolicy};
+use super::cleanup::delete_all;
+use super::leftovers::{Leftovers, Resource, left_behind_message};
 use super::phases::{prefix, upload_one};
 use super::progress::Reporter;
 use super::source::{self, Location};
-use super::{Architecture, CleanupArgs, Job, UploadArgs, jobs, labels, token, user_labels};
+use super::{Architecture, Job, UploadArgs, jobs, labels, lease, results, token, user_labels};
 
 /// Deadline of each phase.
 #[derive(Debug, Clone)]
@@ -69,14 +71,13 @@ pub(crate) struct Ctx {
     pub(crate) mutated: AtomicBool,
     pub(crate) report: Reporter,
     pub(crate) deadlines: Deadlines,
-}
-
-/// How the uploads of a run ended.
-enum Ended {
-    /// Every upload finished, with its result, in the order of the jobs.
-    Finished(Vec<anyhow::Result<Outcome>>),
-    /// A signal came first.
-    Interrupted,
+    /// How far ahead the run's lease reaches (`hcloud-nixos/live-until`).
+    pub(crate) lease: Duration,
+    /// Held while labels are written: the lease keeper never writes over a finished
+    /// snapshot's labels.
+    pub(crate) label_lock: tokio::sync::Mutex<()>,
+    /// Each upload's result, by its index, once it has one.
+    pub(crate) results: Mutex<Vec<Option<Result<Outcome, String>>>>,
 }
 
 pub(crate) fn now_unix() -> u64 {
@@ -98,28 +99,6 @@ pub(crate) fn endpoint() -> String {
         .ok()
         .filter(|s| !s.trim().is_empty())
         .unwrap_or_else(|| api::DEFAULT_ENDPOINT.to_string())
-}
-
-/// Asks `done` with the API's polling backoff (at most `polls` times) until it says yes, within
-/// `deadline`: for states the API reports only when asked (a server off, a snapshot available).
-pub(crate) async fn poll_until(
-    api: &Client,
-    what: &str,
-    deadline: Duration,
-    polls: u32,
-    mut done: impl AsyncFnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<()> {
-    with_deadline(what, deadline, async {
-        for n in 0..polls {
-            if done().await? {
-                return Ok(());
-            }
-            let pause = api::poll_delay(api.policy().base, Duration::from_secs(5), n);
-            tokio::time::sleep(pause).await;
-        }
-        anyhow::bail!("{what}: no change after {polls} polls")
-    })
-    .await
 }
 
 pub(crate) async fn with_deadline<T>(
@@ -146,13 +125,17 @@ pub async fn run_upload(args: UploadArgs) -> anyhow::Result<()> {
     let ctx = Arc::new(Ctx {
         api,
         deadlines: Deadlines::new(args.ssh_timeout),
+        lease: args.lease,
         args,
         user_labels,
         run_id: random_id()?,
         leftovers: Leftovers::default(),
         mutated: AtomicBool::new(false),
         report: Reporter::new(),
+        label_lock: tokio::sync::Mutex::new(()),
+        results: Mutex::new(vec![None; job_list.len()]),
     });
+    let keeper = lease::Keeper::start(ctx.clone());
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -161,26 +144,24 @@ pub async fn run_upload(args: UploadArgs) -> anyhow::Result<()> {
             .iter()
             .map(|j| upload_one_with_cleanup(ctx.clone(), j.clone())),
     );
-    let ended = tokio::select! {
-        r = work => Ended::Finished(r),
-        _ = sigint.recv() => Ended::Interrupted,
-        _ = sigterm.recv() => Ended::Interrupted,
+    let interrupted = tokio::select! {
+        _ = work => false,
+        _ = sigint.recv() => true,
+        _ = sigterm.recv() => true,
     };
-    if let Ended::Interrupted = ended {
+    if interrupted {
         eprintln!("interrupted: cleaning up (interrupt again to leave at once)");
     }
     // Clean-up always runs; a second signal leaves at once.
-    if ctx.mutated.load(Ordering::SeqCst) {
-        sweep_unless_interrupted(&ctx, &mut sigint, &mut sigterm).await?;
+    if ctx.mutated.load(Ordering::SeqCst)
+        && let Err(e) = sweep_unless_interrupted(&ctx, &mut sigint, &mut sigterm).await
+    {
+        results::print(&ctx, &job_list, true);
+        return Err(e);
     }
-    let Ended::Finished(results) = ended else {
-        let left = ctx.leftovers.snapshot();
-        if left.is_empty() {
-            anyhow::bail!("interrupted; cleaned up, nothing was left behind");
-        }
-        anyhow::bail!("interrupted; {}", left_behind_message(&left));
-    };
-    print_results(&ctx.args, &job_list, results)
+    drop(keeper);
+    results::print(&ctx, &job_list, interrupted);
+    results::verdict(&ctx, &job_list, interrupted)
 }
 
 /// Local images must exist and the device be a path before anything is created.
@@ -201,6 +182,9 @@ fn check_args(args: &UploadArgs, job_list: &[Job]) -> anyhow::Result<()> {
             args.rescue_device
         );
     }
+    if args.lease < Duration::from_secs(3) {
+        anyhow::bail!("--lease must be at least 3s");
+    }
     Ok(())
 }
 
@@ -211,164 +195,84 @@ async fn sweep_unless_interrupted(
     sigint: &mut Signal,
     sigterm: &mut Signal,
 ) -> anyhow::Result<()> {
+    let twice = || {
+        let left = left_behind_message(&ctx.leftovers.snapshot(), &ctx.run_id);
+        anyhow::anyhow!("interrupted twice: {left}")
+    };
     tokio::select! {
         r = sweep_run(ctx) => {
             if let Err(e) = r {
-                eprintln!("cleanup failed: {e:#}");
-                eprintln!("{}", left_behind_message(&ctx.leftovers.snapshot()));
+                ctx.report.line("cleanup", &format!("incomplete: {e:#}"));
             }
             Ok(())
         }
-        _ = sigint.recv() => {
-            anyhow::bail!("interrupted twice: {}", left_behind_message(&ctx.leftovers.snapshot()));
-        }
-        _ = sigterm.recv() => {
-            anyhow::bail!("interrupted twice: {}", left_behind_message(&ctx.leftovers.snapshot()));
-        }
-    }
-}
-
-/// Prints the snapshot IDs (or the outcomes as JSON); fails when any upload failed.
-fn print_results(
-    args: &UploadArgs,
-    job_list: &[Job],
-    results: Vec<anyhow::Result<Outcome>>,
-) -> anyhow::Result<()> {
-    let mut outcomes = Vec::new();
-    let mut errors = Vec::new();
-    for (j, r) in job_list.iter().zip(results) {
-        match r {
-            Ok(o) => outcomes.push(o),
-            Err(e) => errors.push(format!("{}: {e:#}", j.image)),
-        }
-    }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&outcomes)?);
-    } else {
-        for o in &outcomes {
-            println!("{}", o.snapshot_id);
-        }
-    }
-    match errors.len() {
-        0 => Ok(()),
-        1 => Err(anyhow::anyhow!("{}", errors.remove(0))),
-        n => Err(anyhow::anyhow!("{n} uploads failed: {}", errors.join("; "))),
+        _ = sigint.recv() => Err(twice()),
+        _ = sigterm.recv() => Err(twice()),
     }
 }
 
 /// Deletes whatever this run still has, by record and by label.
 async fn sweep_run(ctx: &Ctx) -> anyhow::Result<()> {
     let sel = labels::run_selector(&ctx.run_id);
-    for s in ctx.api.list_servers(&sel).await? {
-        ctx.leftovers.add(Resource::Server {
-            id: s.id,
-            name: s.name,
-        });
+    let found = find_temporaries(&ctx.api, &sel).await;
+    for (r, l) in found.iter().flatten() {
+        let job = labels::job_of(l).unwrap_or(0);
+        ctx.leftovers.add(r.clone(), job, l.clone());
     }
-    for k in ctx.api.list_ssh_keys(&sel).await? {
-        ctx.leftovers.add(Resource::SshKey {
-            id: k.id,
-            name: k.name,
-        });
-    }
-    delete_all(&ctx.api, &ctx.leftovers, &ctx.report, ctx.deadlines.delete).await
+    let deleted = delete_all(&ctx.api, &ctx.leftovers, &ctx.report, ctx.deadlines.delete).await;
+    found?;
+    deleted
 }
 
-/// Deletes resources (servers first), removing each from `leftovers` once gone.
-async fn delete_all(
+/// The temporary servers, SSH keys and snapshots matching a label selector, with their labels.
+pub(crate) async fn find_temporaries(
     api: &Client,
-    leftovers: &Leftovers,
-    report: &Reporter,
-    deadline: Duration,
-) -> anyhow::Result<()> {
-    let mut first_err = None;
-    for r in deletion_order(leftovers.snapshot()) {
-        let res: anyhow::Result<()> = async {
-            match &r {
-                Resource::Server { id, .. } => {
-                    if let Some(a) = api.delete_server(*id).await? {
-                        api.wait_action(&a, deadline).await?;
-                    }
-                }
-                Resource::SshKey { id, .. } => api.delete_ssh_key(*id).await?,
-            }
-            Ok(())
-        }
-        .await;
-        match res {
-            Ok(()) => {
-                report.line("cleanup", &format!("deleted {r}"));
-                leftovers.remove(&r);
-            }
-            Err(e) => {
-                report.line("cleanup", &format!("cannot delete {r}: {e:#}"));
-                first_err.get_or_insert(e);
-            }
-        }
+    selector: &str,
+) -> anyhow::Result<Vec<(Resource, BTreeMap<String, String>)>> {
+    let mut found = Vec::new();
+    for s in api.list_servers(selector).await? {
+        found.push((Resource::new(Kind::Server, s.id, &s.name), s.labels));
     }
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(()),
+    for k in api.list_ssh_keys(selector).await? {
+        found.push((Resource::new(Kind::SshKey, k.id, &k.name), k.labels));
     }
+    let filters = [("type", "snapshot"), ("label_selector", selector)];
+    for i in api.list_images(&filters).await? {
+        let name = i.description.unwrap_or_default();
+        found.push((Resource::new(Kind::Image, i.id, &name), i.labels));
+    }
+    Ok(found)
 }
 
-/// One upload; its temporary server and key are deleted whether it succeeds or fails.
-async fn upload_one_with_cleanup(ctx: Arc<Ctx>, job: Job) -> anyhow::Result<Outcome> {
+/// One upload; its temporary server, key and (unfinished) snapshot are deleted whether it
+/// succeeds or fails. Its result is kept in the run's list.
+async fn upload_one_with_cleanup(ctx: Arc<Ctx>, job: Job) {
+    let result = upload_one(&ctx, &job).await;
     let mine = Leftovers::default();
-    let result = upload_one(&ctx, &job, &mine).await;
-    let created = mine.snapshot();
-    if !created.is_empty() {
-        if let Err(e) = delete_all(&ctx.api, &mine, &ctx.report, ctx.deadlines.delete).await {
+    for t in ctx
+        .leftovers
+        .tracked()
+        .into_iter()
+        .filter(|t| t.job == job.index)
+    {
+        mine.add(t.resource, t.job, t.labels);
+    }
+    if !mine.snapshot().is_empty() {
+        let deleted = delete_all(&ctx.api, &mine, &ctx.report, ctx.deadlines.delete).await;
+        if let Err(e) = deleted {
             // What is still there stays in the run's list: the run-wide sweep tries again.
             ctx.report
                 .line(&prefix(&job), &format!("cleanup incomplete: {e:#}"));
         }
         let still = mine.snapshot();
-        for r in created.iter().filter(|r| !still.contains(r)) {
-            ctx.leftovers.remove(r);
+        for r in ctx.leftovers.of_job(job.index) {
+            if !still.contains(&r) {
+                ctx.leftovers.remove(&r);
+            }
         }
     }
-    result
-}
-
-/// Runs `hcloud-nixos cleanup`: deletes temporary servers and keys older than `--older-than`.
-pub async fn run_cleanup(args: CleanupArgs) -> anyhow::Result<()> {
-    let token = token::resolve(args.token_file.as_deref())?;
-    let api = Client::new(&endpoint(), token, RetryPolicy::default())?;
-    let report = Reporter::new();
-    let sel = labels::temporary_selector();
-    let now = now_unix();
-    let min_age = args.older_than.as_secs();
-    let found = Leftovers::default();
-    for s in api.list_servers(&sel).await? {
-        if labels::is_stale(&s.labels, now, min_age) {
-            found.add(Resource::Server {
-                id: s.id,
-                name: s.name,
-            });
-        }
+    let mut results = ctx.results.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(slot) = results.get_mut(job.index) {
+        *slot = Some(result.map_err(|e| format!("{e:#}")));
     }
-    for k in api.list_ssh_keys(&sel).await? {
-        if labels::is_stale(&k.labels, now, min_age) {
-            found.add(Resource::SshKey {
-                id: k.id,
-                name: k.name,
-            });
-        }
-    }
-    let n = found.snapshot().len();
-    if n == 0 {
-        report.line(
-            "cleanup",
-            &format!(
-                "no temporary servers or keys older than {}",
-                humantime::format_duration(args.older_than)
-            ),
-        );
-        return Ok(());
-    }
-    let res = delete_all(&api, &found, &report, Duration::from_secs(180)).await;
-    let left = found.snapshot();
-    report.line("cleanup", &format!("deleted {} of {n}", n - left.len()));
-    res.map_err(|e| anyhow::anyhow!("{e:#}; {}", left_behind_message(&left)))
 }

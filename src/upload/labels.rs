@@ -8,8 +8,14 @@ pub(crate) const PREFIX: &str = "hcloud-nixos";
 pub(crate) const TEMPORARY: &str = "hcloud-nixos/temporary";
 /// The run that created a temporary resource (random per invocation).
 pub(crate) const RUN: &str = "hcloud-nixos/run";
+/// Which of the run's images (0, 1, ...) a temporary resource is for.
+pub(crate) const JOB: &str = "hcloud-nixos/job";
 /// Unix time (seconds) at which a temporary resource was created.
 pub(crate) const CREATED_AT: &str = "hcloud-nixos/created-at";
+/// Unix time (seconds) until which the run that created a temporary resource is known to be
+/// alive: the run moves it forward while it runs, and `cleanup` leaves the resources of a live
+/// run alone.
+pub(crate) const LIVE_UNTIL: &str = "hcloud-nixos/live-until";
 /// On snapshots: the SHA-256 of the raw image, hex, cut to the 63 characters a label value may hold.
 pub(crate) const IMAGE_SHA256: &str = "hcloud-nixos/image-sha256";
 /// On snapshots: the raw image's size in bytes.
@@ -27,13 +33,31 @@ pub(crate) fn hash_label_value(sha256_hex: &str) -> String {
         .to_ascii_lowercase()
 }
 
-/// Labels on a temporary server or SSH key.
-pub(crate) fn temporary_labels(run_id: &str, created_at_unix: u64) -> BTreeMap<String, String> {
+/// Labels on a temporary resource (a server, an SSH key, a snapshot until it is done) of image
+/// `job` of a run.
+pub(crate) fn temporary_labels(
+    run_id: &str,
+    job: usize,
+    created_at_unix: u64,
+    live_until_unix: u64,
+) -> BTreeMap<String, String> {
     BTreeMap::from([
         (TEMPORARY.to_string(), "true".to_string()),
         (RUN.to_string(), run_id.to_string()),
+        (JOB.to_string(), job.to_string()),
         (CREATED_AT.to_string(), created_at_unix.to_string()),
+        (LIVE_UNTIL.to_string(), live_until_unix.to_string()),
     ])
+}
+
+/// The same labels with the lease moved to `until_unix`.
+pub(crate) fn with_live_until(
+    labels: &BTreeMap<String, String>,
+    until_unix: u64,
+) -> BTreeMap<String, String> {
+    let mut l = labels.clone();
+    l.insert(LIVE_UNTIL.to_string(), until_unix.to_string());
+    l
 }
 
 /// Selector for every temporary resource of any run.
@@ -46,12 +70,36 @@ pub(crate) fn run_selector(run_id: &str) -> String {
     format!("{TEMPORARY}=true,{RUN}={run_id}")
 }
 
-/// Selector for snapshots of a raw image with this SHA-256.
-pub(crate) fn image_selector(sha256_hex: &str) -> String {
-    format!("{IMAGE_SHA256}={}", hash_label_value(sha256_hex))
+/// Selector for the temporary resources of one image of a run (at most one of each kind).
+pub(crate) fn job_selector(run_id: &str, job: usize) -> String {
+    format!("{TEMPORARY}=true,{RUN}={run_id},{JOB}={job}")
 }
 
-/// Labels on the finished snapshot: the user's, then ours (ours win).
+/// Selector for finished snapshots of a raw image with this SHA-256.
+pub(crate) fn image_selector(sha256_hex: &str) -> String {
+    format!(
+        "{IMAGE_SHA256}={},!{TEMPORARY}",
+        hash_label_value(sha256_hex)
+    )
+}
+
+/// The run a temporary resource belongs to.
+pub(crate) fn run_of(labels: &BTreeMap<String, String>) -> Option<&str> {
+    labels.get(RUN).map(String::as_str)
+}
+
+/// The image of the run a temporary resource is for.
+pub(crate) fn job_of(labels: &BTreeMap<String, String>) -> Option<usize> {
+    labels.get(JOB)?.parse().ok()
+}
+
+/// Until when the run of a temporary resource is known to be alive, if it says.
+pub(crate) fn live_until(labels: &BTreeMap<String, String>) -> Option<u64> {
+    labels.get(LIVE_UNTIL)?.parse().ok()
+}
+
+/// Labels on the finished snapshot: the user's, then ours (ours win). Until it is done it carries
+/// [`temporary_labels`] too.
 pub(crate) fn snapshot_labels(
     user: &BTreeMap<String, String>,
     sha256_hex: &str,
@@ -159,6 +207,18 @@ mod tests {
     }
 
     #[test]
+    fn leases_and_jobs() {
+        let l = temporary_labels("r", 3, 1000, 2000);
+        assert_eq!(live_until(&l), Some(2000));
+        assert_eq!(live_until(&with_live_until(&l, 2600)), Some(2600));
+        assert_eq!(job_of(&l), Some(3));
+        assert_eq!(run_of(&l), Some("r"));
+        assert_eq!(live_until(&BTreeMap::new()), None);
+        let bad = BTreeMap::from([(LIVE_UNTIL.to_string(), "-1".to_string())]);
+        assert_eq!(live_until(&bad), None);
+    }
+
+    #[test]
     fn selectors() {
         assert_eq!(temporary_selector(), "hcloud-nixos/temporary=true");
         assert_eq!(
@@ -167,7 +227,14 @@ mod tests {
         );
         assert_eq!(
             image_selector(HASH),
-            format!("hcloud-nixos/image-sha256={}", &HASH[..63])
+            format!(
+                "hcloud-nixos/image-sha256={},!hcloud-nixos/temporary",
+                &HASH[..63]
+            )
+        );
+        assert_eq!(
+            job_selector("abc", 1),
+            "hcloud-nixos/temporary=true,hcloud-nixos/run=abc,hcloud-nixos/job=1"
         );
     }
 
@@ -182,7 +249,7 @@ mod tests {
 
     #[test]
     fn staleness() {
-        let l = temporary_labels("r", 1000);
+        let l = temporary_labels("r", 0, 1000, 2000);
         assert!(!is_stale(&l, 1500, 1800));
         assert!(is_stale(&l, 2800, 1800));
         assert!(is_stale(&l, 1000, 0));

@@ -1,21 +1,29 @@
 //! `hcloud-nixos upload` and `hcloud-nixos cleanup`: turn a disk image into a Hetzner Cloud snapshot through a temporary server in rescue mode.
 
 mod api;
+mod cleanup;
 mod flow;
 mod labels;
+mod lease;
 mod leftovers;
+mod outside;
 mod phases;
 mod progress;
+mod qemu;
 mod remote;
+mod results;
 mod source;
 mod ssh;
 mod token;
+#[cfg(test)]
+mod under_fire;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use flow::{run_cleanup, run_upload};
+pub use cleanup::run_cleanup;
+pub use flow::run_upload;
 use source::{Compression, Format, Transfer};
 
 /// CPU architecture of an image (and of the temporary server that writes it).
@@ -105,14 +113,24 @@ pub struct UploadArgs {
     /// Image the temporary server is created with (never booted: it runs the rescue system).
     #[arg(long, default_value = "debian-12", hide = true)]
     pub(crate) server_image: String,
+    /// How far ahead the run's lease (the `hcloud-nixos/live-until` label) reaches; renewed
+    /// three times in each.
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration, hide = true)]
+    pub(crate) lease: Duration,
 }
 
 /// Flags of `hcloud-nixos cleanup`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CleanupArgs {
-    /// Delete only temporary servers and keys at least this old (e.g. 30m, 2h, 0s).
+    /// Delete only temporary servers, keys and unfinished snapshots at least this old (e.g. 30m, 2h, 0s).
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     pub(crate) older_than: Duration,
+    /// Delete them even when the upload that made them is still alive (its lease has not run out).
+    #[arg(long)]
+    pub(crate) force: bool,
+    /// Only what this upload run left behind (the ID its error message names).
+    #[arg(long, value_name = "RUN")]
+    pub(crate) run: Option<String>,
     /// File holding the API token [default: HCLOUD_TOKEN, else the hcloud CLI's active context].
     #[arg(long, value_name = "FILE")]
     pub(crate) token_file: Option<PathBuf>,

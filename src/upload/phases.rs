@@ -10,9 +10,9 @@ use anyhow::Context;
 use russh::keys::PrivateKey;
 use tokio::sync::mpsc;
 
-use super::api::{self, Client};
-use super::flow::{Ctx, Outcome, now_unix, poll_until, with_deadline};
-use super::leftovers::{Leftovers, Resource};
+use super::api::{self, Client, Kind};
+use super::flow::{Ctx, Outcome, now_unix, with_deadline};
+use super::leftovers::Resource;
 use super::source::{self, Codec, DiskFormat, LocalImage, Location, Transfer};
 use super::ssh::Rescue;
 use super::{Architecture, Job, default_description, labels, remote, ssh};
@@ -42,9 +42,9 @@ struct Temporary {
     server: api::Server,
 }
 
-/// One upload, top-down. What it creates is recorded in `mine` (and the run's list), for the
-/// caller to delete.
-pub(crate) async fn upload_one(ctx: &Ctx, job: &Job, mine: &Leftovers) -> anyhow::Result<Outcome> {
+/// One upload, top-down. What it creates is recorded in the run's list (under the job's index),
+/// for the caller to delete.
+pub(crate) async fn upload_one(ctx: &Ctx, job: &Job) -> anyhow::Result<Outcome> {
     let p = prefix(job);
     let source = read_source(ctx, job, &p).await?;
     if let Source::Local { digest, .. } = &source
@@ -52,7 +52,7 @@ pub(crate) async fn upload_one(ctx: &Ctx, job: &Job, mine: &Leftovers) -> anyhow
     {
         return Ok(reused);
     }
-    let temp = create_temporary(ctx, job, mine, &p).await?;
+    let temp = create_temporary(ctx, job, &p).await?;
     let rescue = boot_rescue(ctx, &temp, &p).await?;
     let digest = write_and_verify(ctx, &rescue, &source, &p).await?;
     rescue.close().await;
@@ -99,10 +99,11 @@ async fn read_source(ctx: &Ctx, job: &Job, p: &str) -> anyhow::Result<Source> {
             })
         }
         Location::Url(url) => {
-            let (codec, format) = source::resolve_url(&url, args.compression, args.format);
+            let (codec, format) = source::resolve_url(&url, args.compression, args.format)?;
             if format == DiskFormat::Qcow2 {
                 anyhow::bail!(
-                    "--image {url}: a qcow2 image can only be uploaded from a local file (it is converted to raw locally); download it and pass the path"
+                    "--image {}: a qcow2 image can only be uploaded from a local file (it is converted to raw locally); download it and pass the path",
+                    source::display_name(&url)
                 );
             }
             Ok(Source::Url { url, codec })
@@ -138,6 +139,7 @@ async fn existing_snapshot(
     sha256: &str,
     arch: Architecture,
 ) -> anyhow::Result<Option<u64>> {
+    // Snapshots still marked temporary are another run's, or a failed one's.
     let sel = labels::image_selector(sha256);
     let images = api
         .list_images(&[
@@ -152,6 +154,7 @@ async fn existing_snapshot(
         .into_iter()
         .filter(|i| {
             i.status == "available"
+                && !i.labels.contains_key(labels::TEMPORARY)
                 && i.architecture.as_deref() == Some(arch.as_str())
                 && i.labels.get(labels::IMAGE_SHA256) == Some(&want)
         })
@@ -159,58 +162,52 @@ async fn existing_snapshot(
         .max())
 }
 
+/// Labels of a temporary resource of this job, created now, with a fresh lease.
+fn fresh_labels(ctx: &Ctx, job: &Job) -> std::collections::BTreeMap<String, String> {
+    let now = now_unix();
+    labels::temporary_labels(&ctx.run_id, job.index, now, now + ctx.lease.as_secs())
+}
+
 /// The temporary SSH key and server: labelled, recorded as soon as each exists, not started.
-async fn create_temporary(
-    ctx: &Ctx,
-    job: &Job,
-    mine: &Leftovers,
-    p: &str,
-) -> anyhow::Result<Temporary> {
+async fn create_temporary(ctx: &Ctx, job: &Job, p: &str) -> anyhow::Result<Temporary> {
     let (args, api) = (&ctx.args, &ctx.api);
     ctx.mutated.store(true, Ordering::SeqCst);
     let name = resource_name(&ctx.run_id, job.index);
-    let temp_labels = labels::temporary_labels(&ctx.run_id, now_unix());
+    let selector = labels::job_selector(&ctx.run_id, job.index);
     let key = Arc::new(ssh::new_key()?);
     let phase = ctx.report.phase(p, "creating the temporary server");
+    let key_labels = fresh_labels(ctx, job);
     let ssh_key = api
-        .create_ssh_key(&name, &ssh::public_openssh(&key)?, &temp_labels)
+        .create_ssh_key(&name, &ssh::public_openssh(&key)?, &key_labels, &selector)
         .await
         .context("creating the temporary SSH key")?;
-    record(
-        ctx,
-        mine,
-        Resource::SshKey {
-            id: ssh_key.id,
-            name: ssh_key.name.clone(),
-        },
-    );
+    let r = Resource::new(Kind::SshKey, ssh_key.id, &ssh_key.name);
+    ctx.leftovers.add(r, job.index, key_labels);
     let server_type = args
         .server_type
         .clone()
         .unwrap_or_else(|| job.architecture.default_server_type().to_string());
+    let server_labels = fresh_labels(ctx, job);
     let body = api::create_server_body(
         &name,
         &server_type,
         &args.server_image,
         args.location.as_deref(),
         ssh_key.id,
-        &temp_labels,
+        &server_labels,
     );
     let (server, action) = api
-        .create_server(&body)
+        .create_server(&body, &selector)
         .await
         .context("creating the temporary server")?;
-    record(
-        ctx,
-        mine,
-        Resource::Server {
-            id: server.id,
-            name: server.name.clone(),
-        },
-    );
-    api.wait_action(&action, ctx.deadlines.create)
-        .await
-        .context("creating the temporary server")?;
+    let r = Resource::new(Kind::Server, server.id, &server.name);
+    ctx.leftovers.add(r, job.index, server_labels);
+    let created = match action {
+        Some(a) => api.wait_action(&a, ctx.deadlines.create).await,
+        // Found after a lost answer: created stopped, it is ready once it is off.
+        None => wait_status(api, server.id, "off", ctx.deadlines.create).await,
+    };
+    created.context("creating the temporary server")?;
     phase.done();
     Ok(Temporary {
         key,
@@ -224,14 +221,14 @@ async fn boot_rescue(ctx: &Ctx, temp: &Temporary, p: &str) -> anyhow::Result<Res
     let (api, dl, id) = (&ctx.api, &ctx.deadlines, temp.server.id);
     let phase = ctx.report.phase(p, "booting the rescue system");
     let rescue_body = api::enable_rescue_body(temp.ssh_key_id);
-    let (a, _) = api
+    let a = api
         .server_action(id, "enable_rescue", Some(&rescue_body))
         .await
         .context("enabling rescue mode")?;
     api.wait_action(&a, dl.rescue)
         .await
         .context("enabling rescue mode")?;
-    let (a, _) = api
+    let a = api
         .server_action(id, "poweron", None)
         .await
         .context("powering the server on")?;
@@ -387,7 +384,8 @@ async fn download_url(
     .await?;
     if !out.success() {
         anyhow::bail!(
-            "downloading {url} on the rescue system failed: {}",
+            "downloading {} on the rescue system failed: {}",
+            source::display_name(url),
             out.failure_summary()
         );
     }
@@ -429,23 +427,32 @@ async fn verify(ctx: &Ctx, rescue: &Rescue, digest: &Digest, p: &str) -> anyhow:
 async fn power_off(ctx: &Ctx, temp: &Temporary, p: &str) -> anyhow::Result<()> {
     let (api, dl, id) = (&ctx.api, &ctx.deadlines, temp.server.id);
     let phase = ctx.report.phase(p, "powering off");
-    let (a, _) = api
+    let a = api
         .server_action(id, "poweroff", None)
         .await
         .context("powering the server off")?;
     api.wait_action(&a, dl.power)
         .await
         .context("powering the server off")?;
-    poll_until(
-        api,
-        "waiting for the server to be off",
-        dl.power,
-        600,
-        async || Ok(api.get_server(id).await?.status == "off"),
-    )
-    .await?;
+    wait_status(api, id, "off", dl.power)
+        .await
+        .context("waiting for the server to be off")?;
     phase.done();
     Ok(())
+}
+
+/// Polls a server until its status is `status`.
+async fn wait_status(
+    api: &Client,
+    id: u64,
+    status: &str,
+    deadline: std::time::Duration,
+) -> Result<(), api::ApiError> {
+    let what = format!("server {id} becoming {status}");
+    api.poll(&what, deadline, async |_| {
+        Ok((api.get_server(id).await?.status == status).then_some(()))
+    })
+    .await
 }
 
 /// Snapshots the disk, labelled with the digest, and waits until the snapshot is available.
@@ -462,31 +469,42 @@ async fn snapshot(
         .description
         .clone()
         .unwrap_or_else(|| default_description(&job.image, job.architecture));
-    let snap_labels = labels::snapshot_labels(&ctx.user_labels, &digest.sha256, digest.size);
-    let (a, v) = api
-        .server_action(
-            temp.server.id,
-            "create_image",
-            Some(&api::create_image_body(&description, &snap_labels)),
-        )
+    let done_labels = labels::snapshot_labels(&ctx.user_labels, &digest.sha256, digest.size);
+    // Temporary until it is available and verified: a failed run's snapshot is cleanup's.
+    let mut temp_labels = done_labels.clone();
+    temp_labels.extend(fresh_labels(ctx, job));
+    let body = api::create_image_body(&description, &temp_labels);
+    let selector = labels::job_selector(&ctx.run_id, job.index);
+    let (image_id, action) = api
+        .create_image(temp.server.id, &body, &selector)
         .await
         .context("creating the snapshot")?;
-    let image_id = v["image"]["id"]
-        .as_u64()
-        .ok_or_else(|| anyhow::anyhow!("create_image answered without an image id"))?;
+    let image = Resource::new(Kind::Image, image_id, &description);
+    ctx.leftovers.add(image.clone(), job.index, temp_labels);
     ctx.report
         .line(p, &format!("snapshot {image_id} is being created"));
-    api.wait_action(&a, deadline)
+    if let Some(a) = action {
+        api.wait_action(&a, deadline)
+            .await
+            .context("creating the snapshot")?;
+    }
+    let what = format!("snapshot {image_id} becoming available");
+    api.poll(&what, deadline, async |_| {
+        Ok((api.get_image(image_id).await?.status == "available").then_some(()))
+    })
+    .await
+    .context("waiting for the snapshot")?;
+    // Done: no longer temporary, and no longer the run's to delete. The lease keeper does not
+    // write labels in between.
+    let _labels = ctx.label_lock.lock().await;
+    let still_there = api
+        .set_labels(Kind::Image, image_id, &done_labels)
         .await
-        .context("creating the snapshot")?;
-    poll_until(
-        api,
-        "waiting for the snapshot",
-        deadline,
-        2000,
-        async || Ok(api.get_image(image_id).await?.status == "available"),
-    )
-    .await?;
+        .context("marking the snapshot as done")?;
+    if !still_there {
+        anyhow::bail!("snapshot {image_id} disappeared before it was done");
+    }
+    ctx.leftovers.remove(&image);
     phase.done();
     ctx.report
         .line(p, &format!("snapshot {image_id} is available"));
@@ -497,16 +515,12 @@ fn resource_name(run_id: &str, index: usize) -> String {
     format!("hcloud-nixos-upload-{run_id}-{index}")
 }
 
-/// What each line of one upload starts with: its architecture and file name.
+/// What each line of one upload starts with: its architecture and file name (of a URL, without
+/// the query, which may carry credentials).
 pub(crate) fn prefix(job: &Job) -> String {
-    let name = job.image.rsplit('/').next().unwrap_or(&job.image);
+    let shown = source::display_name(&job.image);
+    let name = shown.rsplit('/').next().unwrap_or(&shown);
     format!("[{} {}]", job.architecture.as_str(), name)
-}
-
-/// Records a created resource for this upload's clean-up and the run's.
-fn record(ctx: &Ctx, mine: &Leftovers, r: Resource) {
-    ctx.leftovers.add(r.clone());
-    mine.add(r);
 }
 
 #[cfg(test)]

@@ -126,17 +126,43 @@ pub(crate) fn compression_from_name(name: &str) -> Codec {
     }
 }
 
-/// The format the decompressed first bytes show.
-pub(crate) fn format_from_magic(head: &[u8]) -> DiskFormat {
-    if head.starts_with(b"QFI\xfb") {
-        DiskFormat::Qcow2
-    } else {
-        DiskFormat::Raw
-    }
+/// What an image's first bytes (or its name) say it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sniffed {
+    Disk(DiskFormat),
+    /// A format the uploader does not convert (its name): uploaded as raw, it would not boot.
+    Other(&'static str),
 }
 
-/// The format a name suggests (`disk.qcow2`, `disk.qcow2.xz`).
-pub(crate) fn format_from_name(name: &str) -> DiskFormat {
+/// How many decompressed bytes [`format_from_magic`] looks at.
+pub(crate) const SNIFF_BYTES: usize = 72;
+
+/// The format the decompressed first bytes show.
+pub(crate) fn format_from_magic(head: &[u8]) -> Sniffed {
+    const OTHERS: [(&[u8], &str); 8] = [
+        (b"KDMV", "VMDK"),
+        (b"COWD", "VMDK"),
+        (b"# Disk DescriptorFile", "VMDK"),
+        (b"vhdxfile", "VHDX"),
+        (b"conectix", "VHD"),
+        (b"QED\0", "QED"),
+        (b"WithoutFreeSpace", "Parallels"),
+        (b"WithouFreSpacExt", "Parallels"),
+    ];
+    if head.starts_with(b"QFI\xfb") {
+        return Sniffed::Disk(DiskFormat::Qcow2);
+    }
+    if let Some((_, name)) = OTHERS.iter().find(|(m, _)| head.starts_with(m)) {
+        return Sniffed::Other(name);
+    }
+    if head.get(64..68) == Some(&[0x7f, 0x10, 0xda, 0xbe][..]) {
+        return Sniffed::Other("VDI");
+    }
+    Sniffed::Disk(DiskFormat::Raw)
+}
+
+/// The format a name suggests (`disk.qcow2`, `disk.qcow2.xz`, `disk.vmdk`).
+pub(crate) fn format_from_name(name: &str) -> Sniffed {
     let name = name
         .split(['?', '#'])
         .next()
@@ -146,18 +172,62 @@ pub(crate) fn format_from_name(name: &str) -> DiskFormat {
         .iter()
         .find_map(|e| name.strip_suffix(e))
         .unwrap_or(&name);
+    let others = [
+        (".vmdk", "VMDK"),
+        (".vhdx", "VHDX"),
+        (".vhd", "VHD"),
+        (".vdi", "VDI"),
+        (".qed", "QED"),
+    ];
     if stem.ends_with(".qcow2") || stem.ends_with(".qcow") {
-        DiskFormat::Qcow2
+        Sniffed::Disk(DiskFormat::Qcow2)
+    } else if let Some((_, n)) = others.iter().find(|(e, _)| stem.ends_with(e)) {
+        Sniffed::Other(n)
     } else {
-        DiskFormat::Raw
+        Sniffed::Disk(DiskFormat::Raw)
     }
 }
 
+/// The error for an image in a format the uploader does not convert.
+fn other_format(name: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the image looks like a {name} image, not a raw or qcow2 disk: convert it first (qemu-img convert -O raw IMAGE disk.raw), or pass --format raw to upload its bytes as they are"
+    )
+}
+
 /// Settles `auto` for a URL from its name.
-pub(crate) fn resolve_url(url: &str, c: Compression, f: Format) -> (Codec, DiskFormat) {
+pub(crate) fn resolve_url(
+    url: &str,
+    c: Compression,
+    f: Format,
+) -> anyhow::Result<(Codec, DiskFormat)> {
     let c = c.given().unwrap_or_else(|| compression_from_name(url));
-    let f = f.given().unwrap_or_else(|| format_from_name(url));
-    (c, f)
+    let f = match f.given() {
+        Some(f) => f,
+        None => match format_from_name(url) {
+            Sniffed::Disk(f) => f,
+            Sniffed::Other(name) => return Err(other_format(name)),
+        },
+    };
+    Ok((c, f))
+}
+
+/// A URL or path as messages show it: a URL without its user name, password and query (which may
+/// carry credentials), a path as given.
+pub(crate) fn display_name(image: &str) -> String {
+    match parse_location(image) {
+        Location::Path(_) => image.to_string(),
+        Location::Url(u) => match reqwest::Url::parse(&u) {
+            Ok(mut url) => {
+                let _ = url.set_username("");
+                let _ = url.set_password(None);
+                url.set_query(None);
+                url.set_fragment(None);
+                url.to_string()
+            }
+            Err(_) => u.split(['?', '#']).next().unwrap_or("").to_string(),
+        },
+    }
 }
 
 /// A reader that counts the bytes read from the file underneath, for progress.
@@ -248,18 +318,19 @@ pub(crate) fn prepare_local(
     let codec = compression
         .given()
         .unwrap_or_else(|| compression_from_magic(&head));
+    let shown = path.display().to_string();
     let format = match format.given() {
         Some(f) => f,
         None => {
             let mut r = open_decoded(path, codec, Arc::new(AtomicU64::new(0)))?;
-            let mut h = [0u8; 4];
+            let mut h = [0u8; SNIFF_BYTES];
             let n = read_full(&mut r, &mut h).map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot decompress {} as {codec:?}: {e}; check --compression",
-                    path.display()
-                )
+                anyhow::anyhow!("cannot decompress {shown} as {codec:?}: {e}; check --compression")
             })?;
-            format_from_magic(&h[..n])
+            match format_from_magic(&h[..n]) {
+                Sniffed::Disk(f) => f,
+                Sniffed::Other(name) => return Err(other_format(name)),
+            }
         }
     };
     if format == DiskFormat::Raw {
@@ -284,23 +355,7 @@ pub(crate) fn prepare_local(
         p
     };
     let raw = scratch.path().join("image.raw");
-    let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", "raw"])
-        .arg(&qcow)
-        .arg(&raw)
-        .output()
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot run qemu-img to convert the qcow2 image: {e}; install qemu-utils"
-            )
-        })?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "qemu-img could not convert {} to raw: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    super::qemu::convert_to_raw(&qcow, &raw)?;
     let file_size = std::fs::metadata(&raw)?.len();
     Ok(LocalImage {
         path: raw,
@@ -477,8 +532,18 @@ mod tests {
         assert_eq!(compression_from_magic(b"BZh91AY"), Codec::Bz2);
         assert_eq!(compression_from_magic(b"\0\0\0\0"), Codec::Plain);
         assert_eq!(compression_from_magic(b""), Codec::Plain);
-        assert_eq!(format_from_magic(b"QFI\xfb\0\0\0\x03"), DiskFormat::Qcow2);
-        assert_eq!(format_from_magic(b"\xeb\x63\x90"), DiskFormat::Raw);
+        let disk = Sniffed::Disk;
+        assert_eq!(
+            format_from_magic(b"QFI\xfb\0\0\0\x03"),
+            disk(DiskFormat::Qcow2)
+        );
+        assert_eq!(format_from_magic(b"\xeb\x63\x90"), disk(DiskFormat::Raw));
+        assert_eq!(format_from_magic(b"KDMV\x01"), Sniffed::Other("VMDK"));
+        assert_eq!(format_from_magic(b"vhdxfile"), Sniffed::Other("VHDX"));
+        let mut vdi = vec![0u8; 72];
+        vdi[64..68].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
+        assert_eq!(format_from_magic(&vdi), Sniffed::Other("VDI"));
+        assert_eq!(format_from_magic(&vdi[..66]), disk(DiskFormat::Raw));
     }
 
     #[test]
@@ -487,15 +552,32 @@ mod tests {
         assert_eq!(compression_from_name("a.img.xz?sig=1"), Codec::Xz);
         assert_eq!(compression_from_name("a.bz2"), Codec::Bz2);
         assert_eq!(compression_from_name("a.raw"), Codec::Plain);
-        assert_eq!(format_from_name("a.qcow2.xz"), DiskFormat::Qcow2);
-        assert_eq!(format_from_name("a.raw.xz"), DiskFormat::Raw);
         assert_eq!(
-            resolve_url("https://h/x.qcow2", Compression::Auto, Format::Auto),
+            format_from_name("a.qcow2.xz"),
+            Sniffed::Disk(DiskFormat::Qcow2)
+        );
+        assert_eq!(format_from_name("a.raw.xz"), Sniffed::Disk(DiskFormat::Raw));
+        assert_eq!(format_from_name("a.vmdk?x=1"), Sniffed::Other("VMDK"));
+        assert_eq!(
+            resolve_url("https://h/x.qcow2", Compression::Auto, Format::Auto).unwrap(),
             (Codec::Plain, DiskFormat::Qcow2)
         );
         assert_eq!(
-            resolve_url("https://h/x.img", Compression::Xz, Format::Raw),
+            resolve_url("https://h/x.img", Compression::Xz, Format::Raw).unwrap(),
             (Codec::Xz, DiskFormat::Raw)
+        );
+        let e = resolve_url(
+            "https://u:pw@h/x.vdi?sig=s3cr3t",
+            Compression::Auto,
+            Format::Auto,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("looks like a VDI image"), "{e}");
+        assert!(!e.contains("s3cr3t") && !e.contains("pw"), "{e}");
+        assert!(
+            resolve_url("https://h/x.vdi", Compression::Auto, Format::Raw).is_ok(),
+            "--format raw uploads it as it is"
         );
     }
 

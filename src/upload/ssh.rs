@@ -3,13 +3,15 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use russh::ChannelMsg;
 use russh::client;
 use russh::keys::ssh_key::private::Ed25519Keypair;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use tokio::sync::mpsc;
+
+use crate::plumbing::retry::{Backoff, Class, Policy, retry};
 
 /// A fresh ed25519 key that lives only in memory.
 pub(crate) fn new_key() -> anyhow::Result<PrivateKey> {
@@ -73,8 +75,8 @@ impl Output {
             .lines()
             .rev()
             .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim();
+            .unwrap_or("");
+        let last = super::outside::one_line(last, 300);
         let how = match &self.exit {
             Exit::Status(s) => format!("exit status {s}"),
             Exit::Signal(sig) => format!("signal {sig}"),
@@ -163,37 +165,48 @@ pub(crate) async fn connect_once(
     }
 }
 
-/// Delay before connection attempt `n` (1-based): 1 s, then 2 s, then 3 s at most.
-pub(crate) fn retry_delay(n: u32) -> Duration {
-    Duration::from_secs(u64::from(n.clamp(1, 3)))
+/// The waits between connection attempts: 1 s, then 2 s, then 3 s at most (±10 %).
+pub(crate) fn connect_backoff() -> Backoff {
+    Backoff {
+        first: Duration::from_secs(1),
+        max: Duration::from_secs(3),
+        factor: 2.0,
+        jitter: 0.1,
+    }
 }
 
-/// Connects until the rescue system lets us in or `deadline` passes (bounded in time and count).
+/// Connects until the rescue system lets us in or `deadline` passes (at most 1000 attempts).
 pub(crate) async fn connect_retrying(
     addr: SocketAddr,
     key: Arc<PrivateKey>,
     deadline: Duration,
-    mut on_retry: impl FnMut(u32, &AttemptError),
+    on_retry: impl Fn(u32, &AttemptError),
 ) -> anyhow::Result<Rescue> {
-    let start = Instant::now();
-    let mut n = 0u32;
-    loop {
-        n += 1;
-        let left = deadline.saturating_sub(start.elapsed());
-        let err = match connect_once(addr, key.clone(), left.min(Duration::from_secs(20))).await {
-            Ok(r) => return Ok(r),
-            Err(e) => e,
-        };
-        let d = retry_delay(n);
-        if start.elapsed() + d >= deadline || n >= 1000 {
-            anyhow::bail!(
-                "the rescue system at {addr} did not let us in within {}: {err} (after {n} attempts)",
-                humantime::format_duration(deadline)
-            );
-        }
-        on_retry(n, &err);
-        tokio::time::sleep(d).await;
-    }
+    let until = tokio::time::Instant::now() + deadline;
+    let policy = Policy {
+        backoff: connect_backoff(),
+        deadline: Some(until),
+        attempts: Some(1000),
+    };
+    let (key, on_retry) = (&key, &on_retry);
+    let result = retry(
+        policy,
+        |n| async move {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            let r = connect_once(addr, key.clone(), left.min(Duration::from_secs(20))).await;
+            r.inspect_err(|e| on_retry(n, e))
+        },
+        |_| Class::Passing,
+    )
+    .await;
+    result.map_err(|g| {
+        anyhow::anyhow!(
+            "the rescue system at {addr} did not let us in within {}: {} (after {} attempts)",
+            humantime::format_duration(deadline),
+            g.last,
+            g.attempts
+        )
+    })
 }
 
 impl Rescue {
@@ -308,7 +321,9 @@ mod tests {
 
     #[test]
     fn retry_delays_bounded() {
-        assert_eq!(retry_delay(1), Duration::from_secs(1));
-        assert_eq!(retry_delay(100), Duration::from_secs(3));
+        let b = connect_backoff();
+        assert_eq!(b.delay(1, 0.5), Duration::from_secs(1));
+        assert_eq!(b.delay(2, 0.5), Duration::from_secs(2));
+        assert_eq!(b.delay(100, 0.5), Duration::from_secs(3));
     }
 }

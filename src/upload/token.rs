@@ -4,6 +4,33 @@ use std::path::{Path, PathBuf};
 
 use crate::plumbing::secret::Secret;
 
+/// Largest token file and hcloud CLI configuration read.
+pub(crate) const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads a file of at most [`MAX_FILE_BYTES`] straight into a [`Secret`] (wiped once dropped).
+fn read_secret_file(path: &Path) -> anyhow::Result<Secret> {
+    use std::io::Read;
+    let shown = path.display();
+    let file =
+        std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot read {shown}: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| anyhow::anyhow!("cannot read {shown}: {e}"))?;
+    let len = bytes.len() as u64;
+    let text = Secret::new(String::from_utf8(bytes).map_err(|e| {
+        let mut b = e.into_bytes();
+        b.fill(0);
+        anyhow::anyhow!("cannot read {shown}: it is not UTF-8 text")
+    })?);
+    if len > MAX_FILE_BYTES {
+        anyhow::bail!(
+            "{shown} is larger than {MAX_FILE_BYTES} bytes: it is not a token or an hcloud configuration"
+        );
+    }
+    Ok(text)
+}
+
 /// Checks a token as read from `source` (white space around it trimmed): one word, not empty.
 /// Errors name the source, never the token.
 pub(crate) fn parse_token(raw: &str, source: &str) -> anyhow::Result<Secret> {
@@ -41,14 +68,15 @@ pub(crate) fn token_from_cli_toml(text: &str, wanted: Option<&str>) -> Result<Se
         .map(str::to_string)
         .or(cfg.active_context)
         .ok_or_else(|| "it has no active context: run `hcloud context use NAME`".to_string())?;
+    let shown = super::outside::one_line(&name, 64);
     let ctx = cfg
         .contexts
         .into_iter()
         .find(|c| c.name == name)
-        .ok_or_else(|| format!("it has no context named '{name}'"))?;
+        .ok_or_else(|| format!("it has no context named '{shown}'"))?;
     ctx.token
         .map(Secret::new)
-        .ok_or_else(|| format!("its context '{name}' has no token"))
+        .ok_or_else(|| format!("its context '{shown}' has no token"))
 }
 
 /// Where the hcloud CLI keeps its configuration.
@@ -64,10 +92,7 @@ fn cli_config_path() -> Option<PathBuf> {
 pub(crate) fn resolve(token_file: Option<&Path>) -> anyhow::Result<Secret> {
     if let Some(path) = token_file {
         // Read into a Secret at once, so that the file's bytes are wiped once parsed.
-        let text =
-            Secret::new(std::fs::read_to_string(path).map_err(|e| {
-                anyhow::anyhow!("cannot read the token file {}: {e}", path.display())
-            })?);
+        let text = read_secret_file(path).map_err(|e| anyhow::anyhow!("the token file: {e}"))?;
         warn_if_readable_by_others(path);
         return parse_token(text.expose(), &format!("--token-file {}", path.display()));
     }
@@ -80,10 +105,7 @@ pub(crate) fn resolve(token_file: Option<&Path>) -> anyhow::Result<Secret> {
     if let Some(path) = cli_config_path()
         && path.exists()
     {
-        let text = Secret::new(
-            std::fs::read_to_string(&path)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?,
-        );
+        let text = read_secret_file(&path)?;
         let wanted = std::env::var("HCLOUD_CONTEXT").ok();
         let token = token_from_cli_toml(text.expose(), wanted.as_deref())
             .map_err(|e| anyhow::anyhow!("no token in {}: {e}", path.display()))?;
@@ -143,6 +165,20 @@ token = "tok-work"
         let e = token_from_cli_toml("[[contexts]]\nname=\"a\"\ntoken=\"secret-abc\"", None)
             .unwrap_err();
         assert!(e.contains("no active context"));
+    }
+
+    #[test]
+    fn files_are_read_within_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("big");
+        std::fs::write(&p, vec![b'a'; MAX_FILE_BYTES as usize + 1]).unwrap();
+        let e = read_secret_file(&p).err().unwrap().to_string();
+        assert!(e.contains("larger than"), "{e}");
+        std::fs::write(&p, b"tok\xff\xfe").unwrap();
+        let e = read_secret_file(&p).err().unwrap().to_string();
+        assert!(e.contains("not UTF-8") && !e.contains("tok"), "{e}");
+        std::fs::write(&p, b"tok").unwrap();
+        assert_eq!(read_secret_file(&p).unwrap().expose(), "tok");
     }
 
     #[test]

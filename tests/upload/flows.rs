@@ -1,156 +1,17 @@
-//! End-to-end tests of `hcloud-nixos upload` and `cleanup`: the real binary against the stand-in
-//! Hetzner Cloud API and a real OpenSSH server on loopback as the rescue system.
+//! The uploader's flows: raw, compressed, qcow2 and URL images, verification, API errors, SSH
+//! waits, signals, cleanup, several images in one run.
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command as StdCommand, Output};
+use std::path::PathBuf;
+use std::process::Command as StdCommand;
 use std::time::{Duration, Instant};
 
-use harness::{axum, hcloud_api, rescue_sshd};
-use hcloud_api::{Fault, HcloudApi, Method, TOKEN, error_body};
-use rescue_sshd::{RescueSshd, prerequisites_or_skip};
+use harness::{axum, hcloud_api};
+use hcloud_api::{Fault, Method, TOKEN, error_body};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
-/// Stand-in API, sshd and a disk, for one test.
-struct Bench {
-    api: HcloudApi,
-    sshd: RescueSshd,
-    disk: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-async fn bench(test: &str, force_command: Option<&str>) -> Option<Bench> {
-    if !prerequisites_or_skip(test) {
-        return None;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let sshd_dir = dir.path().join("sshd");
-    std::fs::create_dir(&sshd_dir).unwrap();
-    let sshd = RescueSshd::start(&sshd_dir, force_command);
-    let api = HcloudApi::start().await;
-    api.with(|s| s.authorized_keys = Some(sshd.authorized_keys.clone()));
-    let disk = dir.path().join("disk");
-    std::fs::write(&disk, b"old disk contents").unwrap();
-    Some(Bench {
-        api,
-        sshd,
-        disk,
-        dir,
-    })
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// A test image: pseudo-random blocks with runs of zeros (to exercise sparse writes).
-fn image_bytes(size: usize, seed: u32) -> Vec<u8> {
-    let mut v = vec![0u8; size];
-    let mut x = seed.wrapping_mul(2654435761).max(1);
-    for (i, chunk) in v.chunks_mut(64 * 1024).enumerate() {
-        if i % 3 == 1 {
-            continue; // zeros
-        }
-        for b in chunk.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            *b = x as u8;
-        }
-    }
-    v
-}
-
-fn upload_cmd(b: &Bench, args: &[&str]) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_hcloud-nixos"));
-    c.arg("upload")
-        .args(args)
-        .arg("--rescue-ssh-port")
-        .arg(b.sshd.port.to_string())
-        .arg("--rescue-device")
-        .arg(&b.disk);
-    if !args.contains(&"--ssh-timeout") {
-        c.args(["--ssh-timeout", "60s"]);
-    }
-    env(&mut c, b);
-    c
-}
-
-fn env(c: &mut tokio::process::Command, b: &Bench) {
-    c.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", b.dir.path())
-        .env("HCLOUD_TOKEN", TOKEN)
-        .env("HCLOUD_ENDPOINT", b.api.endpoint())
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-}
-
-async fn run(mut c: tokio::process::Command) -> Output {
-    tokio::time::timeout(Duration::from_secs(120), c.output())
-        .await
-        .expect("the upload took more than 120 s")
-        .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Asserts success and returns the snapshot ID printed on stdout.
-fn snapshot_id(out: &Output) -> u64 {
-    assert!(
-        out.status.success(),
-        "upload failed: {}\n{}",
-        text(&out.stderr),
-        text(&out.stdout)
-    );
-    text(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("stdout is not one snapshot ID: {:?}", text(&out.stdout)))
-}
-
-/// Nothing temporary is left on the stand-in.
-fn assert_nothing_left(b: &Bench) {
-    b.api.with(|s| {
-        assert!(s.servers.is_empty(), "servers left: {:?}", s.servers.keys());
-        assert!(s.keys.is_empty(), "keys left: {:?}", s.keys.keys());
-    });
-}
-
-fn assert_disk_holds(b: &Bench, raw: &[u8]) {
-    let disk = std::fs::read(&b.disk).unwrap();
-    assert!(disk.len() >= raw.len(), "disk shorter than the image");
-    assert!(
-        disk[..raw.len()] == *raw,
-        "disk contents differ from the image"
-    );
-}
-
-fn assert_snapshot(b: &Bench, id: u64, raw: &[u8], arch: &str) {
-    let hash = sha256_hex(raw);
-    b.api.with(|s| {
-        let img = s.images.get(&id).expect("the printed ID is a snapshot");
-        assert_eq!(img.status, "available");
-        assert_eq!(img.architecture, arch);
-        assert_eq!(img.labels["hcloud-nixos/image-sha256"], hash[..63]);
-        assert_eq!(img.labels["hcloud-nixos/image-size"], raw.len().to_string());
-    });
-}
-
-fn write(path: &Path, data: &[u8]) {
-    std::fs::File::create(path)
-        .unwrap()
-        .write_all(data)
-        .unwrap();
-}
-
+use crate::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_image_becomes_a_labelled_snapshot_and_reupload_changes_nothing() {
     let Some(b) = bench("raw", None).await else {
@@ -420,14 +281,12 @@ async fn api_errors_retries_and_rate_limits() {
     let p = img.to_str().unwrap().to_string();
 
     // 422 is reported as Hetzner gives it, not retried, and the key made before is deleted.
-    b.api.fault(Fault {
-        method: Method::POST,
-        path_contains: "/v1/servers".into(),
-        status: 422,
-        body: hcloud_api::fixture("error.invalid_input.example.json"),
-        headers: vec![],
-        times: 1,
-    });
+    b.api.fault(Fault::answer(
+        Method::POST,
+        "/v1/servers",
+        422,
+        hcloud_api::fixture("error.invalid_input.example.json"),
+    ));
     let out = run(upload_cmd(&b, &["--image", &p, "--architecture", "x86"])).await;
     assert!(!out.status.success());
     let err = text(&out.stderr);
@@ -446,48 +305,47 @@ async fn api_errors_retries_and_rate_limits() {
         .as_secs()
         + 2;
     b.api.with(|s| s.requests.clear());
-    b.api.fault(Fault {
-        method: Method::POST,
-        path_contains: "/v1/ssh_keys".into(),
-        status: 429,
-        body: error_body(
-            "rate_limit_exceeded",
-            "limit of 3600 requests per hour reached",
-        ),
-        headers: vec![
-            ("RateLimit-Limit".into(), "3600".into()),
-            ("RateLimit-Remaining".into(), "0".into()),
-            ("RateLimit-Reset".into(), reset.to_string()),
-        ],
-        times: 1,
-    });
-    b.api.fault(Fault {
-        method: Method::POST,
-        path_contains: "/actions/poweron".into(),
-        status: 409,
-        body: error_body(
+    let reset = reset.to_string();
+    b.api.fault(
+        Fault::answer(
+            Method::POST,
+            "/v1/ssh_keys",
+            429,
+            error_body(
+                "rate_limit_exceeded",
+                "limit of 3600 requests per hour reached",
+            ),
+        )
+        .headers(&[
+            ("RateLimit-Limit", "3600"),
+            ("RateLimit-Remaining", "0"),
+            ("RateLimit-Reset", &reset),
+        ]),
+    );
+    b.api.fault(Fault::answer(
+        Method::POST,
+        "/actions/poweron",
+        409,
+        error_body(
             "conflict",
             "the resource has changed during the request, please retry",
         ),
-        headers: vec![],
-        times: 1,
-    });
-    b.api.fault(Fault {
-        method: Method::GET,
-        path_contains: "/v1/actions/".into(),
-        status: 503,
-        body: error_body("unavailable", "service unavailable"),
-        headers: vec![],
-        times: 2,
-    });
-    b.api.fault(Fault {
-        method: Method::POST,
-        path_contains: "/actions/create_image".into(),
-        status: 500,
-        body: error_body("server_error", "error within the API backend"),
-        headers: vec![],
-        times: 1,
-    });
+    ));
+    b.api.fault(
+        Fault::answer(
+            Method::GET,
+            "/v1/actions/",
+            503,
+            error_body("unavailable", "service unavailable"),
+        )
+        .times(2),
+    );
+    b.api.fault(Fault::answer(
+        Method::POST,
+        "/actions/create_image",
+        500,
+        error_body("server_error", "error within the API backend"),
+    ));
     let out = run(upload_cmd(&b, &["--image", &p, "--architecture", "x86"])).await;
     let id = snapshot_id(&out);
     assert_snapshot(&b, id, &raw, "x86");
@@ -779,14 +637,15 @@ async fn second_signal_leaves_at_once_and_lists_what_is_left() {
     b.api
         .with(|s| s.ssh_ready_after = Duration::from_secs(3600));
     // Deleting the server keeps failing, so cleanup is slow enough to interrupt.
-    b.api.fault(Fault {
-        method: Method::DELETE,
-        path_contains: "/v1/servers/".into(),
-        status: 503,
-        body: error_body("unavailable", "service unavailable"),
-        headers: vec![],
-        times: 100,
-    });
+    b.api.fault(
+        Fault::answer(
+            Method::DELETE,
+            "/v1/servers/",
+            503,
+            error_body("unavailable", "service unavailable"),
+        )
+        .times(100),
+    );
     let img = b.dir.path().join("img.raw");
     write(&img, &image_bytes(1 << 20, 9));
     let child = upload_cmd(
