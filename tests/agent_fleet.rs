@@ -808,3 +808,62 @@ fn fleet_status_takes_config_after_the_subcommand() {
         run.all()
     );
 }
+
+const SECRET: &str = "s3cret-Pa55";
+
+/// Issue 13, item 2: credentials in the FleetLock URL are sent (HTTP basic authentication), and
+/// never reach a log line, the status, the state file or a command's output, even when every
+/// request fails and the agent says so.
+#[test]
+fn fleetlock_credentials_never_reach_logs_status_or_the_state_file() {
+    let test = "fleetlock-credentials";
+    let mut standin = FleetLockStandin::start(1);
+    standin.require_basic_auth("agent", SECRET);
+    let url = standin
+        .url()
+        .replacen("://", &format!("://agent:{SECRET}@"), 1);
+    let fleet = format!(
+        "[fleet]\ngroup = \"web\"\nslots = 1\nbackend = \"fleetlock\"\npause_on_failure = false\n\
+         [fleet.fleetlock]\nurl = \"{url}\"\n"
+    );
+    let mut group = group!(Group::new(test, 1, &fleet, |_, _| ()));
+    group.start_all();
+    let (_, p1) = group.publish_to(0, test, 1, Kind::Normal);
+    let b = &group.servers[0];
+    b.wait_for(secs(20), "release 1 deployed through FleetLock", || {
+        deployed(b, &p1)
+    });
+    assert_eq!(standin.unauthorized(), 0, "the credentials were not sent");
+    standin.stop();
+    group.publish_to(0, test, 2, Kind::Normal);
+    b.wait_for(
+        secs(20),
+        "the status saying FleetLock is unreachable",
+        || status(b).contains("fleetlock unreachable"),
+    );
+    assert!(status(b).contains("127.0.0.1:"), "{}", status(b));
+    let state_file = std::fs::read_to_string(b.state_dir().join("state.json")).unwrap();
+    let check = std::process::Command::new(harness::binary())
+        .args(["config", "check"])
+        .arg(&b.config)
+        .output()
+        .unwrap();
+    let outputs = [
+        ("the status line", status(b)),
+        ("state.json", state_file),
+        ("the logs", b.all_logs()),
+        ("hcloud-nixos status", b.status()),
+        ("fleet status", group.fleet_cli(0, &["status"]).all()),
+        (
+            "config check",
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&check.stdout),
+                String::from_utf8_lossy(&check.stderr)
+            ),
+        ),
+    ];
+    for (what, text) in outputs {
+        assert!(!text.contains(SECRET), "{what} shows the password:\n{text}");
+    }
+}

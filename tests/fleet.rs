@@ -784,3 +784,68 @@ fn fleetlock_standin_enforces_the_protocol_header() {
     assert_eq!(server.protocol_errors(), 1);
     assert!(server.holders("web").is_empty());
 }
+
+// ---- credentials in URLs -------------------------------------------------------------------
+
+const SECRET: &str = "s3cret-Pa55";
+
+/// `http://user:SECRET@host:port` for a server at `url`.
+fn with_credentials(url: &str, user: &str) -> String {
+    url.replacen("://", &format!("://{user}:{SECRET}@"), 1)
+}
+
+#[test]
+fn credentials_in_urls_never_reach_an_error_or_debug_output() {
+    let mut server = fleetlock::FleetLockStandin::start(1);
+    let url = with_credentials(&server.url(), "agent");
+    server.stop();
+    let fleetlock = fleet_config("fleetlock", &url, "web", 1);
+    let etcd = fleet_config(
+        "etcd",
+        &with_credentials("http://127.0.0.1:9", "root"),
+        "web",
+        1,
+    );
+    runtime().block_on(async {
+        for cfg in [&fleetlock, &etcd] {
+            let c = coordinator(cfg, "a");
+            let debug = format!("{c:?} {:?}", cfg.resolve().unwrap());
+            assert!(!debug.contains(SECRET), "{debug}");
+            let e = c.acquire(deploy("1")).await.unwrap_err();
+            assert!(e.unreachable(), "{e}");
+            assert!(!e.message.contains(SECRET), "{e}");
+            assert!(
+                e.message.contains("127.0.0.1:"),
+                "the error names no server: {e}"
+            );
+            let e = c.release_own(Ending::Done).await.unwrap_err();
+            assert!(!e.message.contains(SECRET), "{e}");
+        }
+    });
+}
+
+#[test]
+fn fleetlock_credentials_in_the_url_are_sent_as_basic_auth() {
+    let server = fleetlock::FleetLockStandin::start(1);
+    server.require_basic_auth("agent", SECRET);
+    let good = fleet_config(
+        "fleetlock",
+        &with_credentials(&server.url(), "agent"),
+        "web",
+        1,
+    );
+    let bad = fleet_config("fleetlock", &server.url(), "web", 1);
+    runtime().block_on(async {
+        let c = coordinator(&good, "a");
+        let g = wait_granted(&c, deploy("1"), Duration::from_secs(5)).await;
+        c.release(g, Ending::Done).await.unwrap();
+        let anonymous = coordinator(&bad, "b");
+        match anonymous.acquire(deploy("1")).await.unwrap() {
+            w @ Acquired::Waiting { .. } => {
+                assert!(w.status_line().contains("401"), "{}", w.status_line())
+            }
+            other => panic!("granted without credentials: {other:?}"),
+        }
+    });
+    assert!(server.holders("web").is_empty());
+}

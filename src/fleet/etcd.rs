@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity,
-    PutOptions, TlsOptions, Txn, TxnOp,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
 };
-use serde::{Deserialize, Serialize};
 
+use super::records::{self, CanaryRecord, Confirmation, json};
 use super::{
     Acquired, Backend, Error, ErrorKind, Fleet, FleetStatus, GuardInner, Holder, Member, Pause,
     Purpose, SlotGuard,
@@ -25,21 +25,6 @@ const OP_TIMEOUT: Duration = Duration::from_secs(5);
 const CONFIRMED_KEEP: usize = 20;
 /// Takes tried in one acquire when others win the race for the same free slot.
 const ATTEMPTS: u32 = 5;
-
-/// What `canaries/<id>` holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct CanaryRecord {
-    host: String,
-    since: String,
-}
-
-/// What `confirmed/<release>` holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Confirmation {
-    by: String,
-    host: String,
-    at: String,
-}
 
 /// The etcd side of a [`SlotGuard`]: the slot's key, its lease, and the task keeping it alive.
 #[derive(Debug)]
@@ -76,7 +61,10 @@ struct GroupView {
 pub struct EtcdCoordinator {
     fleet: Fleet,
     me: Member,
+    /// The endpoints to connect to, without credentials.
     endpoints: Vec<String>,
+    /// The endpoints as messages show them (credentials redacted).
+    shown: String,
     options: ConnectOptions,
     client: tokio::sync::Mutex<Option<Client>>,
     /// `<prefix>/<group>/`
@@ -90,7 +78,7 @@ impl std::fmt::Debug for EtcdCoordinator {
         f.debug_struct("EtcdCoordinator")
             .field("group", &self.fleet.group)
             .field("me", &self.me)
-            .field("endpoints", &self.endpoints)
+            .field("endpoints", &self.shown)
             .finish_non_exhaustive()
     }
 }
@@ -105,7 +93,7 @@ fn read_pem(key: &str, path: &std::path::Path) -> Result<Vec<u8>, Error> {
 }
 
 /// etcd-client's error on one line, sorted into unreachable or refused.
-fn classify(what: &str, endpoints: &[String], e: etcd_client::Error) -> Error {
+fn classify(what: &str, eps: &str, e: etcd_client::Error) -> Error {
     use etcd_client::Error as E;
     let unreachable = match &e {
         E::TransportError(_) | E::IoError(_) | E::LeaseKeepAliveError(_) => true,
@@ -138,7 +126,6 @@ fn classify(what: &str, endpoints: &[String], e: etcd_client::Error) -> Error {
         text.push_str(": ");
         text.push_str(&last);
     }
-    let eps = endpoints.join(", ");
     if unreachable {
         Error::new(
             ErrorKind::Unreachable,
@@ -177,11 +164,27 @@ impl EtcdCoordinator {
             }
             options = options.with_tls(tls);
         }
+        // Credentials in the endpoints (the same on each) are etcd's user authentication.
+        if let Some((user, password)) = settings.endpoints.iter().find_map(|e| e.credentials()) {
+            options = options
+                .with_user(user, password)
+                .with_auto_token_refresh(true);
+        }
         Ok(EtcdCoordinator {
             base: format!("{}/{}/", settings.prefix, fleet.group),
             fleet: fleet.clone(),
             me,
-            endpoints: settings.endpoints.clone(),
+            endpoints: settings
+                .endpoints
+                .iter()
+                .map(|e| e.without_credentials())
+                .collect(),
+            shown: settings
+                .endpoints
+                .iter()
+                .map(|e| e.shown())
+                .collect::<Vec<_>>()
+                .join(", "),
             options,
             client: tokio::sync::Mutex::new(None),
             lease_ttl: settings.lease_ttl,
@@ -196,10 +199,7 @@ impl EtcdCoordinator {
     fn unreachable(&self, what: &str, why: &str) -> Error {
         Error::new(
             ErrorKind::Unreachable,
-            format!(
-                "etcd unreachable ({}) while {what}: {why}",
-                self.endpoints.join(", ")
-            ),
+            format!("etcd unreachable ({}) while {what}: {why}", self.shown),
         )
     }
 
@@ -211,7 +211,7 @@ impl EtcdCoordinator {
         let connect = Client::connect(&self.endpoints, Some(self.options.clone()));
         let client = match tokio::time::timeout(OP_TIMEOUT, connect).await {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(classify("connecting", &self.endpoints, e)),
+            Ok(Err(e)) => return Err(classify("connecting", &self.shown, e)),
             Err(_) => return Err(self.unreachable("connecting", "timed out")),
         };
         *slot = Some(client.clone());
@@ -225,7 +225,7 @@ impl EtcdCoordinator {
     {
         match tokio::time::timeout(OP_TIMEOUT, fut).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(classify(what, &self.endpoints, e)),
+            Ok(Err(e)) => Err(classify(what, &self.shown, e)),
             Err(_) => Err(self.unreachable(what, "timed out")),
         }
     }
@@ -238,42 +238,66 @@ impl EtcdCoordinator {
         format!("{}paused/{release}", self.base)
     }
 
+    /// The group's slots, pauses, canaries and confirmations, read at one revision (the members'
+    /// records, which a large group has many of, are not read).
     async fn view(&self, what: &str) -> Result<GroupView, Error> {
         let mut c = self.client().await?;
-        let resp = self
-            .call(
-                what,
-                c.get(self.base.as_str(), Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
+        let ranges = ["slots/", "paused/", "canaries/", "confirmed/"];
+        let txn = Txn::new().and_then(
+            ranges
+                .iter()
+                .map(|r| {
+                    TxnOp::get(
+                        format!("{}{r}", self.base),
+                        Some(GetOptions::new().with_prefix()),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        );
+        let resp = self.call(what, c.txn(txn)).await?;
         let mut view = GroupView::default();
-        for kv in resp.kvs() {
-            let Ok(key) = kv.key_str() else { continue };
-            let Some(rest) = key.strip_prefix(&self.base) else {
+        for op in resp.op_responses() {
+            let TxnOpResponse::Get(got) = op else {
                 continue;
             };
-            let value = kv.value();
-            if let Some(i) = rest.strip_prefix("slots/") {
-                let (Ok(i), Ok(h)) = (i.parse::<u32>(), serde_json::from_slice::<Holder>(value))
-                else {
+            for kv in got.kvs() {
+                let Some(rest) = kv.key_str().ok().and_then(|k| k.strip_prefix(&self.base)) else {
                     continue;
                 };
-                view.slots.insert(i, (h, kv.lease()));
-            } else if rest.starts_with("paused/") {
-                if let Ok(p) = serde_json::from_slice::<Pause>(value) {
-                    view.paused.push(p);
-                }
-            } else if let Some(id) = rest.strip_prefix("canaries/") {
-                if let Ok(r) = serde_json::from_slice::<CanaryRecord>(value) {
-                    view.canaries.push((id.to_string(), r));
-                }
-            } else if let Some(release) = rest.strip_prefix("confirmed/") {
-                view.confirmed
-                    .push((release.to_string(), kv.create_revision()));
+                self.add_to_view(&mut view, rest, kv);
             }
         }
         view.confirmed.sort_by_key(|(_, rev)| *rev);
         Ok(view)
+    }
+
+    /// One key of the group (`rest`: its name under the group) into the view; a record that
+    /// cannot be read is left out, with a note in the log.
+    fn add_to_view(&self, view: &mut GroupView, rest: &str, kv: &etcd_client::KeyValue) {
+        let value = kv.value();
+        let noted = |e: String| tracing::debug!("etcd: {e}; left out");
+        if let Some(i) = rest.strip_prefix("slots/") {
+            let Ok(i) = i.parse::<u32>() else { return };
+            match records::parse::<Holder>(&format!("slot {i}"), value) {
+                Ok(h) => {
+                    view.slots.insert(i, (h, kv.lease()));
+                }
+                Err(e) => noted(e),
+            }
+        } else if rest.starts_with("paused/") {
+            match records::parse::<Pause>("a pause", value) {
+                Ok(p) => view.paused.push(p),
+                Err(e) => noted(e),
+            }
+        } else if let Some(id) = rest.strip_prefix("canaries/") {
+            match records::parse::<CanaryRecord>("a canary", value) {
+                Ok(r) => view.canaries.push((records::one_line(id), r)),
+                Err(e) => noted(e),
+            }
+        } else if let Some(release) = rest.strip_prefix("confirmed/") {
+            view.confirmed
+                .push((records::one_line(release), kv.create_revision()));
+        }
     }
 
     fn guard(
@@ -676,11 +700,4 @@ async fn keep_alive(mut client: Client, lease: i64, ttl: Duration, lost: Arc<Ato
         tracing::debug!(lease, "cannot refresh the fleet slot's lease; trying again");
         tokio::time::sleep(Duration::from_secs(1).min(every)).await;
     }
-}
-
-/// A record as etcd keeps it: JSON. Our records are plain structs of strings and numbers, which
-/// serde_json always renders; were one ever to fail, an empty value is written and reads back as
-/// a record that cannot be parsed, which every reader already treats as absent.
-fn json(value: &impl Serialize) -> Vec<u8> {
-    serde_json::to_vec(value).unwrap_or_default()
 }

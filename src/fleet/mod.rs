@@ -11,6 +11,8 @@
 mod config;
 mod etcd;
 mod fleetlock;
+mod records;
+mod url;
 
 #[cfg(test)]
 mod tests;
@@ -25,6 +27,8 @@ pub use config::{
 };
 pub use etcd::EtcdCoordinator;
 pub use fleetlock::FleetLockCoordinator;
+pub use records::{Desired, HeldSlot, Holder, LastDeploy, MemberRecord, Pause, Purpose};
+pub use url::ServerUrl;
 
 /// This server, as the fleet knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,32 +37,6 @@ pub struct Member {
     pub id: String,
     /// The hostname, for people reading the status.
     pub host: String,
-}
-
-/// What a slot is taken for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum Purpose {
-    Deploy { release: String },
-    Reboot,
-}
-
-impl Purpose {
-    pub fn release(&self) -> Option<&str> {
-        match self {
-            Purpose::Deploy { release } => Some(release),
-            Purpose::Reboot => None,
-        }
-    }
-}
-
-impl fmt::Display for Purpose {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Purpose::Deploy { release } => write!(f, "deploy {release}"),
-            Purpose::Reboot => f.write_str("reboot"),
-        }
-    }
 }
 
 /// How the work a slot was taken for ended. Serialisable, so that the agent can keep one in its
@@ -73,46 +51,6 @@ pub enum Ending {
     Failed { release: String, reason: String },
     /// Anything else: a reboot done and confirmed, a deploy that turned out not to be needed.
     Done,
-}
-
-/// A release the group does not start until an operator clears it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Pause {
-    pub release: String,
-    /// The instance id of the server it failed on.
-    pub by: String,
-    /// Its hostname.
-    #[serde(default)]
-    pub host: String,
-    pub reason: String,
-    /// RFC 3339.
-    pub at: String,
-}
-
-/// A server holding one of the group's slots.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Holder {
-    /// The slot's index (etcd); absent where the backend does not number slots.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub slot: Option<u32>,
-    pub id: String,
-    pub host: String,
-    pub purpose: Purpose,
-    /// RFC 3339.
-    pub since: String,
-    #[serde(default)]
-    pub canary: bool,
-}
-
-impl Holder {
-    /// The name shown to people: the hostname, else the id.
-    pub fn name(&self) -> &str {
-        if self.host.is_empty() {
-            &self.id
-        } else {
-            &self.host
-        }
-    }
 }
 
 /// The answer to [`Coordinator::acquire`].
@@ -190,7 +128,7 @@ impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Error {
             kind,
-            message: message.into().replace('\n', " "),
+            message: records::one_line(&message.into()),
         }
     }
 
