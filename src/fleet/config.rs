@@ -114,6 +114,18 @@ pub fn from_user_data(value: &serde_json::Value) -> Result<FleetConfig, Vec<Stri
     serde_json::from_value(value.clone()).map_err(|e| vec![e.to_string()])
 }
 
+/// A group name as `--group` gives it: `Err` with one line when it is none.
+pub fn check_group(group: &str) -> Result<(), String> {
+    if group_ok(group) {
+        Ok(())
+    } else {
+        Err(format!(
+            "--group: {} is not a group name (letters, digits, '-', '_', '.'; at most 63)",
+            crate::agent::config::raw::shown(group)
+        ))
+    }
+}
+
 fn group_ok(group: &str) -> bool {
     !group.is_empty()
         && group.len() <= 63

@@ -8,19 +8,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity,
-    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
 
-use super::records::{self, CanaryRecord, Confirmation, json};
+use super::records::{self, CanaryRecord, Confirmation, HeldSlot, json};
 use super::{
     Acquired, Backend, Error, ErrorKind, Fleet, FleetStatus, GuardInner, Holder, Member, Pause,
     Purpose, SlotGuard,
 };
+use super::conn::{Conn, OP_TIMEOUT};
+use super::group;
 use crate::plumbing::retry::Backoff;
 
-/// How long one request may take before etcd counts as unreachable.
-const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Confirmed releases remembered per group.
 const CONFIRMED_KEEP: usize = 20;
 /// Takes tried in one acquire when others win the race for the same free slot.
@@ -59,16 +58,15 @@ struct GroupView {
 }
 
 pub struct EtcdCoordinator {
-    fleet: Fleet,
-    me: Member,
-    /// The endpoints to connect to, without credentials.
-    endpoints: Vec<String>,
-    /// The endpoints as messages show them (credentials redacted).
-    shown: String,
-    options: ConnectOptions,
-    client: tokio::sync::Mutex<Option<Client>>,
+    pub(super) fleet: Fleet,
+    pub(super) me: Member,
+    pub(super) conn: Arc<Conn>,
+    /// The group's poller, desired release and this member's record (see [`group`]).
+    pub(super) group: group::Group,
+    /// The group's desired release as this member last checked it against FlakeHub.
+    pub(super) checked: super::follow::Checked,
     /// `<prefix>/<group>/`
-    base: String,
+    pub(super) base: String,
     lease_ttl: Duration,
     reboot_ttl: Duration,
 }
@@ -78,64 +76,8 @@ impl std::fmt::Debug for EtcdCoordinator {
         f.debug_struct("EtcdCoordinator")
             .field("group", &self.fleet.group)
             .field("me", &self.me)
-            .field("endpoints", &self.shown)
+            .field("endpoints", &self.conn.shown())
             .finish_non_exhaustive()
-    }
-}
-
-fn read_pem(key: &str, path: &std::path::Path) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|e| {
-        Error::new(
-            ErrorKind::Config,
-            format!("{key}: cannot read {}: {e}", path.display()),
-        )
-    })
-}
-
-/// etcd-client's error on one line, sorted into unreachable or refused.
-fn classify(what: &str, eps: &str, e: etcd_client::Error) -> Error {
-    use etcd_client::Error as E;
-    let unreachable = match &e {
-        E::TransportError(_) | E::IoError(_) | E::LeaseKeepAliveError(_) => true,
-        E::GRpcStatus(s) => matches!(
-            s.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::Cancelled
-                | tonic::Code::Unknown
-                | tonic::Code::Aborted
-        ),
-        _ => false,
-    };
-    let mut text = match &e {
-        E::GRpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
-        other => other.to_string(),
-    };
-    // The innermost cause says the most (a refused connection, a failed TLS handshake).
-    let mut source = match &e {
-        E::GRpcStatus(s) => std::error::Error::source(s),
-        E::TransportError(t) => std::error::Error::source(t),
-        _ => None,
-    };
-    let mut last = None;
-    while let Some(cause) = source {
-        last = Some(cause.to_string());
-        source = cause.source();
-    }
-    if let Some(last) = last.filter(|l| !text.contains(l.as_str())) {
-        text.push_str(": ");
-        text.push_str(&last);
-    }
-    if unreachable {
-        Error::new(
-            ErrorKind::Unreachable,
-            format!("etcd unreachable ({eps}) while {what}: {text}"),
-        )
-    } else {
-        Error::new(
-            ErrorKind::Refused,
-            format!("etcd ({eps}) refused {what}: {text}"),
-        )
     }
 }
 
@@ -145,48 +87,21 @@ impl EtcdCoordinator {
             .etcd
             .clone()
             .ok_or_else(|| Error::new(ErrorKind::Config, "fleet.etcd: missing for backend etcd"))?;
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(OP_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-        if settings.tls() {
-            crate::plumbing::tls::install_crypto_provider();
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &settings.ca_file {
-                tls =
-                    tls.ca_certificate(Certificate::from_pem(read_pem("fleet.etcd.ca_file", ca)?));
-            }
-            if let (Some(cert), Some(key)) = (&settings.cert_file, &settings.key_file) {
-                tls = tls.identity(Identity::from_pem(
-                    read_pem("fleet.etcd.cert_file", cert)?,
-                    read_pem("fleet.etcd.key_file", key)?,
-                ));
-            }
-            options = options.with_tls(tls);
-        }
-        // Credentials in the endpoints (the same on each) are etcd's user authentication.
-        if let Some((user, password)) = settings.endpoints.iter().find_map(|e| e.credentials()) {
-            options = options
-                .with_user(user, password)
-                .with_auto_token_refresh(true);
-        }
+        let conn = Arc::new(Conn::new(&settings)?);
+        let base = format!("{}/{}/", settings.prefix, fleet.group);
         Ok(EtcdCoordinator {
-            base: format!("{}/{}/", settings.prefix, fleet.group),
+            group: group::Group::new(
+                conn.clone(),
+                &base,
+                me.clone(),
+                settings.lease_ttl,
+                fleet.slots,
+            ),
+            checked: Default::default(),
+            base,
             fleet: fleet.clone(),
             me,
-            endpoints: settings
-                .endpoints
-                .iter()
-                .map(|e| e.without_credentials())
-                .collect(),
-            shown: settings
-                .endpoints
-                .iter()
-                .map(|e| e.shown())
-                .collect::<Vec<_>>()
-                .join(", "),
-            options,
-            client: tokio::sync::Mutex::new(None),
+            conn,
             lease_ttl: settings.lease_ttl,
             reboot_ttl: settings.reboot_ttl,
         })
@@ -196,26 +111,8 @@ impl EtcdCoordinator {
         &self.fleet
     }
 
-    fn unreachable(&self, what: &str, why: &str) -> Error {
-        Error::new(
-            ErrorKind::Unreachable,
-            format!("etcd unreachable ({}) while {what}: {why}", self.shown),
-        )
-    }
-
     async fn client(&self) -> Result<Client, Error> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = &*slot {
-            return Ok(c.clone());
-        }
-        let connect = Client::connect(&self.endpoints, Some(self.options.clone()));
-        let client = match tokio::time::timeout(OP_TIMEOUT, connect).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(classify("connecting", &self.shown, e)),
-            Err(_) => return Err(self.unreachable("connecting", "timed out")),
-        };
-        *slot = Some(client.clone());
-        Ok(client)
+        self.conn.client().await
     }
 
     /// One request under [`OP_TIMEOUT`], its error on one line.
@@ -223,11 +120,7 @@ impl EtcdCoordinator {
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
-        match tokio::time::timeout(OP_TIMEOUT, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(classify(what, &self.shown, e)),
-            Err(_) => Err(self.unreachable(what, "timed out")),
-        }
+        self.conn.call(what, fut).await
     }
 
     fn slot_key(&self, i: u32) -> String {
@@ -383,6 +276,23 @@ impl EtcdCoordinator {
     }
 
     pub async fn acquire(&self, purpose: Purpose) -> Result<Acquired, Error> {
+        let answer = self.ask_for_slot(purpose).await;
+        match &answer {
+            Ok(Acquired::Granted(g)) => {
+                self.group.set_waiting(false);
+                self.group.set_slot(Some(HeldSlot {
+                    slot: g.slot(),
+                    purpose: g.purpose().clone(),
+                }));
+            }
+            // A slot given back wakes this member (see `group`).
+            Ok(Acquired::Waiting { .. }) => self.group.set_waiting(true),
+            _ => self.group.set_waiting(false),
+        }
+        answer
+    }
+
+    async fn ask_for_slot(&self, purpose: Purpose) -> Result<Acquired, Error> {
         let what = "taking a fleet slot";
         for attempt in 1..=ATTEMPTS {
             let view = self.view(what).await?;
@@ -536,6 +446,7 @@ impl EtcdCoordinator {
         lease.task.abort();
         let result = self.drop_slot(&lease.key, lease.id).await;
         if result.is_ok() {
+            self.group.set_slot(None);
             tracing::info!(slot = ?guard.slot, group = %self.fleet.group, "gave back the fleet slot");
         }
         result
@@ -548,6 +459,7 @@ impl EtcdCoordinator {
                 self.drop_slot(&self.slot_key(i), *lease).await?;
             }
         }
+        self.group.set_slot(None);
         Ok(())
     }
 
@@ -648,7 +560,9 @@ impl EtcdCoordinator {
     }
 
     pub async fn status(&self) -> Result<FleetStatus, Error> {
-        let view = self.view("reading the fleet status").await?;
+        let what = "reading the fleet status";
+        let view = self.view(what).await?;
+        let members = self.members(what).await?;
         Ok(FleetStatus {
             backend: Backend::Etcd,
             group: self.fleet.group.clone(),
@@ -662,7 +576,27 @@ impl EtcdCoordinator {
                 .map(|(id, r)| format!("{} (id {id})", r.host))
                 .collect(),
             confirmed: view.confirmed.into_iter().map(|(r, _)| r).collect(),
+            desired: members.desired,
+            poller: members.poller,
+            members: members.members,
         })
+    }
+
+    /// Forgets a member's last record, unless it is alive.
+    pub async fn forget_member(&self, id: &str) -> Result<bool, Error> {
+        let mut c = self.client().await?;
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                format!("{}members/{id}", self.base),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::delete(format!("{}seen/{id}", self.base), None)]);
+        let resp = self.call("forgetting a member", c.txn(txn)).await?;
+        Ok(resp.succeeded()
+            && resp.op_responses().into_iter().any(
+                |r| matches!(r, TxnOpResponse::Delete(d) if d.deleted() > 0),
+            ))
     }
 }
 

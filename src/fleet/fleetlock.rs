@@ -184,6 +184,9 @@ impl FleetLockCoordinator {
             paused: Vec::new(),
             canaries: Vec::new(),
             confirmed: Vec::new(),
+            desired: None,
+            poller: None,
+            members: Vec::new(),
         }
     }
 }

@@ -170,6 +170,9 @@ pub struct MemberRecord {
     /// This member polls FlakeHub for the group.
     #[serde(default)]
     pub poller: bool,
+    /// The slots its configuration gives the group.
+    #[serde(default)]
+    pub slots: u32,
     /// When the record was written (RFC 3339).
     #[serde(default)]
     pub updated: String,

@@ -178,6 +178,9 @@ fn status_describes_holders_and_pauses() {
         paused: vec![],
         canaries: vec![],
         confirmed: vec![],
+        desired: None,
+        poller: None,
+        members: vec![],
     };
     let text = s.describe();
     assert!(
