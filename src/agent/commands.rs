@@ -114,8 +114,8 @@ pub async fn fleet_command(
             (f, id, true)
         }
     };
-    let coordinator =
-        fleet::Coordinator::new(&f, fleet::Member { id, host }).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let coordinator = fleet::Coordinator::new(&f, fleet::Member { id, host })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     fleet::run_command(&coordinator, command, slots_known)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))

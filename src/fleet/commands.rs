@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use super::records::{self, Desired};
-use super::{Backend, Coordinator, EtcdConfig, Error, ErrorKind, FleetConfig};
+use super::{Backend, Coordinator, Error, ErrorKind, EtcdConfig, FleetConfig};
 
 /// `hcloud-nixos fleet ...`: the operator's commands (add as a clap subcommand).
 #[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
@@ -54,16 +54,36 @@ pub struct FleetArgs {
     )]
     pub etcd_endpoints: Vec<String>,
     /// The key prefix the group's servers use (default /hcloud-nixos).
-    #[arg(long, global = true, env = "HCLOUD_NIXOS_ETCD_PREFIX", value_name = "PREFIX")]
+    #[arg(
+        long,
+        global = true,
+        env = "HCLOUD_NIXOS_ETCD_PREFIX",
+        value_name = "PREFIX"
+    )]
     pub etcd_prefix: Option<String>,
     /// The CA that signed etcd's certificate.
-    #[arg(long, global = true, env = "HCLOUD_NIXOS_ETCD_CA_FILE", value_name = "PATH")]
+    #[arg(
+        long,
+        global = true,
+        env = "HCLOUD_NIXOS_ETCD_CA_FILE",
+        value_name = "PATH"
+    )]
     pub etcd_ca_file: Option<PathBuf>,
     /// A client certificate for etcd (with --etcd-key-file).
-    #[arg(long, global = true, env = "HCLOUD_NIXOS_ETCD_CERT_FILE", value_name = "PATH")]
+    #[arg(
+        long,
+        global = true,
+        env = "HCLOUD_NIXOS_ETCD_CERT_FILE",
+        value_name = "PATH"
+    )]
     pub etcd_cert_file: Option<PathBuf>,
     /// The client certificate's key.
-    #[arg(long, global = true, env = "HCLOUD_NIXOS_ETCD_KEY_FILE", value_name = "PATH")]
+    #[arg(
+        long,
+        global = true,
+        env = "HCLOUD_NIXOS_ETCD_KEY_FILE",
+        value_name = "PATH"
+    )]
     pub etcd_key_file: Option<PathBuf>,
 }
 

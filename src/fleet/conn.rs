@@ -162,4 +162,3 @@ pub(crate) fn classify(what: &str, eps: &str, e: etcd_client::Error) -> Error {
         )
     }
 }
-

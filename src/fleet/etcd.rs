@@ -11,13 +11,13 @@ use etcd_client::{
     Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
 
+use super::conn::{Conn, OP_TIMEOUT};
+use super::group;
 use super::records::{self, CanaryRecord, Confirmation, HeldSlot, json};
 use super::{
     Acquired, Backend, Error, ErrorKind, Fleet, FleetStatus, GuardInner, Holder, Member, Pause,
     Purpose, SlotGuard,
 };
-use super::conn::{Conn, OP_TIMEOUT};
-use super::group;
 use crate::plumbing::retry::Backoff;
 
 /// Confirmed releases remembered per group.
@@ -594,9 +594,10 @@ impl EtcdCoordinator {
             .and_then(vec![TxnOp::delete(format!("{}seen/{id}", self.base), None)]);
         let resp = self.call("forgetting a member", c.txn(txn)).await?;
         Ok(resp.succeeded()
-            && resp.op_responses().into_iter().any(
-                |r| matches!(r, TxnOpResponse::Delete(d) if d.deleted() > 0),
-            ))
+            && resp
+                .op_responses()
+                .into_iter()
+                .any(|r| matches!(r, TxnOpResponse::Delete(d) if d.deleted() > 0)))
     }
 }
 

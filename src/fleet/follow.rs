@@ -74,7 +74,9 @@ impl EtcdCoordinator {
             return flakehub.resolve(flake, attr).await;
         }
         if view.poller {
-            return self.poll_for_group(flakehub, flake, attr, view.desired).await;
+            return self
+                .poll_for_group(flakehub, flake, attr, view.desired)
+                .await;
         }
         match view.desired {
             Some((d, _)) if d.flake.as_deref().is_none_or(|f| f == flake_name(flake)) => {
@@ -182,7 +184,10 @@ impl EtcdCoordinator {
             )));
         }
         if release.is_yanked() {
-            return Err(refuse(format!("FlakeHub has yanked it from {}", flake_name(flake))));
+            return Err(refuse(format!(
+                "FlakeHub has yanked it from {}",
+                flake_name(flake)
+            )));
         }
         if flakehub::newest_unyanked(std::slice::from_ref(&release), &flake.version).is_none() {
             return Err(refuse(format!(
@@ -223,9 +228,11 @@ impl EtcdCoordinator {
             Some(rev) => vec![Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)],
             None => vec![],
         };
-        let txn = Txn::new()
-            .when(compares)
-            .and_then(vec![TxnOp::put(key.as_str(), json(record), None::<PutOptions>)]);
+        let txn = Txn::new().when(compares).and_then(vec![TxnOp::put(
+            key.as_str(),
+            json(record),
+            None::<PutOptions>,
+        )]);
         Ok(self.conn.call(what, c.txn(txn)).await?.succeeded())
     }
 }

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, Compare, CompareOp, GetOptions, KeyValue, LeaseKeepAliveStream, LeaseKeeper,
-    PutOptions, SortOrder, SortTarget, Txn, TxnOp, WatchFilterType, WatchOptions, WatchRequestSender,
+    PutOptions, SortOrder, SortTarget, Txn, TxnOp, WatchFilterType, WatchOptions,
+    WatchRequestSender,
 };
 use tokio::sync::{Notify, watch};
 
@@ -144,13 +145,7 @@ pub(crate) struct Group {
 }
 
 impl Group {
-    pub(crate) fn new(
-        conn: Arc<Conn>,
-        base: &str,
-        me: Member,
-        ttl: Duration,
-        slots: u32,
-    ) -> Group {
+    pub(crate) fn new(conn: Arc<Conn>, base: &str, me: Member, ttl: Duration, slots: u32) -> Group {
         Group {
             shared: Arc::new(Shared {
                 conn,
@@ -255,7 +250,10 @@ async fn run(sh: Arc<Shared>) {
         } else {
             tracing::debug!("fleet group: {e}");
         }
-        let backoff = Backoff::doubling(Duration::from_millis(500), (sh.ttl / 2).max(Duration::from_secs(1)));
+        let backoff = Backoff::doubling(
+            Duration::from_millis(500),
+            (sh.ttl / 2).max(Duration::from_secs(1)),
+        );
         tokio::time::sleep(backoff.delay(failures, fastrand::f64())).await;
     }
 }
@@ -272,7 +270,10 @@ async fn session(
     keep_alive(sh, &mut keeper, &mut alive, lease).await?;
     let my_rev = campaign(sh, &mut c, lease).await?;
     let desired_key = sh.key("desired");
-    let got = sh.conn.call(what, c.get(desired_key.as_str(), None)).await?;
+    let got = sh
+        .conn
+        .call(what, c.get(desired_key.as_str(), None))
+        .await?;
     let rev = got.header().map_or(0, |h| h.revision());
     sh.set_desired(got.kvs().first());
     let (mut watcher, mut stream) = sh
@@ -418,7 +419,11 @@ async fn campaign(sh: &Shared, c: &mut Client, lease: i64) -> Result<i64, Error>
         host: sh.me.host.clone(),
     };
     let txn = Txn::new()
-        .when(vec![Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+        .when(vec![Compare::create_revision(
+            key.as_str(),
+            CompareOp::Equal,
+            0,
+        )])
         .and_then(vec![TxnOp::put(
             key.as_str(),
             json(&me),
@@ -447,7 +452,12 @@ struct Election {
 }
 
 impl Election {
-    async fn follow(&mut self, sh: &Shared, c: &mut Client, watcher: &mut WatchRequestSender) -> Result<(), Error> {
+    async fn follow(
+        &mut self,
+        sh: &Shared,
+        c: &mut Client,
+        watcher: &mut WatchRequestSender,
+    ) -> Result<(), Error> {
         let what = "following the fleet group's election of its poller";
         if let Some(id) = self.watch_id.take() {
             let _ = watcher.cancel(id).await;
@@ -457,11 +467,16 @@ impl Election {
             .with_max_create_revision(self.my_rev - 1)
             .with_sort(SortTarget::Create, SortOrder::Descend)
             .with_limit(1);
-        let got = sh.conn.call(what, c.get(sh.key("poller/"), Some(before))).await?;
+        let got = sh
+            .conn
+            .call(what, c.get(sh.key("poller/"), Some(before)))
+            .await?;
         let Some(kv) = got.kvs().first() else {
             let was = std::mem::replace(&mut sh.view().poller, true);
             if !was {
-                tracing::info!("this server is now the poller of its fleet group: it asks FlakeHub for the group");
+                tracing::info!(
+                    "this server is now the poller of its fleet group: it asks FlakeHub for the group"
+                );
                 sh.touch();
                 sh.news.notify_one();
             }
@@ -471,8 +486,12 @@ impl Election {
         let rev = got.header().map_or(0, |h| h.revision());
         let id = self.next_id;
         self.next_id += 1;
-        let options = WatchOptions::new().with_start_revision(rev).with_watch_id(id);
-        sh.conn.call(what, watcher.watch(kv.key(), Some(options))).await?;
+        let options = WatchOptions::new()
+            .with_start_revision(rev)
+            .with_watch_id(id);
+        sh.conn
+            .call(what, watcher.watch(kv.key(), Some(options)))
+            .await?;
         self.watch_id = Some(id);
         Ok(())
     }
@@ -531,7 +550,10 @@ async fn write_record(
         TxnOp::put(sh.key(&format!("seen/{}", sh.me.id)), value, None),
     ]);
     sh.conn
-        .call("writing this server's record in its fleet group", c.txn(txn))
+        .call(
+            "writing this server's record in its fleet group",
+            c.txn(txn),
+        )
         .await?;
     *written = Some(record);
     Ok(())

@@ -12,13 +12,15 @@ mod commands;
 mod config;
 mod conn;
 mod etcd;
+mod fleetlock;
 mod follow;
 mod group;
-mod fleetlock;
 mod records;
 mod status;
 mod url;
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;
 
@@ -26,17 +28,17 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use commands::{FleetArgs, FleetCommand, run_command};
 pub use config::{
     Backend, EtcdConfig, EtcdSettings, Fleet, FleetConfig, FleetLockConfig, FleetLockSettings,
     check_group, from_user_data,
 };
 pub use etcd::EtcdCoordinator;
 pub use fleetlock::FleetLockCoordinator;
-pub use commands::{FleetArgs, FleetCommand, run_command};
 pub use follow::resolve;
-pub use status::{FleetStatus, MemberStatus};
-pub(crate) use status::member_record;
 pub use records::{Desired, HeldSlot, Holder, LastDeploy, MemberRecord, Pause, Purpose};
+pub(crate) use status::member_record;
+pub use status::{FleetStatus, MemberStatus};
 pub use url::ServerUrl;
 
 /// This server, as the fleet knows it.

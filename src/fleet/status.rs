@@ -59,7 +59,13 @@ impl MemberStatus {
             let phase = d.rsplit(' ').next().unwrap_or("");
             return format!("deploying ({phase})");
         }
-        if matches!(r.slot, Some(HeldSlot { purpose: super::Purpose::Reboot, .. })) {
+        if matches!(
+            r.slot,
+            Some(HeldSlot {
+                purpose: super::Purpose::Reboot,
+                ..
+            })
+        ) {
             return "rebooting".into();
         }
         let s = r.status.as_str();
@@ -173,10 +179,20 @@ impl FleetStatus {
             self.members.len(),
             self.members.len() - alive
         );
-        let mut rows = vec![[
-            "SERVER", "ID", "RUNNING", "DESIRED", "STATE", "SLOT", "LAST DEPLOY", "SINCE", "STATUS",
-        ]
-        .map(str::to_string)];
+        let mut rows = vec![
+            [
+                "SERVER",
+                "ID",
+                "RUNNING",
+                "DESIRED",
+                "STATE",
+                "SLOT",
+                "LAST DEPLOY",
+                "SINCE",
+                "STATUS",
+            ]
+            .map(str::to_string),
+        ];
         for m in &self.members {
             rows.push(row(m));
         }
@@ -201,11 +217,18 @@ fn row(m: &MemberStatus) -> [String; 9] {
     } else {
         (
             r.updated.clone(),
-            format!("silent since {} (its lease expired); last: {}", r.updated, r.status),
+            format!(
+                "silent since {} (its lease expired); last: {}",
+                r.updated, r.status
+            ),
         )
     };
     [
-        if r.host.is_empty() { r.id.clone() } else { r.host.clone() },
+        if r.host.is_empty() {
+            r.id.clone()
+        } else {
+            r.host.clone()
+        },
         r.id.clone(),
         r.running.as_deref().map_or_else(dash, short),
         r.desired.as_deref().map_or_else(dash, short),
@@ -266,7 +289,8 @@ pub(crate) fn member_record(state: &State) -> MemberRecord {
 
 /// A record read, or `None` with a note in the log.
 fn noted<T>(read: Result<T, String>) -> Option<T> {
-    read.map_err(|e| tracing::debug!("etcd: {e}; left out")).ok()
+    read.map_err(|e| tracing::debug!("etcd: {e}; left out"))
+        .ok()
 }
 
 /// What etcd holds about the group's members.
@@ -292,7 +316,10 @@ impl EtcdCoordinator {
                         .with_limit(1),
                 ),
             ),
-            TxnOp::get(key("members/"), Some(GetOptions::new().with_prefix().with_keys_only())),
+            TxnOp::get(
+                key("members/"),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            ),
             TxnOp::get(key("seen/"), Some(GetOptions::new().with_prefix())),
         ]);
         let resp = self.conn.call(what, c.txn(txn)).await?;
@@ -325,15 +352,15 @@ impl EtcdCoordinator {
             .kvs()
             .iter()
             .filter_map(|kv| {
-                let record =
-                    noted(records::parse::<MemberRecord>("a member's record", kv.value()))?;
+                let record = noted(records::parse::<MemberRecord>(
+                    "a member's record",
+                    kv.value(),
+                ))?;
                 let alive = alive.contains(&record.id);
                 Some(MemberStatus { record, alive })
             })
             .collect();
-        members.sort_by(|a, b| {
-            (&a.record.host, &a.record.id).cmp(&(&b.record.host, &b.record.id))
-        });
+        members.sort_by(|a, b| (&a.record.host, &a.record.id).cmp(&(&b.record.host, &b.record.id)));
         Ok(Members {
             desired,
             poller,
