@@ -1377,3 +1377,44 @@ fn etcd_unreachable_members_poll_flakehub_themselves_and_keep_the_slot_rules() {
         a.release(g, Ending::Done).await.unwrap();
     });
 }
+
+#[test]
+fn etcd_credentials_in_the_endpoints_authenticate_and_are_never_shown() {
+    let Some(etcd) = etcd::Etcd::start("etcd_credentials") else {
+        return;
+    };
+    runtime().block_on(async {
+        use etcd_client::Permission;
+        let mut root = etcd_client::Client::connect([etcd.url()], None).await.unwrap();
+        root.role_add("root").await.unwrap();
+        root.user_add("root", "root-pw", None).await.unwrap();
+        root.user_grant_role("root", "root").await.unwrap();
+        root.role_add("fleet").await.unwrap();
+        root.role_grant_permission("fleet", Permission::read_write("/test/").with_prefix())
+            .await
+            .unwrap();
+        root.user_add("agent", SECRET, None).await.unwrap();
+        root.user_grant_role("agent", "fleet").await.unwrap();
+        root.auth_enable().await.unwrap();
+    });
+    let good = fleet_config("etcd", &with_credentials(&etcd.url(), "agent"), "web", 1);
+    let anonymous = fleet_config("etcd", &etcd.url(), "web", 1);
+    let wrong = fleet_config(
+        "etcd",
+        &etcd.url().replacen("://", "://agent:wrong-pw@", 1),
+        "web",
+        1,
+    );
+    runtime().block_on(async {
+        let c = coordinator(&good, "a");
+        let g = wait_granted(&c, deploy("1"), Duration::from_secs(5)).await;
+        assert_eq!(c.status().await.unwrap().holders.len(), 1);
+        c.release(g, Ending::Done).await.unwrap();
+        for (cfg, password) in [(&anonymous, SECRET), (&wrong, "wrong-pw")] {
+            let e = coordinator(cfg, "b").acquire(deploy("1")).await.unwrap_err();
+            println!("{e}");
+            assert!(!e.unreachable(), "{e}");
+            assert!(!e.message.contains(password), "{e}");
+        }
+    });
+}

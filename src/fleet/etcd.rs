@@ -276,6 +276,9 @@ impl EtcdCoordinator {
     }
 
     pub async fn acquire(&self, purpose: Purpose) -> Result<Acquired, Error> {
+        // A slot given back from now on wakes this member (see `group`), also one given back
+        // while it asks: it is told to wait only after etcd was read.
+        self.group.set_waiting(true);
         let answer = self.ask_for_slot(purpose).await;
         match &answer {
             Ok(Acquired::Granted(g)) => {
@@ -285,8 +288,7 @@ impl EtcdCoordinator {
                     purpose: g.purpose().clone(),
                 }));
             }
-            // A slot given back wakes this member (see `group`).
-            Ok(Acquired::Waiting { .. }) => self.group.set_waiting(true),
+            Ok(Acquired::Waiting { .. }) => {}
             _ => self.group.set_waiting(false),
         }
         answer

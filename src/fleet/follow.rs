@@ -69,6 +69,8 @@ impl EtcdCoordinator {
         attr: &str,
     ) -> Result<Resolved, flakehub::Error> {
         self.group.start();
+        // A new cycle: until it asks for a slot again, a freed one is no news for it.
+        self.group.set_waiting(false);
         let view = self.group.view();
         if !view.live() {
             return flakehub.resolve(flake, attr).await;
