@@ -110,10 +110,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Slots, holders and paused releases of this server's fleet group; resume a paused release.
+    /// This server's fleet group (or another, on etcd endpoints from the environment): its
+    /// members and slots, announcing a release from CI, resuming a paused release.
     Fleet {
         #[command(flatten)]
         config: GlobalConfigArg,
+        #[command(flatten)]
+        fleet: hcloud_nixos::fleet::FleetArgs,
         #[command(subcommand)]
         command: hcloud_nixos::fleet::FleetCommand,
     },
@@ -299,10 +302,14 @@ async fn run(command: Command) -> Result<Done> {
             );
             Ok(Done::Ok)
         }
-        Command::Fleet { config, command } => {
+        Command::Fleet {
+            config,
+            fleet,
+            command,
+        } => {
             println!(
                 "{}",
-                commands::fleet_command(&config.config, &command)
+                commands::fleet_command(&config.config, &fleet, &command)
                     .await?
                     .trim_end()
             );

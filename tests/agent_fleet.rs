@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use harness::agent::{ATTR, Agent, Bench, FLAKE, Kind, ORG, Options, Run};
 use harness::etcd::Etcd;
-use harness::flakehub;
+use harness::flakehub::{self, Endpoint};
 use harness::fleetlock::FleetLockStandin;
 
 /// How long every release's activation (`switch-to-configuration switch`) takes.
@@ -108,9 +108,34 @@ impl Group {
         self.agents[i] = Some(self.servers[i].start_agent());
     }
 
+    /// Starts web-1 first and waits until it is the group's poller (etcd: the one that asks
+    /// FlakeHub for the group), then the others.
+    fn start_with_web1_polling(&mut self) {
+        self.start(0);
+        let deadline = Instant::now() + secs(20);
+        loop {
+            let run = self.fleet_cli(0, &["status"]);
+            if status(&self.servers[0]).starts_with("up to date")
+                && run.stdout.contains("poller: web-1 (id 1001)")
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "web-1 did not become the poller: {}\n{}",
+                run.all(),
+                self.report()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.start_all();
+    }
+
     fn start_all(&mut self) {
         for i in 0..self.servers.len() {
-            self.start(i);
+            if self.agents[i].is_none() {
+                self.start(i);
+            }
         }
         self.wait(
             secs(20),
@@ -127,6 +152,20 @@ impl Group {
         let path = b.system(&format!("r{n}"), kind);
         b.flakehub.publish(ORG, FLAKE, &version, ATTR, &path);
         (version, path)
+    }
+
+    /// Publishes release `0.1.<n>` to every server (see [`Group::publish_to`]), web-1 last:
+    /// web-1, the group's poller when it started first, finds it only once every server's
+    /// FlakeHub serves it, as the one FlakeHub of a real fleet would. Returns (version, paths).
+    fn publish_everywhere(&self, test: &str, n: u64, kind: Kind) -> (String, Vec<String>) {
+        let mut paths = vec![String::new(); self.servers.len()];
+        let mut version = String::new();
+        for i in (0..self.servers.len()).rev() {
+            let (v, p) = self.publish_to(i, test, n, kind);
+            version = v;
+            paths[i] = p;
+        }
+        (version, paths)
     }
 
     /// Waits until `cond` holds on every server.
@@ -284,9 +323,7 @@ fn one_after_another(group: &Group, servers: &[usize], n: u64) -> Vec<(usize, f6
 /// for the holder's index). Checks `hcloud-nixos status` of a waiting server once too.
 fn all_deploy_one_at_a_time(group: &Group, test: &str, waiting: impl Fn(usize) -> String) {
     let n = group.servers.len();
-    let paths: Vec<String> = (0..n)
-        .map(|i| group.publish_to(i, test, 1, Kind::Slow(ACTIVATION)).1)
-        .collect();
+    let (_, paths) = group.publish_everywhere(test, 1, Kind::Slow(ACTIVATION));
     let mut seen = Seen::default();
     let mut cli_checked = false;
     watch_deploys(group, &paths, secs(45), &mut seen, |g, _| {
@@ -382,9 +419,7 @@ fn a_killed_holders_slot_is_freed_when_its_lease_expires() {
     };
     let mut group = group!(Group::new(test, 2, &etcd_fleet(&etcd, test), |_, _| ()));
     group.start_all();
-    let paths: Vec<String> = (0..2)
-        .map(|i| group.publish_to(i, test, 1, Kind::Slow(ACTIVATION)).1)
-        .collect();
+    let (_, paths) = group.publish_everywhere(test, 1, Kind::Slow(ACTIVATION));
     // Whoever takes the slot first is killed in its activation.
     let deadline = Instant::now() + secs(20);
     let holder = loop {
@@ -466,7 +501,9 @@ fn a_release_that_fails_on_one_server_pauses_the_group_until_resumed() {
         return;
     };
     let mut group = group!(Group::new(test, 3, &etcd_fleet(&etcd, test), |_, _| ()));
-    group.start_all();
+    // web-1 asks FlakeHub for the group: the release published on its FlakeHub (only) becomes
+    // the group's desired release, and the others cannot find it on theirs yet.
+    group.start_with_web1_polling();
     let base: Vec<String> = group.servers.iter().map(Bench::current_system).collect();
     // web-1's build of the release fails in its activation (and is rolled back); the others'
     // would work.
@@ -476,6 +513,24 @@ fn a_release_that_fails_on_one_server_pauses_the_group_until_resumed() {
         web1.activations().iter().any(|a| a == "base switch") && status(web1).contains(&v1)
     });
     let paused = format!("fleet paused for release {v1}: it failed on web-1 (");
+    // Meanwhile the others saw the group's release and could not find it on their FlakeHub: a
+    // release FlakeHub does not serve is not applied, and their status says why.
+    let unserved = format!(
+        "check failed: the fleet group's desired release {v1} (from poller web-1 (id 1001) at "
+    );
+    group.wait(
+        secs(20),
+        "web-2 and web-3 refusing a release their FlakeHub does not serve",
+        |b| b.root == web1.root || status(b).starts_with(&unserved),
+    );
+    for b in &group.servers[1..] {
+        assert!(
+            status(b).contains("is not applied: FlakeHub has no release of acme/infra matching '="),
+            "{}",
+            status(b)
+        );
+        assert!(b.activations().is_empty(), "{}", group.report());
+    }
     let paths: Vec<String> = (1..3)
         .map(|i| group.publish_to(i, test, 1, Kind::Slow(ACTIVATION)).1)
         .collect();
@@ -545,12 +600,7 @@ fn servers_waiting_for_the_slot_of_a_failing_release_are_paused_not_started() {
     let mut group = group!(Group::new(test, 3, &etcd_fleet(&etcd, test), |_, _| ()));
     group.start_all();
     let base: Vec<String> = group.servers.iter().map(Bench::current_system).collect();
-    let mut version = String::new();
-    for i in 0..3 {
-        version = group
-            .publish_to(i, test, 1, Kind::SlowThenFails(ACTIVATION))
-            .0;
-    }
+    let (version, _) = group.publish_everywhere(test, 1, Kind::SlowThenFails(ACTIVATION));
     let mut seen = Seen::default();
     let deadline = Instant::now() + secs(30);
     let holder = loop {
@@ -631,10 +681,27 @@ fn while_etcd_is_down_nobody_deploys_and_afterwards_nobody_holds_a_stale_slot() 
         return;
     };
     let mut group = group!(Group::new(test, 3, &etcd_fleet(&etcd, test), |_, _| ()));
-    group.start_all();
-    let paths: Vec<String> = (0..3)
-        .map(|i| group.publish_to(i, test, 1, Kind::Slow(ACTIVATION)).1)
-        .collect();
+    group.start_with_web1_polling();
+    // Idle, only the group's poller asks FlakeHub (every second here); the others wait for news.
+    let asked = |g: &Group| -> Vec<usize> {
+        g.servers
+            .iter()
+            .map(|b| b.flakehub.requests(Endpoint::Version))
+            .collect()
+    };
+    // (Each follower checks the group's release once, at its first cycle with etcd in view.)
+    std::thread::sleep(secs(2));
+    for b in &group.servers {
+        b.flakehub.reset_counts();
+    }
+    std::thread::sleep(secs(3));
+    let idle = asked(&group);
+    assert_eq!(
+        idle.iter().filter(|&&n| n > 0).count(),
+        1,
+        "idle, more than the poller asked FlakeHub: {idle:?}"
+    );
+    let (_, paths) = group.publish_everywhere(test, 1, Kind::Slow(ACTIVATION));
     // etcd goes away while the first server activates the release.
     let deadline = Instant::now() + secs(20);
     let holder = loop {
@@ -649,6 +716,7 @@ fn while_etcd_is_down_nobody_deploys_and_afterwards_nobody_holds_a_stale_slot() 
         std::thread::sleep(Duration::from_millis(20));
     };
     etcd.stop();
+    let before = asked(&group);
     let mut seen = Seen::default();
     let quiet_until = Instant::now() + secs(ACTIVATION + 3);
     while Instant::now() < quiet_until {
@@ -668,6 +736,15 @@ fn while_etcd_is_down_nobody_deploys_and_afterwards_nobody_holds_a_stale_slot() 
             "web-{} never said etcd was unreachable: {:?}",
             i + 1,
             seen.0
+        );
+    }
+    // Without etcd every server asks FlakeHub itself again (and still deploys nothing).
+    let after = asked(&group);
+    for i in (0..3).filter(|&i| i != holder) {
+        assert!(
+            after[i] > before[i],
+            "web-{} did not poll FlakeHub itself while etcd was down: {before:?} -> {after:?}",
+            i + 1
         );
     }
     // The deploy under way went on without etcd.
@@ -807,4 +884,179 @@ fn fleet_status_takes_config_after_the_subcommand() {
         "{}",
         run.all()
     );
+}
+
+const SECRET: &str = "s3cret-Pa55";
+
+/// Issue 13, item 2: credentials in the FleetLock URL are sent (HTTP basic authentication), and
+/// never reach a log line, the status, the state file or a command's output, even when every
+/// request fails and the agent says so.
+#[test]
+fn fleetlock_credentials_never_reach_logs_status_or_the_state_file() {
+    let test = "fleetlock-credentials";
+    let mut standin = FleetLockStandin::start(1);
+    standin.require_basic_auth("agent", SECRET);
+    let url = standin
+        .url()
+        .replacen("://", &format!("://agent:{SECRET}@"), 1);
+    let fleet = format!(
+        "[fleet]\ngroup = \"web\"\nslots = 1\nbackend = \"fleetlock\"\npause_on_failure = false\n\
+         [fleet.fleetlock]\nurl = \"{url}\"\n"
+    );
+    let mut group = group!(Group::new(test, 1, &fleet, |_, _| ()));
+    group.start_all();
+    let (_, p1) = group.publish_to(0, test, 1, Kind::Normal);
+    let b = &group.servers[0];
+    b.wait_for(secs(20), "release 1 deployed through FleetLock", || {
+        deployed(b, &p1)
+    });
+    assert_eq!(standin.unauthorized(), 0, "the credentials were not sent");
+    standin.stop();
+    group.publish_to(0, test, 2, Kind::Normal);
+    b.wait_for(
+        secs(20),
+        "the status saying FleetLock is unreachable",
+        || status(b).contains("fleetlock unreachable"),
+    );
+    assert!(status(b).contains("127.0.0.1:"), "{}", status(b));
+    let state_file = std::fs::read_to_string(b.state_dir().join("state.json")).unwrap();
+    let check = std::process::Command::new(harness::binary())
+        .args(["config", "check"])
+        .arg(&b.config)
+        .output()
+        .unwrap();
+    let outputs = [
+        ("the status line", status(b)),
+        ("state.json", state_file),
+        ("the logs", b.all_logs()),
+        ("hcloud-nixos status", b.status()),
+        ("fleet status", group.fleet_cli(0, &["status"]).all()),
+        (
+            "config check",
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&check.stdout),
+                String::from_utf8_lossy(&check.stderr)
+            ),
+        ),
+    ];
+    for (what, text) in outputs {
+        assert!(!text.contains(SECRET), "{what} shows the password:\n{text}");
+    }
+}
+
+/// Issue 15: with a poll interval of an hour nobody would look before then; `hcloud-nixos fleet
+/// announce` (CI, right after publishing) wakes every agent of the group at once, and they deploy
+/// the release taking turns. Each checks it against its own FlakeHub first.
+#[test]
+fn an_announce_reaches_every_agent_at_once() {
+    let test = "announce";
+    let Some(etcd) = Etcd::start(test) else {
+        return;
+    };
+    let mut group = group!(Group::new(test, 3, &etcd_fleet(&etcd, test), |_, o| {
+        o.poll_interval = "1h";
+    }));
+    group.start_all();
+    let (version, paths) = group.publish_everywhere(test, 1, Kind::Slow(ACTIVATION));
+    for b in &group.servers {
+        b.flakehub.reset_counts();
+    }
+    std::thread::sleep(secs(2));
+    for (i, b) in group.servers.iter().enumerate() {
+        assert_eq!(
+            b.flakehub.total_requests(),
+            0,
+            "web-{} asked FlakeHub before the announce",
+            i + 1
+        );
+        assert!(b.activations().is_empty());
+    }
+    let t0 = Instant::now();
+    let run = group.fleet_cli(0, &["announce", &version]);
+    assert!(run.ok(), "fleet announce: {}", run.all());
+    assert!(run.stdout.contains("announced"), "{}", run.all());
+    let mut first_step = vec![None; 3];
+    while first_step.iter().any(Option::is_none) {
+        for (i, b) in group.servers.iter().enumerate() {
+            if first_step[i].is_none() && b.flakehub.requests(Endpoint::Output) > 0 {
+                first_step[i] = Some(t0.elapsed());
+            }
+        }
+        assert!(
+            t0.elapsed() < secs(10),
+            "not every agent took a step: {first_step:?}\n{}",
+            group.report()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("announce (command included) to each agent's first step: {first_step:?}");
+    let last = first_step.iter().flatten().max().copied().unwrap();
+    assert!(
+        last < secs(2),
+        "the last agent started {last:?} after the announce"
+    );
+    let mut seen = Seen::default();
+    watch_deploys(&group, &paths, secs(30), &mut seen, |_, _| ());
+    let all = t0.elapsed();
+    println!("announce to all three deployed, one at a time: {all:?}");
+    one_after_another(&group, &[0, 1, 2], 1);
+}
+
+/// Issue 15: `fleet status` shows every member of the group as its agent reported it, and one
+/// whose agent died as silent once its lease has expired.
+#[test]
+fn fleet_status_lists_every_member_and_a_silent_one() {
+    let test = "members";
+    let Some(etcd) = Etcd::start(test) else {
+        return;
+    };
+    let mut group = group!(Group::new(test, 3, &etcd_fleet(&etcd, test), |_, _| ()));
+    group.start_all();
+    let deadline = Instant::now() + secs(20);
+    let text = loop {
+        let fs = fleet_status(&group, 0);
+        if fs.contains("members: 3 (3 alive, 0 silent)") && fs.matches("up to date").count() >= 3 {
+            break fs;
+        }
+        assert!(Instant::now() < deadline, "{fs}\n{}", group.report());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!("{text}");
+    assert!(text.contains("poller: web-"), "{text}");
+    group.agents[1].as_mut().unwrap().kill9();
+    let deadline = Instant::now() + secs(10);
+    let text = loop {
+        let fs = fleet_status(&group, 0);
+        if fs.contains("members: 3 (2 alive, 1 silent)") {
+            break fs;
+        }
+        assert!(Instant::now() < deadline, "web-2 never went silent:\n{fs}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!("{text}");
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(row("web-2 ").contains("silent since"), "{text}");
+    assert!(
+        row("web-1 ").contains("up to date") && row("web-3 ").contains("up to date"),
+        "{text}"
+    );
+    let json = group.fleet_cli(0, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    let members = v["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    for m in members {
+        assert_eq!(m["alive"], m["id"] != "1002", "{m}");
+        assert!(
+            m["running"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("0.1.0")),
+            "{m}"
+        );
+    }
 }

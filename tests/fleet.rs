@@ -126,6 +126,9 @@ fn fleet_child() {
     let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set"));
     let cfg = fleet_config(&var("FLEET_BACKEND"), &var("FLEET_URL"), "web", 1);
     let c = coordinator(&cfg, &var("FLEET_ID"));
+    if mode == "member" {
+        return member_child(&c);
+    }
     let rt = runtime();
     rt.block_on(async {
         match mode.as_str() {
@@ -783,4 +786,635 @@ fn fleetlock_standin_enforces_the_protocol_header() {
     assert_eq!(status.as_u16(), 400);
     assert_eq!(server.protocol_errors(), 1);
     assert!(server.holders("web").is_empty());
+}
+
+// ---- credentials in URLs -------------------------------------------------------------------
+
+const SECRET: &str = "s3cret-Pa55";
+
+/// `http://user:SECRET@host:port` for a server at `url`.
+fn with_credentials(url: &str, user: &str) -> String {
+    url.replacen("://", &format!("://{user}:{SECRET}@"), 1)
+}
+
+#[test]
+fn credentials_in_urls_never_reach_an_error_or_debug_output() {
+    let mut server = fleetlock::FleetLockStandin::start(1);
+    let url = with_credentials(&server.url(), "agent");
+    server.stop();
+    let fleetlock = fleet_config("fleetlock", &url, "web", 1);
+    let etcd = fleet_config(
+        "etcd",
+        &with_credentials("http://127.0.0.1:9", "root"),
+        "web",
+        1,
+    );
+    runtime().block_on(async {
+        for cfg in [&fleetlock, &etcd] {
+            let c = coordinator(cfg, "a");
+            let debug = format!("{c:?} {:?}", cfg.resolve().unwrap());
+            assert!(!debug.contains(SECRET), "{debug}");
+            let e = c.acquire(deploy("1")).await.unwrap_err();
+            assert!(e.unreachable(), "{e}");
+            assert!(!e.message.contains(SECRET), "{e}");
+            assert!(
+                e.message.contains("127.0.0.1:"),
+                "the error names no server: {e}"
+            );
+            let e = c.release_own(Ending::Done).await.unwrap_err();
+            assert!(!e.message.contains(SECRET), "{e}");
+        }
+    });
+}
+
+#[test]
+fn fleetlock_credentials_in_the_url_are_sent_as_basic_auth() {
+    let server = fleetlock::FleetLockStandin::start(1);
+    server.require_basic_auth("agent", SECRET);
+    let good = fleet_config(
+        "fleetlock",
+        &with_credentials(&server.url(), "agent"),
+        "web",
+        1,
+    );
+    let bad = fleet_config("fleetlock", &server.url(), "web", 1);
+    runtime().block_on(async {
+        let c = coordinator(&good, "a");
+        let g = wait_granted(&c, deploy("1"), Duration::from_secs(5)).await;
+        c.release(g, Ending::Done).await.unwrap();
+        let anonymous = coordinator(&bad, "b");
+        match anonymous.acquire(deploy("1")).await.unwrap() {
+            w @ Acquired::Waiting { .. } => {
+                assert!(w.status_line().contains("401"), "{}", w.status_line())
+            }
+            other => panic!("granted without credentials: {other:?}"),
+        }
+    });
+    assert!(server.holders("web").is_empty());
+}
+
+// ---- the group: its poller, its desired release, its members ---------------------------------
+
+use harness::flakehub::{Endpoint, FlakeHub, rolling_version};
+use hcloud_nixos::agent::flakehub::Client as FlakeHubClient;
+use hcloud_nixos::agent::flakeref::FlakeRef;
+use hcloud_nixos::fleet::{FleetCommand, MemberRecord, run_command};
+
+const ORG: &str = "acme";
+const FLAKE: &str = "infra";
+const ATTR: &str = "nixosConfigurations.web";
+
+fn store_path(n: u64) -> String {
+    format!("/nix/store/{n:0>32}-nixos-system-web-{n}")
+}
+
+/// Publishes release `0.1.<n>` on the stand-in; returns its version.
+fn publish(hub: &FlakeHub, n: u64) -> String {
+    let version = rolling_version(n, "group");
+    hub.publish(ORG, FLAKE, &version, ATTR, &store_path(n));
+    version
+}
+
+fn reference() -> FlakeRef {
+    format!("{ORG}/{FLAKE}/0.1").parse().unwrap()
+}
+
+/// What a member's agent does, reduced to following: resolve through the group, report, and
+/// wait for the poll interval or the group's news. `seen` gets each answer (a version or an
+/// error) as it comes.
+async fn follow(
+    c: &Coordinator,
+    hub: &str,
+    poll: Duration,
+    mut seen: impl FnMut(Result<String, String>),
+) {
+    let client = FlakeHubClient::new(hub, None).unwrap();
+    let flake = reference();
+    loop {
+        let answer = hcloud_nixos::fleet::resolve(c, &client, &flake, ATTR)
+            .await
+            .map(|r| r.version)
+            .map_err(|e| e.to_string());
+        c.report(MemberRecord {
+            running: answer.as_ref().ok().cloned(),
+            status: match &answer {
+                Ok(v) => format!("up to date: {v}"),
+                Err(e) => format!("check failed: {e}"),
+            },
+            ok: answer.is_ok(),
+            ..MemberRecord::default()
+        });
+        seen(answer);
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = c.news() => {}
+        }
+    }
+}
+
+/// Waits until `cond` holds on the group's status (read through `c`), at most `limit`.
+async fn wait_status(
+    c: &Coordinator,
+    limit: Duration,
+    what: &str,
+    cond: impl Fn(&hcloud_nixos::fleet::FleetStatus) -> bool,
+) -> hcloud_nixos::fleet::FleetStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        let status = c.status().await.unwrap();
+        if cond(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not within {limit:?}: {what}\n{}",
+            status.describe()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The body of a member process (`FLEET_CHILD=member`): follows, polling FlakeHub every 200 ms
+/// when it is the poller, and prints each version it resolves.
+fn member_child(c: &Coordinator) {
+    let hub = std::env::var("FLEET_HUB").expect("FLEET_HUB");
+    runtime().block_on(follow(c, &hub, Duration::from_millis(200), |answer| {
+        println!(
+            "RESOLVED {}",
+            answer.unwrap_or_else(|e| format!("error {e}"))
+        );
+    }));
+}
+
+#[test]
+fn etcd_the_poller_is_elected_killed_and_replaced_within_the_lease_ttl() {
+    let Some(etcd) = etcd::Etcd::start("etcd_poller") else {
+        return;
+    };
+    let hub = FlakeHub::start("127.0.0.1:0").unwrap();
+    publish(&hub, 1);
+    let cfg = fleet_config("etcd", &etcd.url(), "web", 1);
+    let spawn = |id: &str| {
+        spawn_child(
+            "member",
+            "etcd",
+            &etcd.url(),
+            id,
+            &[("FLEET_HUB", hub.url().as_str())],
+        )
+    };
+    let mut first = spawn("m1");
+    let rt = runtime();
+    let observer = coordinator(&cfg, "observer");
+    rt.block_on(wait_status(
+        &observer,
+        Duration::from_secs(10),
+        "m1 the poller",
+        |s| s.poller.as_deref() == Some("web-m1 (id m1)"),
+    ));
+    let mut others = vec![spawn("m2"), spawn("m3")];
+    rt.block_on(wait_status(
+        &observer,
+        Duration::from_secs(10),
+        "three members",
+        |s| s.members.iter().filter(|m| m.alive).count() == 3,
+    ));
+    // Idle: only the poller asks FlakeHub (two requests a poll, every 200 ms).
+    hub.reset_counts();
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = hub.total_requests();
+    assert!(
+        (10..=30).contains(&idle),
+        "{idle} requests to FlakeHub in 2 s: one poller polling every 200 ms makes about 20"
+    );
+    let _ = first.kill();
+    let _ = first.wait();
+    let killed = Instant::now();
+    let status = rt.block_on(wait_status(
+        &observer,
+        Duration::from_secs(10),
+        "another poller",
+        |s| s.poller.as_deref().is_some_and(|p| p != "web-m1 (id m1)"),
+    ));
+    let after = killed.elapsed();
+    println!(
+        "the poller was replaced {after:?} after it was killed (lease TTL {TTL}): {:?}",
+        status.poller
+    );
+    assert!(
+        after <= Duration::from_secs(4),
+        "the new poller came after {after:?}"
+    );
+    // The new poller polls: a release published now reaches the others.
+    let v2 = publish(&hub, 2);
+    rt.block_on(wait_status(
+        &observer,
+        Duration::from_secs(5),
+        "the group's desired release 2",
+        |s| s.desired.as_ref().is_some_and(|d| d.version == v2),
+    ));
+    for mut o in others.drain(..) {
+        let _ = o.kill();
+        let _ = o.wait();
+    }
+}
+
+#[test]
+fn etcd_an_announce_reaches_every_member_at_once() {
+    let Some(etcd) = etcd::Etcd::start("etcd_announce") else {
+        return;
+    };
+    let hub = FlakeHub::start("127.0.0.1:0").unwrap();
+    let v1 = publish(&hub, 1);
+    let cfg = fleet_config("etcd", &etcd.url(), "web", 1);
+    let url = hub.url();
+    runtime().block_on(async {
+        let seen = std::rc::Rc::new(std::cell::RefCell::new(std::collections::HashMap::new()));
+        let local = tokio::task::LocalSet::new();
+        for i in 0..5 {
+            let c = coordinator(&cfg, &format!("a{i}"));
+            let (seen, url) = (seen.clone(), url.clone());
+            // A poll interval far longer than the test: only the group's news wakes them.
+            local.spawn_local(async move {
+                follow(&c, &url, Duration::from_secs(3600), |answer| {
+                    seen.borrow_mut().insert(i, (answer, Instant::now()));
+                })
+                .await
+            });
+        }
+        let operator = coordinator(&cfg, "operator");
+        local
+            .run_until(async {
+                let all_at = |v: &str| {
+                    let v = v.to_string();
+                    let seen = seen.clone();
+                    move || {
+                        let s = seen.borrow();
+                        s.len() == 5
+                            && s.values()
+                                .all(|(a, _): &(Result<String, String>, Instant)| {
+                                    a.as_ref() == Ok(&v)
+                                })
+                    }
+                };
+                let ready = all_at(&v1);
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !ready() {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the members never all ran {v1}: {:?}",
+                        seen.borrow()
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                // The poller has written release 1; now CI publishes release 2 and announces it.
+                wait_status(
+                    &operator,
+                    Duration::from_secs(5),
+                    "release 1 desired",
+                    |s| s.desired.as_ref().is_some_and(|d| d.version == v1),
+                )
+                .await;
+                let v2 = publish(&hub, 2);
+                hub.reset_counts();
+                let announce = FleetCommand::Announce {
+                    version: v2.clone(),
+                    flake: Some(format!("{ORG}/{FLAKE}")),
+                };
+                let t0 = Instant::now();
+                let said = run_command(&operator, &announce, true).await.unwrap();
+                assert!(said.contains("announced"), "{said}");
+                let done = all_at(&v2);
+                while !done() {
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(5),
+                        "not every member saw {v2}: {:?}",
+                        seen.borrow()
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let last = seen.borrow().values().map(|(_, at)| *at).max().unwrap();
+                let took = last.duration_since(t0);
+                println!("announce to the last of 5 members resolving it: {took:?}");
+                assert!(took < Duration::from_secs(1), "took {took:?}");
+                // Each member checked the release itself: the exact version and its output.
+                assert!(
+                    hub.requests(Endpoint::Version) >= 5,
+                    "{}",
+                    hub.requests(Endpoint::Version)
+                );
+                assert!(hub.requests(Endpoint::Output) >= 5);
+            })
+            .await;
+    });
+}
+
+#[test]
+fn etcd_a_desired_release_flakehub_does_not_serve_is_not_applied() {
+    let Some(etcd) = etcd::Etcd::start("etcd_unserved") else {
+        return;
+    };
+    let hub = FlakeHub::start("127.0.0.1:0").unwrap();
+    let v1 = publish(&hub, 1);
+    let cfg = fleet_config("etcd", &etcd.url(), "web", 1);
+    let client = FlakeHubClient::new(&hub.url(), None).unwrap();
+    let flake = reference();
+    runtime().block_on(async {
+        let poller = coordinator(&cfg, "p");
+        let follower = coordinator(&cfg, "f");
+        let operator = coordinator(&cfg, "operator");
+        // The poller first, so that it is elected; it writes release 1.
+        assert_eq!(
+            hcloud_nixos::fleet::resolve(&poller, &client, &flake, ATTR)
+                .await
+                .unwrap()
+                .version,
+            v1
+        );
+        wait_status(&operator, Duration::from_secs(10), "p the poller", |s| {
+            s.poller.as_deref() == Some("web-p (id p)")
+        })
+        .await;
+        assert_eq!(
+            hcloud_nixos::fleet::resolve(&poller, &client, &flake, ATTR)
+                .await
+                .unwrap()
+                .version,
+            v1
+        );
+        follower.report(MemberRecord::default());
+        wait_status(&operator, Duration::from_secs(10), "two members", |s| {
+            s.members.len() == 2
+        })
+        .await;
+        let cases = [
+            ("9.9.9", "FlakeHub has no release"),
+            ("0.2.0", "FlakeHub has no release"),
+        ];
+        for (version, why) in cases {
+            let bad = FleetCommand::Announce {
+                version: version.into(),
+                flake: None,
+            };
+            run_command(&operator, &bad, true).await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let e = loop {
+                match hcloud_nixos::fleet::resolve(&follower, &client, &flake, ATTR).await {
+                    Err(e) => break e.to_string(),
+                    Ok(r) => assert!(
+                        Instant::now() < deadline,
+                        "{version} was never seen: {}",
+                        r.version
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            println!("{e}");
+            assert!(
+                e.starts_with(&format!(
+                    "the fleet group's desired release {version} (from announce from "
+                )),
+                "{e}"
+            );
+            assert!(e.contains("is not applied") && e.contains(why), "{e}");
+            // The poller puts the group back on what FlakeHub serves at its next poll.
+            assert_eq!(
+                hcloud_nixos::fleet::resolve(&poller, &client, &flake, ATTR)
+                    .await
+                    .unwrap()
+                    .version,
+                v1
+            );
+            wait_status(
+                &operator,
+                Duration::from_secs(5),
+                "release 1 desired again",
+                |s| s.desired.as_ref().is_some_and(|d| d.version == v1),
+            )
+            .await;
+        }
+        // Served, but not within the follower's reference (0.1): refused too.
+        let other = rolling_version(0, "other");
+        let v = other.replace("0.1.0", "1.0.0");
+        hub.publish(ORG, FLAKE, &v, ATTR, &store_path(7));
+        run_command(
+            &operator,
+            &FleetCommand::Announce {
+                version: v.clone(),
+                flake: None,
+            },
+            true,
+        )
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let e = loop {
+            if let Err(e) = hcloud_nixos::fleet::resolve(&follower, &client, &flake, ATTR).await {
+                break e.to_string();
+            }
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            e.contains("does not match this server's reference acme/infra/0.1"),
+            "{e}"
+        );
+        // A malformed version is refused by the command.
+        let e = run_command(
+            &operator,
+            &FleetCommand::Announce {
+                version: "1.0\nX".into(),
+                flake: None,
+            },
+            true,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            !e.message.contains('\n') && e.message.contains("not an exact version"),
+            "{e}"
+        );
+    });
+}
+
+#[test]
+fn etcd_fleet_status_lists_members_and_one_silent_after_its_lease_expired() {
+    let Some(etcd) = etcd::Etcd::start("etcd_members") else {
+        return;
+    };
+    let hub = FlakeHub::start("127.0.0.1:0").unwrap();
+    let v1 = publish(&hub, 1);
+    let cfg = fleet_config("etcd", &etcd.url(), "web", 1);
+    let mut children: Vec<Child> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|id| {
+            spawn_child(
+                "member",
+                "etcd",
+                &etcd.url(),
+                id,
+                &[("FLEET_HUB", hub.url().as_str())],
+            )
+        })
+        .collect();
+    let rt = runtime();
+    let operator = coordinator(&cfg, "operator");
+    rt.block_on(wait_status(
+        &operator,
+        Duration::from_secs(10),
+        "three members up to date",
+        |s| {
+            s.members.len() == 3
+                && s.members
+                    .iter()
+                    .all(|m| m.alive && m.record.running.as_deref() == Some(v1.as_str()))
+        },
+    ));
+    let _ = children[1].kill();
+    let _ = children[1].wait();
+    let status = rt.block_on(wait_status(
+        &operator,
+        Duration::from_secs(6),
+        "s2 silent",
+        |s| s.members.iter().any(|m| m.record.id == "s2" && !m.alive),
+    ));
+    let text = status.describe();
+    println!("{text}");
+    assert!(text.contains("members: 3 (2 alive, 1 silent)"), "{text}");
+    let line = text.lines().find(|l| l.starts_with("web-s2")).unwrap();
+    assert!(line.contains("silent since"), "{line}");
+    for id in ["s1", "s3"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("web-{id}")))
+            .unwrap();
+        assert!(line.contains("up to date"), "{line}");
+    }
+    let json: serde_json::Value = serde_json::from_str(
+        &rt.block_on(run_command(
+            &operator,
+            &FleetCommand::Status { json: true },
+            true,
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let members = json["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    assert!(
+        members
+            .iter()
+            .any(|m| m["id"] == "s2" && m["alive"] == false)
+    );
+    // A server gone for good is forgotten; a live one is not.
+    assert!(rt.block_on(operator.forget_member("s2")).unwrap());
+    assert!(!rt.block_on(operator.forget_member("s1")).unwrap());
+    assert_eq!(rt.block_on(operator.status()).unwrap().members.len(), 2);
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+#[test]
+fn etcd_unreachable_members_poll_flakehub_themselves_and_keep_the_slot_rules() {
+    let Some(mut etcd) = etcd::Etcd::start("etcd_unreachable_follow") else {
+        return;
+    };
+    let hub = FlakeHub::start("127.0.0.1:0").unwrap();
+    let v1 = publish(&hub, 1);
+    let cfg = fleet_config("etcd", &etcd.url(), "web", 1);
+    let client = FlakeHubClient::new(&hub.url(), None).unwrap();
+    let flake = reference();
+    let rt = runtime();
+    let (a, b) = (coordinator(&cfg, "a"), coordinator(&cfg, "b"));
+    rt.block_on(async {
+        for c in [&a, &b] {
+            assert_eq!(
+                hcloud_nixos::fleet::resolve(c, &client, &flake, ATTR)
+                    .await
+                    .unwrap()
+                    .version,
+                v1
+            );
+        }
+        let operator = coordinator(&cfg, "operator");
+        wait_status(
+            &operator,
+            Duration::from_secs(10),
+            "a the poller, b a member",
+            |s| s.poller.is_some() && s.members.len() == 2,
+        )
+        .await;
+    });
+    etcd.stop();
+    let v2 = publish(&hub, 2);
+    rt.block_on(async {
+        // Give the members' sessions time to notice.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        hub.reset_counts();
+        for c in [&a, &b] {
+            // Each asks FlakeHub itself and learns of release 2...
+            assert_eq!(
+                hcloud_nixos::fleet::resolve(c, &client, &flake, ATTR)
+                    .await
+                    .unwrap()
+                    .version,
+                v2
+            );
+            // ...but takes no slot without etcd.
+            let e = c.acquire(deploy(&v2)).await.unwrap_err();
+            assert!(e.unreachable(), "{e}");
+        }
+        assert!(
+            hub.requests(Endpoint::Version) >= 2,
+            "the members did not ask FlakeHub themselves"
+        );
+    });
+    etcd.resume();
+    rt.block_on(async {
+        let g = wait_granted(&a, deploy(&v2), Duration::from_secs(15)).await;
+        a.release(g, Ending::Done).await.unwrap();
+    });
+}
+
+#[test]
+fn etcd_credentials_in_the_endpoints_authenticate_and_are_never_shown() {
+    let Some(etcd) = etcd::Etcd::start("etcd_credentials") else {
+        return;
+    };
+    runtime().block_on(async {
+        use etcd_client::Permission;
+        let mut root = etcd_client::Client::connect([etcd.url()], None).await.unwrap();
+        root.role_add("root").await.unwrap();
+        root.user_add("root", "root-pw", None).await.unwrap();
+        root.user_grant_role("root", "root").await.unwrap();
+        root.role_add("fleet").await.unwrap();
+        root.role_grant_permission("fleet", Permission::read_write("/test/").with_prefix())
+            .await
+            .unwrap();
+        root.user_add("agent", SECRET, None).await.unwrap();
+        root.user_grant_role("agent", "fleet").await.unwrap();
+        root.auth_enable().await.unwrap();
+    });
+    let good = fleet_config("etcd", &with_credentials(&etcd.url(), "agent"), "web", 1);
+    let anonymous = fleet_config("etcd", &etcd.url(), "web", 1);
+    let wrong = fleet_config(
+        "etcd",
+        &etcd.url().replacen("://", "://agent:wrong-pw@", 1),
+        "web",
+        1,
+    );
+    runtime().block_on(async {
+        let c = coordinator(&good, "a");
+        let g = wait_granted(&c, deploy("1"), Duration::from_secs(5)).await;
+        assert_eq!(c.status().await.unwrap().holders.len(), 1);
+        c.release(g, Ending::Done).await.unwrap();
+        for (cfg, password) in [(&anonymous, SECRET), (&wrong, "wrong-pw")] {
+            let e = coordinator(cfg, "b").acquire(deploy("1")).await.unwrap_err();
+            println!("{e}");
+            assert!(!e.unreachable(), "{e}");
+            assert!(!e.message.contains(password), "{e}");
+        }
+    });
 }

@@ -80,27 +80,46 @@ pub fn retry(config_path: &Path) -> Result<Vec<String>> {
     Ok(lifted)
 }
 
-/// `hcloud-nixos fleet ...`: the operator's view of this server's fleet group.
-pub async fn fleet_command(config_path: &Path, command: &fleet::FleetCommand) -> Result<String> {
-    let loaded = load(config_path).await?;
-    let Some(f) = &loaded.settings.fleet else {
-        bail!(
-            "this server is in no fleet: neither {} nor the user-data has a [fleet] section",
-            config_path.display()
-        );
-    };
-    let id = match loaded.instance_id {
-        Some(Ok(id)) => id,
-        Some(Err(e)) => bail!("{e}"),
-        None => bail!("this server's instance id is unknown"),
-    };
+/// `hcloud-nixos fleet ...`: this server's fleet group (its configuration and user-data), or
+/// the group `--group` names on etcd endpoints given in the environment (CI, a workstation).
+pub async fn fleet_command(
+    config_path: &Path,
+    args: &fleet::FleetArgs,
+    command: &fleet::FleetCommand,
+) -> Result<String> {
     let host = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_default();
-    let coordinator = fleet::Coordinator::new(f, fleet::Member { id, host })
+    let (f, id, slots_known) = match args.fleet() {
+        Some(f) => (
+            f.map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?,
+            "operator".to_string(),
+            false,
+        ),
+        None => {
+            let loaded = load(config_path).await?;
+            let Some(mut f) = loaded.settings.fleet.clone() else {
+                bail!(
+                    "this server is in no fleet: neither {} nor the user-data has a [fleet] section (or give --etcd-endpoints and --group)",
+                    config_path.display()
+                );
+            };
+            if let Some(group) = &args.group {
+                fleet::check_group(group).map_err(anyhow::Error::msg)?;
+                f.group = group.clone();
+            }
+            // The commands act on the group, not as this server: its id only names it.
+            let id = match loaded.instance_id {
+                Some(Ok(id)) => id,
+                _ => "operator".to_string(),
+            };
+            (f, id, true)
+        }
+    };
+    let coordinator = fleet::Coordinator::new(&f, fleet::Member { id, host })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    fleet::run_command(&coordinator, command)
+    fleet::run_command(&coordinator, command, slots_known)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
 }

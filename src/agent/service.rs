@@ -216,6 +216,7 @@ impl Service {
                 _ = &mut sleep => return Wake::Check,
                 _ = watchdog_tick(self.watchdog) => notify(&[NotifyState::Watchdog]),
                 _ = signals.usr1.recv() => { tracing::info!("check requested"); return Wake::Check }
+                _ = self.ctx.fleet_news() => { tracing::debug!("news from the fleet group; checking now"); return Wake::Check }
                 _ = signals.hup.recv() => return Wake::Reload,
                 _ = stop_signal(&mut signals.term, &mut signals.int) => return Wake::Stop,
             }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::url::{ServerUrl, redact};
 use crate::agent::config::bounds;
 
 /// Which engine coordinates the group.
@@ -76,8 +77,9 @@ pub struct Fleet {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdSettings {
-    /// URLs (`http://` or `https://`).
-    pub endpoints: Vec<String>,
+    /// URLs (`http://` or `https://`); credentials in them (`user:password@`, the same on every
+    /// endpoint) are etcd's user authentication.
+    pub endpoints: Vec<ServerUrl>,
     /// Starts with `/`, no trailing `/`.
     pub prefix: String,
     pub ca_file: Option<PathBuf>,
@@ -91,14 +93,18 @@ impl EtcdSettings {
     pub fn tls(&self) -> bool {
         self.ca_file.is_some()
             || self.cert_file.is_some()
-            || self.endpoints.iter().any(|e| e.starts_with("https://"))
+            || self
+                .endpoints
+                .iter()
+                .any(|e| e.expose().starts_with("https://"))
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FleetLockSettings {
-    /// The server's base URL, without a trailing `/`.
-    pub url: String,
+    /// The server's base URL, without a trailing `/`; credentials in it are sent as HTTP basic
+    /// authentication.
+    pub url: ServerUrl,
 }
 
 /// The `fleet` mapping of user-data, with the same keys as `[fleet]`. The problems do not name
@@ -106,6 +112,18 @@ pub struct FleetLockSettings {
 /// checked by [`FleetConfig::resolve`].
 pub fn from_user_data(value: &serde_json::Value) -> Result<FleetConfig, Vec<String>> {
     serde_json::from_value(value.clone()).map_err(|e| vec![e.to_string()])
+}
+
+/// A group name as `--group` gives it: `Err` with one line when it is none.
+pub fn check_group(group: &str) -> Result<(), String> {
+    if group_ok(group) {
+        Ok(())
+    } else {
+        Err(format!(
+            "--group: {} is not a group name (letters, digits, '-', '_', '.'; at most 63)",
+            crate::agent::config::raw::shown(group)
+        ))
+    }
 }
 
 fn group_ok(group: &str) -> bool {
@@ -238,12 +256,12 @@ impl FleetConfig {
             Some(url) if !http_url(url) => {
                 problems.push(format!(
                     "fleet.fleetlock.url: {} is not an http(s) URL",
-                    crate::agent::config::raw::shown(url)
+                    crate::agent::config::raw::shown(&redact(url))
                 ));
                 None
             }
             Some(url) => Some(FleetLockSettings {
-                url: url.trim_end_matches('/').to_string(),
+                url: ServerUrl::new(url),
             }),
         }
     }
@@ -260,7 +278,7 @@ impl EtcdConfig {
         }
         let tls_files = self.ca_file.is_some() || self.cert_file.is_some();
         for e in &endpoints {
-            let shown = crate::agent::config::raw::shown(e);
+            let shown = crate::agent::config::raw::shown(&redact(e));
             if !http_url(e) {
                 problems.push(format!(
                     "fleet.etcd.endpoints: {shown} is not an http(s) URL (for example https://10.0.0.5:2379)"
@@ -270,6 +288,15 @@ impl EtcdConfig {
                     "fleet.etcd.endpoints: {shown} is plain http but TLS files are given (use https://)"
                 ));
             }
+        }
+        let endpoints: Vec<ServerUrl> = endpoints.iter().map(|e| ServerUrl::new(e)).collect();
+        let users: Vec<Option<(String, String)>> =
+            endpoints.iter().map(ServerUrl::credentials).collect();
+        if users.windows(2).any(|w| w[0] != w[1]) {
+            problems.push(
+                "fleet.etcd.endpoints: the endpoints carry different credentials (give the same user:password@ on every endpoint, or none)"
+                    .into(),
+            );
         }
         let prefix = self.prefix.unwrap_or_else(|| "/hcloud-nixos".into());
         let prefix = prefix.trim_end_matches('/').to_string();

@@ -8,38 +8,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity,
-    PutOptions, TlsOptions, Txn, TxnOp,
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
-use serde::{Deserialize, Serialize};
 
+use super::conn::{Conn, OP_TIMEOUT};
+use super::group;
+use super::records::{self, CanaryRecord, Confirmation, HeldSlot, json};
 use super::{
     Acquired, Backend, Error, ErrorKind, Fleet, FleetStatus, GuardInner, Holder, Member, Pause,
     Purpose, SlotGuard,
 };
 use crate::plumbing::retry::Backoff;
 
-/// How long one request may take before etcd counts as unreachable.
-const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Confirmed releases remembered per group.
 const CONFIRMED_KEEP: usize = 20;
 /// Takes tried in one acquire when others win the race for the same free slot.
 const ATTEMPTS: u32 = 5;
-
-/// What `canaries/<id>` holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct CanaryRecord {
-    host: String,
-    since: String,
-}
-
-/// What `confirmed/<release>` holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Confirmation {
-    by: String,
-    host: String,
-    at: String,
-}
 
 /// The etcd side of a [`SlotGuard`]: the slot's key, its lease, and the task keeping it alive.
 #[derive(Debug)]
@@ -74,13 +58,15 @@ struct GroupView {
 }
 
 pub struct EtcdCoordinator {
-    fleet: Fleet,
-    me: Member,
-    endpoints: Vec<String>,
-    options: ConnectOptions,
-    client: tokio::sync::Mutex<Option<Client>>,
+    pub(super) fleet: Fleet,
+    pub(super) me: Member,
+    pub(super) conn: Arc<Conn>,
+    /// The group's poller, desired release and this member's record (see [`group`]).
+    pub(super) group: group::Group,
+    /// The group's desired release as this member last checked it against FlakeHub.
+    pub(super) checked: super::follow::Checked,
     /// `<prefix>/<group>/`
-    base: String,
+    pub(super) base: String,
     lease_ttl: Duration,
     reboot_ttl: Duration,
 }
@@ -90,65 +76,8 @@ impl std::fmt::Debug for EtcdCoordinator {
         f.debug_struct("EtcdCoordinator")
             .field("group", &self.fleet.group)
             .field("me", &self.me)
-            .field("endpoints", &self.endpoints)
+            .field("endpoints", &self.conn.shown())
             .finish_non_exhaustive()
-    }
-}
-
-fn read_pem(key: &str, path: &std::path::Path) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|e| {
-        Error::new(
-            ErrorKind::Config,
-            format!("{key}: cannot read {}: {e}", path.display()),
-        )
-    })
-}
-
-/// etcd-client's error on one line, sorted into unreachable or refused.
-fn classify(what: &str, endpoints: &[String], e: etcd_client::Error) -> Error {
-    use etcd_client::Error as E;
-    let unreachable = match &e {
-        E::TransportError(_) | E::IoError(_) | E::LeaseKeepAliveError(_) => true,
-        E::GRpcStatus(s) => matches!(
-            s.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::Cancelled
-                | tonic::Code::Unknown
-                | tonic::Code::Aborted
-        ),
-        _ => false,
-    };
-    let mut text = match &e {
-        E::GRpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
-        other => other.to_string(),
-    };
-    // The innermost cause says the most (a refused connection, a failed TLS handshake).
-    let mut source = match &e {
-        E::GRpcStatus(s) => std::error::Error::source(s),
-        E::TransportError(t) => std::error::Error::source(t),
-        _ => None,
-    };
-    let mut last = None;
-    while let Some(cause) = source {
-        last = Some(cause.to_string());
-        source = cause.source();
-    }
-    if let Some(last) = last.filter(|l| !text.contains(l.as_str())) {
-        text.push_str(": ");
-        text.push_str(&last);
-    }
-    let eps = endpoints.join(", ");
-    if unreachable {
-        Error::new(
-            ErrorKind::Unreachable,
-            format!("etcd unreachable ({eps}) while {what}: {text}"),
-        )
-    } else {
-        Error::new(
-            ErrorKind::Refused,
-            format!("etcd ({eps}) refused {what}: {text}"),
-        )
     }
 }
 
@@ -158,32 +87,21 @@ impl EtcdCoordinator {
             .etcd
             .clone()
             .ok_or_else(|| Error::new(ErrorKind::Config, "fleet.etcd: missing for backend etcd"))?;
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(OP_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-        if settings.tls() {
-            crate::plumbing::tls::install_crypto_provider();
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &settings.ca_file {
-                tls =
-                    tls.ca_certificate(Certificate::from_pem(read_pem("fleet.etcd.ca_file", ca)?));
-            }
-            if let (Some(cert), Some(key)) = (&settings.cert_file, &settings.key_file) {
-                tls = tls.identity(Identity::from_pem(
-                    read_pem("fleet.etcd.cert_file", cert)?,
-                    read_pem("fleet.etcd.key_file", key)?,
-                ));
-            }
-            options = options.with_tls(tls);
-        }
+        let conn = Arc::new(Conn::new(&settings)?);
+        let base = format!("{}/{}/", settings.prefix, fleet.group);
         Ok(EtcdCoordinator {
-            base: format!("{}/{}/", settings.prefix, fleet.group),
+            group: group::Group::new(
+                conn.clone(),
+                &base,
+                me.clone(),
+                settings.lease_ttl,
+                fleet.slots,
+            ),
+            checked: Default::default(),
+            base,
             fleet: fleet.clone(),
             me,
-            endpoints: settings.endpoints.clone(),
-            options,
-            client: tokio::sync::Mutex::new(None),
+            conn,
             lease_ttl: settings.lease_ttl,
             reboot_ttl: settings.reboot_ttl,
         })
@@ -193,29 +111,8 @@ impl EtcdCoordinator {
         &self.fleet
     }
 
-    fn unreachable(&self, what: &str, why: &str) -> Error {
-        Error::new(
-            ErrorKind::Unreachable,
-            format!(
-                "etcd unreachable ({}) while {what}: {why}",
-                self.endpoints.join(", ")
-            ),
-        )
-    }
-
     async fn client(&self) -> Result<Client, Error> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = &*slot {
-            return Ok(c.clone());
-        }
-        let connect = Client::connect(&self.endpoints, Some(self.options.clone()));
-        let client = match tokio::time::timeout(OP_TIMEOUT, connect).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(classify("connecting", &self.endpoints, e)),
-            Err(_) => return Err(self.unreachable("connecting", "timed out")),
-        };
-        *slot = Some(client.clone());
-        Ok(client)
+        self.conn.client().await
     }
 
     /// One request under [`OP_TIMEOUT`], its error on one line.
@@ -223,11 +120,7 @@ impl EtcdCoordinator {
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
-        match tokio::time::timeout(OP_TIMEOUT, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(classify(what, &self.endpoints, e)),
-            Err(_) => Err(self.unreachable(what, "timed out")),
-        }
+        self.conn.call(what, fut).await
     }
 
     fn slot_key(&self, i: u32) -> String {
@@ -238,42 +131,66 @@ impl EtcdCoordinator {
         format!("{}paused/{release}", self.base)
     }
 
+    /// The group's slots, pauses, canaries and confirmations, read at one revision (the members'
+    /// records, which a large group has many of, are not read).
     async fn view(&self, what: &str) -> Result<GroupView, Error> {
         let mut c = self.client().await?;
-        let resp = self
-            .call(
-                what,
-                c.get(self.base.as_str(), Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
+        let ranges = ["slots/", "paused/", "canaries/", "confirmed/"];
+        let txn = Txn::new().and_then(
+            ranges
+                .iter()
+                .map(|r| {
+                    TxnOp::get(
+                        format!("{}{r}", self.base),
+                        Some(GetOptions::new().with_prefix()),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        );
+        let resp = self.call(what, c.txn(txn)).await?;
         let mut view = GroupView::default();
-        for kv in resp.kvs() {
-            let Ok(key) = kv.key_str() else { continue };
-            let Some(rest) = key.strip_prefix(&self.base) else {
+        for op in resp.op_responses() {
+            let TxnOpResponse::Get(got) = op else {
                 continue;
             };
-            let value = kv.value();
-            if let Some(i) = rest.strip_prefix("slots/") {
-                let (Ok(i), Ok(h)) = (i.parse::<u32>(), serde_json::from_slice::<Holder>(value))
-                else {
+            for kv in got.kvs() {
+                let Some(rest) = kv.key_str().ok().and_then(|k| k.strip_prefix(&self.base)) else {
                     continue;
                 };
-                view.slots.insert(i, (h, kv.lease()));
-            } else if rest.starts_with("paused/") {
-                if let Ok(p) = serde_json::from_slice::<Pause>(value) {
-                    view.paused.push(p);
-                }
-            } else if let Some(id) = rest.strip_prefix("canaries/") {
-                if let Ok(r) = serde_json::from_slice::<CanaryRecord>(value) {
-                    view.canaries.push((id.to_string(), r));
-                }
-            } else if let Some(release) = rest.strip_prefix("confirmed/") {
-                view.confirmed
-                    .push((release.to_string(), kv.create_revision()));
+                self.add_to_view(&mut view, rest, kv);
             }
         }
         view.confirmed.sort_by_key(|(_, rev)| *rev);
         Ok(view)
+    }
+
+    /// One key of the group (`rest`: its name under the group) into the view; a record that
+    /// cannot be read is left out, with a note in the log.
+    fn add_to_view(&self, view: &mut GroupView, rest: &str, kv: &etcd_client::KeyValue) {
+        let value = kv.value();
+        let noted = |e: String| tracing::debug!("etcd: {e}; left out");
+        if let Some(i) = rest.strip_prefix("slots/") {
+            let Ok(i) = i.parse::<u32>() else { return };
+            match records::parse::<Holder>(&format!("slot {i}"), value) {
+                Ok(h) => {
+                    view.slots.insert(i, (h, kv.lease()));
+                }
+                Err(e) => noted(e),
+            }
+        } else if rest.starts_with("paused/") {
+            match records::parse::<Pause>("a pause", value) {
+                Ok(p) => view.paused.push(p),
+                Err(e) => noted(e),
+            }
+        } else if let Some(id) = rest.strip_prefix("canaries/") {
+            match records::parse::<CanaryRecord>("a canary", value) {
+                Ok(r) => view.canaries.push((records::one_line(id), r)),
+                Err(e) => noted(e),
+            }
+        } else if let Some(release) = rest.strip_prefix("confirmed/") {
+            view.confirmed
+                .push((records::one_line(release), kv.create_revision()));
+        }
     }
 
     fn guard(
@@ -359,6 +276,25 @@ impl EtcdCoordinator {
     }
 
     pub async fn acquire(&self, purpose: Purpose) -> Result<Acquired, Error> {
+        // A slot given back from now on wakes this member (see `group`), also one given back
+        // while it asks: it is told to wait only after etcd was read.
+        self.group.set_waiting(true);
+        let answer = self.ask_for_slot(purpose).await;
+        match &answer {
+            Ok(Acquired::Granted(g)) => {
+                self.group.set_waiting(false);
+                self.group.set_slot(Some(HeldSlot {
+                    slot: g.slot(),
+                    purpose: g.purpose().clone(),
+                }));
+            }
+            Ok(Acquired::Waiting { .. }) => {}
+            _ => self.group.set_waiting(false),
+        }
+        answer
+    }
+
+    async fn ask_for_slot(&self, purpose: Purpose) -> Result<Acquired, Error> {
         let what = "taking a fleet slot";
         for attempt in 1..=ATTEMPTS {
             let view = self.view(what).await?;
@@ -512,6 +448,7 @@ impl EtcdCoordinator {
         lease.task.abort();
         let result = self.drop_slot(&lease.key, lease.id).await;
         if result.is_ok() {
+            self.group.set_slot(None);
             tracing::info!(slot = ?guard.slot, group = %self.fleet.group, "gave back the fleet slot");
         }
         result
@@ -524,6 +461,7 @@ impl EtcdCoordinator {
                 self.drop_slot(&self.slot_key(i), *lease).await?;
             }
         }
+        self.group.set_slot(None);
         Ok(())
     }
 
@@ -624,7 +562,9 @@ impl EtcdCoordinator {
     }
 
     pub async fn status(&self) -> Result<FleetStatus, Error> {
-        let view = self.view("reading the fleet status").await?;
+        let what = "reading the fleet status";
+        let view = self.view(what).await?;
+        let members = self.members(what).await?;
         Ok(FleetStatus {
             backend: Backend::Etcd,
             group: self.fleet.group.clone(),
@@ -638,7 +578,28 @@ impl EtcdCoordinator {
                 .map(|(id, r)| format!("{} (id {id})", r.host))
                 .collect(),
             confirmed: view.confirmed.into_iter().map(|(r, _)| r).collect(),
+            desired: members.desired,
+            poller: members.poller,
+            members: members.members,
         })
+    }
+
+    /// Forgets a member's last record, unless it is alive.
+    pub async fn forget_member(&self, id: &str) -> Result<bool, Error> {
+        let mut c = self.client().await?;
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                format!("{}members/{id}", self.base),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::delete(format!("{}seen/{id}", self.base), None)]);
+        let resp = self.call("forgetting a member", c.txn(txn)).await?;
+        Ok(resp.succeeded()
+            && resp
+                .op_responses()
+                .into_iter()
+                .any(|r| matches!(r, TxnOpResponse::Delete(d) if d.deleted() > 0)))
     }
 }
 
@@ -676,11 +637,4 @@ async fn keep_alive(mut client: Client, lease: i64, ttl: Duration, lost: Arc<Ato
         tracing::debug!(lease, "cannot refresh the fleet slot's lease; trying again");
         tokio::time::sleep(Duration::from_secs(1).min(every)).await;
     }
-}
-
-/// A record as etcd keeps it: JSON. Our records are plain structs of strings and numbers, which
-/// serde_json always renders; were one ever to fail, an empty value is written and reads back as
-/// a record that cannot be parsed, which every reader already treats as absent.
-fn json(value: &impl Serialize) -> Vec<u8> {
-    serde_json::to_vec(value).unwrap_or_default()
 }

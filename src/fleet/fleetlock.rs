@@ -6,9 +6,15 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::url::ServerUrl;
 use super::{
     Acquired, Backend, Error, ErrorKind, Fleet, FleetStatus, GuardInner, Member, Purpose, SlotGuard,
 };
+
+/// The most of a FleetLock server's answer that is read.
+const MAX_ANSWER: usize = 64 * 1024;
+/// The most of its reason that reaches a status line.
+const MAX_REASON: usize = 200;
 
 /// What a FleetLock server answers besides 200.
 #[derive(Debug, Deserialize)]
@@ -17,10 +23,34 @@ struct ServerError {
     value: Option<String>,
 }
 
+/// A FleetLock server's answer other than 200, as one line for the status: its status code and
+/// `kind: value` (or the body's start, when it is not the protocol's JSON), control characters
+/// made spaces, at most [`MAX_REASON`] characters of text.
+pub(crate) fn reason(status: u16, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(MAX_ANSWER)]);
+    let said = match serde_json::from_str::<ServerError>(&text) {
+        Ok(ServerError { kind, value }) => {
+            let kind = kind.unwrap_or_default();
+            let value = value.unwrap_or_default();
+            match (kind.is_empty(), value.is_empty()) {
+                (false, false) => format!("{kind}: {value}"),
+                (false, true) => kind,
+                _ => value,
+            }
+        }
+        Err(_) => text.into_owned(),
+    };
+    let said: String = super::records::one_line(said.trim())
+        .chars()
+        .take(MAX_REASON)
+        .collect();
+    format!("{status} {}", said.trim())
+}
+
 pub struct FleetLockCoordinator {
     fleet: Fleet,
     me: Member,
-    url: String,
+    url: ServerUrl,
     http: reqwest::Client,
 }
 
@@ -76,11 +106,13 @@ impl FleetLockCoordinator {
     }
 
     async fn post(&self, op: &str) -> Result<Answer, Error> {
-        let url = format!("{}/v1/{op}", self.url);
+        // Credentials in the URL go out as basic authentication; messages show `url`.
+        let request_url = format!("{}/v1/{op}", self.url.expose());
+        let url = format!("{}/v1/{op}", self.url.shown());
         let body = json!({"client_params": {"id": self.me.id, "group": self.fleet.group}});
         let resp = self
             .http
-            .post(&url)
+            .post(&request_url)
             .header("fleet-lock-protocol", "true")
             .json(&body)
             .send()
@@ -98,23 +130,10 @@ impl FleetLockCoordinator {
         if status.is_success() {
             return Ok(Answer::Ok);
         }
-        let text = crate::plumbing::http::read_limited(resp, 64 * 1024)
+        let body = crate::plumbing::http::read_limited(resp, MAX_ANSWER)
             .await
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
-        let reason = match serde_json::from_str::<ServerError>(&text) {
-            Ok(ServerError { kind, value }) => {
-                let kind = kind.unwrap_or_default();
-                let value = value.unwrap_or_default();
-                match (kind.is_empty(), value.is_empty()) {
-                    (false, false) => format!("{kind}: {value}"),
-                    (false, true) => kind,
-                    _ => value,
-                }
-            }
-            Err(_) => text.chars().take(200).collect::<String>(),
-        };
-        let reason = format!("{} {}", status.as_u16(), reason.trim().replace('\n', " "));
+        let reason = reason(status.as_u16(), &body);
         if status.is_server_error() {
             return Err(Error::new(
                 ErrorKind::Unreachable,
@@ -165,6 +184,9 @@ impl FleetLockCoordinator {
             paused: Vec::new(),
             canaries: Vec::new(),
             confirmed: Vec::new(),
+            desired: None,
+            poller: None,
+            members: Vec::new(),
         }
     }
 }

@@ -8,10 +8,19 @@
 //! backend that cannot be reached is an [`Error`] whose [`Error::unreachable`] is true: the agent
 //! then deploys nothing, reboots nothing, and backs off.
 
+mod commands;
 mod config;
+mod conn;
 mod etcd;
 mod fleetlock;
+mod follow;
+mod group;
+mod records;
+mod status;
+mod url;
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;
 
@@ -19,12 +28,18 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use commands::{FleetArgs, FleetCommand, run_command};
 pub use config::{
     Backend, EtcdConfig, EtcdSettings, Fleet, FleetConfig, FleetLockConfig, FleetLockSettings,
-    from_user_data,
+    check_group, from_user_data,
 };
 pub use etcd::EtcdCoordinator;
 pub use fleetlock::FleetLockCoordinator;
+pub use follow::resolve;
+pub use records::{Desired, HeldSlot, Holder, LastDeploy, MemberRecord, Pause, Purpose};
+pub(crate) use status::member_record;
+pub use status::{FleetStatus, MemberStatus};
+pub use url::ServerUrl;
 
 /// This server, as the fleet knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,32 +48,6 @@ pub struct Member {
     pub id: String,
     /// The hostname, for people reading the status.
     pub host: String,
-}
-
-/// What a slot is taken for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum Purpose {
-    Deploy { release: String },
-    Reboot,
-}
-
-impl Purpose {
-    pub fn release(&self) -> Option<&str> {
-        match self {
-            Purpose::Deploy { release } => Some(release),
-            Purpose::Reboot => None,
-        }
-    }
-}
-
-impl fmt::Display for Purpose {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Purpose::Deploy { release } => write!(f, "deploy {release}"),
-            Purpose::Reboot => f.write_str("reboot"),
-        }
-    }
 }
 
 /// How the work a slot was taken for ended. Serialisable, so that the agent can keep one in its
@@ -73,46 +62,6 @@ pub enum Ending {
     Failed { release: String, reason: String },
     /// Anything else: a reboot done and confirmed, a deploy that turned out not to be needed.
     Done,
-}
-
-/// A release the group does not start until an operator clears it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Pause {
-    pub release: String,
-    /// The instance id of the server it failed on.
-    pub by: String,
-    /// Its hostname.
-    #[serde(default)]
-    pub host: String,
-    pub reason: String,
-    /// RFC 3339.
-    pub at: String,
-}
-
-/// A server holding one of the group's slots.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Holder {
-    /// The slot's index (etcd); absent where the backend does not number slots.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub slot: Option<u32>,
-    pub id: String,
-    pub host: String,
-    pub purpose: Purpose,
-    /// RFC 3339.
-    pub since: String,
-    #[serde(default)]
-    pub canary: bool,
-}
-
-impl Holder {
-    /// The name shown to people: the hostname, else the id.
-    pub fn name(&self) -> &str {
-        if self.host.is_empty() {
-            &self.id
-        } else {
-            &self.host
-        }
-    }
 }
 
 /// The answer to [`Coordinator::acquire`].
@@ -190,7 +139,7 @@ impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Error {
             kind,
-            message: message.into().replace('\n', " "),
+            message: records::one_line(&message.into()),
         }
     }
 
@@ -246,78 +195,6 @@ impl SlotGuard {
 
     /// Stops keeping the slot without giving it back, as a dying server would (tests).
     pub fn abandon(self) {}
-}
-
-/// The group as the backend sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FleetStatus {
-    pub backend: Backend,
-    pub group: String,
-    pub slots: u32,
-    /// False where the backend cannot list them (FleetLock).
-    pub holders_known: bool,
-    pub holders: Vec<Holder>,
-    pub paused: Vec<Pause>,
-    /// Canary servers registered in the group (ids with hostnames).
-    pub canaries: Vec<String>,
-    /// Releases a canary confirmed healthy, oldest first.
-    pub confirmed: Vec<String>,
-}
-
-impl FleetStatus {
-    /// A few readable lines for `hcloud-nixos fleet status`.
-    pub fn describe(&self) -> String {
-        let mut out = format!(
-            "group {} ({}): {} slot{}",
-            self.group,
-            self.backend.as_str(),
-            self.slots,
-            if self.slots == 1 { "" } else { "s" }
-        );
-        if !self.holders_known {
-            out.push_str(
-                "\nfleetlock: holders unknown (the protocol does not list them; pauses and canaries are not recorded)",
-            );
-            return out;
-        }
-        out.push_str(&format!(", {} taken", self.holders.len()));
-        for h in &self.holders {
-            out.push_str(&format!(
-                "\n  slot {}: {} (id {}) {} since {}{}",
-                h.slot.map_or("?".to_string(), |s| s.to_string()),
-                h.name(),
-                h.id,
-                h.purpose,
-                h.since,
-                if h.canary { ", canary" } else { "" }
-            ));
-        }
-        if self.paused.is_empty() {
-            out.push_str("\nno paused releases");
-        }
-        for p in &self.paused {
-            out.push_str(&format!(
-                "\npaused: release {} failed on {} (id {}) at {}: {}",
-                p.release,
-                if p.host.is_empty() { &p.by } else { &p.host },
-                p.by,
-                p.at,
-                p.reason
-            ));
-        }
-        if !self.canaries.is_empty() {
-            out.push_str(&format!("\ncanaries: {}", self.canaries.join(", ")));
-            out.push_str(&format!(
-                "\nconfirmed by a canary: {}",
-                if self.confirmed.is_empty() {
-                    "none yet".to_string()
-                } else {
-                    self.confirmed.join(", ")
-                }
-            ));
-        }
-        out
-    }
 }
 
 /// The group's coordinator: one per agent, built from the validated settings.
@@ -441,66 +318,52 @@ impl Coordinator {
             Coordinator::FleetLock(c) => Ok(c.status()),
         }
     }
+
+    /// Forgets a silent member's last record (etcd).
+    pub async fn forget_member(&self, id: &str) -> Result<bool, Error> {
+        match self {
+            Coordinator::Etcd(c) => c.forget_member(id).await,
+            Coordinator::FleetLock(_) => Err(Error::new(
+                ErrorKind::Unsupported,
+                "fleetlock: the protocol keeps no members' records",
+            )),
+        }
+    }
+
+    /// Writes the group's desired release, as CI does right after publishing it (etcd).
+    pub async fn announce(&self, desired: &Desired) -> Result<(), Error> {
+        match self {
+            Coordinator::Etcd(c) => c.write_desired(desired, None).await.map(|_| ()),
+            Coordinator::FleetLock(_) => Err(Error::new(
+                ErrorKind::Unsupported,
+                "fleetlock: the protocol has no place for a desired release; announce needs the etcd backend",
+            )),
+        }
+    }
+
+    /// Resolves when the fleet has news for this server: the group's desired release changed,
+    /// a slot was given back while this server waits for one, this server became the group's
+    /// poller (etcd). Never for FleetLock. A notice given while nobody waited is kept.
+    pub async fn news(&self) {
+        match self {
+            Coordinator::Etcd(c) => c.group.news().await,
+            Coordinator::FleetLock(_) => std::future::pending().await,
+        }
+    }
+
+    /// The agent's latest state for this server's record in its group (etcd; written to etcd
+    /// when it says something new). Starts the member's group task.
+    pub fn report(&self, record: MemberRecord) {
+        if let Coordinator::Etcd(c) = self {
+            c.group.start();
+            c.group.report(record);
+        }
+    }
 }
 
 /// Now, RFC 3339 in UTC to the second.
 pub(crate) fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-}
-
-/// `hcloud-nixos fleet ...`: the operator's commands (add as a clap subcommand).
-#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
-pub enum FleetCommand {
-    /// Slots, holders, paused releases and canaries of this server's group.
-    Status {
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Clear the pause of a release (all paused releases without RELEASE).
-    Resume { release: Option<String> },
-    /// Retire a canary (by instance id): the group stops waiting for its confirmations.
-    ForgetCanary { id: String },
-}
-
-/// Runs an operator's command: the text to print, or a one-line error.
-pub async fn run_command(
-    coordinator: &Coordinator,
-    command: &FleetCommand,
-) -> Result<String, Error> {
-    match command {
-        FleetCommand::Status { json: false } => Ok(coordinator.status().await?.describe()),
-        FleetCommand::Status { json: true } => {
-            let status = coordinator.status().await?;
-            serde_json::to_string_pretty(&status).map_err(|e| {
-                Error::new(ErrorKind::Refused, format!("cannot render the status: {e}"))
-            })
-        }
-        FleetCommand::Resume { release } => {
-            let cleared = coordinator.resume(release.as_deref()).await?;
-            let group = &coordinator.fleet().group;
-            Ok(match (cleared.is_empty(), release) {
-                (true, Some(r)) => format!("release {r} was not paused in group {group}"),
-                (true, None) => format!("nothing was paused in group {group}"),
-                (false, _) => format!(
-                    "group {group} resumed for release{} {}",
-                    if cleared.len() == 1 { "" } else { "s" },
-                    cleared.join(", ")
-                ),
-            })
-        }
-        FleetCommand::ForgetCanary { id } => Ok(if coordinator.forget_canary(id).await? {
-            format!(
-                "canary {id} forgotten in group {}",
-                coordinator.fleet().group
-            )
-        } else {
-            format!(
-                "{id} was not a canary of group {}",
-                coordinator.fleet().group
-            )
-        }),
-    }
 }
 
 /// How long to wait before asking again after [`Acquired::Waiting`]: `interval` with ±25 %

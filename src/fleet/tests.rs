@@ -178,6 +178,9 @@ fn status_describes_holders_and_pauses() {
         paused: vec![],
         canaries: vec![],
         confirmed: vec![],
+        desired: None,
+        poller: None,
+        members: vec![],
     };
     let text = s.describe();
     assert!(
@@ -188,4 +191,32 @@ fn status_describes_holders_and_pauses() {
     let json = serde_json::to_value(&s).unwrap();
     assert_eq!(json["holders"][0]["purpose"]["kind"], "deploy");
     assert_eq!(json["backend"], "etcd");
+}
+
+const SECRET: &str = "s3cret-Pa55";
+
+#[test]
+fn credentials_in_urls_never_reach_a_problem() {
+    let problems = parse(&format!(
+        r#"
+[fleet]
+group = "web"
+backend = "etcd"
+[fleet.etcd]
+endpoints = ["http://root:{SECRET}@10.0.0.5:2379", "htp://root:{SECRET}@10.0.0.6:2379"]
+ca_file = "/ca.pem"
+"#
+    ))
+    .unwrap_err();
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    for p in &problems {
+        assert!(!p.contains(SECRET), "{p}");
+        assert!(p.contains("10.0.0."), "the problem names no endpoint: {p}");
+    }
+    let problems = parse(&format!(
+        "[fleet]\ngroup = \"web\"\npause_on_failure = false\n[fleet.fleetlock]\nurl = \"ftp://agent:{SECRET}@f:8080\"\n"
+    ))
+    .unwrap_err();
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(!problems[0].contains(SECRET), "{}", problems[0]);
 }

@@ -194,6 +194,18 @@ pub struct Context {
     pub fleet_problem: Option<String>,
 }
 
+impl Context {
+    /// Resolves when the fleet has news for this server (etcd: the group's desired release
+    /// changed, a slot was given back while this server waits for one); never without a fleet.
+    /// The service loop checks at once when it does.
+    pub async fn fleet_news(&self) {
+        match &self.fleet {
+            Some(coordinator) => coordinator.news().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// Where a link points, fully resolved.
 pub(crate) fn resolve_link(link: &Path) -> Option<String> {
     std::fs::canonicalize(link)
@@ -268,6 +280,10 @@ impl Host for Context {
     }
 
     fn persist(&self, state: &State) -> Result<(), String> {
+        if let Some(fleet) = &self.fleet {
+            // This server's record in its fleet group (etcd; written when it changed).
+            fleet.report(fleet::member_record(state));
+        }
         state
             .save(&self.settings.paths.state_dir)
             .map_err(|e| format!("cannot record the deploy's progress: {e:#}"))
@@ -341,7 +357,12 @@ impl Host for Context {
     }
 
     async fn resolve(&self, flake: &FlakeRef, attr: &str) -> Result<Resolved, flakehub::Error> {
-        self.flakehub.resolve(flake, attr).await
+        match &self.fleet {
+            // With etcd: the group's desired release, checked against FlakeHub (its poller asks
+            // FlakeHub for the group); else, and while etcd is away, FlakeHub directly.
+            Some(coordinator) => fleet::resolve(coordinator, &self.flakehub, flake, attr).await,
+            None => self.flakehub.resolve(flake, attr).await,
+        }
     }
 
     async fn failed_units(&self) -> Vec<String> {

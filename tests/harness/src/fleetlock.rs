@@ -3,7 +3,8 @@
 //! and `{"client_params": {"id", "group"}}`; a counting semaphore of `slots` per group,
 //! recursive by id (a holder asking again gets 200), owned (only the holder frees its slot);
 //! errors as `{"kind", "value"}`. Like airlock, a holder never expires. It can stop listening
-//! (connections are refused) and start again on the same port with its semaphores kept.
+//! (connections are refused) and start again on the same port with its semaphores kept, and it
+//! can require HTTP basic authentication (a FleetLock server behind a proxy that asks for it).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,6 +26,10 @@ pub struct Semaphores {
     pub protocol_errors: usize,
     /// Every request seen: (operation, id, status).
     pub log: Vec<(String, String, u16)>,
+    /// `Authorization: Basic ...` every request must carry, when set.
+    pub basic_auth: Option<String>,
+    /// Requests refused for missing or wrong credentials.
+    pub unauthorized: usize,
 }
 
 pub struct FleetLockStandin {
@@ -61,6 +66,19 @@ impl FleetLockStandin {
 
     pub fn protocol_errors(&self) -> usize {
         crate::lock(&self.state).protocol_errors
+    }
+
+    /// From now on every request must carry these credentials (HTTP basic authentication);
+    /// others are answered 401.
+    pub fn require_basic_auth(&self, user: &str, password: &str) {
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        crate::lock(&self.state).basic_auth = Some(format!("Basic {token}"));
+    }
+
+    /// Requests refused for missing or wrong credentials.
+    pub fn unauthorized(&self) -> usize {
+        crate::lock(&self.state).unauthorized
     }
 
     /// Stops listening: the port refuses connections until [`FleetLockStandin::resume`].
@@ -115,6 +133,13 @@ async fn handle(
         return reply(405, error("method", "POST only"));
     }
     let mut st = crate::lock(&state);
+    if let Some(wanted) = &st.basic_auth {
+        let given = headers.get("authorization").and_then(|v| v.to_str().ok());
+        if given != Some(wanted.as_str()) {
+            st.unauthorized += 1;
+            return reply(401, error("unauthorized", "basic authentication required"));
+        }
+    }
     let protocol = headers
         .get("fleet-lock-protocol")
         .and_then(|v| v.to_str().ok());
