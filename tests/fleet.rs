@@ -1385,7 +1385,9 @@ fn etcd_credentials_in_the_endpoints_authenticate_and_are_never_shown() {
     };
     runtime().block_on(async {
         use etcd_client::Permission;
-        let mut root = etcd_client::Client::connect([etcd.url()], None).await.unwrap();
+        let mut root = etcd_client::Client::connect([etcd.url()], None)
+            .await
+            .unwrap();
         root.role_add("root").await.unwrap();
         root.user_add("root", "root-pw", None).await.unwrap();
         root.user_grant_role("root", "root").await.unwrap();
@@ -1411,7 +1413,10 @@ fn etcd_credentials_in_the_endpoints_authenticate_and_are_never_shown() {
         assert_eq!(c.status().await.unwrap().holders.len(), 1);
         c.release(g, Ending::Done).await.unwrap();
         for (cfg, password) in [(&anonymous, SECRET), (&wrong, "wrong-pw")] {
-            let e = coordinator(cfg, "b").acquire(deploy("1")).await.unwrap_err();
+            let e = coordinator(cfg, "b")
+                .acquire(deploy("1"))
+                .await
+                .unwrap_err();
             println!("{e}");
             assert!(!e.unreachable(), "{e}");
             assert!(!e.message.contains(password), "{e}");

@@ -185,7 +185,7 @@ impl EtcdCoordinator {
                 release.version
             )));
         }
-        if release.is_yanked() {
+        if release.yanked {
             return Err(refuse(format!(
                 "FlakeHub has yanked it from {}",
                 flake_name(flake)
@@ -196,15 +196,12 @@ impl EtcdCoordinator {
                 "it does not match this server's reference {flake}"
             )));
         }
-        let output = match flakehub.output(flake, &release.version, attr).await {
-            Ok(o) => o,
+        // The client checks that the answer is a store path where it enters.
+        let store_path = match flakehub.output(flake, &release.version, attr).await {
+            Ok(path) => path,
             Err(e) if e.is_transient() => return Err(e),
             Err(e) => return Err(refuse(e.to_string())),
         };
-        let store_path = output
-            .store_path
-            .filter(|p| flakehub::is_store_path(p))
-            .ok_or_else(|| refuse(format!("FlakeHub gives no store path for {attr} at it")))?;
         let resolved = Resolved {
             version: release.version,
             attr: attr.to_string(),

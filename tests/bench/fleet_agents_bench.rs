@@ -51,8 +51,10 @@ fn main() {
         let Some(b) = Bench::new(&format!("fleet-agents/web-{}", i + 1), opts) else {
             std::process::exit(2);
         };
-        b.metadata
-            .set_document("metadata/instance-id", Some(format!("{}", 2000 + i).as_bytes()));
+        b.metadata.set_document(
+            "metadata/instance-id",
+            Some(format!("{}", 2000 + i).as_bytes()),
+        );
         let base = b.current_system();
         b.flakehub
             .publish(ORG, FLAKE, &rolling_version(0, "agents"), ATTR, &base);
@@ -98,7 +100,10 @@ fn main() {
                 deployed[i] = Some(t0.elapsed());
             }
         }
-        assert!(Instant::now() < deadline, "not all deployed within 10 minutes");
+        assert!(
+            Instant::now() < deadline,
+            "not all deployed within 10 minutes"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let max = |v: &[Option<Duration>]| v.iter().flatten().max().copied().unwrap_or_default();

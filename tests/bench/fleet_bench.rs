@@ -213,12 +213,12 @@ fn main() {
         // Everyone up: running release 1, the group's desired release.
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
-            let s = shared.borrow();
-            if s.seen.iter().all(|a| a.running.as_deref() == Some(v1.as_str())) {
+            let all = (shared.borrow().seen.iter())
+                .all(|a| a.running.as_deref() == Some(v1.as_str()));
+            if all {
                 break;
             }
             assert!(Instant::now() < deadline, "the agents did not all deploy release 1");
-            drop(s);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let status = operator.status().await.expect("status");
@@ -260,12 +260,12 @@ fn main() {
         run_command(&operator, &announce, true).await.expect("announce");
         let deadline = t_announce + Duration::from_secs(600);
         loop {
-            let s = shared.borrow();
-            if s.seen.iter().all(|a| a.deployed.is_some_and(|d| d > t_announce)) {
+            let all = (shared.borrow().seen.iter())
+                .all(|a| a.deployed.is_some_and(|d| d > t_announce));
+            if all {
                 break;
             }
             assert!(Instant::now() < deadline, "not all deployed release 2");
-            drop(s);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let s = shared.borrow();
