@@ -394,7 +394,10 @@ async fn keep_alive(
     let answer = sh.conn.call(what, alive.message()).await?;
     match answer {
         Some(r) if r.ttl() > 0 => {
-            sh.view().live_until = Some(asked + Duration::from_secs(r.ttl() as u64));
+            // etcd never grants more than was asked; a larger answer is not believed (and
+            // cannot overflow the clock).
+            let ttl = Duration::from_secs(r.ttl().unsigned_abs()).min(sh.ttl);
+            sh.view().live_until = Some(asked + ttl);
             Ok(())
         }
         Some(_) => {

@@ -50,9 +50,16 @@ pub(crate) fn sort_out(
     sorted
 }
 
+/// A time from a label (anyone with the project's token writes labels): past the year 9999 it is
+/// shown as the number it is instead of overflowing the clock.
 fn utc(unix: u64) -> String {
-    let t = UNIX_EPOCH + Duration::from_secs(unix);
-    humantime::format_rfc3339_seconds(t).to_string()
+    const LAST_SECOND_OF_9999: u64 = 253_402_300_799;
+    match UNIX_EPOCH.checked_add(Duration::from_secs(unix)) {
+        Some(t) if unix <= LAST_SECOND_OF_9999 => {
+            humantime::format_rfc3339_seconds(t).to_string()
+        }
+        _ => format!("{unix} (seconds since 1970)"),
+    }
 }
 
 /// Runs `hcloud-nixos cleanup`.
@@ -209,5 +216,7 @@ mod tests {
     #[test]
     fn times_are_shown_in_utc() {
         assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        // A live-until label far out (or hostile) does not overflow the clock.
+        assert_eq!(utc(u64::MAX), "18446744073709551615 (seconds since 1970)");
     }
 }
