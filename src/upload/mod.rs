@@ -13,7 +13,7 @@ mod qemu;
 mod remote;
 mod results;
 mod source;
-mod ssh;
+pub(crate) mod ssh;
 mod token;
 #[cfg(test)]
 mod under_fire;
