@@ -136,6 +136,10 @@ enum Command {
     /// Delete temporary servers and SSH keys that uploads left behind.
     #[cfg(feature = "workstation")]
     Cleanup(upload::CleanupArgs),
+    /// Create servers from an uploaded snapshot, following a FlakeHub reference, and wait until
+    /// the release is deployed; prints where the time went.
+    #[cfg(feature = "workstation")]
+    Create(hcloud_nixos::create::CreateArgs),
     /// Print what the metadata service says about this server.
     Metadata {
         #[command(flatten)]
@@ -190,7 +194,10 @@ impl Command {
     /// A workstation's command (they compress and hash on several cores).
     fn workstation(&self) -> bool {
         #[cfg(feature = "workstation")]
-        if matches!(self, Command::Upload(_) | Command::Cleanup(_)) {
+        if matches!(
+            self,
+            Command::Upload(_) | Command::Cleanup(_) | Command::Create(_)
+        ) {
             return true;
         }
         false
@@ -321,13 +328,19 @@ async fn run(command: Command) -> Result<Done> {
             Ok(Done::Ok)
         }
         #[cfg(feature = "workstation")]
+        Command::Create(args) => Ok(if hcloud_nixos::create::run_create(args).await? {
+            Done::Ok
+        } else {
+            Done::Failed
+        }),
+        #[cfg(feature = "workstation")]
         Command::Cleanup(args) => {
             upload::run_cleanup(args).await?;
             Ok(Done::Ok)
         }
         Command::Retry { config } => retry(&config.config),
         Command::Status { config, json } => {
-            print!("{}", commands::status(&config.config, json)?);
+            print!("{}", commands::status(&config.config, json).await?);
             Ok(Done::Ok)
         }
         Command::Userdata {
