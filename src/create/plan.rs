@@ -228,7 +228,9 @@ async fn resolve_all(
     let client = flakehub::Client::new(&args.flakehub_api_url, Some(token.clone()))?;
     let mut versions = BTreeMap::new();
     for name in &args.names {
-        let attr = flake.attr_or_default(name);
+        let attr = flake
+            .attr_or_default(name)
+            .map_err(|e| anyhow!("--flake {}: {e}", args.flake))?;
         let resolved = client.resolve(flake, &attr).await.map_err(|e| {
             anyhow!("--flake {}: {e}; check the reference (and that the release was published with its output paths)", args.flake)
         })?;

@@ -149,13 +149,18 @@ async fn drive(
     let userdata = super::userdata::build(&ours, plan.userdata.as_deref())?;
     let release = plan.versions.get(name).map_or("", String::as_str);
     line.set(name, &format!("creating (FlakeHub has {release})"), clock.elapsed());
+    // A label of this run's own, so that a lost answer is followed by finding the server
+    // instead of creating a second one.
+    let run = crate::upload::flow::random_id().map_err(|e| format!("{e:#}"))?;
+    let mut labels = plan.labels.clone();
+    labels.insert(crate::upload::labels::RUN.to_string(), run.clone());
     let body = json!({
         "name": name,
         "server_type": plan.server_type,
         "image": plan.image,
         "location": plan.location,
         "ssh_keys": plan.ssh_keys,
-        "labels": plan.labels,
+        "labels": labels,
         "networks": plan.networks,
         "user_data": String::from_utf8_lossy(&userdata),
         "start_after_create": true,
@@ -163,7 +168,7 @@ async fn drive(
     });
     let (server, _action) = plan
         .api
-        .create_server(&body)
+        .create_server(&body, &format!("{}={run}", crate::upload::labels::RUN))
         .await
         .map_err(|e| format!("{e:#}"))?;
     created.id = Some(server.id);
