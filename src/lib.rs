@@ -12,6 +12,8 @@
 
 pub mod agent;
 pub mod boot;
+#[cfg(feature = "workstation")]
+pub mod create;
 pub mod fleet;
 pub mod plumbing;
 #[cfg(feature = "workstation")]

@@ -13,7 +13,7 @@ use hcloud_nixos::boot::cache;
 use hcloud_nixos::boot::hostname::Policy;
 use hcloud_nixos::boot::metadata::client::DEFAULT_URL;
 use hcloud_nixos::boot::provision;
-use hcloud_nixos::boot::sshkeys;
+use hcloud_nixos::boot::{hostkey, sshkeys};
 use hcloud_nixos::plumbing::logging;
 #[cfg(feature = "workstation")]
 use hcloud_nixos::upload;
@@ -74,6 +74,10 @@ enum Command {
         /// File for root's SSH keys (read by sshd as an additional AuthorizedKeysFile).
         #[arg(long, default_value = sshkeys::DEFAULT_KEYS_FILE, value_name = "PATH")]
         keys_file: PathBuf,
+        /// Where sshd's host keys are: an SSH host key in the user-data (as `create` passes one)
+        /// is installed there before sshd starts.
+        #[arg(long, default_value = hostkey::DEFAULT_DIR, value_name = "DIR")]
+        host_key_dir: PathBuf,
         /// Print what would be written and done; change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -136,6 +140,10 @@ enum Command {
     /// Delete temporary servers and SSH keys that uploads left behind.
     #[cfg(feature = "workstation")]
     Cleanup(upload::CleanupArgs),
+    /// Create servers from an uploaded snapshot, following a FlakeHub reference, and wait until
+    /// the release is deployed; prints where the time went.
+    #[cfg(feature = "workstation")]
+    Create(hcloud_nixos::create::CreateArgs),
     /// Print what the metadata service says about this server.
     Metadata {
         #[command(flatten)]
@@ -190,7 +198,10 @@ impl Command {
     /// A workstation's command (they compress and hash on several cores).
     fn workstation(&self) -> bool {
         #[cfg(feature = "workstation")]
-        if matches!(self, Command::Upload(_) | Command::Cleanup(_)) {
+        if matches!(
+            self,
+            Command::Upload(_) | Command::Cleanup(_) | Command::Create(_)
+        ) {
             return true;
         }
         false
@@ -266,6 +277,7 @@ async fn run(command: Command) -> Result<Done> {
             hostname,
             hostname_file,
             keys_file,
+            host_key_dir,
             dry_run,
             state_dir,
             dmi_dir,
@@ -276,6 +288,7 @@ async fn run(command: Command) -> Result<Done> {
                 hostname,
                 hostname_file,
                 keys_file,
+                host_key_dir,
                 dry_run,
                 state_dir,
                 dmi_dir,
@@ -321,13 +334,19 @@ async fn run(command: Command) -> Result<Done> {
             Ok(Done::Ok)
         }
         #[cfg(feature = "workstation")]
+        Command::Create(args) => Ok(if hcloud_nixos::create::run_create(args).await? {
+            Done::Ok
+        } else {
+            Done::Failed
+        }),
+        #[cfg(feature = "workstation")]
         Command::Cleanup(args) => {
             upload::run_cleanup(args).await?;
             Ok(Done::Ok)
         }
         Command::Retry { config } => retry(&config.config),
         Command::Status { config, json } => {
-            print!("{}", commands::status(&config.config, json)?);
+            print!("{}", commands::status(&config.config, json).await?);
             Ok(Done::Ok)
         }
         Command::Userdata {

@@ -125,13 +125,47 @@ pub async fn fleet_command(
 }
 
 /// `hcloud-nixos status`: the state for a person, or as JSON.
-pub fn status(config_path: &Path, json: bool) -> Result<String> {
+pub async fn status(config_path: &Path, json: bool) -> Result<String> {
     let (state_dir, run_dir) = dirs(config_path)?;
     let state = State::load_for_status(&state_dir, &run_dir)?;
     if json {
-        return Ok(serde_json::to_string_pretty(&state)? + "\n");
+        let mut value = serde_json::to_value(&state)?;
+        if let Some(map) = value.as_object_mut() {
+            map.insert("timeline".into(), boot_timeline().await);
+        }
+        return Ok(serde_json::to_string_pretty(&value)? + "\n");
     }
     Ok(describe_state(&state))
+}
+
+/// When this boot's network step finished and the agent became ready, from systemd (empty
+/// where there is no systemd to ask): the server's side of `create`'s timeline.
+async fn boot_timeline() -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    let Ok(systemd) = crate::agent::systemd::Systemd::connect().await else {
+        return serde_json::Value::Object(out);
+    };
+    for (key, unit, property) in [
+        (
+            "network_configured_at",
+            "hcloud-nixos-network.service",
+            "ExecMainExitTimestamp",
+        ),
+        (
+            "agent_ready_at",
+            "hcloud-nixos-agent.service",
+            "ActiveEnterTimestamp",
+        ),
+    ] {
+        let at = systemd
+            .unit_timestamp(unit, property)
+            .await
+            .and_then(|usec| jiff::Timestamp::from_microsecond(usec as i64).ok());
+        if let Some(at) = at {
+            out.insert(key.into(), serde_json::Value::String(at.to_string()));
+        }
+    }
+    serde_json::Value::Object(out)
 }
 
 /// The state, readable.

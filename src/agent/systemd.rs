@@ -176,6 +176,34 @@ impl Systemd {
         }))
     }
 
+    /// A unit's timestamp property (`ActiveEnterTimestamp`, `ExecMainExitTimestamp`, ...), in
+    /// microseconds since the epoch; `None` when the unit is not loaded or the moment has not
+    /// come.
+    pub async fn unit_timestamp(&self, name: &str, property: &str) -> Option<u64> {
+        let reply = self
+            .conn
+            .call_method(Some(DEST), PATH, Some(MANAGER), "GetUnit", &(name,))
+            .await
+            .ok()?;
+        let path: OwnedObjectPath = reply.body().deserialize().ok()?;
+        let props = zbus::fdo::PropertiesProxy::builder(&self.conn)
+            .destination(DEST)
+            .path(path)
+            .build()
+            .await
+            .ok()?;
+        let unit =
+            zbus::names::InterfaceName::from_static_str_unchecked("org.freedesktop.systemd1.Unit");
+        let service = zbus::names::InterfaceName::from_static_str_unchecked(
+            "org.freedesktop.systemd1.Service",
+        );
+        let value = match props.get(unit, property).await {
+            Ok(v) => v,
+            Err(_) => props.get(service, property).await.ok()?,
+        };
+        u64::try_from(value).ok().filter(|usec| *usec > 0)
+    }
+
     /// Stops and unloads a finished unit (its log stays in the journal).
     pub async fn forget_unit(&self, name: &str) {
         let _ = self

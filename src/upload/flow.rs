@@ -87,7 +87,7 @@ pub(crate) fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-fn random_id() -> anyhow::Result<String> {
+pub(crate) fn random_id() -> anyhow::Result<String> {
     let mut b = [0u8; 5];
     getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     Ok(source::hex(&b))

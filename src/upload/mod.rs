@@ -1,9 +1,9 @@
 //! `hcloud-nixos upload` and `hcloud-nixos cleanup`: turn a disk image into a Hetzner Cloud snapshot through a temporary server in rescue mode.
 
-mod api;
+pub(crate) mod api;
 mod cleanup;
-mod flow;
-mod labels;
+pub(crate) mod flow;
+pub(crate) mod labels;
 mod lease;
 mod leftovers;
 mod outside;
@@ -13,8 +13,8 @@ mod qemu;
 mod remote;
 mod results;
 mod source;
-mod ssh;
-mod token;
+pub(crate) mod ssh;
+pub(crate) mod token;
 #[cfg(test)]
 mod under_fire;
 
@@ -52,7 +52,7 @@ impl Architecture {
     }
 }
 
-fn parse_label_arg(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_label_arg(s: &str) -> Result<(String, String), String> {
     labels::parse_label(s)
 }
 
