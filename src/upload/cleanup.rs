@@ -55,9 +55,7 @@ pub(crate) fn sort_out(
 fn utc(unix: u64) -> String {
     const LAST_SECOND_OF_9999: u64 = 253_402_300_799;
     match UNIX_EPOCH.checked_add(Duration::from_secs(unix)) {
-        Some(t) if unix <= LAST_SECOND_OF_9999 => {
-            humantime::format_rfc3339_seconds(t).to_string()
-        }
+        Some(t) if unix <= LAST_SECOND_OF_9999 => humantime::format_rfc3339_seconds(t).to_string(),
         _ => format!("{unix} (seconds since 1970)"),
     }
 }

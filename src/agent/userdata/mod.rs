@@ -353,8 +353,6 @@ fn token_candidates(text: &str) -> Vec<String> {
             }
         }
     }
-    // Longest first, so that a shorter candidate inside a longer one does not leave a tail.
-    found.sort_by_key(|s| std::cmp::Reverse(s.len()));
     found
 }
 
@@ -473,7 +471,16 @@ fn fit_for_the_log(data: &mut UserData, mut secrets: Vec<String>) {
     {
         secrets.push(token.expose().to_string());
     }
+    // A token's random part alone is secret too: a message may quote a value that holds it
+    // without its prefix (a mangled line).
+    let parts: Vec<String> = (secrets.iter())
+        .filter_map(|t| t.split_once("flakehub1_").map(|(_, part)| part.to_string()))
+        .filter(|part| part.len() >= 8)
+        .collect();
+    secrets.extend(parts);
     secrets.retain(|s| s.len() >= 4);
+    // Longest first, so that a shorter secret inside a longer one does not leave a tail.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     redact(&mut data.problems, &secrets);
     redact(&mut data.other_keys, &secrets);
     for line in data.problems.iter_mut().chain(&mut data.other_parts) {
