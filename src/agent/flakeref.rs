@@ -112,8 +112,12 @@ impl FromStr for FlakeRef {
     }
 }
 
-/// `text` for an error message: escaped (no control characters reach a log) and shortened.
+/// `text` for an error message: escaped (no control characters reach a log) and shortened; by
+/// its length only when it may hold a token.
 fn shown(text: &str) -> String {
+    if crate::plumbing::text::may_hold_a_secret(text) {
+        return format!("(a value of {} characters)", text.chars().count());
+    }
     let escaped: String = text
         .chars()
         .map(|c| {

@@ -24,6 +24,17 @@ pub(crate) fn quoted(text: &str) -> String {
     format!("'{}'", one_line(text, 80))
 }
 
+/// The longest run of letters, digits and `_` that a value quoted in a message may hold: a
+/// longer one may be a token (FlakeHub's are `flakehub1_` and 30 more such characters), pasted
+/// into the wrong field or mangled past recognition.
+const MAX_WORD: usize = 24;
+
+/// Whether `text` holds a word long enough to be a token; such a value is shown by its length.
+pub(crate) fn may_hold_a_secret(text: &str) -> bool {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .any(|word| word.len() > MAX_WORD)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -37,5 +48,18 @@ mod tests {
         assert_eq!(one_line("ééé", 2), "éé...");
         assert_eq!(quoted("x\ny"), "'x\\ny'");
         assert_eq!(quoted(&"z".repeat(100)), format!("'{}...'", "z".repeat(80)));
+    }
+
+    #[test]
+    fn long_words_may_be_secrets() {
+        assert!(may_hold_a_secret(
+            "alakehub1_s3cr3tT0kenValue_0123456789abcdef"
+        ));
+        assert!(!may_hold_a_secret(
+            "my-org/infra/0.1#nixosConfigurations.web"
+        ));
+        assert!(!may_hold_a_secret(
+            "DeterminateSystems/hcloud-nixos-infrastructure/*"
+        ));
     }
 }

@@ -525,3 +525,16 @@ fn a_value_holding_the_token_without_its_prefix_is_not_shown() {
         "{data:?}"
     );
 }
+
+#[test]
+fn a_value_that_may_be_a_token_is_shown_by_its_length() {
+    // Found by the long run too: the token's line mangled into the flake line, no token left
+    // to recognise. A value with a word long enough to be a token is not quoted.
+    let doc =
+        "#cloud-config\nhcloud_nixos:\n  flake: alakehub1_s3cr3tT0kenValue_0123456789abcdef\n";
+    let data = parse(doc.as_bytes());
+    assert_eq!(
+        data.problems[0],
+        "hcloud_nixos.flake: (a value of 43 characters) is not org/flake/version; expected org/flake/version[#attr], e.g. my-org/infra/0.1#nixosConfigurations.web"
+    );
+}
