@@ -121,7 +121,7 @@ fn shown(text: &str) -> String {
     let escaped: String = text
         .chars()
         .map(|c| {
-            if c.is_control() {
+            if crate::plumbing::text::breaks_a_line(c) {
                 c.escape_debug().to_string()
             } else {
                 c.to_string()

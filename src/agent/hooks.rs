@@ -143,7 +143,13 @@ pub fn environment(e: &Event) -> Vec<(String, String)> {
 fn one_line(s: &str) -> String {
     let mut out: String = s
         .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| {
+            if crate::plumbing::text::breaks_a_line(c) {
+                ' '
+            } else {
+                c
+            }
+        })
         .collect();
     if out.len() > MAX_VALUE {
         let mut end = MAX_VALUE;
@@ -225,7 +231,7 @@ impl Capture {
                 if chars == LOG_OUTPUT {
                     break 'text;
                 }
-                if c.is_control() {
+                if crate::plumbing::text::breaks_a_line(c) {
                     shown.extend(c.escape_debug());
                 } else {
                     shown.push(c);

@@ -192,7 +192,13 @@ async fn provision(source: &Source, opts: &Options) -> Result<String> {
 fn notify_status(text: &str) {
     let line: String = text
         .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| {
+            if crate::plumbing::text::breaks_a_line(c) {
+                ' '
+            } else {
+                c
+            }
+        })
         .take(500)
         .collect();
     if line.is_empty() {

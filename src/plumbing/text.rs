@@ -10,12 +10,43 @@ pub(crate) fn one_line(text: &str, max: usize) -> String {
             out.push_str("...");
             break;
         }
-        if c.is_control() {
+        if breaks_a_line(c) {
             out.extend(c.escape_debug());
         } else {
             out.push(c);
         }
     }
+    out
+}
+
+/// Whether `c` must not reach a line of a log or a message as it is: control characters, and
+/// Unicode's line and paragraph separators (which some terminals and log viewers break on).
+pub(crate) fn breaks_a_line(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
+/// A parser's message about a document (which quotes it) with every word that may be a token
+/// replaced by its length.
+pub(crate) fn without_secrets(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.len() > MAX_WORD {
+            out.push_str(&format!("({} characters)", word.len()));
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in message.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
     out
 }
 
@@ -48,6 +79,17 @@ mod tests {
         assert_eq!(one_line("ééé", 2), "éé...");
         assert_eq!(quoted("x\ny"), "'x\\ny'");
         assert_eq!(quoted(&"z".repeat(100)), format!("'{}...'", "z".repeat(80)));
+    }
+
+    #[test]
+    fn line_separators_are_escaped_and_tokens_hidden() {
+        assert_eq!(one_line("a\u{2028}b\u{2029}", 10), "a\\u{2028}b\\u{2029}");
+        assert_eq!(
+            without_secrets(
+                "invalid type: string \"flakehub1_s3cr3tT0kenValue_0123456789abcdef\", expected struct"
+            ),
+            "invalid type: string \"(43 characters)\", expected struct"
+        );
     }
 
     #[test]

@@ -190,7 +190,10 @@ pub fn parse_file(text: &str) -> Result<FileConfig, String> {
         _ => String::new(),
     };
     // The parser's messages quote the document: one line, whatever it holds.
-    let message = |e: &toml::de::Error| one_line(&e.message().replace('\n', " "), 300);
+    let message = |e: &toml::de::Error| {
+        let text = crate::plumbing::text::without_secrets(e.message());
+        one_line(&text.replace('\n', " "), 300)
+    };
     let document =
         toml::Deserializer::parse(text).map_err(|e| format!("{}{}", line_of(&e), message(&e)))?;
     raw::decode(document).map_err(|(key, e)| format!("{}{key}{}", line_of(&e), message(&e)))
@@ -210,7 +213,7 @@ pub fn parse_json(text: &str) -> Result<FileConfig, String> {
         .map_err(|(key, e)| {
             format!(
                 "not the agent's settings as JSON: {key}{}",
-                one_line(&e.to_string(), 300)
+                one_line(&crate::plumbing::text::without_secrets(&e.to_string()), 300)
             )
         })
 }

@@ -260,7 +260,7 @@ pub(crate) fn shown(text: &str) -> String {
             out.push_str("...");
             break;
         }
-        if c.is_control() {
+        if crate::plumbing::text::breaks_a_line(c) {
             out.extend(c.escape_debug());
         } else {
             out.push(c);
@@ -371,7 +371,13 @@ where
         // One line, whatever the value holds.
         let line: String = e
             .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
+            .map(|c| {
+                if crate::plumbing::text::breaks_a_line(c) {
+                    ' '
+                } else {
+                    c
+                }
+            })
             .collect();
         de::Error::custom(line)
     })

@@ -503,3 +503,11 @@ fn check_file_reads_toml_and_json_alike() {
         ["apply.timeout: '3days' is out of range; use 1s to 2days"]
     );
 }
+
+#[test]
+fn a_json_error_does_not_quote_what_may_be_a_token() {
+    // Found by the long run: serde_json's "invalid type: string ..." quoted the document.
+    let e = parse_json("\"flakehub1_s3cr3tT0kenValue_0123456789abcdef\"").unwrap_err();
+    assert!(!e.contains("s3cr3t"), "{e}");
+    assert!(e.contains("(43 characters)"), "{e}");
+}

@@ -538,3 +538,10 @@ fn a_value_that_may_be_a_token_is_shown_by_its_length() {
         "hcloud_nixos.flake: (a value of 43 characters) is not org/flake/version; expected org/flake/version[#attr], e.g. my-org/infra/0.1#nixosConfigurations.web"
     );
 }
+
+#[test]
+fn a_line_separator_in_a_key_is_escaped() {
+    // Found by the long run: a key of U+2028 alone was shown as it is (an empty-looking line).
+    let data = parse("#cloud-config\n\u{2028}: 1\n".as_bytes());
+    assert_eq!(data.other_keys, ["\\u{2028}"]);
+}
