@@ -74,10 +74,7 @@ impl Ssh {
         let child = match child {
             Ok(c) => c,
             Err(e) => {
-                return Answer::NoConnection(format!(
-                    "cannot run {}: {e}",
-                    self.program.display()
-                ));
+                return Answer::NoConnection(format!("cannot run {}: {e}", self.program.display()));
             }
         };
         let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
@@ -86,7 +83,11 @@ impl Ssh {
             Err(_) => return Answer::NoConnection("no answer in time".into()),
         };
         let stderr = String::from_utf8_lossy(&out.stderr);
-        classify(out.status.code(), &String::from_utf8_lossy(&out.stdout), &stderr)
+        classify(
+            out.status.code(),
+            &String::from_utf8_lossy(&out.stdout),
+            &stderr,
+        )
     }
 }
 
@@ -215,7 +216,11 @@ mod tests {
             Answer::NoConnection(e) if e.contains("Connection refused")
         ));
         assert!(matches!(
-            classify(Some(255), "", "@@@\nWARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!\nHost key verification failed.\n"),
+            classify(
+                Some(255),
+                "",
+                "@@@\nWARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!\nHost key verification failed.\n"
+            ),
             Answer::HostKeyMismatch(_)
         ));
         assert!(matches!(
@@ -260,6 +265,8 @@ mod tests {
             "desired": {"version": "0.1.44"},
             "last_deploy": {"version": "0.1.44", "outcome": "failed"}
         });
-        assert!(matches!(read_status(&failed, &mut t), Progress::Failed(l) if l.contains("rolled back")));
+        assert!(
+            matches!(read_status(&failed, &mut t), Progress::Failed(l) if l.contains("rolled back"))
+        );
     }
 }

@@ -117,7 +117,10 @@ mod tests {
         assert!(key.public.starts_with("ssh-ed25519 AAAA"), "{}", key.public);
         assert!(key.public.ends_with(" root@web-1"));
         let line = key.known_hosts_line(&["web-1".into(), "192.0.2.7".into()]);
-        assert!(line.starts_with("web-1,192.0.2.7 ssh-ed25519 AAAA"), "{line}");
+        assert!(
+            line.starts_with("web-1,192.0.2.7 ssh-ed25519 AAAA"),
+            "{line}"
+        );
         assert!(!line.contains("root@"), "{line}");
         assert_ne!(
             HostKey::generate("web-1").unwrap().public,
@@ -142,7 +145,10 @@ mod tests {
         remember(&file, &hosts, &key).unwrap();
         let text = std::fs::read_to_string(&file).unwrap();
         assert!(text.contains("other.example"), "{text}");
-        assert!(!text.contains("Stale"), "the old key of the address is gone: {text}");
+        assert!(
+            !text.contains("Stale"),
+            "the old key of the address is gone: {text}"
+        );
         assert_eq!(text.lines().filter(|l| l.contains("192.0.2.7")).count(), 1);
         // ssh-keygen finds it for either name.
         for host in &hosts {
@@ -155,6 +161,9 @@ mod tests {
         }
         forget(&file, &hosts).unwrap();
         let text = std::fs::read_to_string(&file).unwrap();
-        assert!(!text.contains("192.0.2.7") && text.contains("other.example"), "{text}");
+        assert!(
+            !text.contains("192.0.2.7") && text.contains("other.example"),
+            "{text}"
+        );
     }
 }

@@ -53,7 +53,9 @@ fn check_name(name: &str) -> Result<()> {
         && name.len() <= 63
         && name.split('.').all(|label| {
             !label.is_empty()
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
@@ -95,10 +97,7 @@ pub(crate) async fn prepare(args: &CreateArgs) -> Result<Plan> {
             bail!("'{name}' is given twice");
         }
     }
-    let flake: FlakeRef = args
-        .flake
-        .parse()
-        .map_err(|e| anyhow!("--flake: {e}"))?;
+    let flake: FlakeRef = args.flake.parse().map_err(|e| anyhow!("--flake: {e}"))?;
     let flakehub_token = flakehub_token(args)?;
     let token = crate::upload::token::resolve(args.token_file.as_deref())?;
     let api = Client::new(
@@ -190,7 +189,8 @@ async fn image(api: &Client, given: &str, arch: &str) -> Result<u64> {
             ],
         )
         .await?;
-    images.retain(|i| i.status == "available" && i.architecture.as_deref().is_none_or(|a| a == arch));
+    images
+        .retain(|i| i.status == "available" && i.architecture.as_deref().is_none_or(|a| a == arch));
     images.first().map(|i| i.id).ok_or_else(|| {
         let flag = if arch == "arm" { "arm" } else { "x86" };
         anyhow!(

@@ -45,7 +45,9 @@ struct Line(Option<ProgressBar>);
 impl Line {
     fn set(&self, name: &str, text: &str, elapsed: Duration) {
         match &self.0 {
-            Some(bar) => bar.set_message(format!("{name}: {text} ({:.0} s)", elapsed.as_secs_f64())),
+            Some(bar) => {
+                bar.set_message(format!("{name}: {text} ({:.0} s)", elapsed.as_secs_f64()))
+            }
             None => eprintln!("{name}: {text} after {:.1} s", elapsed.as_secs_f64()),
         }
     }
@@ -148,7 +150,11 @@ async fn drive(
     };
     let userdata = super::userdata::build(&ours, plan.userdata.as_deref())?;
     let release = plan.versions.get(name).map_or("", String::as_str);
-    line.set(name, &format!("creating (FlakeHub has {release})"), clock.elapsed());
+    line.set(
+        name,
+        &format!("creating (FlakeHub has {release})"),
+        clock.elapsed(),
+    );
     // A label of this run's own, so that a lost answer is followed by finding the server
     // instead of creating a second one.
     let run = crate::upload::flow::random_id().map_err(|e| format!("{e:#}"))?;
@@ -212,7 +218,11 @@ async fn wait_running(
     deadline: tokio::time::Instant,
 ) -> Result<Server, String> {
     loop {
-        let server = plan.api.get_server(id).await.map_err(|e| format!("{e:#}"))?;
+        let server = plan
+            .api
+            .get_server(id)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
         if server.status == "running" {
             return Ok(server);
         }
@@ -250,7 +260,10 @@ async fn follow_agent(
                 humantime::format_duration(args.timeout)
             ));
         }
-        match ssh.run(follow::STATUS_COMMAND, Duration::from_secs(15)).await {
+        match ssh
+            .run(follow::STATUS_COMMAND, Duration::from_secs(15))
+            .await
+        {
             Answer::HostKeyMismatch(why) => {
                 return Err(format!(
                     "the server's host key is not the one create made ({why}); not connecting"
@@ -270,9 +283,7 @@ async fn follow_agent(
                             return Err(status_line);
                         }
                         Progress::Working(status_line) => {
-                            if args.wait == Wait::Ready
-                                && created.timeline.has(Phase::AgentReady)
-                            {
+                            if args.wait == Wait::Ready && created.timeline.has(Phase::AgentReady) {
                                 return Ok(());
                             }
                             last = status_line;

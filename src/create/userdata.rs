@@ -65,8 +65,12 @@ fn combine(ours: &Ours<'_>, raw: &[u8]) -> Result<String, String> {
     })?;
     let first = text.lines().next().unwrap_or_default().trim_end();
     if first == "#cloud-config" {
-        let theirs: Value = serde_saphyr::from_str(text)
-            .map_err(|e| format!("--userdata: not a YAML document: {}", one_line(&e.to_string())))?;
+        let theirs: Value = serde_saphyr::from_str(text).map_err(|e| {
+            format!(
+                "--userdata: not a YAML document: {}",
+                one_line(&e.to_string())
+            )
+        })?;
         let mut map = match theirs {
             Value::Object(map) => map,
             Value::Null => Map::new(),
@@ -248,14 +252,22 @@ mod tests {
 
     #[test]
     fn large_user_data_is_compressed_and_too_large_is_refused() {
-        let big = format!("#cloud-config\nwrite_files:\n  - content: \"{}\"\n", "a".repeat(40_000));
+        let big = format!(
+            "#cloud-config\nwrite_files:\n  - content: \"{}\"\n",
+            "a".repeat(40_000)
+        );
         let raw = with(|o| build(o, Some(big.as_bytes()))).unwrap();
         assert!(raw.len() <= MAX_RAW);
-        assert!(parsed(&raw).settings.is_some(), "the agent reads it compressed");
+        assert!(
+            parsed(&raw).settings.is_some(),
+            "the agent reads it compressed"
+        );
         let mut noise = String::from("#!/bin/sh\n");
         let mut x: u64 = 1;
         for _ in 0..60_000 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             noise.push(char::from(b'a' + (x >> 59) as u8));
         }
         let e = with(|o| build(o, Some(noise.as_bytes()))).unwrap_err();

@@ -14,6 +14,7 @@
 //! | [`prometheus`] | a strict reader of the metrics text |
 
 pub mod agent;
+pub mod cloud;
 pub mod container;
 pub mod etcd;
 pub mod flakehub;
