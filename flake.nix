@@ -175,6 +175,17 @@
             ''
           );
         };
+        # `nix run .#create -- NAME --flake ORG/FLAKE/VERSION`: a server from the newest snapshot
+        # `upload` made, followed until its release is deployed (HCLOUD_TOKEN and FLAKEHUB_TOKEN,
+        # or --token-file and --flakehub-token-file). It uses the user's own OpenSSH client.
+        create = {
+          type = "app";
+          program = toString (
+            pkgs.writeShellScript "hcloud-nixos-create" ''
+              exec ${package pkgs}/bin/hcloud-nixos create "$@"
+            ''
+          );
+        };
       });
 
       checks = forAllSystems (

@@ -13,7 +13,7 @@ use hcloud_nixos::boot::cache;
 use hcloud_nixos::boot::hostname::Policy;
 use hcloud_nixos::boot::metadata::client::DEFAULT_URL;
 use hcloud_nixos::boot::provision;
-use hcloud_nixos::boot::sshkeys;
+use hcloud_nixos::boot::{hostkey, sshkeys};
 use hcloud_nixos::plumbing::logging;
 #[cfg(feature = "workstation")]
 use hcloud_nixos::upload;
@@ -74,6 +74,10 @@ enum Command {
         /// File for root's SSH keys (read by sshd as an additional AuthorizedKeysFile).
         #[arg(long, default_value = sshkeys::DEFAULT_KEYS_FILE, value_name = "PATH")]
         keys_file: PathBuf,
+        /// Where sshd's host keys are: an SSH host key in the user-data (as `create` passes one)
+        /// is installed there before sshd starts.
+        #[arg(long, default_value = hostkey::DEFAULT_DIR, value_name = "DIR")]
+        host_key_dir: PathBuf,
         /// Print what would be written and done; change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -273,6 +277,7 @@ async fn run(command: Command) -> Result<Done> {
             hostname,
             hostname_file,
             keys_file,
+            host_key_dir,
             dry_run,
             state_dir,
             dmi_dir,
@@ -283,6 +288,7 @@ async fn run(command: Command) -> Result<Done> {
                 hostname,
                 hostname_file,
                 keys_file,
+                host_key_dir,
                 dry_run,
                 state_dir,
                 dmi_dir,

@@ -121,6 +121,13 @@ fn provision(case: Eth0) {
     let b = bench(case);
     let standin = &b.standin;
     let state = tempfile::tempdir().unwrap();
+    // The user-data carries a host key, as `create` passes one.
+    let (private, public) = host_key(state.path());
+    let userdata = format!(
+        "#cloud-config\n{}\n",
+        serde_json::json!({"ssh_keys": {"ed25519_private": private, "ed25519_public": public}})
+    );
+    standin.set_document("userdata", Some(userdata.as_bytes()));
     let guest = Guest::start(&b.guest_ns, &GuestOptions::default());
     isolate(&guest, state.path());
     let ready = netns::poll(Duration::from_secs(20), Duration::from_millis(100), || {
@@ -183,6 +190,25 @@ fn provision(case: Eth0) {
 
     // Root's keys, readable by root only.
     assert_keys(&guest);
+    // The host key from the user-data, where sshd reads it, root-only; never in the output.
+    let host_key = "/etc/ssh/ssh_host_ed25519_key";
+    assert_eq!(
+        guest.text("stat", &["-c", "%a %u", host_key]).trim(),
+        "600 0"
+    );
+    assert_eq!(guest.text("cat", &[host_key]), private);
+    assert_eq!(
+        guest
+            .text("cat", &["/etc/ssh/ssh_host_ed25519_key.pub"])
+            .trim(),
+        public.trim()
+    );
+    assert!(standin.requests("userdata") >= 1);
+    let body = private.lines().nth(2).unwrap();
+    assert!(
+        !stderr.contains(body),
+        "the private host key is in the output:\n{stderr}"
+    );
 
     // The temporary link-local address is gone again (networkd may bring the link up itself).
     let v4 = guest.text("ip", &["-4", "addr", "show", "dev", "eth0"]);
@@ -322,8 +348,24 @@ fn boot_with_state(b: &Bench, state: &Path) -> Guest {
     guest
 }
 
-/// Gives the guest `state` as its /var/lib (where `network` saves the metadata by default: the
-/// host's own must not be written) and hides the host's DMI data.
+/// A fresh ed25519 host key pair made by OpenSSH in `dir`: (private, public).
+fn host_key(dir: &Path) -> (String, String) {
+    let file = dir.join("host-key");
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "root@web-1", "-f"])
+        .arg(&file)
+        .output()
+        .expect("ssh-keygen (openssh-client)");
+    assert!(out.status.success(), "{out:?}");
+    let text = |p: &Path| std::fs::read_to_string(p).unwrap();
+    let pair = (text(&file), text(&file.with_extension("pub")));
+    std::fs::remove_file(&file).unwrap();
+    pair
+}
+
+/// Gives the guest `state` as its /var/lib (where `network` saves the metadata by default) and an
+/// empty /etc/ssh of its own (where it installs a host key from the user-data): the host's own
+/// must not be written. Hides the host's DMI data.
 fn isolate(guest: &Guest, state: &Path) {
     let mount = |args: &[&str]| {
         let out = guest.exec(Duration::from_secs(10), "mount", args);
@@ -333,6 +375,9 @@ fn isolate(guest: &Guest, state: &Path) {
             String::from_utf8_lossy(&out.stderr)
         );
     };
+    let etc_ssh = state.join("etc-ssh");
+    std::fs::create_dir_all(&etc_ssh).unwrap();
+    mount(&["--bind", &etc_ssh.display().to_string(), "/etc/ssh"]);
     mount(&["--bind", &state.display().to_string(), "/var/lib"]);
     if Path::new("/sys/devices/virtual/dmi/id").is_dir() {
         mount(&["-t", "tmpfs", "tmpfs", "/sys/devices/virtual/dmi/id"]);

@@ -8,12 +8,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::time::Instant;
 
+use crate::agent::userdata::HostKey;
 use crate::boot::hostname::{self, Policy};
 use crate::boot::metadata::client::{self, Client};
 use crate::boot::metadata::{Hostname, Metadata, PrivateNetwork, Problem, SshKey};
 use crate::boot::network::networkd::{self, Reload};
 use crate::boot::network::{self as net, NetworkFile};
-use crate::boot::sshkeys;
+use crate::boot::{hostkey, sshkeys};
 use crate::plumbing::files;
 
 mod fetch;
@@ -33,6 +34,8 @@ pub struct Options {
     pub hostname: Policy,
     pub hostname_file: PathBuf,
     pub keys_file: PathBuf,
+    /// Where sshd's host keys are (`/etc/ssh`): the user-data's host key goes there.
+    pub host_key_dir: PathBuf,
     pub dry_run: bool,
     /// Where the last good metadata is kept (root-only), for a boot without the service.
     pub state_dir: PathBuf,
@@ -59,6 +62,9 @@ pub struct Fetched {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<Problem>,
     pub origin: Origin,
+    /// The SSH host key the user-data gives (`create` passes one); never shown.
+    #[serde(skip)]
+    pub host_key: Option<HostKey>,
 }
 
 /// What `network` will do, decided from the metadata and the machine's state (pure data).
@@ -70,6 +76,7 @@ pub struct Plan {
     pub stale: Vec<String>,
     pub hostname: Option<Hostname>,
     pub keys: Vec<SshKey>,
+    pub host_key: Option<HostKey>,
 }
 
 /// Decides what to do. `existing` are the names in the network directory now.
@@ -104,6 +111,7 @@ pub fn plan(
             has_static_hostname,
         ),
         keys: fetched.metadata.public_keys.clone(),
+        host_key: fetched.host_key.clone(),
     }
 }
 
@@ -237,6 +245,17 @@ async fn apply(plan: &Plan, opts: &Options) -> Result<()> {
         }
         Err(e) => failures.push(e),
     }
+    if let Some(key) = &plan.host_key {
+        match hostkey::install(&opts.host_key_dir, key) {
+            Ok(done) => tracing::info!(
+                file = %hostkey::private_path(&opts.host_key_dir).display(),
+                key = key.public_line(),
+                written = done == hostkey::Installed::Written,
+                "SSH host key from the user-data in place"
+            ),
+            Err(e) => failures.push(e),
+        }
+    }
     let count = failures.len();
     match failures.into_iter().next() {
         None => Ok(()),
@@ -344,6 +363,14 @@ pub fn describe(plan: &Plan, opts: &Options, has_static_hostname: bool) -> Strin
         plan.keys.len(),
         opts.keys_file.display()
     );
+    if let Some(key) = &plan.host_key {
+        let _ = writeln!(
+            out,
+            "would install the SSH host key {} as {} (mode 0600)",
+            key.public_line(),
+            hostkey::private_path(&opts.host_key_dir).display()
+        );
+    }
     out
 }
 

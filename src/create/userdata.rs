@@ -128,6 +128,12 @@ fn check(raw: &[u8], ours: &Ours<'_>) -> Result<(), String> {
     if let Some(problem) = data.problems.first() {
         return Err(format!("the user-data create made is refused: {problem}"));
     }
+    if data.host_key.as_ref().map(|k| k.public_line()) != Some(ours.host_key_public.trim()) {
+        return Err(
+            "the user-data create made has no host key the boot step reads (a bug in hcloud-nixos)"
+                .into(),
+        );
+    }
     match data.settings.as_ref().and_then(|s| s.flake.as_deref()) {
         Some(flake) if flake == ours.flake => Ok(()),
         _ => Err(format!(
@@ -170,18 +176,14 @@ mod tests {
 
     const FLAKE: &str = "my-org/infra/0.1#nixosConfigurations.web";
     const TOKEN: &str = "flakehub1_createTestToken_0123456789";
-    const PUBLIC: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBjYTHGYkNK7DZ4Gn0NGN1sjFUVapus4GXybEYg/ylcA root@web-1";
-
     fn with<T>(f: impl FnOnce(&Ours<'_>) -> T) -> T {
         let token = Secret::new(TOKEN);
-        let private = Secret::new(
-            "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n",
-        );
+        let key = super::super::hostkey::HostKey::generate("web-1").unwrap();
         f(&Ours {
             token: &token,
             flake: FLAKE,
-            host_key_private: &private,
-            host_key_public: PUBLIC,
+            host_key_private: &key.private,
+            host_key_public: &key.public,
         })
     }
 
@@ -200,15 +202,12 @@ mod tests {
         let settings = data.settings.unwrap();
         assert_eq!(settings.flake.as_deref(), Some(FLAKE));
         assert_eq!(settings.flakehub_token.unwrap().expose(), TOKEN);
-        // The host key is there for the boot step, as cloud-init has it.
+        // The host key is there for the boot step, as cloud-init has it, and the boot step's
+        // parser reads it.
         let doc: Value = serde_saphyr::from_str(&text).unwrap();
-        assert_eq!(doc["ssh_keys"]["ed25519_public"], PUBLIC);
-        assert!(
-            doc["ssh_keys"]["ed25519_private"]
-                .as_str()
-                .unwrap()
-                .starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\n")
-        );
+        let public = doc["ssh_keys"]["ed25519_public"].as_str().unwrap();
+        assert!(public.starts_with("ssh-ed25519 ") && public.ends_with(" root@web-1"));
+        assert_eq!(data.host_key.unwrap().public_line(), public);
     }
 
     #[test]
@@ -217,7 +216,7 @@ mod tests {
         let raw = with(|o| build(o, Some(theirs))).unwrap();
         let data = parsed(&raw);
         assert!(data.settings.is_some());
-        assert_eq!(data.other_keys, ["packages", "runcmd", "ssh_keys"]);
+        assert_eq!(data.other_keys, ["packages", "runcmd"]);
         let doc: Value = serde_saphyr::from_str(std::str::from_utf8(&raw).unwrap()).unwrap();
         assert_eq!(doc["packages"][0], "htop");
     }

@@ -30,7 +30,10 @@ use serde_json::Value;
 
 use crate::plumbing::text::one_line;
 
+mod hostkey;
 mod section;
+
+pub use hostkey::HostKey;
 
 pub(crate) use section::known_keys;
 use section::{FIELDS, kind, parse_section};
@@ -98,6 +101,9 @@ pub struct UserData {
     /// Other cloud-init user-data hcloud-nixos does not read, one line each (a
     /// `text/x-shellscript` part, an `#include` document, ...).
     pub other_parts: Vec<String>,
+    /// The server's SSH host key (cloud-init's `ssh_keys`, as `create` passes it), installed by
+    /// the boot step before sshd starts.
+    pub host_key: Option<HostKey>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -420,6 +426,13 @@ pub fn parse(raw: &[u8]) -> UserData {
                         for (key, value) in map {
                             if key == SECTION {
                                 sections.push((label.clone(), value));
+                            } else if key == "ssh_keys" {
+                                if let Some(host_key) =
+                                    hostkey::from_ssh_keys(&value, &mut data.problems)
+                                {
+                                    secrets.push(host_key.private.expose().to_string());
+                                    data.host_key.get_or_insert(host_key);
+                                }
                             } else if !data.other_keys.contains(&key) {
                                 data.other_keys.push(key);
                             }
@@ -495,6 +508,13 @@ pub fn describe(data: &UserData) -> String {
                 );
             }
         }
+    }
+    if let Some(key) = &data.host_key {
+        let _ = writeln!(
+            out,
+            "SSH host key (installed at boot, before sshd starts): {}",
+            key.public_line()
+        );
     }
     if !data.other_keys.is_empty() {
         let _ = writeln!(

@@ -19,6 +19,9 @@ pub(crate) struct Documents {
     pub metadata: Vec<u8>,
     /// `None` when the service has no such document (HTTP 404).
     pub private_networks: Option<Vec<u8>>,
+    /// The user-data, read for the server's SSH host key only (the agent reads the rest);
+    /// `None` when there is none or it did not come. Never saved: it holds secrets.
+    pub userdata: Option<Vec<u8>>,
 }
 
 /// What asking the service gave, short of an error that ends the run.
@@ -91,9 +94,19 @@ async fn ask_documents(client: &Client, deadline: Instant) -> Result<Answer> {
                     "the metadata service has no private-networks document; assuming none"
                 );
             }
+            let userdata = match client.get("userdata", deadline).await {
+                Ok(userdata) => userdata,
+                Err(e) => {
+                    tracing::warn!(
+                        "the user-data did not come ({e:#}); an SSH host key it may hold is not installed"
+                    );
+                    None
+                }
+            };
             Ok(Answer::Both(Documents {
                 metadata,
                 private_networks,
+                userdata,
             }))
         }
         Err(e @ FetchError::Deadline { .. }) => Ok(Answer::MetadataOnly {
@@ -139,11 +152,25 @@ pub(crate) fn parse(docs: &Documents, origin: Origin) -> Result<Fetched> {
             }
         }
     };
+    let host_key = docs.userdata.as_deref().and_then(|raw| {
+        let userdata = crate::agent::userdata::parse(raw);
+        problems.extend(
+            (userdata.problems.into_iter())
+                .filter(|p| p.starts_with("ssh_keys"))
+                .map(|problem| Problem {
+                    document: "userdata",
+                    field: "ssh_keys".into(),
+                    problem,
+                }),
+        );
+        userdata.host_key
+    });
     Ok(Fetched {
         metadata: parsed.value,
         private_networks,
         problems,
         origin,
+        host_key,
     })
 }
 
@@ -177,6 +204,7 @@ pub(crate) async fn fetch_or_saved(source: &Source, opts: &Options) -> Result<Fe
             let mut docs = Documents {
                 metadata,
                 private_networks: None,
+                userdata: None,
             };
             let fresh = parse(&docs, Origin::Service)?;
             let saved = load_saved(&opts.state_dir).filter(|s| {
@@ -229,6 +257,7 @@ async fn from_saved(why: anyhow::Error, opts: &Options) -> Result<Fetched> {
     let docs = Documents {
         metadata: saved.metadata.into_bytes(),
         private_networks: saved.private_networks.map(String::into_bytes),
+        userdata: None,
     };
     let mut fetched = parse(
         &docs,

@@ -10,6 +10,7 @@ fn fetched(text: &str) -> Fetched {
         private_networks: Vec::new(),
         problems: parsed.problems,
         origin: Origin::Service,
+        host_key: None,
     }
 }
 
@@ -22,6 +23,7 @@ fn opts(dir: &Path) -> Options {
         hostname: Policy::Auto,
         hostname_file: dir.join("hostname"),
         keys_file: dir.join("keys/root"),
+        host_key_dir: dir.join("ssh"),
         dry_run: false,
         state_dir: dir.join("state"),
         dmi_dir: dir.join("dmi"),
