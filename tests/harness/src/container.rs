@@ -201,6 +201,8 @@ pub struct More {
     pub bind_to: Vec<(PathBuf, PathBuf)>,
     /// Units masked on the kernel command line, besides [`MASKED`].
     pub mask: Vec<String>,
+    /// Told the PID of the container's systemd as soon as it runs (before the boot completes).
+    pub started: Option<std::sync::mpsc::Sender<i32>>,
 }
 
 impl Container {
@@ -289,6 +291,9 @@ impl Container {
                 container.console_tail()
             )
         });
+        if let Some(started) = &more.started {
+            let _ = started.send(container.init);
+        }
         let mut state = String::new();
         let up = poll(BOOT_TIMEOUT, Duration::from_millis(250), || {
             state = container.system_state();

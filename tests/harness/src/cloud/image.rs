@@ -130,7 +130,7 @@ impl Image {
         write(
             &image.tmpfiles,
             &format!(
-                "# Local cloud: the image's system runs when a server boots.\nd {RUN_DIR} 0755 root root -\nL {RUN_DIR}/current-system - - - - {s}\nL {RUN_DIR}/booted-system - - - - {s}\n",
+                "# Local cloud: the image's system runs when a server boots; /etc/ssh is there, as on NixOS with OpenSSH.\nd /etc/ssh 0755 root root -\nd {RUN_DIR} 0755 root root -\nL {RUN_DIR}/current-system - - - - {s}\nL {RUN_DIR}/booted-system - - - - {s}\n",
                 s = image.system0
             ),
         );

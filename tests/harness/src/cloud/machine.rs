@@ -89,7 +89,14 @@ fn metadata(boot: &Boot, ipv4: &str, ipv6_net: &str) -> String {
 
 impl Machine {
     /// Boots server `boot` (panics, cleaning up, when it does not come up).
-    pub fn boot(image: &Image, hub: &FlakeHub, boot: &Boot, mask_sshd: bool) -> Machine {
+    /// `started` is told the server's public IPv4 address and /64 as soon as its systemd runs.
+    pub fn boot(
+        image: &Image,
+        hub: &FlakeHub,
+        boot: &Boot,
+        mask_sshd: bool,
+        started: impl FnOnce(&str, &str) + Send + 'static,
+    ) -> Machine {
         let t0 = Instant::now();
         let id = netns::unique();
         let net = ContainerNet::new(
@@ -170,7 +177,15 @@ impl Machine {
             bind: vec![image.dir.clone()],
             console_log: dir.join("console.log"),
         };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ip4, ip6) = (server_end.clone(), ipv6_net.clone());
+        std::thread::spawn(move || {
+            if rx.recv().is_ok() {
+                started(&ip4, &ip6);
+            }
+        });
         let more = More {
+            started: Some(tx),
             bind_to: vec![(dir.clone(), SERVER_DIR.into())],
             mask: if mask_sshd {
                 vec![SSHD_UNIT.to_string()]

@@ -323,23 +323,41 @@ fn work(
     }
 }
 
-fn boot_one(machines: &Machines, image: &Image, hub: &FlakeHub, state: &Mutex<Inner>, boot: Boot) {
+fn boot_one(
+    machines: &Machines,
+    image: &Image,
+    hub: &FlakeHub,
+    state: &Arc<Mutex<Inner>>,
+    boot: Boot,
+) {
     let (id, name) = (boot.id, boot.name.clone());
     let mask = crate::lock(&machines.mask_sshd).contains(&name);
     machines.note(format!(
         "server {name} ({id}): booting{}",
         if mask { " (sshd masked)" } else { "" }
     ));
+    // `running` as soon as the container's systemd runs (Hetzner: once the VM is started); the
+    // boot goes on, as on Hetzner, until sshd answers.
+    let running = {
+        let state = state.clone();
+        move |ipv4: &str, ipv6: &str| {
+            let mut s = crate::lock(&state);
+            if s.servers
+                .get(&id)
+                .is_some_and(|x| x.status == "initializing")
+            {
+                s.set_running(id, ipv4, ipv6);
+            }
+        }
+    };
     let booted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        Machine::boot(image, hub, &boot, mask)
+        Machine::boot(image, hub, &boot, mask, running)
     }));
     match booted {
         Ok(machine) => {
-            let mut s = crate::lock(state);
-            let wanted = s
-                .servers
-                .get(&id)
-                .is_some_and(|x| x.status == "initializing");
+            // Under the API's lock: a deletion after this finds the machine.
+            let s = crate::lock(state);
+            let wanted = s.servers.get(&id).is_some_and(|x| x.status == "running");
             if !wanted || machines.closing.load(Ordering::SeqCst) {
                 drop(s);
                 drop(machine);
@@ -348,14 +366,13 @@ fn boot_one(machines: &Machines, image: &Image, hub: &FlakeHub, state: &Mutex<In
                 ));
                 return;
             }
-            s.set_running(id, &machine.ipv4, &machine.ipv6_net);
-            drop(s);
             machines.note(format!(
-                "server {name} ({id}): running at {} after {:.1} s",
+                "server {name} ({id}): booted, at {}, in {:.1} s",
                 machine.ipv4,
                 machine.boot_time.as_secs_f64()
             ));
             crate::lock(&machines.running).insert(id, machine);
+            drop(s);
         }
         Err(panic) => {
             let why = panic
