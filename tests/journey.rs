@@ -547,3 +547,157 @@ async fn a_server_that_never_answers_ssh_is_deleted_when_asked() {
         "known_hosts still has mute-1:\n{known}"
     );
 }
+
+/// Seconds since the epoch.
+fn epoch(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// When a unit in server `id` became active, in seconds since the epoch (microseconds).
+fn unit_active_at(cloud: &LocalCloud, id: u64, unit: &str) -> f64 {
+    let script = format!(
+        "date -d \"$(systemctl show -p ActiveEnterTimestamp --value --timestamp=us+utc {unit})\" +%s.%N"
+    );
+    let out = cloud
+        .exec(id, Duration::from_secs(10), "sh", &["-c", &script])
+        .expect("the machine runs");
+    text(&out.stdout).trim().parse().unwrap_or(f64::NAN)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The journey's timeline over `BENCH_RUNS` runs (default 5) of `create` (one server each,
+/// deleted after), and the part that is ours. Run by tests/bench/journey.sh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: tests/bench/journey.sh"]
+async fn bench_journey() {
+    if !prerequisites("journey benchmark") {
+        return;
+    }
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let cloud = LocalCloud::start(Options::default()).await;
+    let user = User::new(&cloud);
+    seed_snapshot(&cloud);
+    cloud.publish(ORG, FLAKE, ATTR, "0.1.1", ReleaseKind::Good);
+    let phases = [
+        "api_call",
+        "running",
+        "first_ssh_answer",
+        "network_configured",
+        "agent_ready",
+        "login",
+        "fetch",
+        "activation",
+        "confirmed",
+    ];
+    let mut columns: Vec<(String, Vec<f64>)> = phases
+        .iter()
+        .map(|p| (p.to_string(), Vec::new()))
+        .chain(
+            [
+                "total (create's wall time)",
+                "ours: create: API call",
+                "ours: create: seeing `running`",
+                "ours: create: first SSH answer after sshd started",
+                "ours: agent confirming + create seeing it, from activation",
+                "ours: create's waiting (API call, running, SSH)",
+                "ours: agent: network-online to first fh call",
+                "boot: container start to sshd started",
+            ]
+            .map(|c| (c.to_string(), Vec::new())),
+        )
+        .collect();
+    for i in 0..runs {
+        let name = format!("bench-{i}");
+        let start = std::time::SystemTime::now();
+        let out = run(
+            user.create(
+                &cloud,
+                &[&name],
+                &flake("0.1"),
+                &["--json", "--timeout", "3m"],
+            ),
+            Duration::from_secs(200),
+        )
+        .await;
+        let end = epoch(std::time::SystemTime::now());
+        assert!(out.status.success(), "{}", all_output(&out));
+        let server = created(&out).remove(0);
+        let id = server["id"].as_u64().unwrap();
+        let at = |phase: &str| {
+            server["timeline"]
+                .as_array()
+                .and_then(|t| t.iter().find(|e| e["phase"] == phase))
+                .and_then(|e| e["at_seconds"].as_f64())
+                .unwrap_or(f64::NAN)
+        };
+        let t0 = epoch(start);
+        let running_at = cloud.api.with(|s| s.running_at.get(&id).map(|t| epoch(*t)));
+        let running_at = running_at.unwrap_or(f64::NAN) - t0;
+        let sshd_at = unit_active_at(&cloud, id, "hcloud-local-sshd.service") - t0;
+        let online_at = unit_active_at(&cloud, id, "network-online.target") - t0;
+        let fh_calls = cloud.dir().join(format!("servers/{id}/fh-calls"));
+        let fh_at: f64 = std::fs::read_to_string(&fh_calls)
+            .unwrap_or_default()
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(f64::NAN)
+            - t0;
+        // The switch of the release notes when it began (`<name> switch <epoch>`).
+        let times = cloud.dir().join(format!("servers/{id}/activation-times"));
+        let activated_at: f64 = std::fs::read_to_string(&times)
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("0.1.1 switch "))
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(f64::NAN)
+            - t0;
+        let ours = [
+            at("api_call"),
+            at("running") - running_at,
+            at("first_ssh_answer") - sshd_at,
+            (end - t0) - activated_at,
+        ];
+        let mut row: Vec<f64> = phases.iter().map(|p| at(p)).collect();
+        row.push(end - t0);
+        row.extend(ours);
+        row.push(ours[..3].iter().sum());
+        row.push(fh_at - online_at);
+        row.push(sshd_at - running_at);
+        for ((_, col), v) in columns.iter_mut().zip(row) {
+            col.push(v);
+        }
+        eprintln!(
+            "run {i}: {name} deployed in {:.2} s; create's waiting {:.2} s; agent network-online -> fh {:.2} s",
+            end - t0,
+            ours[..3].iter().sum::<f64>(),
+            fh_at - online_at
+        );
+        curl(&cloud, "DELETE", &format!("/servers/{id}"));
+        harness::netns::poll(Duration::from_secs(20), Duration::from_millis(100), || {
+            cloud.machines().is_empty()
+        });
+    }
+    println!("\njourney benchmark: {runs} runs of `create` against the local cloud (seconds)");
+    println!(
+        "{:<52} {:>7} {:>7} {:>7}",
+        "phase (at, from create's start)", "median", "min", "max"
+    );
+    for (name, v) in &columns {
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        println!(
+            "{name:<52} {:>7.2} {min:>7.2} {max:>7.2}",
+            median(v.clone())
+        );
+    }
+}

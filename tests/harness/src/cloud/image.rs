@@ -79,7 +79,15 @@ impl Image {
             delay_file: None,
             env: Vec::new(),
         }
-        .install(&dir.join("bin/fh"));
+        .install(&dir.join("bin/fh-standin"));
+        // fh notes when it is called (the benchmark: the agent's time to its first fh call).
+        crate::scripts::write_executable(
+            &dir.join("bin/fh"),
+            &format!(
+                "#!/bin/bash\n# Local cloud: notes the call, then the fh stand-in.\ndate +%s.%N >> {SERVER_DIR}/fh-calls\nexec {} \"$@\"\n",
+                dir.join("bin/fh-standin").display()
+            ),
+        );
         DeterminateNixd {
             dir: Path::new(SERVER_DIR).join("nixd"),
             log: Path::new(SERVER_DIR).join("nixd-argv.log"),
@@ -149,7 +157,8 @@ impl Image {
             name: version.to_string(),
             current: Path::new(RUN_DIR).join("current-system"),
             log: Path::new(RUN_DIR).join("activations.log"),
-            times: None,
+            // When each activation began, exactly (the benchmark; the agent keeps whole seconds).
+            times: Some(Path::new(SERVER_DIR).join("activation-times")),
             flags: None,
             delay_file: None,
             activation: match kind {

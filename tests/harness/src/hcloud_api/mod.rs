@@ -216,6 +216,8 @@ pub struct Inner {
     /// A local cloud's machines (`crate::cloud`): started servers boot there, and power-offs and
     /// deletions reach them. `None`: servers are bookkeeping alone (the upload tests).
     pub machines: Option<std::sync::mpsc::Sender<Event>>,
+    /// When each server of a local cloud started running (the benchmark).
+    pub running_at: BTreeMap<u64, std::time::SystemTime>,
 }
 
 /// What a local cloud's machines are told.
@@ -247,6 +249,7 @@ impl Inner {
     pub fn set_running(&mut self, id: u64, ipv4: &str, ipv6_net: &str) {
         if let Some(srv) = self.servers.get_mut(&id) {
             srv.status = "running".into();
+            self.running_at.insert(id, std::time::SystemTime::now());
             srv.body["status"] = json!("running");
             srv.body["public_net"]["ipv4"]["ip"] = json!(ipv4);
             srv.body["public_net"]["ipv4"]["dns_ptr"] = json!(format!("static.{ipv4}.local-cloud"));
@@ -383,6 +386,7 @@ impl HcloudApi {
             max_per_page: 50,
             rate_remaining: 3600,
             machines: None,
+            running_at: BTreeMap::new(),
         }));
         let app = axum::Router::new()
             .fallback(handle)
