@@ -271,13 +271,18 @@ fn run_journey(cloud: &LocalCloud, env: &Env, bin: &Path) -> bool {
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline && !STOP.load(Ordering::SeqCst) {
-        if let Ok(out) = ssh("hcloud-nixos status") {
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
-            if text.contains("0.1.2") && text.contains("up to date") {
-                say(&format!("ssh root@{ip} hcloud-nixos status"));
-                print!("{text}");
-                return true;
-            }
+        let deployed = ssh("hcloud-nixos status --json")
+            .ok()
+            .and_then(|out| serde_json::from_slice::<serde_json::Value>(&out.stdout).ok())
+            .is_some_and(|s| {
+                s["running"]["version"] == "0.1.2"
+                    && s["last_deploy"]["outcome"] == "success"
+                    && s["in_flight"].is_null()
+            });
+        if deployed && let Ok(out) = ssh("hcloud-nixos status") {
+            say(&format!("ssh root@{ip} hcloud-nixos status"));
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+            return true;
         }
         std::thread::sleep(Duration::from_secs(1));
     }
