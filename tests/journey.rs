@@ -238,22 +238,8 @@ fn curl(cloud: &LocalCloud, method: &str, path: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn journey_upload_create_deploy_roll_back() {
-    if !prerequisites("journey") {
-        return;
-    }
-    let t0 = Instant::now();
-    let log = |m: &str| eprintln!("[{:6.1}s] {m}", t0.elapsed().as_secs_f64());
-    let cloud = LocalCloud::start(Options::default()).await;
-    let user = User::new(&cloud);
-    cloud.publish(ORG, FLAKE, ATTR, "0.1.1", ReleaseKind::Good);
-    log(&format!(
-        "local cloud at {}; FlakeHub has {ORG}/{FLAKE} 0.1.1",
-        cloud.endpoint()
-    ));
-
-    // upload
+/// `upload` a small image: the snapshot's ID.
+async fn upload(cloud: &LocalCloud, user: &User) -> u64 {
     let image = user.home.path().join("nixos.img");
     std::fs::write(&image, vec![7u8; 4 << 20]).unwrap();
     let mut args: Vec<String> = ["upload", "--architecture", "x86", "--token-file"]
@@ -263,19 +249,23 @@ async fn journey_upload_create_deploy_roll_back() {
     args.extend(["--image".to_string(), image.display().to_string()]);
     args.extend(cloud.upload_args());
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let up = run(user.command(&cloud, &argv), Duration::from_secs(120)).await;
+    let up = run(user.command(cloud, &argv), Duration::from_secs(120)).await;
     assert!(up.status.success(), "upload failed:\n{}", all_output(&up));
     let snapshot: u64 = text(&up.stdout)
         .trim()
         .parse()
         .expect("upload prints the snapshot ID");
-    assert_no_token(&cloud, &all_output(&up), "upload's output");
-    log(&format!("upload: snapshot {snapshot}"));
+    assert_no_token(cloud, &all_output(&up), "upload's output");
 
-    // create one server from it
+    snapshot
+}
+
+/// `create web-1` from the snapshot: its ID, IPv4 address and `--json` record; its host key is
+/// the one create wrote to known_hosts (ssh with StrictHostKeyChecking=yes gets in).
+async fn create_web1(cloud: &LocalCloud, user: &User, snapshot: u64) -> (u64, String, Value) {
     let out = run(
         user.create(
-            &cloud,
+            cloud,
             &["web-1"],
             &flake("0.1"),
             &["--json", "--timeout", "3m"],
@@ -285,15 +275,11 @@ async fn journey_upload_create_deploy_roll_back() {
     .await;
     let servers = created(&out);
     assert!(out.status.success(), "create failed:\n{}", all_output(&out));
-    assert_no_token(&cloud, &all_output(&out), "create's output");
-    let web1 = &servers[0];
+    assert_no_token(cloud, &all_output(&out), "create's output");
+    let web1 = servers[0].clone();
     assert_eq!(web1["version"], "0.1.1", "{web1:#}");
     let ip1 = web1["ipv4"].as_str().expect("an IPv4 address").to_string();
     let id1 = web1["id"].as_u64().unwrap();
-    log(&format!(
-        "create web-1: deployed 0.1.1 at {ip1}; timeline: {}",
-        timeline(web1)
-    ));
     let image_used = cloud
         .api
         .with(|s| s.servers[&id1].body["image"]["id"].clone());
@@ -310,6 +296,84 @@ async fn journey_upload_create_deploy_roll_back() {
         all_output(&answer)
     );
     assert_eq!(text(&answer.stdout).trim(), "web-1");
+
+    (id1, ip1, web1)
+}
+
+/// No token in any server's whole journal.
+fn no_token_in_journals(cloud: &LocalCloud) {
+    for (id, name, _) in cloud.machines() {
+        let journal = cloud
+            .with_machine(id, |m| m.journal(&["-o", "cat"]))
+            .unwrap_or_default();
+        assert!(
+            journal.contains("hcloud-nixos"),
+            "{name}'s journal is empty?"
+        );
+        assert_no_token(cloud, &journal, &format!("{name}'s journal"));
+    }
+}
+
+/// web-3 powered off and web-2 deleted through the API: their containers go.
+fn power_off_and_delete(cloud: &LocalCloud, pair: &[Value]) {
+    let id3 = pair.iter().find(|s| s["name"] == "web-3").unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let id2 = pair.iter().find(|s| s["name"] == "web-2").unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let listed = curl(
+        cloud,
+        "GET",
+        "/servers?label_selector=hcloud-nixos/created-by=create",
+    );
+    assert_eq!(
+        listed["servers"].as_array().map(Vec::len),
+        Some(3),
+        "{listed:#}"
+    );
+    curl(cloud, "POST", &format!("/servers/{id3}/actions/poweroff"));
+    curl(cloud, "DELETE", &format!("/servers/{id2}"));
+    let gone = harness::netns::poll(Duration::from_secs(20), Duration::from_millis(200), || {
+        cloud.machines().len() == 1
+    });
+    assert!(
+        gone,
+        "machines after power-off and deletion: {:?}",
+        cloud.machines()
+    );
+    let off = harness::netns::poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        curl(cloud, "GET", &format!("/servers/{id3}"))["server"]["status"] == "off"
+    });
+    assert!(off, "web-3 is not off");
+    assert_eq!(
+        curl(cloud, "GET", &format!("/servers/{id2}"))["error"]["code"],
+        "not_found"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journey_upload_create_deploy_roll_back() {
+    if !prerequisites("journey") {
+        return;
+    }
+    let t0 = Instant::now();
+    let log = |m: &str| eprintln!("[{:6.1}s] {m}", t0.elapsed().as_secs_f64());
+    let cloud = LocalCloud::start(Options::default()).await;
+    let user = User::new(&cloud);
+    cloud.publish(ORG, FLAKE, ATTR, "0.1.1", ReleaseKind::Good);
+    log(&format!(
+        "local cloud at {}; FlakeHub has {ORG}/{FLAKE} 0.1.1",
+        cloud.endpoint()
+    ));
+
+    let snapshot = upload(&cloud, &user).await;
+    log(&format!("upload: snapshot {snapshot}"));
+    let (_, ip1, web1) = create_web1(&cloud, &user, snapshot).await;
+    log(&format!(
+        "create web-1: deployed 0.1.1 at {ip1}; timeline: {}",
+        timeline(&web1)
+    ));
     log("ssh root@web-1 with the known_hosts entry create wrote (StrictHostKeyChecking=yes): ok");
 
     // a new release, and two more servers at once
@@ -365,54 +429,9 @@ async fn journey_upload_create_deploy_roll_back() {
     );
     log(&format!("published broken 0.1.3: status says\n{status}"));
 
-    // no token in any journal
-    for (id, name, _) in cloud.machines() {
-        let journal = cloud
-            .with_machine(id, |m| m.journal(&["-o", "cat"]))
-            .unwrap_or_default();
-        assert!(
-            journal.contains("hcloud-nixos"),
-            "{name}'s journal is empty?"
-        );
-        assert_no_token(&cloud, &journal, &format!("{name}'s journal"));
-    }
+    no_token_in_journals(&cloud);
     log("no token in any server's journal, nor in upload's or create's output");
-
-    // power-off and deletion through the API
-    let id3 = pair.iter().find(|s| s["name"] == "web-3").unwrap()["id"]
-        .as_u64()
-        .unwrap();
-    let id2 = pair.iter().find(|s| s["name"] == "web-2").unwrap()["id"]
-        .as_u64()
-        .unwrap();
-    let listed = curl(
-        &cloud,
-        "GET",
-        "/servers?label_selector=hcloud-nixos/created-by=create",
-    );
-    assert_eq!(
-        listed["servers"].as_array().map(Vec::len),
-        Some(3),
-        "{listed:#}"
-    );
-    curl(&cloud, "POST", &format!("/servers/{id3}/actions/poweroff"));
-    curl(&cloud, "DELETE", &format!("/servers/{id2}"));
-    let gone = harness::netns::poll(Duration::from_secs(20), Duration::from_millis(200), || {
-        cloud.machines().len() == 1
-    });
-    assert!(
-        gone,
-        "machines after power-off and deletion: {:?}",
-        cloud.machines()
-    );
-    let off = harness::netns::poll(Duration::from_secs(10), Duration::from_millis(100), || {
-        curl(&cloud, "GET", &format!("/servers/{id3}"))["server"]["status"] == "off"
-    });
-    assert!(off, "web-3 is not off");
-    assert_eq!(
-        curl(&cloud, "GET", &format!("/servers/{id2}"))["error"]["code"],
-        "not_found"
-    );
+    power_off_and_delete(&cloud, &pair);
     log("web-3 powered off and web-2 deleted through the API: their containers are gone");
     drop(cloud);
     log("the cloud is gone: containers, namespaces, stand-ins");
@@ -566,9 +585,69 @@ fn unit_active_at(cloud: &LocalCloud, id: u64, unit: &str) -> f64 {
     text(&out.stdout).trim().parse().unwrap_or(f64::NAN)
 }
 
+/// The timeline's phases, as `create --json` names them.
+const PHASES: [&str; 9] = [
+    "api_call",
+    "running",
+    "first_ssh_answer",
+    "network_configured",
+    "agent_ready",
+    "login",
+    "fetch",
+    "activation",
+    "confirmed",
+];
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// One run's row: the phases, the total, what is ours, the boot (see `bench_journey`'s columns).
+fn measure(cloud: &LocalCloud, server: &Value, t0: f64, end: f64) -> Vec<f64> {
+    let id = server["id"].as_u64().unwrap();
+    let phases = PHASES;
+    let at = |phase: &str| {
+        server["timeline"]
+            .as_array()
+            .and_then(|t| t.iter().find(|e| e["phase"] == phase))
+            .and_then(|e| e["at_seconds"].as_f64())
+            .unwrap_or(f64::NAN)
+    };
+    let running_at = cloud.api.with(|s| s.running_at.get(&id).map(|t| epoch(*t)));
+    let running_at = running_at.unwrap_or(f64::NAN) - t0;
+    let sshd_at = unit_active_at(cloud, id, "hcloud-local-sshd.service") - t0;
+    let online_at = unit_active_at(cloud, id, "network-online.target") - t0;
+    let fh_calls = cloud.dir().join(format!("servers/{id}/fh-calls"));
+    let fh_at: f64 = std::fs::read_to_string(&fh_calls)
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+        - t0;
+    // The switch of the release notes when it began (`<name> switch <epoch>`).
+    let times = cloud.dir().join(format!("servers/{id}/activation-times"));
+    let activated_at: f64 = std::fs::read_to_string(&times)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("0.1.1 switch "))
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+        - t0;
+    let ours = [
+        at("api_call"),
+        at("running") - running_at,
+        at("first_ssh_answer") - sshd_at,
+        (end - t0) - activated_at,
+    ];
+    let mut row: Vec<f64> = phases.iter().map(|p| at(p)).collect();
+    row.push(end - t0);
+    row.extend(ours);
+    row.push(ours[..3].iter().sum());
+    row.push(fh_at - online_at);
+    row.push(sshd_at - running_at);
+    row
 }
 
 /// The journey's timeline over `BENCH_RUNS` runs (default 5) of `create` (one server each,
@@ -587,17 +666,7 @@ async fn bench_journey() {
     let user = User::new(&cloud);
     seed_snapshot(&cloud);
     cloud.publish(ORG, FLAKE, ATTR, "0.1.1", ReleaseKind::Good);
-    let phases = [
-        "api_call",
-        "running",
-        "first_ssh_answer",
-        "network_configured",
-        "agent_ready",
-        "login",
-        "fetch",
-        "activation",
-        "confirmed",
-    ];
+    let phases = PHASES;
     let mut columns: Vec<(String, Vec<f64>)> = phases
         .iter()
         .map(|p| (p.to_string(), Vec::new()))
@@ -632,56 +701,14 @@ async fn bench_journey() {
         assert!(out.status.success(), "{}", all_output(&out));
         let server = created(&out).remove(0);
         let id = server["id"].as_u64().unwrap();
-        let at = |phase: &str| {
-            server["timeline"]
-                .as_array()
-                .and_then(|t| t.iter().find(|e| e["phase"] == phase))
-                .and_then(|e| e["at_seconds"].as_f64())
-                .unwrap_or(f64::NAN)
-        };
-        let t0 = epoch(start);
-        let running_at = cloud.api.with(|s| s.running_at.get(&id).map(|t| epoch(*t)));
-        let running_at = running_at.unwrap_or(f64::NAN) - t0;
-        let sshd_at = unit_active_at(&cloud, id, "hcloud-local-sshd.service") - t0;
-        let online_at = unit_active_at(&cloud, id, "network-online.target") - t0;
-        let fh_calls = cloud.dir().join(format!("servers/{id}/fh-calls"));
-        let fh_at: f64 = std::fs::read_to_string(&fh_calls)
-            .unwrap_or_default()
-            .lines()
-            .next()
-            .and_then(|l| l.trim().parse().ok())
-            .unwrap_or(f64::NAN)
-            - t0;
-        // The switch of the release notes when it began (`<name> switch <epoch>`).
-        let times = cloud.dir().join(format!("servers/{id}/activation-times"));
-        let activated_at: f64 = std::fs::read_to_string(&times)
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("0.1.1 switch "))
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(f64::NAN)
-            - t0;
-        let ours = [
-            at("api_call"),
-            at("running") - running_at,
-            at("first_ssh_answer") - sshd_at,
-            (end - t0) - activated_at,
-        ];
-        let mut row: Vec<f64> = phases.iter().map(|p| at(p)).collect();
-        row.push(end - t0);
-        row.extend(ours);
-        row.push(ours[..3].iter().sum());
-        row.push(fh_at - online_at);
-        row.push(sshd_at - running_at);
+        let row = measure(&cloud, &server, epoch(start), end);
+        eprintln!(
+            "run {i}: {name} deployed in {:.2} s; create's waiting {:.2} s; agent network-online -> fh {:.2} s",
+            row[9], row[14], row[15]
+        );
         for ((_, col), v) in columns.iter_mut().zip(row) {
             col.push(v);
         }
-        eprintln!(
-            "run {i}: {name} deployed in {:.2} s; create's waiting {:.2} s; agent network-online -> fh {:.2} s",
-            end - t0,
-            ours[..3].iter().sum::<f64>(),
-            fh_at - online_at
-        );
         curl(&cloud, "DELETE", &format!("/servers/{id}"));
         harness::netns::poll(Duration::from_secs(20), Duration::from_millis(100), || {
             cloud.machines().is_empty()

@@ -87,6 +87,42 @@ fn metadata(boot: &Boot, ipv4: &str, ipv6_net: &str) -> String {
     out
 }
 
+/// The server's network: its namespace and the stand-ins', joined on eth0 (link-local), and
+/// eth1 with the public IPv4 address on a veth pair to this machine. Returns the server's address.
+fn network(id: &str) -> (ContainerNet, String) {
+    let net = ContainerNet::new(
+        id,
+        LINK_ADDR,
+        &[
+            "169.254.169.254/16",
+            &format!("{}/16", HUB_ADDR.split(':').next().unwrap()),
+        ],
+    );
+    net.guest.ip(&["link", "set", "eth0", "down"]);
+    net.guest.ip(&["link", "set", "eth0", "address", MAC]);
+    net.guest.ip(&["link", "set", "eth0", "up"]);
+    let (host_end, server_end) = next_public();
+    let veth = format!("hcp{id}");
+    netns::ip(&[
+        "link",
+        "add",
+        &veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth1",
+        "netns",
+        &net.guest.name,
+    ]);
+    netns::ip(&["addr", "add", &format!("{host_end}/30"), "dev", &veth]);
+    netns::ip(&["link", "set", &veth, "up"]);
+    net.guest
+        .ip(&["addr", "add", &format!("{server_end}/30"), "dev", "eth1"]);
+    net.guest.ip(&["link", "set", "eth1", "up"]);
+    (net, server_end)
+}
+
 impl Machine {
     /// Boots server `boot` (panics, cleaning up, when it does not come up).
     /// `started` is told the server's public IPv4 address and /64 as soon as its systemd runs.
@@ -99,36 +135,7 @@ impl Machine {
     ) -> Machine {
         let t0 = Instant::now();
         let id = netns::unique();
-        let net = ContainerNet::new(
-            &id,
-            LINK_ADDR,
-            &[
-                "169.254.169.254/16",
-                &format!("{}/16", HUB_ADDR.split(':').next().unwrap()),
-            ],
-        );
-        net.guest.ip(&["link", "set", "eth0", "down"]);
-        net.guest.ip(&["link", "set", "eth0", "address", MAC]);
-        net.guest.ip(&["link", "set", "eth0", "up"]);
-        let (host_end, server_end) = next_public();
-        let veth = format!("hcp{id}");
-        netns::ip(&[
-            "link",
-            "add",
-            &veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth1",
-            "netns",
-            &net.guest.name,
-        ]);
-        netns::ip(&["addr", "add", &format!("{host_end}/30"), "dev", &veth]);
-        netns::ip(&["link", "set", &veth, "up"]);
-        net.guest
-            .ip(&["addr", "add", &format!("{server_end}/30"), "dev", "eth1"]);
-        net.guest.ip(&["link", "set", "eth1", "up"]);
+        let (net, server_end) = network(&id);
         let ipv6_net = format!("2a01:4f8:c0c:{:x}::/64", boot.id % 0xffff);
         let dir = image.server_dir(boot.id);
         let mut docs = Documents::default();
