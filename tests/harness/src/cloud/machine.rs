@@ -2,7 +2,7 @@
 //! of its own. Its eth0 leads to a namespace of stand-ins (the metadata service at
 //! 169.254.169.254 serving this server's documents, the cloud's FlakeHub at 169.254.169.253:8080);
 //! its eth1 is its public IPv4 address, on a veth pair whose other end is this machine's
-//! (`10.A.N.2/30`, this machine `10.A.N.1/30`). Dropping it kills the container by PID, stops the
+//! (a /30 in 198.18.0.0/15). Dropping it kills the container by PID, stops the
 //! stand-ins and deletes the namespaces (and with them both veth pairs).
 
 use std::path::PathBuf;
@@ -35,17 +35,18 @@ pub struct Machine {
     pub boot_time: Duration,
 }
 
-/// A public address pair for the next machine: `(this machine's end, the server's)`, both /30.
+/// A public address pair for the next machine: `(this machine's end, the server's)`, both /30,
+/// in 198.18.0.0/15 (RFC 2544's benchmarking range: not a network a CI machine lives in).
 fn next_public() -> (String, String) {
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::SeqCst);
-    // Second octet from the process ID, so that two clouds' processes do not meet; 63 servers
-    // per third octet (a /30 each).
-    let a = 100 + std::process::id() % 100;
-    let (b, c) = ((n / 63) % 256, (n % 63) * 4 + 4);
+    // Third octet from the process ID, so that two clouds' processes seldom meet; 63 servers per
+    // /24 (a /30 each), then the other half of the range.
+    let (b, c) = (18 + (n / 63) % 2, std::process::id() % 256);
+    let d = (n % 63) * 4 + 4;
     (
-        format!("10.{a}.{b}.{}", c + 1),
-        format!("10.{a}.{b}.{}", c + 2),
+        format!("198.{b}.{c}.{}", d + 1),
+        format!("198.{b}.{c}.{}", d + 2),
     )
 }
 
