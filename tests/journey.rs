@@ -516,6 +516,30 @@ async fn bad_input_is_one_line_and_creates_nothing() {
     cloud
         .api
         .with(|s| assert_eq!(s.count(&harness::hcloud_api::Method::POST, "/servers"), 0));
+    // A name the project has already: the API refuses it (uniqueness_error), nothing is created.
+    let (taken, _) = cloud
+        .api
+        .with(|s| s.add_leftover("web-9", Default::default()));
+    let out = run(
+        user.create(&cloud, &["web-9"], &flake("0.1"), &[]),
+        Duration::from_secs(60),
+    )
+    .await;
+    let stderr = text(&out.stderr);
+    eprintln!("a name already used: {}", stderr.trim());
+    // (create checks the name only when it creates the server: a failure line, not a plan error.)
+    if out.status.success()
+        || !stderr.contains("web-9: failed: uniqueness_error: server name is already used")
+    {
+        failures.push(format!(
+            "a name already used: exit {}:\n{stderr}",
+            out.status
+        ));
+    }
+    let servers = api_servers(&cloud);
+    assert_eq!(servers.len(), 1, "{servers:?}");
+    assert_eq!(servers[0].0, taken);
+    assert!(cloud.machines().is_empty() && cloud.booting() == 0);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

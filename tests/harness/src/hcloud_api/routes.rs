@@ -414,7 +414,10 @@ fn create_server(s: &mut Inner, body: &Value) -> Response {
         return reply(s, 410, b, &[]);
     }
     if s.servers.values().any(|x| x.name == name) {
-        let b = fixture("error.uniqueness_error.example.json");
+        // The recorded shape (its example is about an SSH key), for the server's name.
+        let mut b = fixture("error.uniqueness_error.example.json");
+        b["error"]["message"] = json!("server name is already used");
+        b["error"]["details"]["fields"] = json!([{"name": "name"}]);
         return reply(s, 409, b, &[]);
     }
     let id = s.id();
