@@ -122,6 +122,8 @@ impl Env {
     fn new(cloud: &LocalCloud, key: &Path) -> Env {
         let token_file = cloud.dir().join("flakehub-token");
         std::fs::write(&token_file, &cloud.options.flakehub_token).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
         Env {
             vars: vec![
                 ("HCLOUD_ENDPOINT".into(), cloud.endpoint()),
@@ -173,7 +175,7 @@ fn serve(runtime: &tokio::runtime::Runtime, cloud: &LocalCloud, env: &Env, bin: 
     );
     println!("  truncate -s 8M /tmp/nixos.img");
     println!(
-        "  {} upload --image /tmp/nixos.img {}",
+        "  {} upload --architecture x86 --image /tmp/nixos.img {}",
         bin.display(),
         cloud.upload_args().join(" ")
     );
