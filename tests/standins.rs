@@ -615,3 +615,126 @@ fn determinate_nixd_keeps_only_a_token_flakehub_accepts() {
     let log = lines(&d.join("nixd.log"));
     assert!(log.iter().all(|l| !l.contains("good-token")), "{log:?}");
 }
+
+/// `curl -X METHOD` against the Cloud API stand-in: status and JSON body.
+fn cloud_api(
+    api: &harness::hcloud_api::HcloudApi,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut c = std::process::Command::new("curl");
+    c.args(["-sS", "-o", "-", "-w", "\n%{http_code}", "-X", method, "-H"])
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(format!("{}{path}", api.endpoint()));
+    if let Some(b) = body {
+        c.args(["-H", "Content-Type: application/json", "--data"])
+            .arg(b.to_string());
+    }
+    let out = c.output().expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (json, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn cloud_api_catalog_snapshots_and_documented_errors() {
+    use harness::hcloud_api::{HcloudApi, TOKEN};
+    use serde_json::json;
+    let api = HcloudApi::start().await;
+    let (code, v) = cloud_api(&api, TOKEN, "GET", "/server_types?name=cax11", None);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["server_types"][0]["architecture"], "arm", "{v}");
+    assert_eq!(v["server_types"].as_array().unwrap().len(), 1);
+    let (_, v) = cloud_api(&api, TOKEN, "GET", "/server_types?per_page=2&page=2", None);
+    assert_eq!(v["server_types"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v["meta"]["pagination"]["next_page"], 3, "{v}");
+    let (_, v) = cloud_api(&api, TOKEN, "GET", "/locations?name=fsn1", None);
+    assert_eq!(v["locations"][0]["city"], "Falkenstein", "{v}");
+    // Snapshots: newest first with sort=created:desc, filtered by architecture and status.
+    let old = api.with(|s| s.add_image("x86", Default::default()));
+    let new = api.with(|s| s.add_image("x86", Default::default()));
+    let arm = api.with(|s| s.add_image("arm", Default::default()));
+    let (_, v) = cloud_api(
+        &api,
+        TOKEN,
+        "GET",
+        "/images?type=snapshot&architecture=x86&status=available&sort=created:desc",
+        None,
+    );
+    let ids: Vec<u64> = v["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["id"].as_u64())
+        .collect();
+    assert_eq!(ids, [new, old], "{v}");
+    let _ = arm;
+    // Documented errors.
+    let (code, v) = cloud_api(&api, "wrong-token", "GET", "/servers", None);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let server = |name: &str, ty: &str, image: serde_json::Value| {
+        json!({"name": name, "server_type": ty, "image": image, "location": "fsn1",
+            "start_after_create": true, "user_data": "#cloud-config\n"})
+    };
+    let (code, v) = cloud_api(
+        &api,
+        TOKEN,
+        "POST",
+        "/servers",
+        Some(&server("a", "cx99", json!(new))),
+    );
+    assert_eq!(code, 422, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_input");
+    assert_eq!(
+        v["error"]["details"]["fields"][0]["name"], "server_type",
+        "{v}"
+    );
+    let (code, v) = cloud_api(
+        &api,
+        TOKEN,
+        "POST",
+        "/servers",
+        Some(&server("a", "cx23", json!(99999))),
+    );
+    assert_eq!(
+        (code, v["error"]["details"]["fields"][0]["name"].as_str()),
+        (422, Some("image")),
+        "{v}"
+    );
+    let (code, v) = cloud_api(
+        &api,
+        TOKEN,
+        "POST",
+        "/servers",
+        Some(&server("a", "cx23", json!(new))),
+    );
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["server"]["image"]["id"], new);
+    assert_eq!(v["server"]["server_type"]["name"], "cx23");
+    let (code, v) = cloud_api(
+        &api,
+        TOKEN,
+        "POST",
+        "/servers",
+        Some(&server("a", "cx23", json!(new))),
+    );
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (409, Some("uniqueness_error")),
+        "{v}"
+    );
+    let (code, v) = cloud_api(&api, TOKEN, "GET", "/servers/4242", None);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (404, Some("not_found")),
+        "{v}"
+    );
+}

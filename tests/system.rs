@@ -181,72 +181,9 @@ fn user_data() -> String {
     )
 }
 
-/// `/etc/systemd/system` of the server: the rendered units, the module's `wantedBy` links,
-/// networkd enabled (NixOS with `networking.useNetworkd`), and a mount of the test's Nix store.
+/// `/etc/systemd/system` of the server (see `harness::units::nixos_unit_dir`).
 fn prepare_units(root: &Path, package: &Path) -> PathBuf {
-    let dir = root.join("etc-systemd-system");
-    units::render_into(&dir, package);
-    // The module sets `systemd.services.<name>` for all three units (wantedBy; the agent also
-    // reloadTriggers), so NixOS writes an overrides.conf drop-in for each, with its default PATH.
-    // It is modelled without the `path` the module adds: the agent must need neither.
-    let path = units::nixos_default_path(root);
-    for (unit, triggers) in [
-        (AGENT, vec!["/etc/hcloud-nixos/agent.toml"]),
-        (NETWORK, vec![]),
-        ("hcloud-nixos-metadata-firewall.service", vec![]),
-    ] {
-        let dropins = dir.join(format!("{unit}.d"));
-        std::fs::create_dir_all(&dropins).unwrap();
-        std::fs::write(
-            dropins.join("overrides.conf"),
-            units::nixos_overrides_conf(&path, &triggers),
-        )
-        .unwrap();
-    }
-    std::fs::write(
-        dir.join("nix.mount"),
-        format!(
-            "# System test only: the test's own Nix store at /nix (a real server has it on its disk).\n\
-             [Unit]\nDescription=The system test's Nix store\nDefaultDependencies=no\n\
-             Before=local-fs.target umount.target\nConflicts=umount.target\n\
-             [Mount]\nWhat={}/nix\nWhere=/nix\nType=none\nOptions=bind\n",
-            root.display()
-        ),
-    )
-    .unwrap();
-    let links: &[(&str, &str, &str)] = &[
-        ("local-fs.target.wants", "nix.mount", "../nix.mount"),
-        (
-            "multi-user.target.wants",
-            NETWORK,
-            "../hcloud-nixos-network.service",
-        ),
-        (
-            "multi-user.target.wants",
-            AGENT,
-            "../hcloud-nixos-agent.service",
-        ),
-        (
-            "sysinit.target.wants",
-            "hcloud-nixos-metadata-firewall.service",
-            "../hcloud-nixos-metadata-firewall.service",
-        ),
-        (
-            "multi-user.target.wants",
-            "systemd-networkd.service",
-            "/lib/systemd/system/systemd-networkd.service",
-        ),
-        (
-            "sockets.target.wants",
-            "systemd-networkd.socket",
-            "/lib/systemd/system/systemd-networkd.socket",
-        ),
-    ];
-    for (wants, name, target) in links {
-        std::fs::create_dir_all(dir.join(wants)).unwrap();
-        std::os::unix::fs::symlink(target, dir.join(wants).join(name)).unwrap();
-    }
-    dir
+    units::nixos_unit_dir(root, package, &root.join("nix"))
 }
 
 fn read_state(root: &Path) -> serde_json::Value {

@@ -80,7 +80,7 @@ pub(crate) async fn create_all(args: &CreateArgs, plan: &Plan) -> Vec<Created> {
 }
 
 async fn one(args: &CreateArgs, plan: &Plan, name: &str, line: Line) -> Created {
-    let start = crate::agent::lifecycle::state::now();
+    let start = started();
     let clock = tokio::time::Instant::now();
     let mut created = Created {
         name: name.to_string(),
@@ -203,6 +203,12 @@ async fn drive(
         program: follow::ssh_program()?,
     };
     follow_agent(args, &ssh, name, line, clock, deadline, created).await
+}
+
+/// When a server's timeline starts: now, exactly (the agent's state keeps whole seconds; a start
+/// truncated like them made every phase create measures itself up to 1 s longer).
+fn started() -> Timestamp {
+    Timestamp::now()
 }
 
 fn now() -> Timestamp {
@@ -354,5 +360,20 @@ pub(crate) fn report(args: &CreateArgs, results: &[Created]) {
         } else {
             print!("{text}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timeline_starts_at_the_exact_time_not_a_whole_second() {
+        // Truncated to its second, the start made every phase create measures up to 1 s longer.
+        let (a, b) = (started(), started());
+        assert!(
+            a.subsec_nanosecond() != 0 || b.subsec_nanosecond() != 0,
+            "the timeline starts at {a}: truncated to a second"
+        );
     }
 }

@@ -194,11 +194,27 @@ fn kill9(pid: i32) {
     }
 }
 
+/// More for a container than [`Spec`] says (a local cloud's servers).
+#[derive(Debug, Default, Clone)]
+pub struct More {
+    /// Read-write bind mounts `(host path, container path)`.
+    pub bind_to: Vec<(PathBuf, PathBuf)>,
+    /// Units masked on the kernel command line, besides [`MASKED`].
+    pub mask: Vec<String>,
+    /// Told the PID of the container's systemd as soon as it runs (before the boot completes).
+    pub started: Option<std::sync::mpsc::Sender<i32>>,
+}
+
 impl Container {
     /// Boots the container and waits (up to [`BOOT_TIMEOUT`]) until `systemctl
     /// is-system-running` says `running` or `degraded`. Panics with the console's tail when it
     /// does not come up (the container is cleaned up all the same).
     pub fn boot(spec: &Spec) -> Container {
+        Self::boot_with(spec, &More::default())
+    }
+
+    /// [`boot`](Self::boot) with more binds and masks.
+    pub fn boot_with(spec: &Spec, more: &More) -> Container {
         let cgroups = cgroup_dirs(&format!("hcloud-nixos-test-{}", spec.machine));
         for dir in &cgroups {
             std::fs::create_dir_all(dir)
@@ -219,12 +235,21 @@ impl Container {
         for dir in &spec.bind {
             args.push(format!("--bind={}", dir.display()));
         }
+        for (from, to) in &more.bind_to {
+            args.push(format!("--bind={}:{}", from.display(), to.display()));
+        }
         // Arguments after `--` go to the container's systemd.
         // The host's own services that the tests install (openssh-server for the uploader,
         // nftables for the firewall test) fail in a container with a bare /etc; masked, they
         // cannot pass for units a deploy broke.
         args.extend(["--".into(), "systemd.firstboot=off".into()]);
-        args.extend(MASKED.iter().map(|u| format!("systemd.mask={u}")));
+        args.extend(
+            MASKED
+                .iter()
+                .map(|u| u.to_string())
+                .chain(more.mask.iter().cloned())
+                .map(|u| format!("systemd.mask={u}")),
+        );
         // A small shell moves itself into the container's own cgroups, then becomes nspawn.
         let mut script = String::from("set -e\n");
         for dir in &cgroups {
@@ -266,6 +291,9 @@ impl Container {
                 container.console_tail()
             )
         });
+        if let Some(started) = &more.started {
+            let _ = started.send(container.init);
+        }
         let mut state = String::new();
         let up = poll(BOOT_TIMEOUT, Duration::from_millis(250), || {
             state = container.system_state();

@@ -190,6 +190,15 @@ impl FlakeHub {
         self.server.addr()
     }
 
+    /// Serves the same releases on `addr` inside the named network namespace as well (a local
+    /// cloud's one FlakeHub, reached from every server's own network); stops when dropped.
+    pub fn also_serve_in_netns(&self, netns: &str, addr: &str) -> io::Result<Server> {
+        let app = Router::new()
+            .fallback(handle)
+            .with_state(self.state.clone());
+        Server::start(http::listen_in_netns(netns, addr)?, app)
+    }
+
     /// `http://ADDR`: the API URL for the agent's `flakehub.api_url` and for fh.
     pub fn url(&self) -> String {
         self.server.url()

@@ -79,7 +79,8 @@ pub fn refused_addr() -> SocketAddr {
 pub struct Server {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    stopped: Option<std::sync::mpsc::Receiver<()>>,
+    /// In a mutex only so that a server can be shared between threads (a local cloud's FlakeHub).
+    stopped: Option<std::sync::Mutex<std::sync::mpsc::Receiver<()>>>,
 }
 
 impl Server {
@@ -111,7 +112,7 @@ impl Server {
         Ok(Server {
             addr,
             stop: Some(stop),
-            stopped: Some(stopped),
+            stopped: Some(std::sync::Mutex::new(stopped)),
         })
     }
 
@@ -131,6 +132,7 @@ impl Server {
             let _ = stop.send(());
         }
         if let Some(stopped) = self.stopped.take() {
+            let stopped = stopped.into_inner().unwrap_or_else(|e| e.into_inner());
             let _ = stopped.recv_timeout(Duration::from_secs(10));
         }
     }
@@ -138,6 +140,7 @@ impl Server {
     /// Serves until the process is killed (for the stand-ins run as programs).
     pub fn wait(mut self) {
         if let Some(stopped) = self.stopped.take() {
+            let stopped = stopped.into_inner().unwrap_or_else(|e| e.into_inner());
             let _ = stopped.recv();
         }
     }

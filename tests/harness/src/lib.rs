@@ -10,10 +10,12 @@
 //! | [`agent`] | the agent bench: a temporary root, the stand-ins, real Nix store paths and profile generations, and helpers the agent tests share |
 //! | [`units`], [`nix_store`] | the unit files as the NixOS module installs them; a Nix store of a test's own |
 //! | [`netns`], [`container`] | network namespaces and guests; the host's Debian booted as a systemd container |
+//! | [`cloud`] | a local cloud: the Cloud API stand-in whose servers boot as containers, each with its network, metadata service, sshd and the agent, and one FlakeHub |
 //! | [`etcd`], [`rescue_sshd`] | a real etcd and a real sshd on loopback |
 //! | [`prometheus`] | a strict reader of the metrics text |
 
 pub mod agent;
+pub mod cloud;
 pub mod container;
 pub mod etcd;
 pub mod flakehub;

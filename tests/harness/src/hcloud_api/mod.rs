@@ -4,6 +4,7 @@
 //! shapes of `tests/fixtures/hcloud-api/`. Served by the kit ([`crate::http`]) with keep-alive, as
 //! the real API is.
 
+mod catalog;
 mod routes;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -212,9 +213,59 @@ pub struct Inner {
     /// Largest page; small values force pagination.
     pub max_per_page: usize,
     pub rate_remaining: u64,
+    /// A local cloud's machines (`crate::cloud`): started servers boot there, and power-offs and
+    /// deletions reach them. `None`: servers are bookkeeping alone (the upload tests).
+    pub machines: Option<std::sync::mpsc::Sender<Event>>,
+    /// When each server of a local cloud started running (the benchmark).
+    pub running_at: BTreeMap<u64, std::time::SystemTime>,
+}
+
+/// What a local cloud's machines are told.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Boot(Boot),
+    PowerOff(u64),
+    Delete(u64),
+}
+
+/// A server to boot: what its metadata service serves.
+#[derive(Clone, Debug)]
+pub struct Boot {
+    pub id: u64,
+    pub name: String,
+    pub user_data: String,
+    /// The public keys of the SSH keys named in the create request.
+    pub ssh_keys: Vec<String>,
 }
 
 impl Inner {
+    fn send(&self, event: Event) {
+        if let Some(tx) = &self.machines {
+            let _ = tx.send(event);
+        }
+    }
+
+    /// A machine has booted: the server runs, at these public addresses.
+    pub fn set_running(&mut self, id: u64, ipv4: &str, ipv6_net: &str) {
+        if let Some(srv) = self.servers.get_mut(&id) {
+            srv.status = "running".into();
+            self.running_at.insert(id, std::time::SystemTime::now());
+            srv.body["status"] = json!("running");
+            srv.body["public_net"]["ipv4"]["ip"] = json!(ipv4);
+            srv.body["public_net"]["ipv4"]["dns_ptr"] = json!(format!("static.{ipv4}.local-cloud"));
+            srv.body["public_net"]["ipv6"]["ip"] = json!(ipv6_net);
+            srv.body["public_net"]["ipv6"]["dns_ptr"] = json!([]);
+        }
+    }
+
+    /// A server's status (`off` when its machine did not boot or stopped).
+    pub fn set_status(&mut self, id: u64, status: &str) {
+        if let Some(srv) = self.servers.get_mut(&id) {
+            srv.status = status.into();
+            srv.body["status"] = json!(status);
+        }
+    }
+
     fn id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
@@ -247,6 +298,21 @@ impl Inner {
                 architecture: arch.into(),
                 labels,
                 created_from: 0,
+            },
+        );
+        id
+    }
+
+    /// Adds an SSH key of the project (as `hcloud ssh-key create` would); returns its ID.
+    pub fn add_ssh_key(&mut self, name: &str, public_key: &str) -> u64 {
+        let id = self.id();
+        self.keys.insert(
+            id,
+            KeyRec {
+                id,
+                name: name.into(),
+                public_key: public_key.trim().into(),
+                labels: BTreeMap::new(),
             },
         );
         id
@@ -319,6 +385,8 @@ impl HcloudApi {
             failing_actions: Vec::new(),
             max_per_page: 50,
             rate_remaining: 3600,
+            machines: None,
+            running_at: BTreeMap::new(),
         }));
         let app = axum::Router::new()
             .fallback(handle)

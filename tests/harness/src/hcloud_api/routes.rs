@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{ActionRec, Effect, ImageRec, Inner, KeyRec, Method, ServerRec, fixture};
+use super::{ActionRec, Effect, ImageRec, Inner, KeyRec, Method, ServerRec, catalog, fixture};
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -251,6 +251,13 @@ fn labels_of(v: &Value) -> BTreeMap<String, String> {
     serde_json::from_value(v["labels"].clone()).unwrap_or_default()
 }
 
+/// Hetzner's `invalid_input` naming the field that is wrong.
+fn invalid_field(s: &mut Inner, field: &str, message: &str) -> Response {
+    let body = json!({"error": {"code": "invalid_input", "message": format!("invalid input in field '{field}': {message}"),
+        "details": {"fields": [{"name": field, "messages": [message]}]}}});
+    reply(s, 422, body, &[])
+}
+
 fn invalid(s: &mut Inner) -> Response {
     let b = fixture("error.invalid_input.example.json");
     reply(s, 422, b, &[])
@@ -269,6 +276,7 @@ pub(super) fn route(
     };
     let parts: Vec<&str> = rest.trim_matches('/').split('/').collect();
     let q = query_pairs(query);
+    let max_per_page = s.max_per_page;
     match parts.as_slice() {
         ["ssh_keys", ..] => ssh_keys(s, method, &parts[1..], &q, body),
         ["servers", id, "actions", action] if *method == Method::POST => {
@@ -287,6 +295,16 @@ pub(super) fn route(
             }
         }
         ["images", ..] => images(s, method, &parts[1..], &q, body),
+        ["server_types"] | ["locations"] if *method == Method::GET => {
+            let key = parts[0];
+            let name = qget(&q, "name");
+            let items: Vec<Value> = catalog::all(key)
+                .into_iter()
+                .filter(|v| name.as_deref().is_none_or(|n| v["name"] == n))
+                .collect();
+            let (items, meta) = page(items, &q, max_per_page);
+            reply(s, 200, json!({ key: items, "meta": meta }), &[])
+        }
         _ => err(s, 404, "not_found", "no such endpoint"),
     }
 }
@@ -364,42 +382,85 @@ fn ssh_keys(
 
 fn create_server(s: &mut Inner, body: &Value) -> Response {
     let name = body["name"].as_str().unwrap_or("").to_string();
-    if name.is_empty() || body["server_type"].as_str().is_none() || body["image"].as_str().is_none()
-    {
+    // The image by name (`debian-12`, as upload asks) or by ID (a snapshot, as create asks).
+    let image_ok = body["image"].is_string() || body["image"].is_u64();
+    if name.is_empty() || body["server_type"].as_str().is_none() || !image_ok {
         return invalid(s);
+    }
+    let st = body["server_type"].as_str().unwrap_or("");
+    if catalog::server_type(st).is_none() {
+        return invalid_field(s, "server_type", &format!("server type {st} not found"));
+    }
+    if let Some(l) = body["location"].as_str()
+        && catalog::location(l).is_none()
+    {
+        return invalid_field(s, "location", &format!("location {l} not found"));
+    }
+    if let Some(id) = body["image"].as_u64() {
+        match s.images.get(&id) {
+            Some(i) if i.status == "available" => {}
+            _ => return invalid_field(s, "image", &format!("image {id} not found")),
+        }
+    }
+    let keys: Vec<u64> = body["ssh_keys"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+        .unwrap_or_default();
+    if let Some(k) = keys.iter().find(|k| !s.keys.contains_key(k)) {
+        return invalid_field(s, "ssh_keys", &format!("SSH key {k} not found"));
     }
     if body.get("datacenter").is_some() {
         let b = fixture("error.deprecated_api_endpoint.example.json");
         return reply(s, 410, b, &[]);
     }
     if s.servers.values().any(|x| x.name == name) {
-        let b = fixture("error.uniqueness_error.example.json");
+        // The recorded shape (its example is about an SSH key), for the server's name.
+        let mut b = fixture("error.uniqueness_error.example.json");
+        b["error"]["message"] = json!("server name is already used");
+        b["error"]["details"]["fields"] = json!([{"name": "name"}]);
         return reply(s, 409, b, &[]);
     }
     let id = s.id();
     let labels = labels_of(body);
     let start = body["start_after_create"].as_bool().unwrap_or(true);
     let mut sbody = server_json(id, &name, "initializing", &labels);
-    let st = body["server_type"].as_str().unwrap_or("");
-    sbody["server_type"]["name"] = json!(st);
-    sbody["server_type"]["architecture"] = json!(if st.starts_with("cax") { "arm" } else { "x86" });
+    sbody["server_type"] = catalog::server_type(st).unwrap_or_default();
+    if let Some(l) = body["location"].as_str().and_then(catalog::location) {
+        sbody["location"] = l;
+    }
+    if let Some(img) = body["image"].as_u64().and_then(|i| s.images.get(&i)) {
+        sbody["image"] = image_json(img);
+    }
     s.servers.insert(
         id,
         ServerRec {
             id,
-            name,
+            name: name.clone(),
             status: "initializing".into(),
             labels,
             rescue_keys: vec![],
             body: sbody.clone(),
         },
     );
-    let a = new_action(
-        s,
-        "create_server",
-        (id, "server"),
-        Effect::ServerStatus(id, if start { "running" } else { "off" }),
-    );
+    // In a local cloud, a started server is a machine that boots: the cloud says when it runs.
+    let boots = start && s.machines.is_some();
+    let effect = if boots {
+        Effect::None
+    } else {
+        Effect::ServerStatus(id, if start { "running" } else { "off" })
+    };
+    let a = new_action(s, "create_server", (id, "server"), effect);
+    if boots {
+        s.send(super::Event::Boot(super::Boot {
+            id,
+            name,
+            user_data: body["user_data"].as_str().unwrap_or("").to_string(),
+            ssh_keys: keys
+                .iter()
+                .filter_map(|k| s.keys.get(k).map(|k| k.public_key.clone()))
+                .collect(),
+        }));
+    }
     let mut v = fixture("create_server.response201.example.json");
     v["server"] = sbody;
     v["action"] = a;
@@ -471,6 +532,7 @@ fn servers(
             let id: u64 = id.parse().unwrap_or(0);
             if s.servers.remove(&id).is_some() {
                 clear_authorized_keys(s);
+                s.send(super::Event::Delete(id));
                 let a = new_action(s, "delete_server", (id, "server"), Effect::None);
                 reply(s, 200, json!({"action": a}), &[])
             } else {
@@ -534,6 +596,7 @@ fn server_action(s: &mut Inner, id: u64, action: &str, body: &Value) -> Response
         }
         "poweroff" => {
             clear_authorized_keys(s);
+            s.send(super::Event::PowerOff(id));
             let effect = Effect::ServerStatus(id, "off");
             let a = new_action(s, "stop_server", (id, "server"), effect);
             reply(s, 201, json!({"action": a}), &[])
@@ -578,14 +641,23 @@ fn images(
             let sel = qget(q, "label_selector").unwrap_or_default();
             let ty = qget(q, "type");
             let arch = qget(q, "architecture");
+            let status = qget(q, "status");
             let items: Vec<Value> = s
                 .images
                 .values()
                 .filter(|i| matches_selector(&i.labels, &sel))
                 .filter(|_| ty.as_deref().is_none_or(|t| t == "snapshot"))
                 .filter(|i| arch.as_deref().is_none_or(|a| a == i.architecture))
+                .filter(|i| status.as_deref().is_none_or(|st| st == i.status))
                 .map(image_json)
                 .collect();
+            // IDs grow with creation time: `created:desc` is the reverse order.
+            let mut items = items;
+            if qget(q, "sort")
+                .is_some_and(|o| o.starts_with("created:desc") || o.starts_with("id:desc"))
+            {
+                items.reverse();
+            }
             let (items, meta) = page(items, q, max);
             reply(s, 200, json!({"images": items, "meta": meta}), &[])
         }
