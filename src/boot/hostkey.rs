@@ -24,11 +24,17 @@ pub enum Installed {
     Written,
     /// The files already held this key.
     Unchanged,
+    /// There is no host key directory: sshd is not installed here (NixOS creates `/etc/ssh`
+    /// when `services.openssh` is enabled), so there is no one to present the key.
+    NoSshd,
 }
 
 /// Writes the key pair into `dir` unless it is there already: the private half root-only
 /// (0600), the public half 0644, each written whole (temporary file, fsync, rename).
 pub fn install(dir: &Path, key: &HostKey) -> Result<Installed> {
+    if !dir.is_dir() {
+        return Ok(Installed::NoSshd);
+    }
     let private = dir.join(PRIVATE_NAME);
     let public = dir.join(PUBLIC_NAME);
     let same =
@@ -39,8 +45,6 @@ pub fn install(dir: &Path, key: &HostKey) -> Result<Installed> {
     {
         return Ok(Installed::Unchanged);
     }
-    files::create_dir_all_mode(dir, 0o755)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
     // The private half first: a crash between the two leaves sshd a key it can derive the
     // public half from.
     files::write_atomic(&private, key.private.expose().as_bytes(), 0o600)
@@ -90,6 +94,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ssh = dir.path().join("etc/ssh");
         let key = key();
+        // No /etc/ssh: no sshd to present the key, nothing written, no error.
+        assert_eq!(install(&ssh, &key).unwrap(), Installed::NoSshd);
+        assert!(!ssh.exists());
+        std::fs::create_dir_all(&ssh).unwrap();
         assert_eq!(install(&ssh, &key).unwrap(), Installed::Written);
         let private = ssh.join(PRIVATE_NAME);
         assert_eq!(

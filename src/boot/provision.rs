@@ -253,6 +253,10 @@ async fn apply(plan: &Plan, opts: &Options) -> Result<()> {
     }
     if let Some(key) = &plan.host_key {
         match hostkey::install(&opts.host_key_dir, key) {
+            Ok(hostkey::Installed::NoSshd) => tracing::warn!(
+                dir = %opts.host_key_dir.display(),
+                "the user-data carries an SSH host key, but there is no host key directory (is sshd enabled?); not installed"
+            ),
             Ok(done) => tracing::info!(
                 file = %hostkey::private_path(&opts.host_key_dir).display(),
                 key = key.public_line(),

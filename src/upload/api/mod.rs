@@ -22,10 +22,24 @@ pub(crate) use calls::Kind;
 /// Default API endpoint; `HCLOUD_ENDPOINT` overrides it like the hcloud CLI does.
 pub(crate) const DEFAULT_ENDPOINT: &str = "https://api.hetzner.cloud/v1";
 
+/// What to do about an error code the API gives, where the code alone does not say it.
+fn hint(code: &str) -> &'static str {
+    match code {
+        "unauthorized" => {
+            "; the Hetzner Cloud token was refused: check HCLOUD_TOKEN, --token-file or the hcloud CLI's active context (a project's API token with read and write access)"
+        }
+        "forbidden" => {
+            "; the token may not do this (a read-only token?): use one with read and write access"
+        }
+        "uniqueness_error" => "; the name is taken in this project: choose another one",
+        _ => "",
+    }
+}
+
 /// An error from the API or from reaching it. Hetzner's errors read `code: message`, as Hetzner gives them.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ApiError {
-    #[error("{code}: {message}")]
+    #[error("{code}: {message}{}", hint(code))]
     Hetzner {
         status: u16,
         code: String,
