@@ -10,7 +10,7 @@ use crate::plumbing::http::{BodyError, describe, read_limited};
 use crate::plumbing::secret::Secret;
 use crate::plumbing::text::{one_line, quoted};
 
-pub const DEFAULT_API_URL: &str = "https://api.flakehub.com";
+pub(crate) const DEFAULT_API_URL: &str = "https://api.flakehub.com";
 
 /// A release's JSON carries its README; a list of them can be large, but not this large.
 const MAX_BODY: usize = 8 * 1024 * 1024;
@@ -41,8 +41,8 @@ pub struct Release {
     /// A SemVer version (`0.1.42+rev-<sha>`): ASCII letters, digits, `.`, `+` and `-` only.
     pub version: String,
     /// When it was published; `None` when FlakeHub gives no time, or something that is not one.
-    pub published_at: Option<Timestamp>,
-    pub yanked: bool,
+    pub(crate) published_at: Option<Timestamp>,
+    pub(crate) yanked: bool,
 }
 
 impl Release {
@@ -67,10 +67,10 @@ struct OutputJson {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
     pub version: String,
-    pub attr: String,
+    pub(crate) attr: String,
     /// A store path, checked ([`check_store_path`]).
-    pub store_path: String,
-    pub published_at: Option<Timestamp>,
+    pub(crate) store_path: String,
+    pub(crate) published_at: Option<Timestamp>,
 }
 
 /// `GET /version/...`'s answer: the release, checked.
@@ -169,7 +169,7 @@ pub enum Error {
 
 impl Error {
     /// Worth trying again soon (the network, FlakeHub itself), as opposed to a setting to fix.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
             Error::Unreachable { .. } => true,
             Error::Status { status, .. } => *status >= 500 || *status == 429,
@@ -356,7 +356,7 @@ fn invalid(what: &str, why: String) -> Error {
 }
 
 /// The highest version that matches `constraint` (Cargo's rules, as FlakeHub's) and is not yanked.
-pub fn newest_unyanked(releases: &[Release], constraint: &str) -> Option<Release> {
+pub(crate) fn newest_unyanked(releases: &[Release], constraint: &str) -> Option<Release> {
     let req = semver::VersionReq::parse(constraint).ok();
     releases
         .iter()

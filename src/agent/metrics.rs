@@ -52,8 +52,8 @@ pub struct MetricsConfig {
 /// Validated metrics settings; both absent means no metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Metrics {
-    pub listen: Option<SocketAddr>,
-    pub textfile: Option<PathBuf>,
+    pub(crate) listen: Option<SocketAddr>,
+    pub(crate) textfile: Option<PathBuf>,
 }
 
 impl Metrics {
@@ -92,7 +92,8 @@ impl Metrics {
         })
     }
 
-    pub fn is_enabled(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_enabled(&self) -> bool {
         self.listen.is_some() || self.textfile.is_some()
     }
 }

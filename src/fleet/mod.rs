@@ -29,17 +29,15 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use commands::{FleetArgs, FleetCommand, run_command};
-pub use config::{
-    Backend, EtcdConfig, EtcdSettings, Fleet, FleetConfig, FleetLockConfig, FleetLockSettings,
-    check_group, from_user_data,
-};
-pub use etcd::EtcdCoordinator;
-pub use fleetlock::FleetLockCoordinator;
+pub use config::{Backend, EtcdConfig, Fleet, FleetConfig, FleetLockConfig, from_user_data};
+pub(crate) use config::{EtcdSettings, check_group};
+pub(crate) use etcd::EtcdCoordinator;
+pub(crate) use fleetlock::FleetLockCoordinator;
 pub use follow::resolve;
 pub use records::{Desired, HeldSlot, Holder, LastDeploy, MemberRecord, Pause, Purpose};
 pub(crate) use status::member_record;
 pub use status::{FleetStatus, MemberStatus};
-pub use url::ServerUrl;
+pub(crate) use url::ServerUrl;
 
 /// This server, as the fleet knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,7 +134,7 @@ pub struct Error {
 }
 
 impl Error {
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Error {
             kind,
             message: records::one_line(&message.into()),
@@ -331,7 +329,7 @@ impl Coordinator {
     }
 
     /// Writes the group's desired release, as CI does right after publishing it (etcd).
-    pub async fn announce(&self, desired: &Desired) -> Result<(), Error> {
+    pub(crate) async fn announce(&self, desired: &Desired) -> Result<(), Error> {
         match self {
             Coordinator::Etcd(c) => c.write_desired(desired, None).await.map(|_| ()),
             Coordinator::FleetLock(_) => Err(Error::new(
@@ -364,10 +362,4 @@ impl Coordinator {
 /// Now, RFC 3339 in UTC to the second.
 pub(crate) fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-}
-
-/// How long to wait before asking again after [`Acquired::Waiting`]: `interval` with ±25 %
-/// jitter, so that the servers of a group do not ask in step.
-pub fn jittered(interval: std::time::Duration) -> std::time::Duration {
-    interval.mul_f64(0.75 + fastrand::f64() * 0.5)
 }

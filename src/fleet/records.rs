@@ -21,7 +21,7 @@ pub enum Purpose {
 }
 
 impl Purpose {
-    pub fn release(&self) -> Option<&str> {
+    pub(crate) fn release(&self) -> Option<&str> {
         match self {
             Purpose::Deploy { release } => Some(release),
             Purpose::Reboot => None,
@@ -75,7 +75,7 @@ pub struct Holder {
 
 impl Holder {
     /// The name shown to people: the hostname, else the id.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         if self.host.is_empty() {
             &self.id
         } else {
@@ -117,7 +117,7 @@ pub struct Desired {
 
 impl Desired {
     /// Written by `fleet announce` (not by a poller).
-    pub fn announced(&self) -> bool {
+    pub(crate) fn announced(&self) -> bool {
         self.by.starts_with("announce")
     }
 }
@@ -340,7 +340,7 @@ fn clean_all(texts: &mut [&mut String]) {
 }
 
 /// An exact FlakeHub version: semver (`0.1.43`, `0.1.43+rev-<sha>`), at most 200 characters.
-pub fn check_version(version: &str) -> Result<(), String> {
+pub(crate) fn check_version(version: &str) -> Result<(), String> {
     let shown = || crate::agent::config::raw::shown(version);
     if version.is_empty() || version.len() > 200 {
         return Err(format!(

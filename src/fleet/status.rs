@@ -50,7 +50,7 @@ pub struct MemberStatus {
 
 impl MemberStatus {
     /// What it is doing, in a few words.
-    pub fn activity(&self) -> String {
+    pub(crate) fn activity(&self) -> String {
         let r = &self.record;
         if !self.alive {
             return "silent".into();

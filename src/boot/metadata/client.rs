@@ -11,7 +11,7 @@ use crate::plumbing::retry::{Backoff, Class, GaveUp, Policy, retry};
 pub const DEFAULT_URL: &str = "http://169.254.169.254/hetzner/v1/";
 
 /// Documents are small (user-data is at most 32 KiB); anything much larger is refused unread.
-pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+pub(crate) const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 
 /// How the client talks to the metadata service.
 #[derive(Debug, Clone)]
@@ -103,7 +103,7 @@ impl Client {
         Ok(Client { http, settings })
     }
 
-    pub fn base_url(&self) -> &str {
+    pub(crate) fn base_url(&self) -> &str {
         &self.settings.base_url
     }
 
