@@ -45,7 +45,11 @@ const MAX_BUFFER: usize = 8 * 1024;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
+    /// `metrics.listen`: the address and port to serve `/metrics` on (`127.0.0.1:9945`);
+    /// None serves nothing.
     pub listen: Option<String>,
+    /// `metrics.textfile`: a file the same text is written to after every cycle (for
+    /// node-exporter's textfile collector); None writes none.
     pub textfile: Option<PathBuf>,
 }
 

@@ -22,20 +22,28 @@ mod fetch;
 /// Where to fetch from and for how long.
 #[derive(Debug, Clone)]
 pub struct Source {
+    /// The metadata service's base URL (`http://169.254.169.254/hetzner/v1/`).
     pub url: String,
+    /// How long to keep asking before giving up (or falling back to the saved metadata).
     pub deadline: Duration,
 }
 
 /// What `hcloud-nixos network` is asked to do.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// Where the `.network` and `.link` files go (`/run/systemd/network`).
     pub network_dir: PathBuf,
+    /// Ask systemd-networkd to reload after writing them.
     pub reload: bool,
+    /// When to set the hostname from the metadata.
     pub hostname: Policy,
+    /// The static hostname file (`/etc/hostname`), read to decide and written when it is set.
     pub hostname_file: PathBuf,
+    /// Where root's SSH keys from the metadata are written (an additional AuthorizedKeysFile).
     pub keys_file: PathBuf,
     /// Where sshd's host keys are (`/etc/ssh`): the user-data's host key goes there.
     pub host_key_dir: PathBuf,
+    /// Print what would be written and done, and change nothing.
     pub dry_run: bool,
     /// Where the last good metadata is kept (root-only), for a boot without the service.
     pub state_dir: PathBuf,

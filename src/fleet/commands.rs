@@ -28,11 +28,20 @@ pub enum FleetCommand {
         flake: Option<String>,
     },
     /// Clear the pause of a release (all paused releases without RELEASE).
-    Resume { release: Option<String> },
+    Resume {
+        /// The release whose pause to clear; None clears every pause.
+        release: Option<String>,
+    },
     /// Retire a canary (by instance id): the group stops waiting for its confirmations.
-    ForgetCanary { id: String },
+    ForgetCanary {
+        /// The canary's Hetzner instance id.
+        id: String,
+    },
     /// Forget a silent member's last record (by instance id): a server that is gone for good.
-    ForgetMember { id: String },
+    ForgetMember {
+        /// The member's Hetzner instance id.
+        id: String,
+    },
 }
 
 /// Where `fleet` commands find the group: this server's configuration, or etcd endpoints given

@@ -11,8 +11,10 @@ use crate::agent::config::bounds;
 /// Which engine coordinates the group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum Backend {
+    /// etcd v3: slots, pauses, canaries and member records (`backend = "etcd"`).
     #[serde(rename = "etcd")]
     Etcd,
+    /// A FleetLock server (airlock, Kubernetes FleetLock): slots only (`backend = "fleetlock"`).
     #[serde(rename = "fleetlock")]
     FleetLock,
 }
@@ -30,12 +32,21 @@ impl Backend {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetConfig {
+    /// `fleet.group`: the servers of one group share the slots (required).
     pub group: Option<String>,
+    /// `fleet.slots`: at most this many servers deploying or rebooting at once (default 1;
+    /// checked against the table of bounds, so any integer is accepted here).
     pub slots: Option<i64>,
+    /// `fleet.backend` (required).
     pub backend: Option<Backend>,
+    /// `fleet.canary`: this server is the group's canary (default false; etcd only).
     pub canary: Option<bool>,
+    /// `fleet.pause_on_failure`: a release that fails here is paused for the whole group
+    /// (default true with etcd; FleetLock cannot record pauses).
     pub pause_on_failure: Option<bool>,
+    /// `[fleet.etcd]`, required with the etcd backend.
     pub etcd: Option<EtcdConfig>,
+    /// `[fleet.fleetlock]`, required with the fleetlock backend.
     pub fleetlock: Option<FleetLockConfig>,
 }
 
@@ -45,8 +56,12 @@ pub struct FleetConfig {
 pub struct EtcdConfig {
     pub(crate) endpoints: Option<Vec<String>>,
     pub(crate) prefix: Option<String>,
+    /// The CA certificate (PEM) etcd's certificate is checked against; None uses the system's
+    /// roots (for `https://` endpoints).
     pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for etcd's mutual TLS; None sends none. Needs `key_file`.
     pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM); None with `cert_file` None.
     pub key_file: Option<PathBuf>,
     /// How long a slot outlives a server that stopped refreshing it (default 30s).
     #[serde(default, deserialize_with = "crate::agent::config::raw::duration")]
@@ -66,6 +81,7 @@ pub struct FleetLockConfig {
 /// Validated fleet settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fleet {
+    /// The group's name, checked (letters, digits, `-`, `_`, `.`; at most 63).
     pub group: String,
     pub(crate) slots: u32,
     pub(crate) backend: Backend,

@@ -54,10 +54,18 @@ pub struct Member {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Ending {
     /// The release runs and was confirmed healthy (a canary records it as confirmed).
-    Deployed { release: String },
+    Deployed {
+        /// The release's exact version.
+        release: String,
+    },
     /// The release failed (rolled back and the old system confirmed, or failed before
     /// activation). With `pause_on_failure`, or on a canary, the group is paused for it.
-    Failed { release: String, reason: String },
+    Failed {
+        /// The release's exact version.
+        release: String,
+        /// Why it failed, one line (shown with the pause).
+        reason: String,
+    },
     /// Anything else: a reboot done and confirmed, a deploy that turned out not to be needed.
     Done,
 }
@@ -69,7 +77,9 @@ pub enum Acquired {
     Granted(SlotGuard),
     /// Not now: poll again later (with jitter). `holders` is empty where the backend cannot tell.
     Waiting {
+        /// Who holds the slots (hostname or instance id).
         holders: Vec<String>,
+        /// How many slots the group has.
         slots: u32,
         /// Why, when it is not simply that the slots are taken (a canary has not confirmed the
         /// release yet; the FleetLock server's answer).
@@ -129,7 +139,9 @@ pub enum ErrorKind {
 /// One line, naming the backend and whether it could be reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Error {
+    /// What went wrong, for the caller's decision (back off, give up, tell the operator).
     pub kind: ErrorKind,
+    /// The one line shown: backend, what failed and what to do.
     pub message: String,
 }
 
@@ -173,6 +185,7 @@ pub(crate) enum GuardInner {
 }
 
 impl SlotGuard {
+    /// What the slot was taken for.
     pub fn purpose(&self) -> &Purpose {
         &self.purpose
     }
@@ -198,7 +211,9 @@ impl SlotGuard {
 /// The group's coordinator: one per agent, built from the validated settings.
 #[derive(Debug)]
 pub enum Coordinator {
+    /// `backend = "etcd"`.
     Etcd(Box<EtcdCoordinator>),
+    /// `backend = "fleetlock"`.
     FleetLock(Box<FleetLockCoordinator>),
 }
 
@@ -215,6 +230,7 @@ impl Coordinator {
         }
     }
 
+    /// The settings it was built from.
     pub fn fleet(&self) -> &Fleet {
         match self {
             Coordinator::Etcd(c) => c.fleet(),
@@ -310,6 +326,8 @@ impl Coordinator {
         }
     }
 
+    /// The group as the backend sees it: slots and holders, pauses, canaries, the announced
+    /// release and the members' records (those FleetLock cannot tell are empty).
     pub async fn status(&self) -> Result<FleetStatus, Error> {
         match self {
             Coordinator::Etcd(c) => c.status().await,

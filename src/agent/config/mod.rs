@@ -177,6 +177,7 @@ pub struct Settings {
     pub(crate) paths: Paths,
 }
 
+/// Where the agent reads its configuration file unless `--config` names another.
 pub const DEFAULT_CONFIG: &str = "/etc/hcloud-nixos/agent.toml";
 
 /// Parses the TOML text; errors are one line and name the key.

@@ -32,7 +32,9 @@ pub(crate) fn now() -> Timestamp {
 /// A release and the store path of its output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
+    /// The release's exact version on FlakeHub (`0.1.42+rev-…`).
     pub version: String,
+    /// The `/nix/store/…` path of the NixOS system that release builds.
     pub store_path: String,
 }
 
@@ -166,7 +168,9 @@ pub enum Lifecycle {
     /// still waiting for its reboot, which this deploy supersedes; it is the boot default again
     /// if this deploy does not complete.
     Deploying {
+        /// The release being applied and how far it got.
         deploy: InFlight,
+        /// The boot release this deploy supersedes, if one was waiting.
         awaiting: Option<PendingBoot>,
     },
     /// A release was applied with `operation = "boot"`; it is checked after the next boot.
@@ -225,24 +229,36 @@ pub struct Counters {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(from = "wire::StateFile", into = "wire::StateFile")]
 pub struct State {
+    /// The release last seen running and healthy: set by a confirmed deploy (or a check that
+    /// finds the system already up to date); None until then.
     pub running: Option<Target>,
+    /// What FlakeHub resolved the reference to at the last successful check; None before one.
     pub desired: Option<Target>,
+    /// When the last poll of FlakeHub happened and how it went; None before the first.
     pub last_check: Option<Check>,
+    /// The last deploy that finished, successful or not; None before the first.
     pub last_deploy: Option<Deploy>,
     /// Where the deploy lifecycle stands.
     pub lifecycle: Lifecycle,
+    /// Deploys of one store path that failed in a row; None once a deploy succeeds (or an
+    /// operator runs `hcloud-nixos retry`).
     pub failures: Option<Failures>,
+    /// The last `fh login`; None before the agent has logged in with a token.
     pub login: Option<Login>,
     /// Deploys recorded since the state file was created, successful or not.
     pub deploys: u64,
+    /// Deploys and rollbacks by outcome, for the metrics.
     pub counters: Counters,
     /// Cycles in a row that ended in a failure (check or deploy).
     pub consecutive_failures: u32,
+    /// Store paths that failed and are not tried again until another release appears or an
+    /// operator clears them; the newest last.
     pub quarantined: Vec<Quarantined>,
     /// The running system needs a reboot (a new kernel, initrd or kernel modules).
     pub reboot_required: bool,
     /// The moment chosen inside the maintenance window, kept across polls.
     pub reboot_planned: Option<Timestamp>,
+    /// The last reboot the agent asked for and what came up after it; None before the first.
     pub last_reboot: Option<LastReboot>,
     /// A fleet slot still to be handed back (the backend could not be reached when the work it
     /// was taken for ended, or a reboot ended it). It can outlive any phase of the lifecycle,
