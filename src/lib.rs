@@ -10,6 +10,8 @@
 //!   feature (on by default; the servers' build leaves it out);
 //! - [`plumbing`]: HTTP and TLS set-up, atomic files, running programs, secrets, logging.
 
+#![warn(missing_docs)]
+
 pub mod agent;
 pub mod boot;
 #[cfg(feature = "workstation")]

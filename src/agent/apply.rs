@@ -20,7 +20,7 @@ use crate::plumbing::procfs;
 /// Which step of a deploy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum StepKind {
+pub(crate) enum StepKind {
     /// `fh apply nixos <ref> dry-activate`: the closure and the profile generation.
     Fetch,
     /// `switch-to-configuration` of the new system.
@@ -31,9 +31,9 @@ pub enum StepKind {
 
 impl StepKind {
     /// Every kind, in a deploy's order.
-    pub const ALL: [StepKind; 3] = [StepKind::Fetch, StepKind::Activate, StepKind::Rollback];
+    pub(crate) const ALL: [StepKind; 3] = [StepKind::Fetch, StepKind::Activate, StepKind::Rollback];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             StepKind::Fetch => "fetch",
             StepKind::Activate => "activate",
@@ -44,17 +44,17 @@ impl StepKind {
 
 /// One command to run, never through a shell.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Step {
-    pub kind: StepKind,
+pub(crate) struct Step {
+    pub(crate) kind: StepKind,
     /// The absolute program path, then its arguments.
-    pub argv: Vec<String>,
+    pub(crate) argv: Vec<String>,
     /// The release this step is about (for the journal and the unit's description).
-    pub version: String,
+    pub(crate) version: String,
 }
 
 impl Step {
     /// `fh apply nixos <org>/<flake>/=<version>#<attr> dry-activate`, with fh's absolute path.
-    pub fn fetch(fh: &Path, reference: &str, version: &str) -> Step {
+    pub(crate) fn fetch(fh: &Path, reference: &str, version: &str) -> Step {
         Step {
             kind: StepKind::Fetch,
             argv: vec![
@@ -69,7 +69,12 @@ impl Step {
     }
 
     /// `<system>/bin/switch-to-configuration <operation>`, for a new system or the previous one.
-    pub fn switch(kind: StepKind, system: &str, operation: Operation, version: &str) -> Step {
+    pub(crate) fn switch(
+        kind: StepKind,
+        system: &str,
+        operation: Operation,
+        version: &str,
+    ) -> Step {
         Step {
             kind,
             argv: vec![
@@ -90,13 +95,13 @@ impl Step {
 }
 
 /// A name for the transient unit of a step started at `unix_secs`.
-pub fn unit_name(kind: StepKind, unix_secs: u64) -> String {
+pub(crate) fn unit_name(kind: StepKind, unix_secs: u64) -> String {
     format!("hcloud-nixos-{}-{unix_secs}.service", kind.as_str())
 }
 
 /// Is this one of the units the agent starts (as [`unit_name`] names them; `apply` is what
 /// agents before the split into steps called theirs)?
-pub fn is_step_unit(name: &str) -> bool {
+pub(crate) fn is_step_unit(name: &str) -> bool {
     let Some(rest) = name
         .strip_prefix("hcloud-nixos-")
         .and_then(|n| n.strip_suffix(".service"))
@@ -113,16 +118,16 @@ pub fn is_step_unit(name: &str) -> bool {
 
 /// How a step's process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finished {
+pub(crate) struct Finished {
     /// Exit status 0.
-    pub succeeded: bool,
+    pub(crate) succeeded: bool,
     /// `exited with status 4`, for messages.
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 /// What a restarted agent finds of a step an earlier agent process started.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Found {
+pub(crate) enum Found {
     /// Still running in its unit: wait for it.
     Running,
     /// Still running as a process of an earlier agent (direct mode).
@@ -133,7 +138,7 @@ pub enum Found {
 }
 
 /// A step under way.
-pub enum Running {
+pub(crate) enum Running {
     Unit(String),
     Child(tokio::process::Child),
     /// A process started by an earlier agent process (direct mode), found still running.
@@ -143,7 +148,7 @@ pub enum Running {
 /// Is `pid` running exactly `argv` as this agent's user (and not a process that reused the PID)?
 /// An interpreter may stand first (`bash /path/fh apply ...`), so `argv` is looked for anywhere in
 /// the command line; anyone can write a command line, so another user's process never counts.
-pub fn is_running(pid: u32, argv: &[String]) -> bool {
+pub(crate) fn is_running(pid: u32, argv: &[String]) -> bool {
     let cmdline = procfs::cmdline(pid);
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     !argv.is_empty()
@@ -155,15 +160,15 @@ pub fn is_running(pid: u32, argv: &[String]) -> bool {
 
 /// Starts steps and waits for them.
 #[derive(Clone)]
-pub struct Applier {
-    pub mode: ApplyMode,
+pub(crate) struct Applier {
+    pub(crate) mode: ApplyMode,
     systemd: Option<Systemd>,
     /// `PATH` of every step: the agent's programs' directories first (see `programs`).
     step_path: std::ffi::OsString,
 }
 
 impl Applier {
-    pub async fn new(mode: ApplyMode, step_path: std::ffi::OsString) -> Result<Self> {
+    pub(crate) async fn new(mode: ApplyMode, step_path: std::ffi::OsString) -> Result<Self> {
         let systemd = match mode {
             ApplyMode::TransientUnit => Some(Systemd::connect().await?),
             ApplyMode::Direct => None,
@@ -176,12 +181,12 @@ impl Applier {
     }
 
     /// The system manager, when the agent talks to one.
-    pub fn systemd(&self) -> Option<&Systemd> {
+    pub(crate) fn systemd(&self) -> Option<&Systemd> {
         self.systemd.as_ref()
     }
 
     /// Starts a step; `unit` names its transient unit (ignored in direct mode).
-    pub async fn start(&self, step: &Step, unit: &str) -> Result<Running> {
+    pub(crate) async fn start(&self, step: &Step, unit: &str) -> Result<Running> {
         match &self.systemd {
             Some(systemd) => {
                 // A transient unit starts with an empty environment: hand on what fh needs, with
@@ -222,7 +227,7 @@ impl Applier {
     }
 
     /// Waits for the step to end; after `timeout` it is stopped and counts as failed.
-    pub async fn wait(&self, running: Running, timeout: Duration) -> Result<Finished> {
+    pub(crate) async fn wait(&self, running: Running, timeout: Duration) -> Result<Finished> {
         let deadline = tokio::time::Instant::now() + timeout;
         let timed_out = || Finished {
             succeeded: false,
@@ -289,7 +294,7 @@ impl Applier {
 
     /// What became of a step an earlier agent process started: in `unit`, or (direct mode) as
     /// process `pid` running `argv`.
-    pub async fn find_earlier(
+    pub(crate) async fn find_earlier(
         &self,
         unit: Option<&str>,
         pid: Option<u32>,
@@ -303,7 +308,7 @@ impl Applier {
     }
 
     /// What became of the step in `unit`.
-    pub async fn find(&self, unit: &str) -> Result<Found> {
+    pub(crate) async fn find(&self, unit: &str) -> Result<Found> {
         let Some(systemd) = &self.systemd else {
             return Ok(Found::Unknown);
         };
@@ -319,7 +324,7 @@ impl Applier {
     }
 
     /// Unloads a finished unit; its output stays in the journal.
-    pub async fn forget(&self, unit: &str) {
+    pub(crate) async fn forget(&self, unit: &str) {
         if let Some(systemd) = &self.systemd {
             systemd.forget_unit(unit).await;
         }

@@ -12,7 +12,7 @@ use crate::agent::setup::load;
 use crate::fleet;
 
 /// The agent's PID file in its runtime directory.
-pub const PID_FILE: &str = "agent.pid";
+pub(crate) const PID_FILE: &str = "agent.pid";
 
 /// The state and runtime directories the configuration file names (or their defaults), for the
 /// commands that talk to a running agent without loading user-data.
@@ -169,7 +169,7 @@ async fn boot_timeline() -> serde_json::Value {
 }
 
 /// The state, readable.
-pub fn describe_state(state: &State) -> String {
+pub(crate) fn describe_state(state: &State) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let status = if state.status.is_empty() {

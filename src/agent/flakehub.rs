@@ -10,7 +10,7 @@ use crate::plumbing::http::{BodyError, describe, read_limited};
 use crate::plumbing::secret::Secret;
 use crate::plumbing::text::{one_line, quoted};
 
-pub const DEFAULT_API_URL: &str = "https://api.flakehub.com";
+pub(crate) const DEFAULT_API_URL: &str = "https://api.flakehub.com";
 
 /// A release's JSON carries its README; a list of them can be large, but not this large.
 const MAX_BODY: usize = 8 * 1024 * 1024;
@@ -41,8 +41,8 @@ pub struct Release {
     /// A SemVer version (`0.1.42+rev-<sha>`): ASCII letters, digits, `.`, `+` and `-` only.
     pub version: String,
     /// When it was published; `None` when FlakeHub gives no time, or something that is not one.
-    pub published_at: Option<Timestamp>,
-    pub yanked: bool,
+    pub(crate) published_at: Option<Timestamp>,
+    pub(crate) yanked: bool,
 }
 
 impl Release {
@@ -66,11 +66,13 @@ struct OutputJson {
 /// What a reference resolves to right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
+    /// The release's exact version as FlakeHub names it (`0.1.42+rev-…`), checked
+    /// ([`check_version`]).
     pub version: String,
-    pub attr: String,
+    pub(crate) attr: String,
     /// A store path, checked ([`check_store_path`]).
-    pub store_path: String,
-    pub published_at: Option<Timestamp>,
+    pub(crate) store_path: String,
+    pub(crate) published_at: Option<Timestamp>,
 }
 
 /// `GET /version/...`'s answer: the release, checked.
@@ -156,20 +158,40 @@ pub enum Error {
     #[error(
         "FlakeHub rejected the token (HTTP {0}): log in with a valid token (user-data flakehub_token or flakehub.token_file)"
     )]
+    /// FlakeHub refused the token (or its absence): the HTTP status, 401 or 403.
     Unauthorized(u16),
+    /// HTTP 404, or no release matches the constraint that is not yanked: the whole message.
     #[error("{0}")]
     NotFound(String),
+    /// Any other status that is not a success; 5xx and 429 are worth another try.
     #[error("FlakeHub answered {what} with HTTP {status}")]
-    Status { what: String, status: u16 },
+    Status {
+        /// What was asked for (`the release of acme/infra matching '0.1'`).
+        what: String,
+        /// The HTTP status code.
+        status: u16,
+    },
+    /// No answer: DNS, connection, TLS or a timeout.
     #[error("cannot reach FlakeHub at {url}: {why}")]
-    Unreachable { url: String, why: String },
+    Unreachable {
+        /// The URL asked, without credentials.
+        url: String,
+        /// The transport's reason, one line.
+        why: String,
+    },
+    /// An answer that does not parse or fails a check (a version or store path out of shape).
     #[error("FlakeHub's answer to {what} is not what was expected: {why}")]
-    Invalid { what: String, why: String },
+    Invalid {
+        /// What was asked for.
+        what: String,
+        /// What is wrong with the answer.
+        why: String,
+    },
 }
 
 impl Error {
     /// Worth trying again soon (the network, FlakeHub itself), as opposed to a setting to fix.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
             Error::Unreachable { .. } => true,
             Error::Status { status, .. } => *status >= 500 || *status == 429,
@@ -190,6 +212,9 @@ pub struct Client {
 }
 
 impl Client {
+    /// A client of the API at `api_url` (`https://api.flakehub.com`; a trailing `/` is added),
+    /// sending `token` as a bearer token when there is one. Fails only on a URL that does not
+    /// parse.
     pub fn new(api_url: &str, token: Option<Secret>) -> anyhow::Result<Self> {
         let mut api_url = reqwest::Url::parse(api_url)
             .map_err(|_| anyhow::anyhow!("flakehub.api_url '{api_url}' is not a URL"))?;
@@ -356,7 +381,7 @@ fn invalid(what: &str, why: String) -> Error {
 }
 
 /// The highest version that matches `constraint` (Cargo's rules, as FlakeHub's) and is not yanked.
-pub fn newest_unyanked(releases: &[Release], constraint: &str) -> Option<Release> {
+pub(crate) fn newest_unyanked(releases: &[Release], constraint: &str) -> Option<Release> {
     let req = semver::VersionReq::parse(constraint).ok();
     releases
         .iter()

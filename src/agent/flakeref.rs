@@ -20,7 +20,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The longest reference accepted, in bytes (the prefix included).
-pub const MAX_LEN: usize = 256;
+pub(crate) const MAX_LEN: usize = 256;
 /// The longest org or flake name accepted.
 const MAX_NAME_LEN: usize = 64;
 /// The longest hostname label (DNS's limit, and NixOS's for `networking.hostName`).
@@ -33,12 +33,12 @@ const EXAMPLE: &str = "e.g. my-org/infra/0.1#nixosConfigurations.web";
 /// A FlakeHub output reference: `org/flake/version[#attr]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlakeRef {
-    pub org: String,
-    pub flake: String,
+    pub(crate) org: String,
+    pub(crate) flake: String,
     /// The version constraint as given (`*`, `0.1`, `=0.1.42+rev-abc`, ...).
-    pub version: String,
+    pub(crate) version: String,
     /// The attribute path after `#`, if one was given.
-    pub attr: Option<String>,
+    pub(crate) attr: Option<String>,
 }
 
 impl FlakeRef {
@@ -75,20 +75,6 @@ impl FlakeRef {
     /// applies the release that was resolved rather than resolving a moving constraint again.
     pub fn exact(&self, version: &str, attr: &str) -> String {
         format!("{}/{}/={version}#{attr}", self.org, self.flake)
-    }
-
-    /// The version constraint percent-encoded for a URL path segment (`>=1.2, <2` becomes
-    /// `%3E%3D1.2%2C%20%3C2`); letters, digits, `.`, `-`, `_`, `~` and `+` stay as they are.
-    pub fn version_for_url(&self) -> String {
-        let mut out = String::with_capacity(self.version.len());
-        for b in self.version.bytes() {
-            if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'~' | b'+') {
-                out.push(b as char);
-            } else {
-                out.push_str(&format!("%{b:02X}"));
-            }
-        }
-        out
     }
 }
 
@@ -403,9 +389,6 @@ mod tests {
             r.exact("0.1.42+rev-abc", "nixosConfigurations.db"),
             "my-org/infra/=0.1.42+rev-abc#nixosConfigurations.db"
         );
-        assert_eq!(ok("a/b/>=1.2, <2").version_for_url(), "%3E%3D1.2%2C%20%3C2");
-        assert_eq!(ok("a/b/=0.1.4+rev-a").version_for_url(), "%3D0.1.4+rev-a");
-        assert_eq!(ok("a/b/*").version_for_url(), "%2A");
     }
 
     #[test]

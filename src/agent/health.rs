@@ -9,16 +9,16 @@ use crate::plumbing::exec;
 /// A `[[health_check]]` table as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CheckConfig {
-    pub command: Option<Vec<String>>,
-    pub url: Option<String>,
+pub(crate) struct CheckConfig {
+    pub(crate) command: Option<Vec<String>>,
+    pub(crate) url: Option<String>,
     #[serde(default, deserialize_with = "crate::agent::config::raw::duration")]
-    pub timeout: Option<String>,
+    pub(crate) timeout: Option<String>,
 }
 
 /// One validated check.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Check {
+pub(crate) enum Check {
     /// argv, no shell; must exit 0.
     Command {
         argv: Vec<String>,
@@ -30,7 +30,7 @@ pub enum Check {
 
 impl Check {
     /// Validates `health_check[index]`; the error is one line naming the key.
-    pub fn from_config(c: &CheckConfig, index: usize) -> Result<Check, String> {
+    pub(crate) fn from_config(c: &CheckConfig, index: usize) -> Result<Check, String> {
         let at = format!("health_check[{index}]");
         let timeout = crate::agent::config::bounds::HEALTH_CHECK_TIMEOUT
             .read(&format!("{at}.timeout"), c.timeout.as_deref())?;
@@ -68,7 +68,7 @@ impl Check {
         }
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Check::Command { argv, .. } => argv.join(" "),
             Check::Http { url, .. } => url.clone(),
@@ -76,7 +76,7 @@ impl Check {
     }
 
     /// Runs the check once; `Err` says why it failed, in one line.
-    pub async fn run(&self, http: &reqwest::Client) -> Result<(), String> {
+    pub(crate) async fn run(&self, http: &reqwest::Client) -> Result<(), String> {
         match self {
             Check::Command { argv, timeout } => {
                 let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
@@ -115,7 +115,7 @@ impl Check {
 
 /// Units that failed after the deploy and had not failed before it (the agent's own step units
 /// excepted: a rolled-back deploy leaves its failed activation behind).
-pub fn new_failures(before: &[String], after: &[String]) -> Vec<String> {
+pub(crate) fn new_failures(before: &[String], after: &[String]) -> Vec<String> {
     let mut new: Vec<String> = after
         .iter()
         .filter(|u| !before.contains(u))

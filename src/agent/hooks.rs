@@ -11,10 +11,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 
 /// How long a hook may run when its `timeout` is not given.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `PATH` for hooks when the agent itself has none.
-pub const DEFAULT_PATH: &str = "/run/current-system/sw/bin:/usr/bin:/bin";
+pub(crate) const DEFAULT_PATH: &str = "/run/current-system/sw/bin:/usr/bin:/bin";
 
 /// Bytes of each output stream kept; the rest is read and counted, not kept.
 const KEEP_OUTPUT: usize = 16 * 1024;
@@ -26,22 +26,22 @@ const MAX_VALUE: usize = 4096;
 /// One `[[hook]]` table as written. Unknown keys are errors.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HookConfig {
-    pub command: Vec<String>,
+pub(crate) struct HookConfig {
+    pub(crate) command: Vec<String>,
     #[serde(default, deserialize_with = "crate::agent::config::raw::duration")]
-    pub timeout: Option<String>,
+    pub(crate) timeout: Option<String>,
 }
 
 /// A validated hook: an absolute program path and its arguments, run without a shell.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Hook {
-    pub command: Vec<String>,
-    pub timeout: Duration,
+pub(crate) struct Hook {
+    pub(crate) command: Vec<String>,
+    pub(crate) timeout: Duration,
 }
 
 impl Hook {
     /// Validates `hook[index]`; the error is one line naming the key.
-    pub fn from_config(c: &HookConfig, index: usize) -> Result<Hook, String> {
+    pub(crate) fn from_config(c: &HookConfig, index: usize) -> Result<Hook, String> {
         let at = format!("hook[{index}]");
         let Some(program) = c.command.first() else {
             return Err(format!(
@@ -69,7 +69,7 @@ impl Hook {
     }
 
     /// Validates every `[[hook]]`, returning every problem (one line each).
-    pub fn from_configs(configs: &[HookConfig]) -> Result<Vec<Hook>, Vec<String>> {
+    pub(crate) fn from_configs(configs: &[HookConfig]) -> Result<Vec<Hook>, Vec<String>> {
         let (hooks, problems): (Vec<_>, Vec<_>) = configs
             .iter()
             .enumerate()
@@ -85,14 +85,14 @@ impl Hook {
 
 /// What a hook is told about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
+pub(crate) enum EventKind {
     Deploy,
     Rollback,
     Reboot,
 }
 
 impl EventKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             EventKind::Deploy => "deploy",
             EventKind::Rollback => "rollback",
@@ -109,19 +109,19 @@ impl std::fmt::Display for EventKind {
 
 /// What happened. Holds nothing secret, and must not: all of it goes to the hooks' environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
-    pub kind: EventKind,
-    pub version: Option<String>,
-    pub store_path: Option<String>,
-    pub previous_path: Option<String>,
+pub(crate) struct Event {
+    pub(crate) kind: EventKind,
+    pub(crate) version: Option<String>,
+    pub(crate) store_path: Option<String>,
+    pub(crate) previous_path: Option<String>,
     /// success | failed | rolled-back | scheduled | held | ...
-    pub outcome: String,
-    pub error: Option<String>,
+    pub(crate) outcome: String,
+    pub(crate) error: Option<String>,
 }
 
 /// The variables a hook gets (besides `PATH`). Absent values are empty strings; every value is
 /// one line (control characters become spaces) of at most 4 KiB.
-pub fn environment(e: &Event) -> Vec<(String, String)> {
+pub(crate) fn environment(e: &Event) -> Vec<(String, String)> {
     let value = |v: Option<&str>| one_line(v.unwrap_or(""));
     vec![
         ("HCLOUD_NIXOS_EVENT".into(), e.kind.as_str().into()),
@@ -163,7 +163,7 @@ fn one_line(s: &str) -> String {
 
 /// Runs every hook, one after another, each for at most its timeout. Failures are logged, never
 /// returned.
-pub async fn run_all(hooks: &[Hook], event: &Event) {
+pub(crate) async fn run_all(hooks: &[Hook], event: &Event) {
     if hooks.is_empty() {
         return;
     }

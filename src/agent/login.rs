@@ -15,7 +15,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How this machine logs in.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Method {
+pub(crate) enum Method {
     /// Determinate Nix: `determinate-nixd login token --token-file FILE`.
     DeterminateNixd(PathBuf),
     /// Upstream Nix: fh reads its own token file.
@@ -23,13 +23,13 @@ pub enum Method {
 }
 
 /// The token's fingerprint, kept in the state to notice a changed token. Not the token.
-pub fn fingerprint(token: &Secret) -> String {
+pub(crate) fn fingerprint(token: &Secret) -> String {
     let digest = Sha256::digest(token.expose().as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Does `determinate-nixd status` say we are logged in?
-pub fn parse_logged_in(status_output: &str) -> bool {
+pub(crate) fn parse_logged_in(status_output: &str) -> bool {
     status_output.lines().any(|line| {
         let line = line.trim().to_ascii_lowercase();
         line.strip_prefix("logged in:")
@@ -47,7 +47,7 @@ fn scrub(text: &str, token: &Secret) -> String {
 
 /// Logs in when the token changed or the login is gone; does nothing otherwise. Returns whether
 /// a login happened. `run_dir` holds the token file for the moment determinate-nixd reads it.
-pub async fn ensure(
+pub(crate) async fn ensure(
     method: &Method,
     token: &Secret,
     run_dir: &Path,

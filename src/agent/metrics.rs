@@ -45,15 +45,19 @@ const MAX_BUFFER: usize = 8 * 1024;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
+    /// `metrics.listen`: the address and port to serve `/metrics` on (`127.0.0.1:9945`);
+    /// None serves nothing.
     pub listen: Option<String>,
+    /// `metrics.textfile`: a file the same text is written to after every cycle (for
+    /// node-exporter's textfile collector); None writes none.
     pub textfile: Option<PathBuf>,
 }
 
 /// Validated metrics settings; both absent means no metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Metrics {
-    pub listen: Option<SocketAddr>,
-    pub textfile: Option<PathBuf>,
+    pub(crate) listen: Option<SocketAddr>,
+    pub(crate) textfile: Option<PathBuf>,
 }
 
 impl Metrics {
@@ -92,7 +96,8 @@ impl Metrics {
         })
     }
 
-    pub fn is_enabled(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_enabled(&self) -> bool {
         self.listen.is_some() || self.textfile.is_some()
     }
 }

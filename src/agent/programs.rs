@@ -17,10 +17,10 @@ use crate::plumbing::exec;
 
 /// A program the agent needs, found or not.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Program {
+pub(crate) struct Program {
     /// The configuration key that names it (`paths.fh`), for messages.
-    pub key: &'static str,
-    pub found: Result<PathBuf, String>,
+    pub(crate) key: &'static str,
+    pub(crate) found: Result<PathBuf, String>,
 }
 
 impl Program {
@@ -30,7 +30,7 @@ impl Program {
     }
 
     /// The absolute path, or the one-line reason it cannot be run.
-    pub fn path(&self) -> Result<&Path, String> {
+    pub(crate) fn path(&self) -> Result<&Path, String> {
         self.found.as_deref().map_err(Clone::clone)
     }
 }
@@ -51,18 +51,18 @@ fn missing(key: &str, configured: &Path) -> String {
 
 /// Every program of the agent, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Programs {
+pub(crate) struct Programs {
     /// Fetches a release (`fh apply nixos ... dry-activate`).
-    pub fh: Program,
+    pub(crate) fh: Program,
     /// Sets the system profile back in a rollback.
-    pub nix_env: Program,
+    pub(crate) nix_env: Program,
     /// fh runs `nix` from `PATH`: its directory leads the steps' `PATH`.
-    pub nix: Program,
+    pub(crate) nix: Program,
     /// How the machine logs in to FlakeHub.
-    pub login: Method,
+    pub(crate) login: Method,
     /// determinate-nixd was named explicitly and is missing (then there is no silent fallback to
     /// fh's token file).
-    pub login_problem: Option<String>,
+    pub(crate) login_problem: Option<String>,
 }
 
 /// The default name of determinate-nixd: without it in `PATH`, fh's token file is used.
@@ -70,7 +70,7 @@ const DETERMINATE_NIXD: &str = "determinate-nixd";
 
 impl Programs {
     /// Resolves every program named in `paths` (names without a slash in `PATH`).
-    pub fn resolve(paths: &Paths) -> Programs {
+    pub(crate) fn resolve(paths: &Paths) -> Programs {
         let explicit = paths.determinate_nixd != Path::new(DETERMINATE_NIXD);
         let (login, login_problem) = match exec::find_program(&paths.determinate_nixd) {
             Some(found) => (Method::DeterminateNixd(found), None),
@@ -89,7 +89,7 @@ impl Programs {
     }
 
     /// What stops a deploy: every program a deploy needs that is missing, one line.
-    pub fn deploy_problem(&self) -> Option<String> {
+    pub(crate) fn deploy_problem(&self) -> Option<String> {
         let problems: Vec<String> = [&self.fh, &self.nix_env, &self.nix]
             .into_iter()
             .filter_map(|p| p.found.as_ref().err().cloned())
@@ -99,7 +99,7 @@ impl Programs {
     }
 
     /// One line per step for the log at start: which program runs it.
-    pub fn describe(&self) -> Vec<String> {
+    pub(crate) fn describe(&self) -> Vec<String> {
         let show = |p: &Program| match &p.found {
             Ok(path) => path.display().to_string(),
             Err(e) => format!("MISSING ({e})"),
@@ -123,7 +123,7 @@ impl Programs {
 
     /// `PATH` for the steps: the directories of nix, fh and nix-env first (fh runs `nix` from
     /// `PATH`), then the agent's own `PATH`.
-    pub fn step_path(&self) -> OsString {
+    pub(crate) fn step_path(&self) -> OsString {
         let mut dirs: Vec<PathBuf> = Vec::new();
         for program in [&self.nix, &self.fh, &self.nix_env] {
             if let Ok(path) = &program.found

@@ -6,19 +6,19 @@ use std::path::Path;
 
 /// Where a NixOS system (a toplevel store path) keeps the agent's unit: units installed through
 /// `systemd.packages` are linked into `etc/systemd/system`.
-pub const AGENT_UNIT: &str = "etc/systemd/system/hcloud-nixos-agent.service";
+pub(crate) const AGENT_UNIT: &str = "etc/systemd/system/hcloud-nixos-agent.service";
 
 /// How a NixOS system starts the agent at boot: `wantedBy = [ "multi-user.target" ]` becomes this
 /// link. Without it the agent would not come back after a reboot.
-pub const AGENT_WANTED: &str =
+pub(crate) const AGENT_WANTED: &str =
     "etc/systemd/system/multi-user.target.wants/hcloud-nixos-agent.service";
 
 /// Where a NixOS system keeps the agent's configuration (`environment.etc`).
-pub const AGENT_CONFIG: &str = "etc/hcloud-nixos/agent.toml";
+pub(crate) const AGENT_CONFIG: &str = "etc/hcloud-nixos/agent.toml";
 
 /// Checks that `system` (the release's store path, fetched) still runs the agent after a switch.
 /// `Err` is one line for the status: what is missing, and that deploying it would end deploys.
-pub fn check(system: &Path, version: &str) -> Result<(), String> {
+pub(crate) fn check(system: &Path, version: &str) -> Result<(), String> {
     let refuse = |what: String| {
         Err(format!(
             "release {version} {what}: deploying it would end deploys on this server"
@@ -98,7 +98,7 @@ pub fn check(system: &Path, version: &str) -> Result<(), String> {
 }
 
 /// How to deploy such a release on purpose, for the status and the log.
-pub const OVERRIDE_HINT: &str = "to deploy it anyway (leaving hcloud-nixos on purpose), set apply.require_agent = false in the agent's configuration and run `hcloud-nixos retry`";
+pub(crate) const OVERRIDE_HINT: &str = "to deploy it anyway (leaving hcloud-nixos on purpose), set apply.require_agent = false in the agent's configuration and run `hcloud-nixos retry`";
 
 #[cfg(test)]
 mod tests {

@@ -19,19 +19,19 @@ use crate::fleet;
 const USERDATA_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Settings, and what the user-data said besides.
-pub struct Loaded {
-    pub settings: Settings,
+pub(crate) struct Loaded {
+    pub(crate) settings: Settings,
     /// Lines worth one log message each (ignored cloud-init keys, user-data problems).
-    pub notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
     /// Why the user-data gave no reference, for the status line when there is none.
-    pub why_no_reference: Option<String>,
+    pub(crate) why_no_reference: Option<String>,
     /// The Hetzner instance id (what a fleet knows this server by), when a fleet is configured;
     /// or why it could not be read.
-    pub instance_id: Option<Result<String, String>>,
+    pub(crate) instance_id: Option<Result<String, String>>,
 }
 
 /// Reads the configuration file, fetches and parses the user-data, and merges them.
-pub async fn load(config_path: &Path) -> Result<Loaded> {
+pub(crate) async fn load(config_path: &Path) -> Result<Loaded> {
     let file = config::read_file(config_path).map_err(anyhow::Error::msg)?;
     let (user, notes) = fetch_userdata(&file).await;
     let settings = config::resolve(&file, user.settings.as_ref(), |p| {
@@ -127,7 +127,7 @@ async fn fetch_userdata(file: &FileConfig) -> (userdata::UserData, Vec<String>) 
 }
 
 /// Builds what a cycle needs from loaded settings.
-pub async fn context(loaded: Loaded) -> Result<Context> {
+pub(crate) async fn context(loaded: Loaded) -> Result<Context> {
     let Loaded {
         settings,
         why_no_reference,
@@ -182,7 +182,7 @@ pub async fn context(loaded: Loaded) -> Result<Context> {
 }
 
 /// Logs what loading found worth saying, one warning each.
-pub fn log_notes(notes: &[String]) {
+pub(crate) fn log_notes(notes: &[String]) {
     for note in notes {
         tracing::warn!("{note}");
     }

@@ -9,24 +9,24 @@ const MANAGER: &str = "org.freedesktop.systemd1.Manager";
 
 /// What a unit is doing, or what it ended with.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UnitStatus {
+pub(crate) struct UnitStatus {
     /// `active`, `activating`, `deactivating`, `failed`, `inactive`.
-    pub active_state: String,
-    pub sub_state: String,
+    pub(crate) active_state: String,
+    pub(crate) sub_state: String,
     /// The service's `Result`: `success`, `exit-code`, `signal`, `timeout`, ...
-    pub result: String,
+    pub(crate) result: String,
     /// The main process's exit status (or signal number).
-    pub exec_main_status: i32,
+    pub(crate) exec_main_status: i32,
     /// The unit has left `inactive` at least once (InactiveExitTimestampMonotonic is set).
-    pub started: bool,
+    pub(crate) started: bool,
     /// A job (its start, right after StartTransientUnit) is queued for the unit.
-    pub job_pending: bool,
+    pub(crate) job_pending: bool,
 }
 
 impl UnitStatus {
     /// The process has ended (successfully or not). A unit that is `inactive` because its start
     /// job has not run yet has not ended: StartTransientUnit returns when the job is queued.
-    pub fn finished(&self) -> bool {
+    pub(crate) fn finished(&self) -> bool {
         match self.active_state.as_str() {
             "failed" => true,
             "inactive" => self.started && !self.job_pending,
@@ -36,16 +36,16 @@ impl UnitStatus {
     }
 
     /// Loaded but never started, and nothing queued to start it: it will never run.
-    pub fn never_ran(&self) -> bool {
+    pub(crate) fn never_ran(&self) -> bool {
         self.active_state == "inactive" && !self.started && !self.job_pending
     }
 
-    pub fn succeeded(&self) -> bool {
+    pub(crate) fn succeeded(&self) -> bool {
         self.finished() && self.result == "success" && self.exec_main_status == 0
     }
 
     /// One line for a person: `exited with status 1`, `killed by signal 9`.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self.result.as_str() {
             "success" => "finished successfully".to_string(),
             "exit-code" => format!("exited with status {}", self.exec_main_status),
@@ -58,25 +58,25 @@ impl UnitStatus {
 
 /// A command to run in a transient service.
 #[derive(Debug, Clone)]
-pub struct TransientService {
-    pub name: String,
-    pub description: String,
+pub(crate) struct TransientService {
+    pub(crate) name: String,
+    pub(crate) description: String,
     /// Absolute program path, then its arguments.
-    pub argv: Vec<String>,
+    pub(crate) argv: Vec<String>,
     /// `KEY=value` pairs.
-    pub environment: Vec<String>,
+    pub(crate) environment: Vec<String>,
     /// Extra journal fields for every line the service logs (`KEY=value`).
-    pub log_fields: Vec<String>,
+    pub(crate) log_fields: Vec<String>,
 }
 
 /// A connection to the system manager.
 #[derive(Clone)]
-pub struct Systemd {
+pub(crate) struct Systemd {
     conn: zbus::Connection,
 }
 
 impl Systemd {
-    pub async fn connect() -> Result<Self> {
+    pub(crate) async fn connect() -> Result<Self> {
         let conn = zbus::Connection::system()
             .await
             .context("cannot connect to the system D-Bus (is systemd running?)")?;
@@ -85,7 +85,7 @@ impl Systemd {
 
     /// Starts the service; it keeps running whatever happens to us, and stays loaded after it
     /// ends (RemainAfterExit) so that its result can be read later, even by a restarted agent.
-    pub async fn start_transient_service(&self, svc: &TransientService) -> Result<()> {
+    pub(crate) async fn start_transient_service(&self, svc: &TransientService) -> Result<()> {
         let program = svc.argv.first().context("empty command")?.clone();
         let exec: Vec<(String, Vec<String>, bool)> = vec![(program, svc.argv.clone(), false)];
         let properties: Vec<(&str, Value<'_>)> = vec![
@@ -121,7 +121,7 @@ impl Systemd {
     }
 
     /// The unit's state, or `None` when systemd has no such unit loaded.
-    pub async fn unit_status(&self, name: &str) -> Result<Option<UnitStatus>> {
+    pub(crate) async fn unit_status(&self, name: &str) -> Result<Option<UnitStatus>> {
         let reply = self
             .conn
             .call_method(Some(DEST), PATH, Some(MANAGER), "GetUnit", &(name,))
@@ -179,7 +179,7 @@ impl Systemd {
     /// A unit's timestamp property (`ActiveEnterTimestamp`, `ExecMainExitTimestamp`, ...), in
     /// microseconds since the epoch; `None` when the unit is not loaded or the moment has not
     /// come.
-    pub async fn unit_timestamp(&self, name: &str, property: &str) -> Option<u64> {
+    pub(crate) async fn unit_timestamp(&self, name: &str, property: &str) -> Option<u64> {
         let reply = self
             .conn
             .call_method(Some(DEST), PATH, Some(MANAGER), "GetUnit", &(name,))
@@ -205,7 +205,7 @@ impl Systemd {
     }
 
     /// Stops and unloads a finished unit (its log stays in the journal).
-    pub async fn forget_unit(&self, name: &str) {
+    pub(crate) async fn forget_unit(&self, name: &str) {
         let _ = self
             .conn
             .call_method(
@@ -223,7 +223,7 @@ impl Systemd {
     }
 
     /// Names of the units that are in the `failed` state.
-    pub async fn failed_units(&self) -> Result<Vec<String>> {
+    pub(crate) async fn failed_units(&self) -> Result<Vec<String>> {
         type Unit = (
             String,
             String,

@@ -19,7 +19,7 @@ const PUBLIC_NAME: &str = "ssh_host_ed25519_key.pub";
 
 /// What installing the key did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Installed {
+pub(crate) enum Installed {
     /// The files were written (the first boot, or another key was there).
     Written,
     /// The files already held this key.
@@ -31,7 +31,7 @@ pub enum Installed {
 
 /// Writes the key pair into `dir` unless it is there already: the private half root-only
 /// (0600), the public half 0644, each written whole (temporary file, fsync, rename).
-pub fn install(dir: &Path, key: &HostKey) -> Result<Installed> {
+pub(crate) fn install(dir: &Path, key: &HostKey) -> Result<Installed> {
     if !dir.is_dir() {
         return Ok(Installed::NoSshd);
     }
@@ -63,7 +63,7 @@ fn mode(path: &Path) -> Option<u32> {
 }
 
 /// The private key file's path in `dir` (for messages).
-pub fn private_path(dir: &Path) -> std::path::PathBuf {
+pub(crate) fn private_path(dir: &Path) -> std::path::PathBuf {
     dir.join(PRIVATE_NAME)
 }
 

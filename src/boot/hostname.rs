@@ -20,7 +20,7 @@ pub enum Policy {
 }
 
 /// Does the machine have a static hostname? An empty or missing file means no, as for hostnamed.
-pub fn has_static_hostname(path: &Path) -> bool {
+pub(crate) fn has_static_hostname(path: &Path) -> bool {
     std::fs::read_to_string(path)
         .map(|s| {
             s.lines()
@@ -31,7 +31,7 @@ pub fn has_static_hostname(path: &Path) -> bool {
 }
 
 /// The hostname to set, if any.
-pub fn decide(
+pub(crate) fn decide(
     policy: Policy,
     from_metadata: Option<&Hostname>,
     has_static: bool,
@@ -46,7 +46,7 @@ pub fn decide(
 
 /// Sets the transient hostname through `org.freedesktop.hostname1` (checked where it entered:
 /// hostnamed refuses some names, but is not relied on).
-pub async fn set_transient(name: &Hostname) -> Result<()> {
+pub(crate) async fn set_transient(name: &Hostname) -> Result<()> {
     let name = name.as_str();
     let conn = zbus::Connection::system()
         .await

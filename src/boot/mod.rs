@@ -5,6 +5,6 @@ pub mod cache;
 pub mod hostkey;
 pub mod hostname;
 pub mod metadata;
-pub mod network;
+pub(crate) mod network;
 pub mod provision;
 pub mod sshkeys;

@@ -22,20 +22,28 @@ mod fetch;
 /// Where to fetch from and for how long.
 #[derive(Debug, Clone)]
 pub struct Source {
+    /// The metadata service's base URL (`http://169.254.169.254/hetzner/v1/`).
     pub url: String,
+    /// How long to keep asking before giving up (or falling back to the saved metadata).
     pub deadline: Duration,
 }
 
 /// What `hcloud-nixos network` is asked to do.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// Where the `.network` and `.link` files go (`/run/systemd/network`).
     pub network_dir: PathBuf,
+    /// Ask systemd-networkd to reload after writing them.
     pub reload: bool,
+    /// When to set the hostname from the metadata.
     pub hostname: Policy,
+    /// The static hostname file (`/etc/hostname`), read to decide and written when it is set.
     pub hostname_file: PathBuf,
+    /// Where root's SSH keys from the metadata are written (an additional AuthorizedKeysFile).
     pub keys_file: PathBuf,
     /// Where sshd's host keys are (`/etc/ssh`): the user-data's host key goes there.
     pub host_key_dir: PathBuf,
+    /// Print what would be written and done, and change nothing.
     pub dry_run: bool,
     /// Where the last good metadata is kept (root-only), for a boot without the service.
     pub state_dir: PathBuf,
@@ -46,7 +54,7 @@ pub struct Options {
 /// Where the documents came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Origin {
+pub(crate) enum Origin {
     /// The metadata service, now.
     Service,
     /// The metadata saved at an earlier boot (seconds since the epoch); the service was silent.
@@ -56,31 +64,31 @@ pub enum Origin {
 /// Everything the metadata service told us.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Fetched {
-    pub metadata: Metadata,
-    pub private_networks: Vec<PrivateNetwork>,
+    pub(crate) metadata: Metadata,
+    pub(crate) private_networks: Vec<PrivateNetwork>,
     /// Parts of the documents that were left out, each naming its field.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub problems: Vec<Problem>,
-    pub origin: Origin,
+    pub(crate) problems: Vec<Problem>,
+    pub(crate) origin: Origin,
     /// The SSH host key the user-data gives (`create` passes one); never shown.
     #[serde(skip)]
-    pub host_key: Option<HostKey>,
+    pub(crate) host_key: Option<HostKey>,
 }
 
 /// What `network` will do, decided from the metadata and the machine's state (pure data).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// Files to write; `None` when the metadata has no `network-config` (files are left alone).
-    pub files: Option<Vec<NetworkFile>>,
+    pub(crate) files: Option<Vec<NetworkFile>>,
     /// Our own files from an earlier run that no NIC needs any more.
-    pub stale: Vec<String>,
-    pub hostname: Option<Hostname>,
-    pub keys: Vec<SshKey>,
-    pub host_key: Option<HostKey>,
+    pub(crate) stale: Vec<String>,
+    pub(crate) hostname: Option<Hostname>,
+    pub(crate) keys: Vec<SshKey>,
+    pub(crate) host_key: Option<HostKey>,
 }
 
 /// Decides what to do. `existing` are the names in the network directory now.
-pub fn plan(
+pub(crate) fn plan(
     fetched: &Fetched,
     existing: &[String],
     policy: Policy,
@@ -275,7 +283,11 @@ async fn apply(plan: &Plan, opts: &Options) -> Result<()> {
 }
 
 /// Writes the files that changed and removes stale ones; returns how many were written.
-pub fn sync_network_dir(dir: &Path, files: &[NetworkFile], stale: &[String]) -> Result<usize> {
+pub(crate) fn sync_network_dir(
+    dir: &Path,
+    files: &[NetworkFile],
+    stale: &[String],
+) -> Result<usize> {
     files::create_dir_all_mode(dir, 0o755)
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let mut written = 0;
@@ -314,7 +326,7 @@ fn list_dir(dir: &Path) -> Result<Vec<String>> {
 }
 
 /// What a dry run prints.
-pub fn describe(plan: &Plan, opts: &Options, has_static_hostname: bool) -> String {
+pub(crate) fn describe(plan: &Plan, opts: &Options, has_static_hostname: bool) -> String {
     let mut out = String::new();
     match &plan.files {
         None => out.push_str(

@@ -11,7 +11,7 @@ use crate::plumbing::files;
 pub const DEFAULT_KEYS_FILE: &str = "/run/hcloud-nixos/authorized_keys/root";
 
 /// The file's contents for these keys (each checked where it entered: one line, no options).
-pub fn render(keys: &[SshKey]) -> String {
+pub(crate) fn render(keys: &[SshKey]) -> String {
     let mut out = String::from(
         "# SSH keys of this server in the Hetzner metadata service.\n\
          # Written by `hcloud-nixos network` at every boot; keys in ~/.ssh/authorized_keys stay as they are.\n",
@@ -24,7 +24,7 @@ pub fn render(keys: &[SshKey]) -> String {
 }
 
 /// Writes the keys file, readable by root only, creating its directory.
-pub fn write(path: &Path, contents: &str) -> Result<()> {
+pub(crate) fn write(path: &Path, contents: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
         files::create_dir_all_mode(dir, 0o755)
             .with_context(|| format!("cannot create {}", dir.display()))?;

@@ -28,11 +28,20 @@ pub enum FleetCommand {
         flake: Option<String>,
     },
     /// Clear the pause of a release (all paused releases without RELEASE).
-    Resume { release: Option<String> },
+    Resume {
+        /// The release whose pause to clear; None clears every pause.
+        release: Option<String>,
+    },
     /// Retire a canary (by instance id): the group stops waiting for its confirmations.
-    ForgetCanary { id: String },
+    ForgetCanary {
+        /// The canary's Hetzner instance id.
+        id: String,
+    },
     /// Forget a silent member's last record (by instance id): a server that is gone for good.
-    ForgetMember { id: String },
+    ForgetMember {
+        /// The member's Hetzner instance id.
+        id: String,
+    },
 }
 
 /// Where `fleet` commands find the group: this server's configuration, or etcd endpoints given
@@ -41,7 +50,7 @@ pub enum FleetCommand {
 pub struct FleetArgs {
     /// The group (default: this server's, from its configuration; required with etcd endpoints).
     #[arg(long, global = true, value_name = "GROUP")]
-    pub group: Option<String>,
+    pub(crate) group: Option<String>,
     /// etcd endpoints, comma-separated, instead of this server's configuration. Credentials
     /// (`https://user:password@host:2379`) only through the environment, never the command line.
     #[arg(
@@ -52,7 +61,7 @@ pub struct FleetArgs {
         value_delimiter = ',',
         value_name = "URL"
     )]
-    pub etcd_endpoints: Vec<String>,
+    pub(crate) etcd_endpoints: Vec<String>,
     /// The key prefix the group's servers use (default /hcloud-nixos).
     #[arg(
         long,
@@ -60,7 +69,7 @@ pub struct FleetArgs {
         env = "HCLOUD_NIXOS_ETCD_PREFIX",
         value_name = "PREFIX"
     )]
-    pub etcd_prefix: Option<String>,
+    pub(crate) etcd_prefix: Option<String>,
     /// The CA that signed etcd's certificate.
     #[arg(
         long,
@@ -68,7 +77,7 @@ pub struct FleetArgs {
         env = "HCLOUD_NIXOS_ETCD_CA_FILE",
         value_name = "PATH"
     )]
-    pub etcd_ca_file: Option<PathBuf>,
+    pub(crate) etcd_ca_file: Option<PathBuf>,
     /// A client certificate for etcd (with --etcd-key-file).
     #[arg(
         long,
@@ -76,7 +85,7 @@ pub struct FleetArgs {
         env = "HCLOUD_NIXOS_ETCD_CERT_FILE",
         value_name = "PATH"
     )]
-    pub etcd_cert_file: Option<PathBuf>,
+    pub(crate) etcd_cert_file: Option<PathBuf>,
     /// The client certificate's key.
     #[arg(
         long,
@@ -84,14 +93,14 @@ pub struct FleetArgs {
         env = "HCLOUD_NIXOS_ETCD_KEY_FILE",
         value_name = "PATH"
     )]
-    pub etcd_key_file: Option<PathBuf>,
+    pub(crate) etcd_key_file: Option<PathBuf>,
 }
 
 impl FleetArgs {
     /// The fleet settings the arguments give, when they name etcd endpoints; `Err` with one line
     /// per problem. Credentials in endpoints must come from the environment: the command line is
     /// visible to every user of the machine.
-    pub fn fleet(&self) -> Option<Result<super::Fleet, Vec<String>>> {
+    pub(crate) fn fleet(&self) -> Option<Result<super::Fleet, Vec<String>>> {
         if self.etcd_endpoints.is_empty() {
             return None;
         }

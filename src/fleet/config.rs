@@ -11,14 +11,16 @@ use crate::agent::config::bounds;
 /// Which engine coordinates the group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum Backend {
+    /// etcd v3: slots, pauses, canaries and member records (`backend = "etcd"`).
     #[serde(rename = "etcd")]
     Etcd,
+    /// A FleetLock server (airlock, Kubernetes FleetLock): slots only (`backend = "fleetlock"`).
     #[serde(rename = "fleetlock")]
     FleetLock,
 }
 
 impl Backend {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Backend::Etcd => "etcd",
             Backend::FleetLock => "fleetlock",
@@ -30,12 +32,21 @@ impl Backend {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetConfig {
+    /// `fleet.group`: the servers of one group share the slots (required).
     pub group: Option<String>,
+    /// `fleet.slots`: at most this many servers deploying or rebooting at once (default 1;
+    /// checked against the table of bounds, so any integer is accepted here).
     pub slots: Option<i64>,
+    /// `fleet.backend` (required).
     pub backend: Option<Backend>,
+    /// `fleet.canary`: this server is the group's canary (default false; etcd only).
     pub canary: Option<bool>,
+    /// `fleet.pause_on_failure`: a release that fails here is paused for the whole group
+    /// (default true with etcd; FleetLock cannot record pauses).
     pub pause_on_failure: Option<bool>,
+    /// `[fleet.etcd]`, required with the etcd backend.
     pub etcd: Option<EtcdConfig>,
+    /// `[fleet.fleetlock]`, required with the fleetlock backend.
     pub fleetlock: Option<FleetLockConfig>,
 }
 
@@ -43,14 +54,18 @@ pub struct FleetConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EtcdConfig {
-    pub endpoints: Option<Vec<String>>,
-    pub prefix: Option<String>,
+    pub(crate) endpoints: Option<Vec<String>>,
+    pub(crate) prefix: Option<String>,
+    /// The CA certificate (PEM) etcd's certificate is checked against; None uses the system's
+    /// roots (for `https://` endpoints).
     pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for etcd's mutual TLS; None sends none. Needs `key_file`.
     pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM); None with `cert_file` None.
     pub key_file: Option<PathBuf>,
     /// How long a slot outlives a server that stopped refreshing it (default 30s).
     #[serde(default, deserialize_with = "crate::agent::config::raw::duration")]
-    pub lease_ttl: Option<String>,
+    pub(crate) lease_ttl: Option<String>,
     /// How long a slot taken for a reboot is kept without refresh (default 15m).
     #[serde(default, deserialize_with = "crate::agent::config::raw::duration")]
     pub reboot_ttl: Option<String>,
@@ -60,37 +75,38 @@ pub struct EtcdConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetLockConfig {
-    pub url: Option<String>,
+    pub(crate) url: Option<String>,
 }
 
 /// Validated fleet settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fleet {
+    /// The group's name, checked (letters, digits, `-`, `_`, `.`; at most 63).
     pub group: String,
-    pub slots: u32,
-    pub backend: Backend,
-    pub canary: bool,
-    pub pause_on_failure: bool,
-    pub etcd: Option<EtcdSettings>,
-    pub fleetlock: Option<FleetLockSettings>,
+    pub(crate) slots: u32,
+    pub(crate) backend: Backend,
+    pub(crate) canary: bool,
+    pub(crate) pause_on_failure: bool,
+    pub(crate) etcd: Option<EtcdSettings>,
+    pub(crate) fleetlock: Option<FleetLockSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EtcdSettings {
+pub(crate) struct EtcdSettings {
     /// URLs (`http://` or `https://`); credentials in them (`user:password@`, the same on every
     /// endpoint) are etcd's user authentication.
-    pub endpoints: Vec<ServerUrl>,
+    pub(crate) endpoints: Vec<ServerUrl>,
     /// Starts with `/`, no trailing `/`.
-    pub prefix: String,
-    pub ca_file: Option<PathBuf>,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    pub lease_ttl: Duration,
-    pub reboot_ttl: Duration,
+    pub(crate) prefix: String,
+    pub(crate) ca_file: Option<PathBuf>,
+    pub(crate) cert_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) reboot_ttl: Duration,
 }
 
 impl EtcdSettings {
-    pub fn tls(&self) -> bool {
+    pub(crate) fn tls(&self) -> bool {
         self.ca_file.is_some()
             || self.cert_file.is_some()
             || self
@@ -101,10 +117,10 @@ impl EtcdSettings {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FleetLockSettings {
+pub(crate) struct FleetLockSettings {
     /// The server's base URL, without a trailing `/`; credentials in it are sent as HTTP basic
     /// authentication.
-    pub url: ServerUrl,
+    pub(crate) url: ServerUrl,
 }
 
 /// The `fleet` mapping of user-data, with the same keys as `[fleet]`. The problems do not name
@@ -115,7 +131,7 @@ pub fn from_user_data(value: &serde_json::Value) -> Result<FleetConfig, Vec<Stri
 }
 
 /// A group name as `--group` gives it: `Err` with one line when it is none.
-pub fn check_group(group: &str) -> Result<(), String> {
+pub(crate) fn check_group(group: &str) -> Result<(), String> {
     if group_ok(group) {
         Ok(())
     } else {
@@ -142,13 +158,14 @@ fn http_url(text: &str) -> bool {
 
 impl FleetConfig {
     /// Key by key, `self` (the configuration file) wins over `other` (user-data).
-    pub fn or(&self, other: &FleetConfig) -> FleetConfig {
+    #[cfg(test)]
+    pub(crate) fn or(&self, other: &FleetConfig) -> FleetConfig {
         use crate::agent::config::raw::Merge as _;
         self.clone().merge(other.clone())
     }
 
     /// One line for `hcloud-nixos userdata` and the like: "group web, 2 slots, etcd".
-    pub fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         let mut parts = vec![format!(
             "group {}",
             self.group.as_deref().unwrap_or("(none)")

@@ -82,7 +82,7 @@ impl std::fmt::Debug for EtcdCoordinator {
 }
 
 impl EtcdCoordinator {
-    pub fn new(fleet: &Fleet, me: Member) -> Result<Self, Error> {
+    pub(crate) fn new(fleet: &Fleet, me: Member) -> Result<Self, Error> {
         let settings = fleet
             .etcd
             .clone()
@@ -107,7 +107,7 @@ impl EtcdCoordinator {
         })
     }
 
-    pub fn fleet(&self) -> &Fleet {
+    pub(crate) fn fleet(&self) -> &Fleet {
         &self.fleet
     }
 
@@ -275,7 +275,7 @@ impl EtcdCoordinator {
         Ok(Acquired::Granted(self.guard(c, purpose, i, lease, ttl)))
     }
 
-    pub async fn acquire(&self, purpose: Purpose) -> Result<Acquired, Error> {
+    pub(crate) async fn acquire(&self, purpose: Purpose) -> Result<Acquired, Error> {
         // A slot given back from now on wakes this member (see `group`), also one given back
         // while it asks: it is told to wait only after etcd was read.
         self.group.set_waiting(true);
@@ -440,7 +440,7 @@ impl EtcdCoordinator {
         }
     }
 
-    pub async fn release(&self, guard: SlotGuard) -> Result<(), Error> {
+    pub(crate) async fn release(&self, guard: SlotGuard) -> Result<(), Error> {
         let GuardInner::Etcd(lease) = &guard.inner else {
             return Ok(());
         };
@@ -454,7 +454,7 @@ impl EtcdCoordinator {
         result
     }
 
-    pub async fn release_own(&self) -> Result<(), Error> {
+    pub(crate) async fn release_own(&self) -> Result<(), Error> {
         let view = self.view("giving back a fleet slot").await?;
         for (&i, (h, lease)) in &view.slots {
             if h.id == self.me.id {
@@ -465,7 +465,7 @@ impl EtcdCoordinator {
         Ok(())
     }
 
-    pub async fn confirm(&self, release: &str) -> Result<(), Error> {
+    pub(crate) async fn confirm(&self, release: &str) -> Result<(), Error> {
         let what = "recording a canary's confirmation";
         let mut c = self.client().await?;
         let record = Confirmation {
@@ -494,7 +494,7 @@ impl EtcdCoordinator {
         Ok(())
     }
 
-    pub async fn pause(&self, release: &str, reason: &str) -> Result<(), Error> {
+    pub(crate) async fn pause(&self, release: &str, reason: &str) -> Result<(), Error> {
         let mut c = self.client().await?;
         let pause = Pause {
             release: release.to_string(),
@@ -517,7 +517,7 @@ impl EtcdCoordinator {
         Ok(())
     }
 
-    pub async fn resume(&self, release: Option<&str>) -> Result<Vec<String>, Error> {
+    pub(crate) async fn resume(&self, release: Option<&str>) -> Result<Vec<String>, Error> {
         let what = "clearing a pause";
         let mut c = self.client().await?;
         let resp = match release {
@@ -550,7 +550,7 @@ impl EtcdCoordinator {
             .collect())
     }
 
-    pub async fn forget_canary(&self, id: &str) -> Result<bool, Error> {
+    pub(crate) async fn forget_canary(&self, id: &str) -> Result<bool, Error> {
         let mut c = self.client().await?;
         let resp = self
             .call(
@@ -561,7 +561,7 @@ impl EtcdCoordinator {
         Ok(resp.deleted() > 0)
     }
 
-    pub async fn status(&self) -> Result<FleetStatus, Error> {
+    pub(crate) async fn status(&self) -> Result<FleetStatus, Error> {
         let what = "reading the fleet status";
         let view = self.view(what).await?;
         let members = self.members(what).await?;
@@ -585,7 +585,7 @@ impl EtcdCoordinator {
     }
 
     /// Forgets a member's last record, unless it is alive.
-    pub async fn forget_member(&self, id: &str) -> Result<bool, Error> {
+    pub(crate) async fn forget_member(&self, id: &str) -> Result<bool, Error> {
         let mut c = self.client().await?;
         let txn = Txn::new()
             .when(vec![Compare::create_revision(

@@ -71,7 +71,7 @@ enum Answer {
 }
 
 impl FleetLockCoordinator {
-    pub fn new(fleet: &Fleet, me: Member) -> Result<Self, Error> {
+    pub(crate) fn new(fleet: &Fleet, me: Member) -> Result<Self, Error> {
         let url = fleet
             .fleetlock
             .as_ref()
@@ -101,7 +101,7 @@ impl FleetLockCoordinator {
         })
     }
 
-    pub fn fleet(&self) -> &Fleet {
+    pub(crate) fn fleet(&self) -> &Fleet {
         &self.fleet
     }
 
@@ -143,7 +143,7 @@ impl FleetLockCoordinator {
         Ok(Answer::No(reason))
     }
 
-    pub async fn acquire(&self, purpose: Purpose) -> Result<Acquired, Error> {
+    pub(crate) async fn acquire(&self, purpose: Purpose) -> Result<Acquired, Error> {
         match self.post("pre-reboot").await? {
             Answer::Ok => {
                 tracing::info!(purpose = %purpose, group = %self.fleet.group, "fleetlock: took a slot");
@@ -161,7 +161,7 @@ impl FleetLockCoordinator {
         }
     }
 
-    pub async fn release_own(&self) -> Result<(), Error> {
+    pub(crate) async fn release_own(&self) -> Result<(), Error> {
         match self.post("steady-state").await? {
             Answer::Ok => {
                 tracing::info!(group = %self.fleet.group, "fleetlock: gave back the slot");
@@ -174,7 +174,7 @@ impl FleetLockCoordinator {
         }
     }
 
-    pub fn status(&self) -> FleetStatus {
+    pub(crate) fn status(&self) -> FleetStatus {
         FleetStatus {
             backend: Backend::FleetLock,
             group: self.fleet.group.clone(),

@@ -29,17 +29,15 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use commands::{FleetArgs, FleetCommand, run_command};
-pub use config::{
-    Backend, EtcdConfig, EtcdSettings, Fleet, FleetConfig, FleetLockConfig, FleetLockSettings,
-    check_group, from_user_data,
-};
-pub use etcd::EtcdCoordinator;
-pub use fleetlock::FleetLockCoordinator;
+pub use config::{Backend, EtcdConfig, Fleet, FleetConfig, FleetLockConfig, from_user_data};
+pub(crate) use config::{EtcdSettings, check_group};
+pub(crate) use etcd::EtcdCoordinator;
+pub(crate) use fleetlock::FleetLockCoordinator;
 pub use follow::resolve;
 pub use records::{Desired, HeldSlot, Holder, LastDeploy, MemberRecord, Pause, Purpose};
 pub(crate) use status::member_record;
 pub use status::{FleetStatus, MemberStatus};
-pub use url::ServerUrl;
+pub(crate) use url::ServerUrl;
 
 /// This server, as the fleet knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,10 +54,18 @@ pub struct Member {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Ending {
     /// The release runs and was confirmed healthy (a canary records it as confirmed).
-    Deployed { release: String },
+    Deployed {
+        /// The release's exact version.
+        release: String,
+    },
     /// The release failed (rolled back and the old system confirmed, or failed before
     /// activation). With `pause_on_failure`, or on a canary, the group is paused for it.
-    Failed { release: String, reason: String },
+    Failed {
+        /// The release's exact version.
+        release: String,
+        /// Why it failed, one line (shown with the pause).
+        reason: String,
+    },
     /// Anything else: a reboot done and confirmed, a deploy that turned out not to be needed.
     Done,
 }
@@ -71,7 +77,9 @@ pub enum Acquired {
     Granted(SlotGuard),
     /// Not now: poll again later (with jitter). `holders` is empty where the backend cannot tell.
     Waiting {
+        /// Who holds the slots (hostname or instance id).
         holders: Vec<String>,
+        /// How many slots the group has.
         slots: u32,
         /// Why, when it is not simply that the slots are taken (a canary has not confirmed the
         /// release yet; the FleetLock server's answer).
@@ -131,12 +139,14 @@ pub enum ErrorKind {
 /// One line, naming the backend and whether it could be reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Error {
+    /// What went wrong, for the caller's decision (back off, give up, tell the operator).
     pub kind: ErrorKind,
+    /// The one line shown: backend, what failed and what to do.
     pub message: String,
 }
 
 impl Error {
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Error {
             kind,
             message: records::one_line(&message.into()),
@@ -175,6 +185,7 @@ pub(crate) enum GuardInner {
 }
 
 impl SlotGuard {
+    /// What the slot was taken for.
     pub fn purpose(&self) -> &Purpose {
         &self.purpose
     }
@@ -200,7 +211,9 @@ impl SlotGuard {
 /// The group's coordinator: one per agent, built from the validated settings.
 #[derive(Debug)]
 pub enum Coordinator {
+    /// `backend = "etcd"`.
     Etcd(Box<EtcdCoordinator>),
+    /// `backend = "fleetlock"`.
     FleetLock(Box<FleetLockCoordinator>),
 }
 
@@ -217,6 +230,7 @@ impl Coordinator {
         }
     }
 
+    /// The settings it was built from.
     pub fn fleet(&self) -> &Fleet {
         match self {
             Coordinator::Etcd(c) => c.fleet(),
@@ -312,6 +326,8 @@ impl Coordinator {
         }
     }
 
+    /// The group as the backend sees it: slots and holders, pauses, canaries, the announced
+    /// release and the members' records (those FleetLock cannot tell are empty).
     pub async fn status(&self) -> Result<FleetStatus, Error> {
         match self {
             Coordinator::Etcd(c) => c.status().await,
@@ -331,7 +347,7 @@ impl Coordinator {
     }
 
     /// Writes the group's desired release, as CI does right after publishing it (etcd).
-    pub async fn announce(&self, desired: &Desired) -> Result<(), Error> {
+    pub(crate) async fn announce(&self, desired: &Desired) -> Result<(), Error> {
         match self {
             Coordinator::Etcd(c) => c.write_desired(desired, None).await.map(|_| ()),
             Coordinator::FleetLock(_) => Err(Error::new(
@@ -364,10 +380,4 @@ impl Coordinator {
 /// Now, RFC 3339 in UTC to the second.
 pub(crate) fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-}
-
-/// How long to wait before asking again after [`Acquired::Waiting`]: `interval` with ±25 %
-/// jitter, so that the servers of a group do not ask in step.
-pub fn jittered(interval: std::time::Duration) -> std::time::Duration {
-    interval.mul_f64(0.75 + fastrand::f64() * 0.5)
 }

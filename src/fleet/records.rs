@@ -16,12 +16,17 @@ const MAX_TEXT: usize = 1000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Purpose {
-    Deploy { release: String },
+    /// Applying a release.
+    Deploy {
+        /// The release's exact version.
+        release: String,
+    },
+    /// Rebooting (a new kernel, or a release applied for the next boot).
     Reboot,
 }
 
 impl Purpose {
-    pub fn release(&self) -> Option<&str> {
+    pub(crate) fn release(&self) -> Option<&str> {
         match self {
             Purpose::Deploy { release } => Some(release),
             Purpose::Reboot => None,
@@ -47,12 +52,14 @@ impl fmt::Display for Purpose {
 /// A release the group does not start until an operator clears it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pause {
+    /// The paused release's exact version.
     pub release: String,
     /// The instance id of the server it failed on.
     pub by: String,
     /// Its hostname.
     #[serde(default)]
     pub host: String,
+    /// Why it failed there, one line.
     pub reason: String,
     /// RFC 3339.
     pub at: String,
@@ -64,18 +71,22 @@ pub struct Holder {
     /// The slot's index (etcd); absent where the backend does not number slots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<u32>,
+    /// The holder's Hetzner instance id.
     pub id: String,
+    /// Its hostname (empty where the backend does not record it).
     pub host: String,
+    /// What it took the slot for.
     pub purpose: Purpose,
     /// RFC 3339.
     pub since: String,
+    /// The holder is the group's canary.
     #[serde(default)]
     pub canary: bool,
 }
 
 impl Holder {
     /// The name shown to people: the hostname, else the id.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         if self.host.is_empty() {
             &self.id
         } else {
@@ -117,7 +128,7 @@ pub struct Desired {
 
 impl Desired {
     /// Written by `fleet announce` (not by a poller).
-    pub fn announced(&self) -> bool {
+    pub(crate) fn announced(&self) -> bool {
         self.by.starts_with("announce")
     }
 }
@@ -125,18 +136,23 @@ impl Desired {
 /// A fleet slot a member holds, as its record says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeldSlot {
+    /// The slot's index; None where the backend does not number slots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<u32>,
+    /// What it was taken for.
     pub purpose: Purpose,
 }
 
 /// The last deploy a member finished.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastDeploy {
+    /// The release's exact version.
     pub version: String,
+    /// It was confirmed healthy.
     pub ok: bool,
     /// RFC 3339.
     pub at: String,
+    /// Why it failed, one line; None when it did not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -145,10 +161,14 @@ pub struct LastDeploy {
 /// the lease is gone) hold: one server as its agent last reported it.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct MemberRecord {
+    /// The member's Hetzner instance id (the key's last part).
     pub id: String,
+    /// Its hostname.
     pub host: String,
+    /// The release it runs; None before its first confirmed deploy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running: Option<String>,
+    /// The release its reference resolves to; None before its first check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired: Option<String>,
     /// A deploy under way: its release and phase (`0.1.43 activate`).
@@ -163,8 +183,10 @@ pub struct MemberRecord {
     /// When the status line last changed (RFC 3339).
     #[serde(default)]
     pub since: String,
+    /// The last deploy it finished; None before the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_deploy: Option<LastDeploy>,
+    /// The slot it holds; None when it holds none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<HeldSlot>,
     /// This member polls FlakeHub for the group.
@@ -340,7 +362,7 @@ fn clean_all(texts: &mut [&mut String]) {
 }
 
 /// An exact FlakeHub version: semver (`0.1.43`, `0.1.43+rev-<sha>`), at most 200 characters.
-pub fn check_version(version: &str) -> Result<(), String> {
+pub(crate) fn check_version(version: &str) -> Result<(), String> {
     let shown = || crate::agent::config::raw::shown(version);
     if version.is_empty() || version.len() > 200 {
         return Err(format!(

@@ -15,14 +15,18 @@ use crate::agent::lifecycle::state::{Outcome, State};
 /// The group as the backend sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FleetStatus {
+    /// The backend asked.
     pub backend: Backend,
+    /// The group's name.
     pub group: String,
     /// As this server's configuration says (`fleet status` without one: as the members' records
     /// say).
     pub slots: u32,
     /// False where the backend cannot list them (FleetLock).
     pub holders_known: bool,
+    /// Who holds a slot now (empty when `holders_known` is false).
     pub holders: Vec<Holder>,
+    /// Releases the group does not start until an operator runs `fleet resume` (etcd).
     pub paused: Vec<Pause>,
     /// Canary servers registered in the group (ids with hostnames).
     pub canaries: Vec<String>,
@@ -42,6 +46,7 @@ pub struct FleetStatus {
 /// One member: its last record, and whether its lease still lives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MemberStatus {
+    /// What it last reported (`members/<id>`, or `seen/<id>` once the lease is gone).
     #[serde(flatten)]
     pub record: MemberRecord,
     /// Its lease lives; false: it has gone silent (since `record.updated`, at the latest).
@@ -50,7 +55,7 @@ pub struct MemberStatus {
 
 impl MemberStatus {
     /// What it is doing, in a few words.
-    pub fn activity(&self) -> String {
+    pub(crate) fn activity(&self) -> String {
         let r = &self.record;
         if !self.alive {
             return "silent".into();

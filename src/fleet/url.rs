@@ -9,7 +9,7 @@ const REDACTED: &str = "[redacted]";
 /// A backend's URL (`http://user:password@host:port`): [`ServerUrl::expose`] for requests only;
 /// `Display` and `Debug` print [`ServerUrl::shown`].
 #[derive(Clone, PartialEq, Eq)]
-pub struct ServerUrl {
+pub(crate) struct ServerUrl {
     full: String,
 }
 
@@ -26,7 +26,7 @@ impl ServerUrl {
     }
 
     /// The URL with the credentials replaced by `[redacted]`.
-    pub fn shown(&self) -> String {
+    pub(crate) fn shown(&self) -> String {
         redact(&self.full)
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 /// The program's absolute path: as given when it has a slash, else the first match in `PATH`.
-pub fn find_program(program: &Path) -> Option<PathBuf> {
+pub(crate) fn find_program(program: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let executable = |p: &Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -26,15 +26,15 @@ pub fn find_program(program: &Path) -> Option<PathBuf> {
 
 /// What a finished program said.
 #[derive(Debug)]
-pub struct Output {
-    pub status: std::process::ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
+pub(crate) struct Output {
+    pub(crate) status: std::process::ExitStatus,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Output {
     /// The last non-empty line of stderr (or stdout), for a one-line error.
-    pub fn last_line(&self) -> String {
+    pub(crate) fn last_line(&self) -> String {
         [&self.stderr, &self.stdout]
             .iter()
             .flat_map(|s| s.lines().rev())
@@ -80,7 +80,7 @@ impl Tail {
 /// Runs `program args...` with no stdin, in a process group of its own, collecting the end of
 /// its output ([`MAX_OUTPUT`] bytes of each stream). After `timeout` the whole group is killed:
 /// what the program started does not outlive it.
-pub async fn run(program: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
+pub(crate) async fn run(program: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())

@@ -84,13 +84,13 @@ pub(crate) fn open_private(path: &Path) -> io::Result<File> {
 }
 
 /// Makes a rename or removal in `dir` durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
 /// Creates `dir` and its missing parents with exactly `mode`, whatever the umask (the existing
 /// ones are left as they are).
-pub fn create_dir_all_mode(dir: &Path, mode: u32) -> io::Result<()> {
+pub(crate) fn create_dir_all_mode(dir: &Path, mode: u32) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if dir.is_dir() {
         return Ok(());

@@ -2,7 +2,7 @@
 
 /// Why a body could not be read.
 #[derive(Debug)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     /// Larger than the limit (by its Content-Length or as it arrived); the rest was not read.
     TooLarge,
     /// The connection broke before the body was complete.
@@ -10,7 +10,10 @@ pub enum BodyError {
 }
 
 /// Reads the whole body, refusing it as soon as it exceeds `limit` bytes.
-pub async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, BodyError> {
+pub(crate) async fn read_limited(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, BodyError> {
     let announced = resp.content_length();
     if announced.is_some_and(|len| len > limit as u64) {
         return Err(BodyError::TooLarge);
@@ -31,7 +34,7 @@ pub async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<V
 }
 
 /// reqwest's error with its innermost cause, on one line.
-pub fn describe(e: &reqwest::Error) -> String {
+pub(crate) fn describe(e: &reqwest::Error) -> String {
     let mut text = if e.is_timeout() {
         "timed out".to_string()
     } else if e.is_connect() {

@@ -10,16 +10,16 @@ use tokio::time::Instant;
 /// than `max`, each stretched or shrunk by up to `jitter` (0.1: ±10 %) so that many clients do not
 /// retry in step.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Backoff {
-    pub first: Duration,
-    pub max: Duration,
-    pub factor: f64,
-    pub jitter: f64,
+pub(crate) struct Backoff {
+    pub(crate) first: Duration,
+    pub(crate) max: Duration,
+    pub(crate) factor: f64,
+    pub(crate) jitter: f64,
 }
 
 impl Backoff {
     /// Doubling from `first` up to `max`, ±10 %.
-    pub const fn doubling(first: Duration, max: Duration) -> Backoff {
+    pub(crate) const fn doubling(first: Duration, max: Duration) -> Backoff {
         Backoff {
             first,
             max,
@@ -29,7 +29,7 @@ impl Backoff {
     }
 
     /// The same wait every time, without jitter (polling at a steady pace).
-    pub const fn steady(every: Duration) -> Backoff {
+    pub(crate) const fn steady(every: Duration) -> Backoff {
         Backoff {
             first: every,
             max: every,
@@ -40,7 +40,7 @@ impl Backoff {
 
     /// The wait after `failures` failures in a row (1 for the first), for a jitter sample `r`
     /// uniform in 0..1. Never more than `max` stretched by the jitter; never overflows.
-    pub fn delay(&self, failures: u32, r: f64) -> Duration {
+    pub(crate) fn delay(&self, failures: u32, r: f64) -> Duration {
         let exponent = failures.saturating_sub(1).min(63) as i32;
         let base = self.first.as_secs_f64() * self.factor.max(1.0).powi(exponent);
         let capped = base.min(self.max.as_secs_f64());
@@ -51,10 +51,12 @@ impl Backoff {
 
 /// Whether a failure is worth another attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
+pub(crate) enum Class {
     /// It may pass (a refused connection, a 5xx, a timeout): try again after the backoff.
     Passing,
     /// It may pass, but not before this long (the server said so: Retry-After, a rate limit).
+    /// Only the workstation's clients (upload, create) hear it.
+    #[cfg_attr(not(feature = "workstation"), allow(dead_code))]
     After(Duration),
     /// Trying again would not change it.
     Final,
@@ -62,17 +64,17 @@ pub enum Class {
 
 /// How long to keep trying.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Policy {
-    pub backoff: Backoff,
+pub(crate) struct Policy {
+    pub(crate) backoff: Backoff,
     /// No attempt starts after this, and no wait runs past it.
-    pub deadline: Option<Instant>,
+    pub(crate) deadline: Option<Instant>,
     /// At most this many attempts.
-    pub attempts: Option<u32>,
+    pub(crate) attempts: Option<u32>,
 }
 
 impl Policy {
     /// Until `deadline`.
-    pub fn until(backoff: Backoff, deadline: Instant) -> Policy {
+    pub(crate) fn until(backoff: Backoff, deadline: Instant) -> Policy {
         Policy {
             backoff,
             deadline: Some(deadline),
@@ -80,8 +82,9 @@ impl Policy {
         }
     }
 
-    /// At most `attempts` attempts.
-    pub fn times(backoff: Backoff, attempts: u32) -> Policy {
+    /// At most `attempts` attempts (used by the workstation's commands).
+    #[cfg_attr(not(feature = "workstation"), allow(dead_code))]
+    pub(crate) fn times(backoff: Backoff, attempts: u32) -> Policy {
         Policy {
             backoff,
             deadline: None,
@@ -92,16 +95,16 @@ impl Policy {
 
 /// How the tries ended without success: the last error, and how many attempts were made.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GaveUp<E> {
-    pub last: E,
-    pub attempts: u32,
+pub(crate) struct GaveUp<E> {
+    pub(crate) last: E,
+    pub(crate) attempts: u32,
     /// The failure was final; otherwise the deadline or the number of attempts was reached.
-    pub final_failure: bool,
+    pub(crate) final_failure: bool,
 }
 
 /// Runs `op` (given the attempt's number, from 1) until it succeeds, fails for good, or the
 /// policy says stop. `classify` says which failures may pass.
-pub async fn retry<T, E, F, Fut>(
+pub(crate) async fn retry<T, E, F, Fut>(
     policy: Policy,
     mut op: F,
     classify: impl Fn(&E) -> Class,

@@ -8,13 +8,13 @@ use std::fmt;
 pub struct Secret(String);
 
 impl Secret {
-    pub fn new(text: impl Into<String>) -> Self {
+    pub(crate) fn new(text: impl Into<String>) -> Self {
         Secret(text.into())
     }
 
     /// The token itself: for the one place that hands it to its consumer (a root-only file, an
     /// HTTP header), never for a message.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }

@@ -20,7 +20,7 @@ use crate::agent::userdata::UserSettings;
 use crate::plumbing::secret::Secret;
 use crate::plumbing::text::one_line;
 
-pub use raw::{ApplySection, FlakehubSection, MetadataSection, PathsSection, RawConfig};
+pub(crate) use raw::RawConfig;
 use raw::{Merge, shown};
 
 /// The configuration file as written: the raw shape every source shares.
@@ -29,7 +29,7 @@ pub type FileConfig = RawConfig;
 /// What `fh apply nixos` is asked to do with a new closure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum Operation {
+pub(crate) enum Operation {
     /// Activate now and make it the boot default.
     #[default]
     Switch,
@@ -40,7 +40,7 @@ pub enum Operation {
 }
 
 impl Operation {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Operation::Switch => "switch",
             Operation::Boot => "boot",
@@ -67,7 +67,7 @@ impl std::str::FromStr for Operation {
 /// How `fh apply` is run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum ApplyMode {
+pub(crate) enum ApplyMode {
     /// In a transient systemd unit of its own, so that it survives the agent's restart.
     #[default]
     TransientUnit,
@@ -77,24 +77,24 @@ pub enum ApplyMode {
 
 /// Every path the agent touches, with its NixOS default.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Paths {
-    pub state_dir: PathBuf,
+pub(crate) struct Paths {
+    pub(crate) state_dir: PathBuf,
     /// Runtime files: the PID file, the lock, a token on its way to determinate-nixd.
-    pub run_dir: PathBuf,
-    pub current_system: PathBuf,
-    pub booted_system: PathBuf,
-    pub system_profile: PathBuf,
-    pub fh: PathBuf,
-    pub determinate_nixd: PathBuf,
-    pub nix: PathBuf,
+    pub(crate) run_dir: PathBuf,
+    pub(crate) current_system: PathBuf,
+    pub(crate) booted_system: PathBuf,
+    pub(crate) system_profile: PathBuf,
+    pub(crate) fh: PathBuf,
+    pub(crate) determinate_nixd: PathBuf,
+    pub(crate) nix: PathBuf,
     /// Sets the system profile back to the previous system in a rollback.
-    pub nix_env: PathBuf,
+    pub(crate) nix_env: PathBuf,
     /// fh's own token file, used where determinate-nixd is absent.
-    pub fh_auth_file: PathBuf,
+    pub(crate) fh_auth_file: PathBuf,
     /// NixOS's switch-to-configuration lock; held while someone switches by hand.
-    pub switch_lock: PathBuf,
+    pub(crate) switch_lock: PathBuf,
     /// This boot's identity, to tell that a reboot happened.
-    pub boot_id: PathBuf,
+    pub(crate) boot_id: PathBuf,
 }
 
 impl Default for Paths {
@@ -118,7 +118,7 @@ impl Default for Paths {
 
 /// Where the FlakeHub token comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Token {
+pub(crate) enum Token {
     /// `flakehub.token_file` in the configuration; read when settings are loaded.
     File(PathBuf, Secret),
     /// `flakehub_token` in user-data.
@@ -126,13 +126,13 @@ pub enum Token {
 }
 
 impl Token {
-    pub fn secret(&self) -> &Secret {
+    pub(crate) fn secret(&self) -> &Secret {
         match self {
             Token::File(_, s) | Token::UserData(s) => s,
         }
     }
 
-    pub fn origin(&self) -> String {
+    pub(crate) fn origin(&self) -> String {
         match self {
             Token::File(path, _) => path.display().to_string(),
             Token::UserData(_) => "user-data".to_string(),
@@ -143,40 +143,41 @@ impl Token {
 /// Validated settings the rest of the agent trusts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
-    pub flake: Option<FlakeRef>,
-    pub operation: Operation,
-    pub poll_interval: Duration,
-    pub max_backoff: Duration,
+    pub(crate) flake: Option<FlakeRef>,
+    pub(crate) operation: Operation,
+    pub(crate) poll_interval: Duration,
+    pub(crate) max_backoff: Duration,
     /// Attempts at one store path before it is given up until a different release appears.
-    pub retry_limit: u32,
-    pub flakehub_api_url: String,
-    pub token: Option<Token>,
-    pub metadata_url: String,
-    pub apply_mode: ApplyMode,
+    pub(crate) retry_limit: u32,
+    pub(crate) flakehub_api_url: String,
+    pub(crate) token: Option<Token>,
+    pub(crate) metadata_url: String,
+    pub(crate) apply_mode: ApplyMode,
     /// How long one `fh apply` may take before it counts as failed.
-    pub apply_timeout: Duration,
+    pub(crate) apply_timeout: Duration,
     /// Refuse a release that does not contain the agent, its configuration and its programs.
-    pub require_agent: bool,
+    pub(crate) require_agent: bool,
     /// How long a new system has to prove healthy before it is rolled back.
-    pub confirm_timeout: Duration,
+    pub(crate) confirm_timeout: Duration,
     /// A release is applied only once it has been published this long.
-    pub min_release_age: Duration,
-    pub health_checks: Vec<crate::agent::health::Check>,
+    pub(crate) min_release_age: Duration,
+    pub(crate) health_checks: Vec<crate::agent::health::Check>,
     /// When to reboot into a new kernel.
-    pub reboot: crate::agent::reboot::Policy,
+    pub(crate) reboot: crate::agent::reboot::Policy,
     /// The maintenance window, for `reboot = "window"`.
-    pub reboot_window: Option<crate::agent::reboot::Window>,
+    pub(crate) reboot_window: Option<crate::agent::reboot::Window>,
     /// Between the wall message and the reboot.
-    pub reboot_grace: Duration,
+    pub(crate) reboot_grace: Duration,
     /// How long a reboot waits for block-mode inhibitor locks before it is postponed.
-    pub reboot_inhibitor_timeout: Duration,
-    pub hooks: Vec<crate::agent::hooks::Hook>,
-    pub metrics: crate::agent::metrics::Metrics,
+    pub(crate) reboot_inhibitor_timeout: Duration,
+    pub(crate) hooks: Vec<crate::agent::hooks::Hook>,
+    pub(crate) metrics: crate::agent::metrics::Metrics,
     /// Deploys and reboots take turns with the other servers of a group.
-    pub fleet: Option<crate::fleet::Fleet>,
-    pub paths: Paths,
+    pub(crate) fleet: Option<crate::fleet::Fleet>,
+    pub(crate) paths: Paths,
 }
 
+/// Where the agent reads its configuration file unless `--config` names another.
 pub const DEFAULT_CONFIG: &str = "/etc/hcloud-nixos/agent.toml";
 
 /// Parses the TOML text; errors are one line and name the key.
@@ -219,7 +220,7 @@ pub fn parse_json(text: &str) -> Result<FileConfig, String> {
 }
 
 /// Reads the configuration file; a missing file means every default.
-pub fn read_file(path: &Path) -> Result<FileConfig, String> {
+pub(crate) fn read_file(path: &Path) -> Result<FileConfig, String> {
     match std::fs::read_to_string(path) {
         Ok(text) => parse_file(&text).map_err(|e| format!("{}: {e}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FileConfig::default()),
@@ -250,7 +251,7 @@ pub fn check_file(path: &Path, json: bool) -> Result<String, Vec<String>> {
 }
 
 /// The effective settings, one `key = value` line each, for a person.
-pub fn describe(s: &Settings) -> String {
+pub(crate) fn describe(s: &Settings) -> String {
     use std::fmt::Write as _;
     let d = |d: Duration| humantime::format_duration(d).to_string();
     let mut out = String::new();
@@ -316,7 +317,7 @@ pub fn describe(s: &Settings) -> String {
 
 /// Merges the file with user-data (the file wins, key by key) over the defaults, and validates.
 /// Every problem is returned, one line each. `read_token` reads `flakehub.token_file`.
-pub fn resolve(
+pub(crate) fn resolve(
     file: &FileConfig,
     user: Option<&UserSettings>,
     read_token: impl Fn(&Path) -> std::io::Result<String>,

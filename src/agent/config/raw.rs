@@ -32,79 +32,79 @@ pub struct RawConfig {
     pub flake: Option<String>,
     /// User-data only: in the file it would land in the world-readable Nix store.
     #[serde(default, deserialize_with = "secret")]
-    pub flakehub_token: Option<Secret>,
+    pub(crate) flakehub_token: Option<Secret>,
     #[serde(default, deserialize_with = "parsed")]
-    pub operation: Option<Operation>,
+    pub(crate) operation: Option<Operation>,
     #[serde(default, deserialize_with = "duration")]
-    pub poll_interval: Option<String>,
+    pub(crate) poll_interval: Option<String>,
     #[serde(default, deserialize_with = "duration")]
-    pub max_backoff: Option<String>,
-    pub retry_limit: Option<i64>,
+    pub(crate) max_backoff: Option<String>,
+    pub(crate) retry_limit: Option<i64>,
     #[serde(default, deserialize_with = "duration")]
-    pub confirm_timeout: Option<String>,
+    pub(crate) confirm_timeout: Option<String>,
     #[serde(default, deserialize_with = "duration")]
-    pub min_release_age: Option<String>,
+    pub(crate) min_release_age: Option<String>,
     #[serde(default)]
-    pub health_check: Vec<CheckConfig>,
+    pub(crate) health_check: Vec<CheckConfig>,
     #[serde(default, deserialize_with = "parsed")]
-    pub reboot: Option<Policy>,
-    pub reboot_window: Option<WindowConfig>,
+    pub(crate) reboot: Option<Policy>,
+    pub(crate) reboot_window: Option<WindowConfig>,
     #[serde(default, deserialize_with = "duration")]
-    pub reboot_grace: Option<String>,
+    pub(crate) reboot_grace: Option<String>,
     #[serde(default, deserialize_with = "duration")]
-    pub reboot_inhibitor_timeout: Option<String>,
+    pub(crate) reboot_inhibitor_timeout: Option<String>,
     #[serde(default)]
-    pub hook: Vec<HookConfig>,
-    pub metrics: Option<MetricsConfig>,
-    pub fleet: Option<FleetConfig>,
+    pub(crate) hook: Vec<HookConfig>,
+    pub(crate) metrics: Option<MetricsConfig>,
+    pub(crate) fleet: Option<FleetConfig>,
     #[serde(default)]
-    pub flakehub: FlakehubSection,
+    pub(crate) flakehub: FlakehubSection,
     #[serde(default)]
-    pub metadata: MetadataSection,
+    pub(crate) metadata: MetadataSection,
     #[serde(default)]
-    pub apply: ApplySection,
+    pub(crate) apply: ApplySection,
     #[serde(default)]
-    pub paths: PathsSection,
+    pub(crate) paths: PathsSection,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FlakehubSection {
-    pub api_url: Option<String>,
-    pub token_file: Option<PathBuf>,
+pub(crate) struct FlakehubSection {
+    pub(crate) api_url: Option<String>,
+    pub(crate) token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MetadataSection {
-    pub url: Option<String>,
+pub(crate) struct MetadataSection {
+    pub(crate) url: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ApplySection {
-    pub mode: Option<ApplyMode>,
+pub(crate) struct ApplySection {
+    pub(crate) mode: Option<ApplyMode>,
     #[serde(default, deserialize_with = "duration")]
-    pub timeout: Option<String>,
+    pub(crate) timeout: Option<String>,
     /// Refuse a release that does not contain the agent (default true).
-    pub require_agent: Option<bool>,
+    pub(crate) require_agent: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PathsSection {
-    pub state_dir: Option<PathBuf>,
-    pub run_dir: Option<PathBuf>,
-    pub current_system: Option<PathBuf>,
-    pub booted_system: Option<PathBuf>,
-    pub system_profile: Option<PathBuf>,
-    pub fh: Option<PathBuf>,
-    pub determinate_nixd: Option<PathBuf>,
-    pub nix: Option<PathBuf>,
-    pub nix_env: Option<PathBuf>,
-    pub fh_auth_file: Option<PathBuf>,
-    pub switch_lock: Option<PathBuf>,
-    pub boot_id: Option<PathBuf>,
+pub(crate) struct PathsSection {
+    pub(crate) state_dir: Option<PathBuf>,
+    pub(crate) run_dir: Option<PathBuf>,
+    pub(crate) current_system: Option<PathBuf>,
+    pub(crate) booted_system: Option<PathBuf>,
+    pub(crate) system_profile: Option<PathBuf>,
+    pub(crate) fh: Option<PathBuf>,
+    pub(crate) determinate_nixd: Option<PathBuf>,
+    pub(crate) nix: Option<PathBuf>,
+    pub(crate) nix_env: Option<PathBuf>,
+    pub(crate) fh_auth_file: Option<PathBuf>,
+    pub(crate) switch_lock: Option<PathBuf>,
+    pub(crate) boot_id: Option<PathBuf>,
 }
 
 /// Decodes the raw shape (or a part of it) from any of the formats. The error comes with the

@@ -19,7 +19,7 @@ use crate::fleet::{Ending, Purpose};
 pub(crate) const STATUS_MAX: usize = 1000;
 
 /// Status lines as the cycle works ("applying 0.1.43").
-pub type Report<'a> = &'a (dyn Fn(&str) + Sync);
+pub(crate) type Report<'a> = &'a (dyn Fn(&str) + Sync);
 
 /// Runs one cycle on `state` (read by the caller under the state lock) and writes it down.
 /// Returns how it ended and the hook events to run once the lock is given back.

@@ -21,7 +21,7 @@ use crate::plumbing::procfs;
 
 /// A link the lifecycle reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Link {
+pub(crate) enum Link {
     /// What runs (`/run/current-system`).
     Current,
     /// What was booted (`/run/booted-system`).
@@ -32,7 +32,7 @@ pub enum Link {
 
 /// What became of a step an earlier agent process started.
 #[derive(Debug, Clone)]
-pub enum Earlier<R> {
+pub(crate) enum Earlier<R> {
     /// Still running: wait for it.
     Running(R),
     Finished(Finished),
@@ -42,7 +42,7 @@ pub enum Earlier<R> {
 
 /// The fleet's answer to "may I".
 #[derive(Debug, Clone)]
-pub enum Turn<S> {
+pub(crate) enum Turn<S> {
     /// Go ahead; hand the slot back once done.
     Granted(S),
     /// Not now; the status line says why.
@@ -54,7 +54,7 @@ pub enum Turn<S> {
 /// Why a health round failed: something that may still come right (a service starting, the
 /// network settling), or something that will not.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Unhealthy {
+pub(crate) enum Unhealthy {
     Passing(String),
     Final(String),
 }
@@ -174,31 +174,31 @@ pub(crate) trait Host {
 }
 
 /// Everything a cycle needs besides the state: the real [`Host`].
-pub struct Context {
-    pub settings: Settings,
+pub(crate) struct Context {
+    pub(crate) settings: Settings,
     /// This server's hostname, for references without `#attr`.
-    pub hostname: String,
-    pub flakehub: flakehub::Client,
-    pub applier: Applier,
+    pub(crate) hostname: String,
+    pub(crate) flakehub: flakehub::Client,
+    pub(crate) applier: Applier,
     /// fh, nix-env, nix and the login method, resolved at start.
-    pub programs: Programs,
+    pub(crate) programs: Programs,
     /// Whether this context has checked the login yet. A new context (at start, after SIGHUP)
     /// checks it once, and so does the cycle after a failed deploy; a poll does not.
-    pub login_checked: AtomicBool,
+    pub(crate) login_checked: AtomicBool,
     /// Why there is no reference to follow (from loading the user-data), for the status.
-    pub why_no_reference: Option<String>,
+    pub(crate) why_no_reference: Option<String>,
     /// The fleet this server takes turns with, when `[fleet]` is configured.
-    pub fleet: Option<fleet::Coordinator>,
+    pub(crate) fleet: Option<fleet::Coordinator>,
     /// Why a configured fleet cannot be used (its instance id unknown, its TLS files unreadable):
     /// then nothing is deployed and nothing rebooted.
-    pub fleet_problem: Option<String>,
+    pub(crate) fleet_problem: Option<String>,
 }
 
 impl Context {
     /// Resolves when the fleet has news for this server (etcd: the group's desired release
     /// changed, a slot was given back while this server waits for one); never without a fleet.
     /// The service loop checks at once when it does.
-    pub async fn fleet_news(&self) {
+    pub(crate) async fn fleet_news(&self) {
         match &self.fleet {
             Some(coordinator) => coordinator.news().await,
             None => std::future::pending().await,

@@ -17,16 +17,16 @@ const QUARANTINE_KEEP: usize = 20;
 /// A transition the lifecycle does not allow from where it stands: a bug, said as such.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("the deploy lifecycle cannot {transition} while {from} (a bug in hcloud-nixos)")]
-pub struct Illegal {
+pub(crate) struct Illegal {
     /// What was asked.
-    pub transition: &'static str,
+    pub(crate) transition: &'static str,
     /// Where the lifecycle stood.
-    pub from: String,
+    pub(crate) from: String,
 }
 
 impl Lifecycle {
     /// Where it stands, for messages.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Lifecycle::Steady => "steady".into(),
             Lifecycle::Deploying { deploy, .. } => format!("deploying ({})", deploy.phase.name()),
@@ -44,7 +44,7 @@ impl Lifecycle {
 
     /// A new deploy starts at `fetch`: from steady, or superseding a release that awaits its boot
     /// (it is the boot default again if the new deploy does not complete).
-    pub fn begin(self, deploy: InFlight) -> Result<Lifecycle, Illegal> {
+    pub(crate) fn begin(self, deploy: InFlight) -> Result<Lifecycle, Illegal> {
         if deploy.phase != Phase::Fetch || deploy.step.is_some() {
             return Err(self.illegal("begin a deploy anywhere but at fetch"));
         }
@@ -63,7 +63,7 @@ impl Lifecycle {
 
     /// A release applied with `operation = "boot"` failed after the reboot: going back to the
     /// boot default before it, from steady (the pending release was taken out to be checked).
-    pub fn begin_boot_rollback(self, deploy: InFlight) -> Result<Lifecycle, Illegal> {
+    pub(crate) fn begin_boot_rollback(self, deploy: InFlight) -> Result<Lifecycle, Illegal> {
         let fits = deploy.operation == Operation::Boot
             && matches!(deploy.phase, Phase::Rollback { .. })
             && deploy.step.is_none();
@@ -80,7 +80,7 @@ impl Lifecycle {
     /// step of the phase before, and noting `now` as the end of the fetch or the activation.
     /// Forward only: fetch, activate, confirm; rollback from activate or confirm; a phase to
     /// itself.
-    pub fn enter(self, phase: Phase, now: Timestamp) -> Result<Lifecycle, Illegal> {
+    pub(crate) fn enter(self, phase: Phase, now: Timestamp) -> Result<Lifecycle, Illegal> {
         let Lifecycle::Deploying {
             mut deploy,
             awaiting,
@@ -119,7 +119,7 @@ impl Lifecycle {
     }
 
     /// Writes down the step the deploy's phase has started (its unit or process).
-    pub fn started_step(&mut self, handle: StepHandle) -> Result<(), Illegal> {
+    pub(crate) fn started_step(&mut self, handle: StepHandle) -> Result<(), Illegal> {
         match self {
             Lifecycle::Deploying { deploy, .. } => {
                 deploy.step = Some(handle);
@@ -131,7 +131,7 @@ impl Lifecycle {
 
     /// The deploy under way was confirmed healthy: steady (a release that awaited its boot is
     /// superseded by the one that now runs).
-    pub fn confirmed(self) -> Result<(InFlight, Lifecycle), Illegal> {
+    pub(crate) fn confirmed(self) -> Result<(InFlight, Lifecycle), Illegal> {
         match self {
             Lifecycle::Deploying { deploy, .. }
                 if matches!(deploy.phase, Phase::Confirm { .. }) =>
@@ -144,7 +144,7 @@ impl Lifecycle {
 
     /// The deploy under way ended without running (failed before activation, or rolled back):
     /// back to the release that awaits its boot, if this deploy superseded one, else steady.
-    pub fn end_deploy(self) -> Result<(InFlight, Lifecycle), Illegal> {
+    pub(crate) fn end_deploy(self) -> Result<(InFlight, Lifecycle), Illegal> {
         match self {
             Lifecycle::Deploying { deploy, awaiting } => Ok((
                 deploy,
@@ -156,7 +156,7 @@ impl Lifecycle {
 
     /// A deploy with `operation = "boot"` was activated: the release awaits the next boot and
     /// supersedes the one that waited before.
-    pub fn set_for_boot(self, boot_id: String, at: Timestamp) -> Result<Lifecycle, Illegal> {
+    pub(crate) fn set_for_boot(self, boot_id: String, at: Timestamp) -> Result<Lifecycle, Illegal> {
         match self {
             Lifecycle::Deploying { deploy, .. }
                 if deploy.operation == Operation::Boot && deploy.phase == Phase::Activate =>
@@ -174,7 +174,7 @@ impl Lifecycle {
     }
 
     /// After a reboot (another boot id), the release that awaited it is taken out to be checked.
-    pub fn take_booted(self, boot_id: &str) -> (Lifecycle, Option<PendingBoot>) {
+    pub(crate) fn take_booted(self, boot_id: &str) -> (Lifecycle, Option<PendingBoot>) {
         match self {
             Lifecycle::AwaitingBoot(p) if p.boot_id != boot_id => (Lifecycle::Steady, Some(p)),
             other => (other, None),
@@ -182,7 +182,7 @@ impl Lifecycle {
     }
 
     /// A reboot is asked for: from steady, or for a release that awaits its boot.
-    pub fn request_reboot(
+    pub(crate) fn request_reboot(
         self,
         system: String,
         boot_id: String,
@@ -202,7 +202,7 @@ impl Lifecycle {
     }
 
     /// The reboot did not happen after all (inhibited, failed, the fleet said no).
-    pub fn reboot_abandoned(self) -> Result<Lifecycle, Illegal> {
+    pub(crate) fn reboot_abandoned(self) -> Result<Lifecycle, Illegal> {
         match self {
             Lifecycle::Rebooting(r) => Ok(r
                 .awaiting
@@ -213,7 +213,7 @@ impl Lifecycle {
 
     /// After the reboot the agent asked for (another boot id): the request is done with, and a
     /// release that awaited this boot awaits its check.
-    pub fn take_reboot(self, boot_id: &str) -> (Lifecycle, Option<RebootRequest>) {
+    pub(crate) fn take_reboot(self, boot_id: &str) -> (Lifecycle, Option<RebootRequest>) {
         match self {
             Lifecycle::Rebooting(r) if r.boot_id != boot_id => {
                 let next = r
@@ -229,7 +229,7 @@ impl Lifecycle {
 
 /// What to do about a resolved release.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     UpToDate,
     Apply,
     /// Quarantined, or failed `retry_limit` times before activation.
@@ -245,7 +245,7 @@ pub enum Decision {
 
 /// Compares the desired release with the running system, the quarantine, past failures and the
 /// release's age.
-pub fn decide(
+pub(crate) fn decide(
     desired: &Target,
     current: Option<&str>,
     state: &State,
@@ -293,13 +293,13 @@ pub fn decide(
 }
 
 /// `now` plus `d`, or the end of time (no deadline can overflow).
-pub fn later(now: Timestamp, d: Duration) -> Timestamp {
+pub(crate) fn later(now: Timestamp, d: Duration) -> Timestamp {
     now.checked_add(d).unwrap_or(Timestamp::MAX)
 }
 
 impl State {
     /// Moves the lifecycle by `f`; a refused transition leaves it where it stood.
-    pub fn transition(
+    pub(crate) fn transition(
         &mut self,
         f: impl FnOnce(Lifecycle) -> Result<Lifecycle, Illegal>,
     ) -> Result<(), Illegal> {
@@ -309,7 +309,7 @@ impl State {
 
     /// Moves the lifecycle by `f`, which also hands something out (the deploy that ended); a
     /// refused transition leaves it where it stood.
-    pub fn transition_with<T>(
+    pub(crate) fn transition_with<T>(
         &mut self,
         f: impl FnOnce(Lifecycle) -> Result<(T, Lifecycle), Illegal>,
     ) -> Result<T, Illegal> {
@@ -321,7 +321,7 @@ impl State {
     /// Records a finished deploy (taken out of the lifecycle by [`Lifecycle::end_deploy`] or
     /// rebuilt from a pending boot): the record, the counters, the running release on success,
     /// the failure count on failure.
-    pub fn record(&mut self, f: &InFlight, error: Option<String>, now: Timestamp) {
+    pub(crate) fn record(&mut self, f: &InFlight, error: Option<String>, now: Timestamp) {
         self.last_deploy = Some(Deploy {
             version: f.target.version.clone(),
             store_path: f.target.store_path.clone(),
@@ -364,7 +364,7 @@ impl State {
     }
 
     /// Puts a store path in quarantine (newest first, a bounded list).
-    pub fn quarantine(&mut self, target: &Target, reason: &str, now: Timestamp) {
+    pub(crate) fn quarantine(&mut self, target: &Target, reason: &str, now: Timestamp) {
         self.quarantined
             .retain(|q| q.store_path != target.store_path);
         self.quarantined.insert(
@@ -380,13 +380,13 @@ impl State {
     }
 
     /// Is this store path quarantined?
-    pub fn is_quarantined(&self, store_path: &str) -> bool {
+    pub(crate) fn is_quarantined(&self, store_path: &str) -> bool {
         self.quarantined.iter().any(|q| q.store_path == store_path)
     }
 
     /// A quarantine ends when a different release appears: only `desired`'s stays. True when
     /// some ended.
-    pub fn lift_quarantines_except(&mut self, desired: &Target) -> bool {
+    pub(crate) fn lift_quarantines_except(&mut self, desired: &Target) -> bool {
         let before = self.quarantined.len();
         self.quarantined
             .retain(|q| q.store_path == desired.store_path);

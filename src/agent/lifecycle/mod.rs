@@ -11,22 +11,22 @@
 //! written down before it starts, so a restarted agent (or a rebooted server) carries on where
 //! it stood, and nothing is applied twice.
 
-pub mod cycle;
+pub(crate) mod cycle;
 mod drive;
-pub mod host;
-pub mod machine;
-pub mod outcome;
+pub(crate) mod host;
+pub(crate) mod machine;
+pub(crate) mod outcome;
 pub mod state;
 
-pub use cycle::Report;
-pub use host::Context;
-pub use outcome::{Outcome, WaitPolicy};
-pub use state::{State, take_lock};
+pub(crate) use cycle::Report;
+pub(crate) use host::Context;
+pub(crate) use outcome::{Outcome, WaitPolicy};
+pub(crate) use state::{State, take_lock};
 
 /// One cycle of the real agent: under the state lock, with the state read afresh from disk (so
 /// that `hcloud-nixos retry` and a second agent never lose each other's changes) and written
 /// back; the hooks run once the lock is given back.
-pub async fn run_cycle(ctx: &Context, state: &mut State, report: Report<'_>) -> Outcome {
+pub(crate) async fn run_cycle(ctx: &Context, state: &mut State, report: Report<'_>) -> Outcome {
     let paths = &ctx.settings.paths;
     let lock = match take_lock(&paths.run_dir, false) {
         Ok(Some(lock)) => lock,

@@ -20,7 +20,7 @@ const FLEET_RECHECK: Duration = Duration::from_secs(30);
 
 /// How a cycle ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Nothing to follow: no reference configured.
     Idle(String),
     UpToDate(Target),
@@ -75,7 +75,7 @@ impl Outcome {
     }
 
     /// The system is where it should be (or nothing is asked of it).
-    pub fn ok(&self) -> bool {
+    pub(crate) fn ok(&self) -> bool {
         matches!(
             self,
             Outcome::Idle(_)
@@ -86,12 +86,12 @@ impl Outcome {
     }
 
     /// A failure that counts for backoff.
-    pub fn failed(&self) -> bool {
+    pub(crate) fn failed(&self) -> bool {
         matches!(self, Outcome::Failed { .. } | Outcome::RolledBack { .. })
     }
 
     /// The one line an operator reads in `systemctl status`.
-    pub fn status_line(&self, running: Option<&str>) -> String {
+    pub(crate) fn status_line(&self, running: Option<&str>) -> String {
         let running = running
             .map(|v| format!("; running {v}"))
             .unwrap_or_default();
@@ -154,7 +154,7 @@ impl Outcome {
     }
 
     /// The hook events for what this cycle did to the system.
-    pub fn events(&self, state: &State) -> Vec<hooks::Event> {
+    pub(crate) fn events(&self, state: &State) -> Vec<hooks::Event> {
         let previous = |t: &Target| {
             state
                 .last_deploy
@@ -200,15 +200,15 @@ impl Outcome {
 
 /// What the wait before the next check depends on besides the state.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct WaitPolicy {
-    pub poll_interval: Duration,
-    pub max_backoff: Duration,
+pub(crate) struct WaitPolicy {
+    pub(crate) poll_interval: Duration,
+    pub(crate) max_backoff: Duration,
 }
 
 /// Delay before the next cycle: the poll interval, or after consecutive failures a backoff from
 /// 5 s doubling up to `max_backoff`; either with ±10% jitter (`jitter` is uniform in 0..1) so
 /// that a fleet does not poll in step.
-pub fn next_delay(
+pub(crate) fn next_delay(
     poll: Duration,
     max_backoff: Duration,
     consecutive_failures: u32,
@@ -230,7 +230,7 @@ impl State {
     /// after failures), but sooner when something is due earlier: a young release becoming old
     /// enough, a fleet slot to ask for again, someone else's switch ending, a reboot planned in
     /// the window. `jitter` is uniform in 0..1.
-    pub fn next_wait(
+    pub(crate) fn next_wait(
         &self,
         outcome: &Outcome,
         policy: WaitPolicy,

@@ -25,29 +25,31 @@ pub(crate) const FILE_NAME: &str = "state.json";
 pub(crate) const LAST_CHECK: &str = "last-check.json";
 
 /// Now, to the second (what the file and the status show).
-pub fn now() -> Timestamp {
+pub(crate) fn now() -> Timestamp {
     Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
 /// A release and the store path of its output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
+    /// The release's exact version on FlakeHub (`0.1.42+rev-…`).
     pub version: String,
+    /// The `/nix/store/…` path of the NixOS system that release builds.
     pub store_path: String,
 }
 
 /// The outcome of the last check (a poll of FlakeHub).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Check {
-    pub at: Timestamp,
-    pub ok: bool,
-    pub message: String,
+    pub(crate) at: Timestamp,
+    pub(crate) ok: bool,
+    pub(crate) message: String,
 }
 
 /// How a finished deploy ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Success,
     Failed,
 }
@@ -55,30 +57,30 @@ pub enum Outcome {
 /// A deploy that finished.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deploy {
-    pub version: String,
-    pub store_path: String,
+    pub(crate) version: String,
+    pub(crate) store_path: String,
     /// What ran before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub previous_path: Option<String>,
-    pub operation: Operation,
-    pub started_at: Timestamp,
+    pub(crate) previous_path: Option<String>,
+    pub(crate) operation: Operation,
+    pub(crate) started_at: Timestamp,
     /// When the fetch ended and the activation began.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fetched_at: Option<Timestamp>,
+    pub(crate) fetched_at: Option<Timestamp>,
     /// When the activation ended and the confirmation began.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub activated_at: Option<Timestamp>,
-    pub finished_at: Timestamp,
-    pub outcome: Outcome,
+    pub(crate) activated_at: Option<Timestamp>,
+    pub(crate) finished_at: Timestamp,
+    pub(crate) outcome: Outcome,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 /// Where a deploy under way stands, with what only that phase has. Written down before each step
 /// starts, so that an agent restarted meanwhile picks up the step's result instead of starting it
 /// again.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Phase {
+pub(crate) enum Phase {
     /// fh fetches the closure and makes it the profile's new generation.
     Fetch,
     /// switch-to-configuration of the new system.
@@ -91,7 +93,7 @@ pub enum Phase {
 
 impl Phase {
     /// The phase's name, as the state file spells it.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Phase::Fetch => "fetch",
             Phase::Activate => "activate",
@@ -103,7 +105,7 @@ impl Phase {
 
 /// The step of the current phase, once started: what a restarted agent looks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StepHandle {
+pub(crate) enum StepHandle {
     /// Its transient unit.
     Unit(String),
     /// Its process, in `apply.mode = "direct"`.
@@ -113,47 +115,47 @@ pub enum StepHandle {
 /// A deploy that was started and whose result is not yet recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InFlight {
-    pub target: Target,
-    pub operation: Operation,
+    pub(crate) target: Target,
+    pub(crate) operation: Operation,
     /// The exact reference given to fh.
-    pub reference: String,
-    pub phase: Phase,
-    pub step: Option<StepHandle>,
+    pub(crate) reference: String,
+    pub(crate) phase: Phase,
+    pub(crate) step: Option<StepHandle>,
     /// The system that ran before: what a rollback goes back to, and no further.
-    pub previous_path: Option<String>,
+    pub(crate) previous_path: Option<String>,
     /// What the system profile (the boot default) pointed at before.
-    pub previous_profile: Option<String>,
+    pub(crate) previous_profile: Option<String>,
     /// Units already failed before the deploy; they do not count against it.
-    pub failed_before: Vec<String>,
-    pub started_at: Timestamp,
+    pub(crate) failed_before: Vec<String>,
+    pub(crate) started_at: Timestamp,
     /// When the fetch ended (the activation began).
-    pub fetched_at: Option<Timestamp>,
+    pub(crate) fetched_at: Option<Timestamp>,
     /// When the activation ended (the confirmation began).
-    pub activated_at: Option<Timestamp>,
+    pub(crate) activated_at: Option<Timestamp>,
 }
 
 /// A release applied with `operation = "boot"`, to be checked after the next boot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingBoot {
-    pub version: String,
-    pub store_path: String,
+    pub(crate) version: String,
+    pub(crate) store_path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub previous_profile: Option<String>,
+    pub(crate) previous_profile: Option<String>,
     /// The boot it was applied in (`/proc/sys/kernel/random/boot_id`).
-    pub boot_id: String,
-    pub at: Timestamp,
+    pub(crate) boot_id: String,
+    pub(crate) at: Timestamp,
 }
 
 /// A reboot the agent asked for, to be checked after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RebootRequest {
     /// The system that should be booted afterwards.
-    pub system: String,
+    pub(crate) system: String,
     /// The boot it was asked in.
-    pub boot_id: String,
-    pub at: Timestamp,
+    pub(crate) boot_id: String,
+    pub(crate) at: Timestamp,
     /// The release applied with `operation = "boot"` that this reboot brings up, if any.
-    pub awaiting: Option<PendingBoot>,
+    pub(crate) awaiting: Option<PendingBoot>,
 }
 
 /// The deploy lifecycle: exactly one of these holds at any moment.
@@ -166,7 +168,9 @@ pub enum Lifecycle {
     /// still waiting for its reboot, which this deploy supersedes; it is the boot default again
     /// if this deploy does not complete.
     Deploying {
+        /// The release being applied and how far it got.
         deploy: InFlight,
+        /// The boot release this deploy supersedes, if one was waiting.
         awaiting: Option<PendingBoot>,
     },
     /// A release was applied with `operation = "boot"`; it is checked after the next boot.
@@ -178,71 +182,83 @@ pub enum Lifecycle {
 /// Repeated failures at one store path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failures {
-    pub store_path: String,
-    pub version: String,
-    pub count: u32,
-    pub last_error: String,
+    pub(crate) store_path: String,
+    pub(crate) version: String,
+    pub(crate) count: u32,
+    pub(crate) last_error: String,
 }
 
 /// Login bookkeeping: which token (by its SHA-256, never the token) was used to log in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Login {
-    pub token_sha256: String,
-    pub at: Timestamp,
+    pub(crate) token_sha256: String,
+    pub(crate) at: Timestamp,
 }
 
 /// A store path that failed: not tried again until another release appears or an operator
 /// clears it (`hcloud-nixos retry`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quarantined {
-    pub version: String,
-    pub store_path: String,
-    pub reason: String,
-    pub at: Timestamp,
+    pub(crate) version: String,
+    pub(crate) store_path: String,
+    pub(crate) reason: String,
+    pub(crate) at: Timestamp,
 }
 
 /// The last reboot the agent asked for, as seen after it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastReboot {
-    pub at: Timestamp,
-    pub system: String,
+    pub(crate) at: Timestamp,
+    pub(crate) system: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub booted: Option<String>,
+    pub(crate) booted: Option<String>,
     /// The booted system is the one the reboot was for.
-    pub ok: bool,
+    pub(crate) ok: bool,
 }
 
 /// Totals since the state file was created, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Counters {
-    pub deploys_succeeded: u64,
-    pub deploys_failed: u64,
-    pub rollbacks_succeeded: u64,
-    pub rollbacks_failed: u64,
+    pub(crate) deploys_succeeded: u64,
+    pub(crate) deploys_failed: u64,
+    pub(crate) rollbacks_succeeded: u64,
+    pub(crate) rollbacks_failed: u64,
 }
 
 /// Everything the agent remembers.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(from = "wire::StateFile", into = "wire::StateFile")]
 pub struct State {
+    /// The release last seen running and healthy: set by a confirmed deploy (or a check that
+    /// finds the system already up to date); None until then.
     pub running: Option<Target>,
+    /// What FlakeHub resolved the reference to at the last successful check; None before one.
     pub desired: Option<Target>,
+    /// When the last poll of FlakeHub happened and how it went; None before the first.
     pub last_check: Option<Check>,
+    /// The last deploy that finished, successful or not; None before the first.
     pub last_deploy: Option<Deploy>,
     /// Where the deploy lifecycle stands.
     pub lifecycle: Lifecycle,
+    /// Deploys of one store path that failed in a row; None once a deploy succeeds (or an
+    /// operator runs `hcloud-nixos retry`).
     pub failures: Option<Failures>,
+    /// The last `fh login`; None before the agent has logged in with a token.
     pub login: Option<Login>,
     /// Deploys recorded since the state file was created, successful or not.
     pub deploys: u64,
+    /// Deploys and rollbacks by outcome, for the metrics.
     pub counters: Counters,
     /// Cycles in a row that ended in a failure (check or deploy).
     pub consecutive_failures: u32,
+    /// Store paths that failed and are not tried again until another release appears or an
+    /// operator clears them; the newest last.
     pub quarantined: Vec<Quarantined>,
     /// The running system needs a reboot (a new kernel, initrd or kernel modules).
     pub reboot_required: bool,
     /// The moment chosen inside the maintenance window, kept across polls.
     pub reboot_planned: Option<Timestamp>,
+    /// The last reboot the agent asked for and what came up after it; None before the first.
     pub last_reboot: Option<LastReboot>,
     /// A fleet slot still to be handed back (the backend could not be reached when the work it
     /// was taken for ended, or a reboot ended it). It can outlive any phase of the lifecycle,
@@ -254,13 +270,13 @@ pub struct State {
 
 impl State {
     /// The state file in `state_dir`.
-    pub fn path(state_dir: &Path) -> PathBuf {
+    pub(crate) fn path(state_dir: &Path) -> PathBuf {
         state_dir.join(FILE_NAME)
     }
 
     /// Reads the state; a missing file is an empty state. A corrupt one is an error: the agent
     /// must not forget an apply in flight.
-    pub fn load(state_dir: &Path) -> Result<State> {
+    pub(crate) fn load(state_dir: &Path) -> Result<State> {
         let path = Self::path(state_dir);
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
@@ -275,7 +291,7 @@ impl State {
     }
 
     /// Writes the state atomically, readable by root only.
-    pub fn save(&self, state_dir: &Path) -> Result<()> {
+    pub(crate) fn save(&self, state_dir: &Path) -> Result<()> {
         files::create_dir_all_mode(state_dir, 0o700)
             .with_context(|| format!("cannot create {}", state_dir.display()))?;
         let mut text = serde_json::to_vec_pretty(self)?;
@@ -287,7 +303,7 @@ impl State {
 
     /// Has anything changed since `before` besides the time of the last check? An idle poll
     /// that found what the one before it found writes nothing to disk (see [`LAST_CHECK`]).
-    pub fn changed_since(&self, before: &State) -> bool {
+    pub(crate) fn changed_since(&self, before: &State) -> bool {
         let same_check = match (&self.last_check, &before.last_check) {
             (Some(a), Some(b)) => a.ok == b.ok && a.message == b.message,
             (None, None) => true,
@@ -303,7 +319,7 @@ impl State {
 
     /// The state as `status` shows it: the file, with the last check from the runtime file when
     /// that is newer (idle polls do not rewrite the state file).
-    pub fn load_for_status(state_dir: &Path, run_dir: &Path) -> Result<State> {
+    pub(crate) fn load_for_status(state_dir: &Path, run_dir: &Path) -> Result<State> {
         let mut state = State::load(state_dir)?;
         let newer = std::fs::read(run_dir.join(LAST_CHECK))
             .ok()
@@ -317,7 +333,7 @@ impl State {
 
     /// Notes the last check in the runtime directory (a small file on tmpfs), where `status`
     /// finds it; the state file keeps the last check that changed something.
-    pub fn note_check(&self, run_dir: &Path) -> Result<()> {
+    pub(crate) fn note_check(&self, run_dir: &Path) -> Result<()> {
         let Some(check) = &self.last_check else {
             return Ok(());
         };
@@ -329,7 +345,7 @@ impl State {
     }
 
     /// The deploy under way, if any.
-    pub fn in_flight(&self) -> Option<&InFlight> {
+    pub(crate) fn in_flight(&self) -> Option<&InFlight> {
         match &self.lifecycle {
             Lifecycle::Deploying { deploy, .. } => Some(deploy),
             _ => None,
@@ -338,7 +354,7 @@ impl State {
 
     /// The release waiting for the next boot, if any (also while a reboot for it is under way,
     /// or a newer deploy may supersede it).
-    pub fn pending_boot(&self) -> Option<&PendingBoot> {
+    pub(crate) fn pending_boot(&self) -> Option<&PendingBoot> {
         match &self.lifecycle {
             Lifecycle::AwaitingBoot(p) => Some(p),
             Lifecycle::Rebooting(r) => r.awaiting.as_ref(),
@@ -353,7 +369,7 @@ impl State {
 ///
 /// The file is root's alone (0600), whatever the umask of whoever creates it: anyone who can open
 /// a file can hold a lock on it, and the run directory is open to all (systemd's default 0755).
-pub fn take_lock(run_dir: &Path, wait: bool) -> Result<Option<Flock<File>>> {
+pub(crate) fn take_lock(run_dir: &Path, wait: bool) -> Result<Option<Flock<File>>> {
     files::create_dir_all_mode(run_dir, 0o700)?;
     let path = run_dir.join("apply.lock");
     let file =

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 /// What the agent does when the running system needs a reboot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Policy {
+pub(crate) enum Policy {
     /// Never reboot; status and metrics say that a reboot is required.
     #[default]
     Never,
@@ -31,7 +31,7 @@ pub enum Policy {
 }
 
 impl Policy {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Policy::Never => "never",
             Policy::WhenNeeded => "when-needed",
@@ -63,25 +63,25 @@ impl FromStr for Policy {
 /// `[reboot_window]` as written in the TOML file, every key optional.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WindowConfig {
-    pub days: Option<Vec<String>>,
-    pub start: Option<String>,
+pub(crate) struct WindowConfig {
+    pub(crate) days: Option<Vec<String>>,
+    pub(crate) start: Option<String>,
     #[serde(default, deserialize_with = "crate::agent::config::raw::duration")]
-    pub length: Option<String>,
-    pub time_zone: Option<String>,
+    pub(crate) length: Option<String>,
+    pub(crate) time_zone: Option<String>,
 }
 
-pub const DEFAULT_DAYS: [&str; 2] = ["Sat", "Sun"];
-pub const DEFAULT_START: &str = "02:00";
-pub const DEFAULT_LENGTH: &str = "2h";
-pub const DEFAULT_TIME_ZONE: &str = "UTC";
+pub(crate) const DEFAULT_DAYS: [&str; 2] = ["Sat", "Sun"];
+pub(crate) const DEFAULT_START: &str = "02:00";
+pub(crate) const DEFAULT_LENGTH: &str = "2h";
+pub(crate) const DEFAULT_TIME_ZONE: &str = "UTC";
 /// The longest window: a week (a window as long as that is always open on its days).
-pub const MAX_LENGTH: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(crate) const MAX_LENGTH: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl WindowConfig {
     /// Fills the gaps with the defaults (Sat and Sun, 02:00, 2h, UTC) and validates. Problems are
     /// one line each and name the key (`reboot_window.start: ...`).
-    pub fn resolve(&self) -> Result<Window, Vec<String>> {
+    pub(crate) fn resolve(&self) -> Result<Window, Vec<String>> {
         let default_days: Vec<String> = DEFAULT_DAYS.iter().map(|d| d.to_string()).collect();
         Window::parse(
             self.days.as_deref().unwrap_or(&default_days),
@@ -95,12 +95,12 @@ impl WindowConfig {
 /// A weekly maintenance window: it opens on each listed day at `start` (local time in
 /// `time_zone`) and stays open for `length` of absolute (elapsed) time.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Window {
+pub(crate) struct Window {
     /// The days a window opens on, Monday first, each once.
-    pub days: Vec<Weekday>,
-    pub start: Time,
-    pub length: Duration,
-    pub time_zone: TimeZone,
+    pub(crate) days: Vec<Weekday>,
+    pub(crate) start: Time,
+    pub(crate) length: Duration,
+    pub(crate) time_zone: TimeZone,
 }
 
 fn weekday(name: &str) -> Option<Weekday> {
@@ -127,7 +127,7 @@ fn time_of_day(text: &str) -> Option<Time> {
 }
 
 /// An IANA time zone name, or `UTC` (which needs no time zone database).
-pub fn time_zone(name: &str) -> Result<TimeZone, String> {
+pub(crate) fn time_zone(name: &str) -> Result<TimeZone, String> {
     if name == "UTC" {
         return Ok(TimeZone::UTC);
     }
@@ -142,7 +142,7 @@ pub fn time_zone(name: &str) -> Result<TimeZone, String> {
 
 impl Window {
     /// Validates the window's settings; every problem is returned, one line each, naming the key.
-    pub fn parse(
+    pub(crate) fn parse(
         days: &[String],
         start: &str,
         length: &str,
@@ -191,7 +191,7 @@ impl Window {
     }
 
     /// The time zone's name for people (`Europe/Berlin`, `UTC`).
-    pub fn time_zone_name(&self) -> &str {
+    pub(crate) fn time_zone_name(&self) -> &str {
         self.time_zone.iana_name().unwrap_or("UTC")
     }
 
@@ -199,7 +199,7 @@ impl Window {
     /// (a spring-forward gap: 02:30 in Berlin on the last Sunday of March) is moved forward by
     /// the gap (03:30 CEST); an ambiguous one (an autumn fold) is its first occurrence (the
     /// earlier offset). This is jiff's (and RFC 5545's, and Temporal's) "compatible" rule.
-    pub fn opening_on(&self, date: Date) -> Option<Timestamp> {
+    pub(crate) fn opening_on(&self, date: Date) -> Option<Timestamp> {
         self.time_zone
             .to_ambiguous_timestamp(date.to_datetime(self.start))
             .compatible()
@@ -216,7 +216,7 @@ impl Window {
 /// booted system (`/run/booted-system`) lead somewhere else than inside the current one
 /// (`/run/current-system`). Without a booted or a current system (a container, a first boot
 /// that has not made the link yet) nothing can be compared, and no reboot is required.
-pub fn reboot_required(booted: &Path, current: &Path) -> bool {
+pub(crate) fn reboot_required(booted: &Path, current: &Path) -> bool {
     if !booted.exists() || !current.exists() {
         return false;
     }
@@ -233,13 +233,14 @@ fn target(path: &Path) -> Option<PathBuf> {
 }
 
 /// The system's store path (`/run/booted-system` resolved), to record after a reboot.
-pub fn resolve_system(link: &Path) -> Option<PathBuf> {
+#[cfg(test)]
+pub(crate) fn resolve_system(link: &Path) -> Option<PathBuf> {
     std::fs::canonicalize(link).ok()
 }
 
 /// The kernel version of a system, from `kernel-modules/lib/modules/<version>`, else from the
 /// kernel's store path name (`...-linux-6.6.30`).
-pub fn kernel_version(system: &Path) -> Option<String> {
+pub(crate) fn kernel_version(system: &Path) -> Option<String> {
     if let Ok(entries) = std::fs::read_dir(system.join("kernel-modules/lib/modules")) {
         let mut names: Vec<String> = entries
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -261,7 +262,7 @@ pub fn kernel_version(system: &Path) -> Option<String> {
 /// (several days and a long length) the open one that opened first is returned. Far outside
 /// any real clock (near the year -9999 or 9999) no window can be computed; the result is then
 /// `(Timestamp::MAX, Timestamp::MAX)`, a window that never comes.
-pub fn window_containing_or_next(w: &Window, now: Timestamp) -> (Timestamp, Timestamp) {
+pub(crate) fn window_containing_or_next(w: &Window, now: Timestamp) -> (Timestamp, Timestamp) {
     let today = now.to_zoned(w.time_zone.clone()).date();
     // A window is at most a week long, so one that opened more than 8 local days ago is over
     // (daylight saving moves openings by hours, not days); and a listed day comes within 7.
@@ -287,7 +288,8 @@ pub fn window_containing_or_next(w: &Window, now: Timestamp) -> (Timestamp, Time
 }
 
 /// Whether `t` lies inside some window (`[start, end)`).
-pub fn in_window(w: &Window, t: Timestamp) -> bool {
+#[cfg(test)]
+pub(crate) fn in_window(w: &Window, t: Timestamp) -> bool {
     let (start, _) = window_containing_or_next(w, t);
     start <= t
 }
@@ -295,7 +297,7 @@ pub fn in_window(w: &Window, t: Timestamp) -> bool {
 /// A moment in `[max(now, start), end)`, uniformly by `r` in `[0, 1)` (other values are
 /// clamped), in whole seconds after `max(now, start)`. When that range is empty (the window is
 /// over) the result is `max(now, start)`.
-pub fn pick_moment(start: Timestamp, end: Timestamp, now: Timestamp, r: f64) -> Timestamp {
+pub(crate) fn pick_moment(start: Timestamp, end: Timestamp, now: Timestamp, r: f64) -> Timestamp {
     let from = start.max(now);
     if from >= end {
         return from;
@@ -311,7 +313,7 @@ pub fn pick_moment(start: Timestamp, end: Timestamp, now: Timestamp, r: f64) -> 
 
 /// What to do about a reboot now.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// The running system is the booted one (as far as the kernel is concerned).
     NotRequired,
     /// A reboot is required but the policy does not allow one; `reason` is for the status line.
@@ -323,8 +325,8 @@ pub enum Decision {
     RebootAt(Timestamp),
 }
 
-pub const HOLD_NEVER: &str = "reboot required: a new kernel is waiting; reboot = never";
-pub const HOLD_NO_WINDOW: &str =
+pub(crate) const HOLD_NEVER: &str = "reboot required: a new kernel is waiting; reboot = never";
+pub(crate) const HOLD_NO_WINDOW: &str =
     "reboot required: a new kernel is waiting; reboot = window but no [reboot_window] is set";
 
 /// Decides what to do about a reboot. Call it after a deploy is confirmed (and on each poll while
@@ -332,7 +334,7 @@ pub const HOLD_NO_WINDOW: &str =
 /// `already_planned` is the moment an earlier call returned: it is kept while it lies inside the
 /// window that is open or next, and once it has come (while the window is open) the answer is
 /// [`Decision::RebootNow`].
-pub fn decide(
+pub(crate) fn decide(
     policy: Policy,
     window: Option<&Window>,
     required: bool,
@@ -381,7 +383,7 @@ fn local(w: &Window, t: Timestamp) -> String {
 /// One status line about reboots: `no reboot required`, `reboot required; next window Sat
 /// 2026-11-28 02:00 Europe/Berlin`, `reboot required; planned for Sat 2026-11-28 02:41
 /// Europe/Berlin (window open until 04:00)`.
-pub fn describe_next(
+pub(crate) fn describe_next(
     policy: Policy,
     window: Option<&Window>,
     required: bool,
@@ -420,7 +422,7 @@ pub fn describe_next(
 }
 
 /// The wall message: `hcloud-nixos: rebooting in 5m for a new kernel (6.6.30)`.
-pub fn wall_message(grace: Duration, version: Option<&str>) -> String {
+pub(crate) fn wall_message(grace: Duration, version: Option<&str>) -> String {
     let grace = humantime::format_duration(grace);
     match version {
         Some(v) => format!("hcloud-nixos: rebooting in {grace} for a new kernel ({v})"),
@@ -429,7 +431,7 @@ pub fn wall_message(grace: Duration, version: Option<&str>) -> String {
 }
 
 /// What the machine offers for a reboot. [`Logind`] on a real machine.
-pub trait Host {
+pub(crate) trait Host {
     /// Who holds a block-mode inhibitor lock on shutdown, one description each; empty when free.
     fn block_inhibitors(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
     /// Tells logged-in users.
@@ -444,7 +446,7 @@ pub trait Host {
 
 /// How [`carry_out`] ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The reboot was requested; the machine is going down.
     Rebooting,
     /// Block-mode inhibitors were still held after `max_wait`; try again later (at the next
@@ -454,13 +456,13 @@ pub enum Outcome {
 }
 
 /// How often inhibitors are checked while they block.
-pub const INHIBITOR_POLL: Duration = Duration::from_secs(5);
+pub(crate) const INHIBITOR_POLL: Duration = Duration::from_secs(5);
 
 /// Reboots politely: the wall message, the grace delay, then waits while block-mode inhibitors
 /// are held (at most `max_wait`), then reboots. logind lets root ignore inhibitors (and ignores
 /// those of the caller's own UID altogether), so they are checked here. A wall that fails is logged and does not stop the reboot. When inhibitors
 /// outlast `max_wait`, users are told that the reboot is postponed.
-pub async fn carry_out(
+pub(crate) async fn carry_out(
     host: &impl Host,
     grace: Duration,
     message: &str,
@@ -506,20 +508,20 @@ const ROOT_CHECK_INHIBITORS: u64 = 1;
 
 /// An inhibitor lock as logind lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Inhibitor {
+pub(crate) struct Inhibitor {
     /// Colon-separated: `shutdown:sleep`.
-    pub what: String,
-    pub who: String,
-    pub why: String,
+    pub(crate) what: String,
+    pub(crate) who: String,
+    pub(crate) why: String,
     /// `block`, `block-weak` or `delay`.
-    pub mode: String,
-    pub uid: u32,
-    pub pid: u32,
+    pub(crate) mode: String,
+    pub(crate) uid: u32,
+    pub(crate) pid: u32,
 }
 
 /// The locks that stop a reboot: mode `block` on `shutdown`, not held by `own_pid`. Delay locks
 /// only delay (logind waits for them) and weak ones are meant to be overridden by root.
-pub fn blocking(inhibitors: &[Inhibitor], own_pid: u32) -> Vec<String> {
+pub(crate) fn blocking(inhibitors: &[Inhibitor], own_pid: u32) -> Vec<String> {
     inhibitors
         .iter()
         .filter(|i| i.mode == "block" && i.what.split(':').any(|w| w == "shutdown"))
@@ -538,23 +540,19 @@ pub fn blocking(inhibitors: &[Inhibitor], own_pid: u32) -> Vec<String> {
 
 /// The machine's logind (org.freedesktop.login1) on the system bus.
 #[derive(Clone)]
-pub struct Logind {
+pub(crate) struct Logind {
     conn: zbus::Connection,
 }
 
 impl Logind {
-    pub async fn connect() -> Result<Self> {
+    pub(crate) async fn connect() -> Result<Self> {
         let conn = zbus::Connection::system()
             .await
             .context("cannot connect to the system D-Bus (is systemd running?)")?;
         Ok(Logind { conn })
     }
 
-    pub fn new(conn: zbus::Connection) -> Self {
-        Logind { conn }
-    }
-
-    pub async fn inhibitors(&self) -> Result<Vec<Inhibitor>> {
+    pub(crate) async fn inhibitors(&self) -> Result<Vec<Inhibitor>> {
         let reply = self
             .conn
             .call_method(

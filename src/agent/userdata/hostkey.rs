@@ -21,17 +21,17 @@ const KEY_TYPE: &str = "ssh-ed25519";
 
 /// An ed25519 host key whose two halves belong together.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HostKey {
+pub(crate) struct HostKey {
     /// The private key in OpenSSH's format, ending with a newline.
-    pub private: Secret,
+    pub(crate) private: Secret,
     /// `ssh-ed25519 <base64> [comment]`, one line ending with a newline.
-    pub public: String,
+    pub(crate) public: String,
 }
 
 impl HostKey {
     /// Checks a pair: an unencrypted OpenSSH private key holding one ed25519 key, and a public
     /// line of the same key. The error is one line and never quotes the private key.
-    pub fn new(private: &str, public: &str) -> Result<HostKey, String> {
+    pub(crate) fn new(private: &str, public: &str) -> Result<HostKey, String> {
         let public = public.trim();
         let public_blob = public_blob(public)?;
         let private = private.trim();
@@ -49,7 +49,7 @@ impl HostKey {
     }
 
     /// The public line without its newline (for messages).
-    pub fn public_line(&self) -> &str {
+    pub(crate) fn public_line(&self) -> &str {
         self.public.trim_end()
     }
 }

@@ -33,7 +33,7 @@ use crate::plumbing::text::one_line;
 mod hostkey;
 mod section;
 
-pub use hostkey::HostKey;
+pub(crate) use hostkey::HostKey;
 
 pub(crate) use section::known_keys;
 use section::{FIELDS, kind, parse_section};
@@ -42,13 +42,13 @@ use section::{FIELDS, kind, parse_section};
 mod tests;
 
 /// Hetzner accepts at most 32 KiB of user-data.
-pub const MAX_RAW: usize = 32 * 1024;
+pub(crate) const MAX_RAW: usize = 32 * 1024;
 /// The most a document may grow to while decoding (gzip, base64): a guard against gzip bombs.
-pub const MAX_DECODED: usize = 1024 * 1024;
+pub(crate) const MAX_DECODED: usize = 1024 * 1024;
 /// How many base64/gzip layers are peeled at most.
 const MAX_LAYERS: usize = 4;
 /// The section of the cloud-config document that is ours.
-pub const SECTION: &str = "hcloud_nixos";
+pub(crate) const SECTION: &str = "hcloud_nixos";
 /// The longest message about the document, in characters.
 const MAX_MESSAGE: usize = 500;
 /// The longest key shown in a message (the longest we know has 24). A longer one is no typo of
@@ -65,7 +65,7 @@ fn shown_key(key: &str) -> String {
 
 /// Why user-data could not be decoded into a text document.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
+pub(crate) enum DecodeError {
     #[error("user-data is {0} bytes; Hetzner accepts at most 32 KiB (32768 bytes)")]
     TooLarge(usize),
     #[error(
@@ -87,7 +87,7 @@ pub enum DecodeError {
 /// [`known_keys`] only). A key is `None` when it is not set or when its value is invalid (then
 /// [`UserData::problems`] says why); the values present passed the configuration's own checks
 /// (the `fleet` mapping's are checked once the configuration file is merged in).
-pub type UserSettings = crate::agent::config::RawConfig;
+pub(crate) type UserSettings = crate::agent::config::RawConfig;
 
 /// What the user-data says, as far as hcloud-nixos is concerned.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -103,7 +103,7 @@ pub struct UserData {
     pub other_parts: Vec<String>,
     /// The server's SSH host key (cloud-init's `ssh_keys`, as `create` passes it), installed by
     /// the boot step before sshd starts.
-    pub host_key: Option<HostKey>,
+    pub(crate) host_key: Option<HostKey>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ fn peel(data: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
 /// Peels base64 / gzip / base64-of-gzip layers (at most a few) off raw user-data and returns the
 /// text document, which may still be a MIME multipart archive. Raw user-data over 32 KiB and
 /// anything that decompresses to more than 1 MiB are refused. The result is valid UTF-8.
-pub fn decode(raw: &[u8]) -> Result<Vec<u8>, DecodeError> {
+pub(crate) fn decode(raw: &[u8]) -> Result<Vec<u8>, DecodeError> {
     if raw.len() > MAX_RAW {
         return Err(DecodeError::TooLarge(raw.len()));
     }

@@ -10,21 +10,22 @@ use super::text::quote;
 
 /// A MAC address; displayed normalised (lower case, two hex digits per byte, colons).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MacAddr(pub [u8; 6]);
+pub(crate) struct MacAddr(pub(crate) [u8; 6]);
 
 impl MacAddr {
     /// Hetzner's private-network NICs have MACs starting `86:`; public ones `96:`.
-    pub fn is_hetzner_private(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_hetzner_private(&self) -> bool {
         self.0[0] == 0x86
     }
 
     /// Twelve hex digits without separators, for file names.
-    pub fn compact(&self) -> String {
+    pub(crate) fn compact(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// All zeros: what loopback and placeholders carry; it names no NIC.
-    pub fn is_zero(&self) -> bool {
+    pub(crate) fn is_zero(&self) -> bool {
         self.0 == [0; 6]
     }
 }
@@ -84,9 +85,9 @@ impl FromStr for MacAddr {
 
 /// An address with its prefix length, as networkd's `Address=` takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpPrefix {
-    pub addr: IpAddr,
-    pub len: u8,
+pub(crate) struct IpPrefix {
+    pub(crate) addr: IpAddr,
+    pub(crate) len: u8,
 }
 
 impl fmt::Display for IpPrefix {
@@ -104,7 +105,7 @@ impl Serialize for IpPrefix {
 impl IpPrefix {
     /// Parses `addr/len`, or `addr` with a separate netmask (`255.255.255.0` or `64`). Without
     /// either, a single host (`/32` or `/128`).
-    pub fn parse(address: &str, netmask: Option<&str>) -> Result<Self, String> {
+    pub(crate) fn parse(address: &str, netmask: Option<&str>) -> Result<Self, String> {
         let address = address.trim();
         let (addr_part, len_part) = match address.split_once('/') {
             Some((a, l)) => (a, Some(l)),

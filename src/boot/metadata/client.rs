@@ -11,7 +11,7 @@ use crate::plumbing::retry::{Backoff, Class, GaveUp, Policy, retry};
 pub const DEFAULT_URL: &str = "http://169.254.169.254/hetzner/v1/";
 
 /// Documents are small (user-data is at most 32 KiB); anything much larger is refused unread.
-pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+pub(crate) const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 
 /// How the client talks to the metadata service.
 #[derive(Debug, Clone)]
@@ -22,6 +22,7 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// First pause between attempts; doubled after each failure up to `max_backoff`.
     pub initial_backoff: Duration,
+    /// The longest pause between attempts.
     pub max_backoff: Duration,
     /// Largest body accepted.
     pub max_body: usize,
@@ -42,23 +43,42 @@ impl Default for Settings {
 /// Why a document could not be fetched.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
+    /// No usable answer before the deadline (no connection, timeouts, 5xx or 429 throughout).
     #[error(
         "the metadata service at {url} gave no usable answer within {secs}s after {attempts} attempts (last: {last}); check that this is a Hetzner Cloud server whose network is up, or pass --metadata-url"
     )]
     Deadline {
+        /// The URL asked.
         url: String,
+        /// The time it was asked for, in seconds.
         secs: u64,
+        /// Attempts made.
         attempts: u32,
+        /// Why the last attempt failed, one line.
         last: String,
     },
+    /// An answer that is neither a success, 404, 429 nor 5xx (it would not change on retry).
     #[error(
         "the metadata service answered {url} with HTTP {status}; this is not a Hetzner metadata service, or the path is wrong"
     )]
-    Status { url: String, status: u16 },
+    Status {
+        /// The URL asked.
+        url: String,
+        /// The HTTP status code.
+        status: u16,
+    },
+    /// A body over [`Settings::max_body`]; it is not read further.
     #[error("the metadata service's answer to {url} is larger than {limit} bytes; refusing it")]
-    TooLarge { url: String, limit: usize },
+    TooLarge {
+        /// The URL asked.
+        url: String,
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// A base URL that does not parse, is not http(s) or has no host: the URL as given.
     #[error("invalid metadata URL '{0}': give an http:// or https:// URL ending in /hetzner/v1/")]
     BadUrl(String),
+    /// The HTTP client could not be built: reqwest's reason.
     #[error("cannot set up the HTTP client: {0}")]
     Setup(String),
 }
@@ -78,6 +98,8 @@ enum Attempt {
 }
 
 impl Client {
+    /// A client with these settings (a `/` is added to the base URL if missing). Fails on a
+    /// base URL that is not http(s) with a host ([`FetchError::BadUrl`]).
     pub fn new(mut settings: Settings) -> Result<Self, FetchError> {
         if !settings.base_url.ends_with('/') {
             settings.base_url.push('/');
@@ -103,7 +125,7 @@ impl Client {
         Ok(Client { http, settings })
     }
 
-    pub fn base_url(&self) -> &str {
+    pub(crate) fn base_url(&self) -> &str {
         &self.settings.base_url
     }
 

@@ -18,7 +18,7 @@
 mod address;
 pub mod client;
 mod network_config;
-pub mod text;
+pub(crate) mod text;
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -28,12 +28,14 @@ use std::str::FromStr;
 use serde::Serialize;
 use serde_json::Value;
 
-pub use address::{IpPrefix, MacAddr};
-pub use network_config::{NetworkConfig, PublicInterface};
-pub use text::{DomainName, Hostname, IfName, Label, SshKey, quote};
+pub(crate) use address::{IpPrefix, MacAddr};
+pub(crate) use network_config::{NetworkConfig, PublicInterface};
+#[cfg(test)]
+pub(crate) use text::DomainName;
+pub(crate) use text::{Hostname, Label, SshKey, quote};
 
 /// The largest document parsed (the client refuses larger bodies before they are read).
-pub const MAX_DOCUMENT_BYTES: usize = client::DEFAULT_MAX_BODY;
+pub(crate) const MAX_DOCUMENT_BYTES: usize = client::DEFAULT_MAX_BODY;
 /// Problems kept per document; the rest are counted in one last problem.
 const MAX_PROBLEMS: usize = 32;
 /// Entries of `public-keys` looked at.
@@ -47,51 +49,51 @@ const MAX_ALIAS_IPS: usize = 64;
 /// document unusable, otherwise a warning about the part it cost.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
 #[error("{document}: {field}: {problem}")]
-pub struct Problem {
+pub(crate) struct Problem {
     /// Which document: `metadata`, `private-networks` or `network-config`.
-    pub document: &'static str,
+    pub(crate) document: &'static str,
     /// A path such as `network-config.config[0].mac_address`, or `(document)`.
-    pub field: String,
+    pub(crate) field: String,
     /// What is wrong and what it cost, in a few words; document text only through [`quote`].
-    pub problem: String,
+    pub(crate) problem: String,
 }
 
 /// A document that cannot be used at all.
-pub type ParseError = Problem;
+pub(crate) type ParseError = Problem;
 
 /// A parsed document and the problems that cost parts of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Parsed<T> {
-    pub value: T,
-    pub problems: Vec<Problem>,
+pub(crate) struct Parsed<T> {
+    pub(crate) value: T,
+    pub(crate) problems: Vec<Problem>,
 }
 
 /// A private network NIC, from `metadata/private-networks`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PrivateNetwork {
-    pub mac: MacAddr,
-    pub ip: Option<Ipv4Addr>,
-    pub alias_ips: Vec<Ipv4Addr>,
-    pub network_id: Option<u64>,
-    pub network_name: Option<Label>,
-    pub interface_num: Option<u64>,
-    pub network: Option<IpPrefix>,
-    pub subnet: Option<IpPrefix>,
-    pub gateway: Option<Ipv4Addr>,
+pub(crate) struct PrivateNetwork {
+    pub(crate) mac: MacAddr,
+    pub(crate) ip: Option<Ipv4Addr>,
+    pub(crate) alias_ips: Vec<Ipv4Addr>,
+    pub(crate) network_id: Option<u64>,
+    pub(crate) network_name: Option<Label>,
+    pub(crate) interface_num: Option<u64>,
+    pub(crate) network: Option<IpPrefix>,
+    pub(crate) subnet: Option<IpPrefix>,
+    pub(crate) gateway: Option<Ipv4Addr>,
 }
 
 /// The `metadata` document.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
-pub struct Metadata {
-    pub hostname: Option<Hostname>,
-    pub instance_id: Option<u64>,
-    pub region: Option<Label>,
-    pub availability_zone: Option<Label>,
-    pub public_ipv4: Option<Ipv4Addr>,
+pub(crate) struct Metadata {
+    pub(crate) hostname: Option<Hostname>,
+    pub(crate) instance_id: Option<u64>,
+    pub(crate) region: Option<Label>,
+    pub(crate) availability_zone: Option<Label>,
+    pub(crate) public_ipv4: Option<Ipv4Addr>,
     /// OpenSSH public keys, one line each, without duplicates.
-    pub public_keys: Vec<SshKey>,
+    pub(crate) public_keys: Vec<SshKey>,
     /// `None` when the document has no usable `network-config` (files are then left alone).
-    pub network: Option<NetworkConfig>,
+    pub(crate) network: Option<NetworkConfig>,
 }
 
 /// One document being parsed: its name for messages, and the problems found so far.
@@ -199,7 +201,7 @@ fn prefix(text: &str) -> Result<IpPrefix, &'static str> {
 }
 
 /// Parses the `metadata` document.
-pub fn parse_metadata(text: &str) -> Result<Parsed<Metadata>, ParseError> {
+pub(crate) fn parse_metadata(text: &str) -> Result<Parsed<Metadata>, ParseError> {
     let ctx = Ctx::new("metadata");
     let doc = ctx.yaml(text)?;
     let map = match &doc {
@@ -236,7 +238,10 @@ fn public_ipv4(ctx: &Ctx, value: Option<&Value>) -> Option<Ipv4Addr> {
 }
 
 /// Parses a `network-config` document on its own (as served at `metadata/network-config`).
-pub fn parse_network_config_document(text: &str) -> Result<Parsed<NetworkConfig>, ParseError> {
+#[cfg(test)]
+pub(crate) fn parse_network_config_document(
+    text: &str,
+) -> Result<Parsed<NetworkConfig>, ParseError> {
     let ctx = Ctx::new("network-config");
     let doc = ctx.yaml(text)?;
     let network = network_config::parse(&ctx, &doc, "(document)")?;
@@ -244,7 +249,9 @@ pub fn parse_network_config_document(text: &str) -> Result<Parsed<NetworkConfig>
 }
 
 /// Parses the `metadata/private-networks` document.
-pub fn parse_private_networks(text: &str) -> Result<Parsed<Vec<PrivateNetwork>>, ParseError> {
+pub(crate) fn parse_private_networks(
+    text: &str,
+) -> Result<Parsed<Vec<PrivateNetwork>>, ParseError> {
     let ctx = Ctx::new("private-networks");
     let doc = ctx.yaml(text)?;
     let items = match &doc {

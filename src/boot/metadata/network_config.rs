@@ -22,25 +22,25 @@ const MAX_SEARCH: usize = 16;
 
 /// A public NIC from `network-config`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PublicInterface {
-    pub mac: MacAddr,
+pub(crate) struct PublicInterface {
+    pub(crate) mac: MacAddr,
     /// The name the metadata gives (`eth0`); informational only, the OS names NICs differently.
-    pub name: Option<IfName>,
-    pub dhcp4: bool,
-    pub dhcp6: bool,
+    pub(crate) name: Option<IfName>,
+    pub(crate) dhcp4: bool,
+    pub(crate) dhcp6: bool,
     /// Static addresses (usually the one IPv6 /64).
-    pub addresses: Vec<IpPrefix>,
+    pub(crate) addresses: Vec<IpPrefix>,
     /// Default gateways (usually `fe80::1`).
-    pub gateways: Vec<IpAddr>,
-    pub dns: Vec<IpAddr>,
-    pub dns_search: Vec<DomainName>,
-    pub mtu: Option<u32>,
+    pub(crate) gateways: Vec<IpAddr>,
+    pub(crate) dns: Vec<IpAddr>,
+    pub(crate) dns_search: Vec<DomainName>,
+    pub(crate) mtu: Option<u32>,
 }
 
 /// The server's public networking, from `network-config`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
-pub struct NetworkConfig {
-    pub interfaces: Vec<PublicInterface>,
+pub(crate) struct NetworkConfig {
+    pub(crate) interfaces: Vec<PublicInterface>,
 }
 
 /// `network-config` inside the metadata: `None`, with a problem, when it cannot be used at all

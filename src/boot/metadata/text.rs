@@ -15,7 +15,7 @@ const QUOTE_CHARS: usize = 64;
 /// A value from a document for a message: in single quotes, control characters, line breaks
 /// and quotes escaped (as Rust's `escape_debug` does), cut after 64 characters. Every message
 /// that shows document text shows it through this, so a log line stays one line.
-pub fn quote(text: &str) -> String {
+pub(crate) fn quote(text: &str) -> String {
     let mut out = String::from("'");
     let mut chars = text.chars();
     for c in chars.by_ref().take(QUOTE_CHARS) {
@@ -35,10 +35,12 @@ macro_rules! checked_text {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(String);
+        pub(crate) struct $name(String);
 
         impl $name {
-            pub fn as_str(&self) -> &str {
+            // Not every type made here reads its text back outside the tests.
+            #[allow(dead_code)]
+            pub(crate) fn as_str(&self) -> &str {
                 &self.0
             }
         }
@@ -92,7 +94,7 @@ checked_text!(
 );
 
 impl Hostname {
-    pub fn parse(name: &str) -> Result<Self, &'static str> {
+    pub(crate) fn parse(name: &str) -> Result<Self, &'static str> {
         if name.len() > 64 {
             return Err("is longer than 64 characters");
         }
@@ -115,7 +117,7 @@ impl Hostname {
 }
 
 impl DomainName {
-    pub fn parse(name: &str) -> Result<Self, &'static str> {
+    pub(crate) fn parse(name: &str) -> Result<Self, &'static str> {
         let name = name.strip_suffix('.').unwrap_or(name);
         if name.is_empty() || name.len() > 253 {
             return Err("is not a domain name (1 to 253 characters)");
@@ -144,7 +146,7 @@ fn is_ifname(name: &str) -> bool {
 }
 
 impl IfName {
-    pub fn parse(name: &str) -> Result<Self, &'static str> {
+    pub(crate) fn parse(name: &str) -> Result<Self, &'static str> {
         let ok = match name.split_once(':') {
             None => is_ifname(name),
             Some((base, label)) => is_ifname(base) && is_ifname(label),
@@ -157,7 +159,7 @@ impl IfName {
     }
 
     /// For an alias (`eth0:0`), the name of the interface it belongs to (`eth0`).
-    pub fn alias_of(&self) -> Option<&str> {
+    pub(crate) fn alias_of(&self) -> Option<&str> {
         self.0.split_once(':').map(|(base, _)| base)
     }
 }
@@ -179,7 +181,7 @@ fn is_safe_char(c: char) -> bool {
 }
 
 impl Label {
-    pub fn parse(text: &str) -> Result<Self, &'static str> {
+    pub(crate) fn parse(text: &str) -> Result<Self, &'static str> {
         let count = text.chars().count();
         if !(1..=64).contains(&count) {
             return Err("is not a name (1 to 64 characters)");
@@ -208,7 +210,7 @@ impl SshKey {
     /// One line of an authorized-keys text, trimmed (a trailing `\n` or `\r\n` is no part of
     /// the key). Options (`command=`, `from=`) are refused: a key from the metadata is the
     /// Hetzner project's key for root, and options belong in `/root/.ssh/authorized_keys`.
-    pub fn parse(line: &str) -> Result<Self, &'static str> {
+    pub(crate) fn parse(line: &str) -> Result<Self, &'static str> {
         let line = line.trim();
         if !line.chars().all(|c| is_safe_char(c) || c == '\t') {
             return Err("has line breaks, control or formatting characters inside");

@@ -12,28 +12,28 @@ use rtnetlink::{Handle, LinkUnspec};
 use crate::boot::metadata::MacAddr;
 
 /// The address we borrow, as cloud-init and the peers do.
-pub const TEMPORARY_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
-pub const TEMPORARY_PREFIX: u8 = 16;
+pub(crate) const TEMPORARY_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
+pub(crate) const TEMPORARY_PREFIX: u8 = 16;
 
 /// What we need to know of a NIC to decide.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Link {
-    pub index: u32,
-    pub name: String,
-    pub up: bool,
-    pub has_ipv4: bool,
+pub(crate) struct Link {
+    pub(crate) index: u32,
+    pub(crate) name: String,
+    pub(crate) up: bool,
+    pub(crate) has_ipv4: bool,
     /// Its hardware address, when it has an Ethernet one (not all zeros, as loopback's).
-    pub mac: Option<MacAddr>,
+    pub(crate) mac: Option<MacAddr>,
 }
 
 /// Ethernet NICs as the kernel names them on servers (`eth0`, `ens3`, `enp1s0`).
-pub fn is_ethernet_name(name: &str) -> bool {
+pub(crate) fn is_ethernet_name(name: &str) -> bool {
     name.starts_with("en") || name.starts_with("eth")
 }
 
 /// The link to borrow an address on, or `None` when some NIC can already reach the service
 /// (it has an IPv4 address) or when there is no ethernet NIC at all.
-pub fn link_to_borrow(links: &[Link]) -> Option<&Link> {
+pub(crate) fn link_to_borrow(links: &[Link]) -> Option<&Link> {
     let ethernet: Vec<&Link> = links.iter().filter(|l| is_ethernet_name(&l.name)).collect();
     if ethernet.iter().any(|l| l.has_ipv4) {
         return None;
@@ -42,7 +42,7 @@ pub fn link_to_borrow(links: &[Link]) -> Option<&Link> {
 }
 
 /// Is this URL's host a link-local IPv4 address (so that only a NIC on the link reaches it)?
-pub fn url_needs_link(url: &str) -> bool {
+pub(crate) fn url_needs_link(url: &str) -> bool {
     reqwest::Url::parse(url)
         .ok()
         .and_then(|u| u.host_str().and_then(|h| h.parse::<Ipv4Addr>().ok()))
@@ -50,24 +50,24 @@ pub fn url_needs_link(url: &str) -> bool {
 }
 
 /// A netlink session.
-pub struct Netlink {
+pub(crate) struct Netlink {
     handle: Handle,
 }
 
 /// An address we added, and how to put the link back as it was.
 #[derive(Debug)]
-pub struct Borrowed {
+pub(crate) struct Borrowed {
     link: Link,
 }
 
 impl Borrowed {
-    pub fn link_name(&self) -> &str {
+    pub(crate) fn link_name(&self) -> &str {
         &self.link.name
     }
 }
 
 impl Netlink {
-    pub fn connect() -> Result<Self> {
+    pub(crate) fn connect() -> Result<Self> {
         let (connection, handle, _) =
             rtnetlink::new_connection().context("cannot open a netlink socket")?;
         tokio::spawn(connection);
@@ -75,7 +75,7 @@ impl Netlink {
     }
 
     /// All links with their state, and whether each has an IPv4 address.
-    pub async fn links(&self) -> Result<Vec<Link>> {
+    pub(crate) async fn links(&self) -> Result<Vec<Link>> {
         let mut links = Vec::new();
         let mut stream = self.handle.link().get().execute();
         while let Some(msg) = stream
@@ -116,7 +116,7 @@ impl Netlink {
     }
 
     /// Brings `link` up and adds the temporary address to it.
-    pub async fn borrow(&self, link: &Link) -> Result<Borrowed> {
+    pub(crate) async fn borrow(&self, link: &Link) -> Result<Borrowed> {
         let borrowed = Borrowed { link: link.clone() };
         if !link.up {
             self.handle
@@ -145,7 +145,7 @@ impl Netlink {
     }
 
     /// Removes the temporary address and puts the link back in the state it was found in.
-    pub async fn give_back(&self, borrowed: Borrowed) -> Result<()> {
+    pub(crate) async fn give_back(&self, borrowed: Borrowed) -> Result<()> {
         let mut msg = AddressMessage::default();
         msg.header.family = AddressFamily::Inet;
         msg.header.prefix_len = TEMPORARY_PREFIX;

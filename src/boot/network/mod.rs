@@ -7,8 +7,8 @@
 //! Everything rendered here was checked where it entered (`metadata::text`): no value can hold
 //! a line break, so none can add a line or a section.
 
-pub mod link;
-pub mod networkd;
+pub(crate) mod link;
+pub(crate) mod networkd;
 
 use std::fmt::Write as _;
 
@@ -17,23 +17,23 @@ use serde::Serialize;
 use crate::boot::metadata::{NetworkConfig, PrivateNetwork, PublicInterface};
 
 /// Every file we write starts with this, and only files that do are ever removed by us.
-pub const FILE_PREFIX: &str = "50-hcloud-nixos-";
-pub const FILE_SUFFIX: &str = ".network";
+pub(crate) const FILE_PREFIX: &str = "50-hcloud-nixos-";
+pub(crate) const FILE_SUFFIX: &str = ".network";
 
 /// A file to be placed in networkd's directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct NetworkFile {
-    pub name: String,
-    pub contents: String,
+pub(crate) struct NetworkFile {
+    pub(crate) name: String,
+    pub(crate) contents: String,
 }
 
 /// Is `name` one of ours (so that a stale one may be removed)?
-pub fn is_own_file(name: &str) -> bool {
+pub(crate) fn is_own_file(name: &str) -> bool {
     name.starts_with(FILE_PREFIX) && name.ends_with(FILE_SUFFIX)
 }
 
 /// The files for every public and private NIC, in a stable order.
-pub fn render(network: &NetworkConfig, private: &[PrivateNetwork]) -> Vec<NetworkFile> {
+pub(crate) fn render(network: &NetworkConfig, private: &[PrivateNetwork]) -> Vec<NetworkFile> {
     let mut files: Vec<NetworkFile> = network.interfaces.iter().map(render_public).collect();
     files.extend(private.iter().map(render_private));
     files.sort_by(|a, b| a.name.cmp(&b.name));

@@ -6,7 +6,7 @@ const NETWORKD: &str = "org.freedesktop.network1";
 
 /// What became of the reload request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reload {
+pub(crate) enum Reload {
     Reloaded,
     /// networkd is not running (or there is no system bus yet); it reads the files when it starts.
     NotRunning,
@@ -14,7 +14,7 @@ pub enum Reload {
 
 /// Calls `org.freedesktop.network1.Manager.Reload` when networkd owns its name. networkd is not
 /// started for this: at boot it starts after us and reads the files then.
-pub async fn reload() -> Result<Reload> {
+pub(crate) async fn reload() -> Result<Reload> {
     let conn = match zbus::Connection::system().await {
         Ok(conn) => conn,
         Err(e) => {

@@ -16,12 +16,12 @@ use crate::boot::network::link::{self, Netlink};
 
 /// The documents as the service served them.
 pub(crate) struct Documents {
-    pub metadata: Vec<u8>,
+    pub(crate) metadata: Vec<u8>,
     /// `None` when the service has no such document (HTTP 404).
-    pub private_networks: Option<Vec<u8>>,
+    pub(crate) private_networks: Option<Vec<u8>>,
     /// The user-data, read for the server's SSH host key only (the agent reads the rest);
     /// `None` when there is none or it did not come. Never saved: it holds secrets.
-    pub userdata: Option<Vec<u8>>,
+    pub(crate) userdata: Option<Vec<u8>>,
 }
 
 /// What asking the service gave, short of an error that ends the run.
