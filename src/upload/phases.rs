@@ -15,7 +15,7 @@ use super::flow::{Ctx, Outcome, now_unix, with_deadline};
 use super::leftovers::Resource;
 use super::source::{self, Codec, DiskFormat, LocalImage, Location, Transfer};
 use super::ssh::Rescue;
-use super::{Architecture, Job, default_description, labels, remote, ssh};
+use super::{Architecture, Job, default_description, labels, pipe, progress, remote, ssh};
 
 /// The image as the run knows it before anything is created.
 enum Source {
@@ -317,13 +317,14 @@ async fn stream_local(
     p: &str,
 ) -> anyhow::Result<Digest> {
     let (args, dev) = (&ctx.args, &ctx.args.rescue_device);
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
+    let (tx, rx) = mpsc::channel(pipe::SSH_DEPTH);
     let started = std::time::Instant::now();
+    let cpu_before = progress::cpu_seconds();
     let count = Arc::new(AtomicU64::new(0));
     let bar = ctx
         .report
         .bytes(p, "uploading", img.file_size, count.clone());
-    let reader = source::spawn_stream(img.path.clone(), img.codec, args.transfer, tx, count);
+    let reader = pipe::spawn_stream(img.path.clone(), img.codec, args.transfer, tx, count);
     let remote_c = match args.transfer {
         Transfer::Zstd => Codec::Zstd,
         Transfer::None => Codec::Plain,
@@ -347,10 +348,15 @@ async fn stream_local(
     }
     let (sha256, size) = read?;
     let secs = started.elapsed().as_secs_f64();
+    // The CPU time of the whole process while streaming (other uploads of the same run included).
+    let cpu = match (cpu_before, progress::cpu_seconds()) {
+        (Some(a), Some(b)) => format!(", {:.2} s of CPU", b - a),
+        _ => String::new(),
+    };
     ctx.report.line(
         p,
         &format!(
-            "streamed {size} bytes in {secs:.2} s ({:.1} MiB/s)",
+            "streamed {size} bytes in {secs:.2} s ({:.1} MiB/s{cpu})",
             size as f64 / secs.max(0.001) / 1048576.0
         ),
     );
