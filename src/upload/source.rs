@@ -385,6 +385,30 @@ pub(crate) fn hash_image(img: &LocalImage, count: Arc<AtomicU64>) -> anyhow::Res
     Ok((hex(&h.finalize()), size))
 }
 
+/// What tells that a file was written to without reading it: device, inode, size, and the times
+/// of its last modification and status change (which every write moves on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// The file's stamp now.
+pub(crate) fn stamp(path: &Path) -> io::Result<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok(Stamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    })
+}
+
 /// Lower-case hex of bytes.
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -486,6 +510,25 @@ mod tests {
         assert_eq!(img.codec, Codec::Zstd);
         let (h, n) = hash_image(&img, Arc::new(AtomicU64::new(0))).unwrap();
         assert_eq!((h.as_str(), n), (sha(&data).as_str(), data.len() as u64));
+    }
+
+    #[test]
+    fn a_write_changes_the_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img.raw");
+        std::fs::write(&p, b"0123456789").unwrap();
+        let before = stamp(&p).unwrap();
+        assert_eq!(stamp(&p).unwrap(), before);
+        // File times move on with the kernel's clock tick: let one pass.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // Same size, same first bytes: only the stamp can tell without reading.
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        std::os::unix::fs::FileExt::write_at(&f, b"x", 9).unwrap();
+        assert_ne!(stamp(&p).unwrap(), before);
+        let moved = dir.path().join("other");
+        std::fs::write(&moved, b"0123456789").unwrap();
+        std::fs::rename(&moved, &p).unwrap();
+        assert_ne!(stamp(&p).unwrap(), before);
     }
 
     #[test]
