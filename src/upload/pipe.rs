@@ -17,18 +17,17 @@ use tokio::sync::mpsc;
 use super::source::{Codec, Transfer, open_decoded, read_full};
 
 /// Bytes per chunk read from the image and handed to SSH, which splits it (without copying) into
-/// packets of the server's maximum size.
-pub(crate) const CHUNK: usize = 256 * 1024;
+/// packets of the server's maximum size. Large reads: few system calls and thread wake-ups.
+pub(crate) const CHUNK: usize = 1024 * 1024;
 
 /// Chunks queued for SSH: 4 MiB, twice OpenSSH's 2 MiB channel window, so that the window is
-/// always full while the reader and the hasher work.
-pub(crate) const SSH_DEPTH: usize = 16;
+/// always full while the reader works.
+pub(crate) const SSH_DEPTH: usize = 4;
 
 /// The most chunks alive at once: the queue, one being read, one in the SSH writer, and the chunks
-/// the SSH session holds until its packets are written (its window is 2 MiB on OpenSSH, and the
-/// queue between the channel and the session 256 packets). Memory is bounded by this, whatever
-/// the image's size.
-pub(crate) const MAX_CHUNKS: usize = SSH_DEPTH + 2 + 8;
+/// the SSH session holds until its packets are written (the window: 2 MiB on OpenSSH). Memory is
+/// bounded by this, whatever the image's size.
+pub(crate) const MAX_CHUNKS: usize = SSH_DEPTH + 2 + 3;
 
 // The pipe's share of the uploader's memory stays far under its 64 MiB budget.
 const _: () = assert!(MAX_CHUNKS * CHUNK <= 16 << 20);
@@ -65,15 +64,12 @@ impl Pool {
         Pool { back, give_back }
     }
 
-    /// An empty buffer with room for a chunk.
+    /// A buffer with room for a chunk: a used one as it was left (its bytes initialized), or a new
+    /// empty one.
     fn get(&self) -> Vec<u8> {
-        match self.back.try_recv() {
-            Ok(mut b) => {
-                b.clear();
-                b
-            }
-            Err(_) => Vec::with_capacity(CHUNK),
-        }
+        self.back
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(CHUNK))
     }
 
     /// The buffer as a chunk that SSH can split into packets without copying.
@@ -88,7 +84,7 @@ impl Pool {
 /// Reads up to a chunk into a pooled buffer; an empty chunk at the end.
 fn read_chunk(pool: &Pool, r: &mut dyn Read) -> io::Result<Vec<u8>> {
     let mut buf = pool.get();
-    // Only a new buffer is zeroed: a reused one keeps its (initialized) length.
+    // Only a new buffer is zeroed: a used one kept its length (a full chunk but for the last).
     buf.resize(CHUNK, 0);
     let n = read_full(r, &mut buf)?;
     buf.truncate(n);
@@ -111,7 +107,9 @@ impl ChunkSender<'_> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let b = std::mem::replace(&mut self.buf, self.pool.get());
+        let mut next = self.pool.get();
+        next.clear();
+        let b = std::mem::replace(&mut self.buf, next);
         self.tx
             .blocking_send(self.pool.share(b))
             .map_err(|_| stopped())
@@ -167,7 +165,7 @@ fn pump(
         Transfer::Zstd => Some(zstd_encoder(ChunkSender {
             tx: tx.clone(),
             pool: &out_pool,
-            buf: out_pool.get(),
+            buf: Vec::with_capacity(CHUNK),
         })?),
     };
     let mut size = 0u64;
@@ -254,7 +252,11 @@ mod tests {
         assert!(pool.back.try_recv().is_err(), "still held by a clone");
         drop(b);
         let again = pool.get();
-        assert!(again.is_empty() && again.capacity() >= 10);
+        assert_eq!(
+            again,
+            vec![1u8; 10],
+            "comes back as it was: no zeroing again"
+        );
     }
 
     /// Bytes read from the image but not yet taken by SSH stay under the bound whatever the
