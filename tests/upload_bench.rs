@@ -298,13 +298,18 @@ async fn bench_upload_against_openssh() {
         }
     }
     let again = setup.ours(&ours_bin, false, false);
+    report(&runs, &connects, again, mib, rounds);
+}
 
+/// Prints the table and the ratios.
+fn report(runs: &[[Vec<Run>; 2]], connects: &[f64], again: Run, mib: u64, rounds: usize) {
+    let names = ["openssh", "ours", "baseline"];
     println!(
         "image: {mib} MiB of incompressible data, loopback sshd, {rounds} alternating rounds, page cache dropped before each run"
     );
     println!(
         "OpenSSH's connect and login (median {:.3} s) is taken off its wall time; ours is the streaming phase alone",
-        median(connects)
+        median(connects.to_vec())
     );
     println!(
         "{:<9} {:<5} {:>10} {:>10} {:>13} {:>13} {:>8}",
