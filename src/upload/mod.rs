@@ -8,6 +8,7 @@ mod lease;
 mod leftovers;
 mod outside;
 mod phases;
+mod pipe;
 mod progress;
 mod qemu;
 mod remote;

@@ -15,14 +15,16 @@ use super::flow::{Ctx, Outcome, now_unix, with_deadline};
 use super::leftovers::Resource;
 use super::source::{self, Codec, DiskFormat, LocalImage, Location, Transfer};
 use super::ssh::Rescue;
-use super::{Architecture, Job, default_description, labels, remote, ssh};
+use super::{Architecture, Job, default_description, labels, pipe, progress, remote, ssh};
 
 /// The image as the run knows it before anything is created.
 enum Source {
-    /// A local file, hashed already: its digest is known before the upload.
+    /// A local file, hashed already: its digest is known before the upload. `stamp` is the
+    /// file's as it was before hashing: the upload checks that nothing wrote to it since.
     Local {
         image: Arc<LocalImage>,
         digest: Digest,
+        stamp: source::Stamp,
     },
     /// A URL the rescue system downloads; the digest is known once it is written.
     Url { url: String, codec: Codec },
@@ -86,6 +88,9 @@ async fn read_source(ctx: &Ctx, job: &Job, p: &str) -> anyhow::Result<Source> {
             phase.done();
             let count = Arc::new(AtomicU64::new(0));
             let bar = ctx.report.bytes(p, "hashing", img.file_size, count.clone());
+            let stamp = source::stamp(&img.path).map_err(|e| {
+                anyhow::anyhow!("cannot read the image {}: {e}", img.path.display())
+            })?;
             let image = Arc::new(img);
             let img2 = image.clone();
             let (sha256, size) =
@@ -96,6 +101,7 @@ async fn read_source(ctx: &Ctx, job: &Job, p: &str) -> anyhow::Result<Source> {
             Ok(Source::Local {
                 image,
                 digest: Digest { sha256, size },
+                stamp,
             })
         }
         Location::Url(url) => {
@@ -280,9 +286,11 @@ async fn write_and_verify(
 ) -> anyhow::Result<Digest> {
     let sparse = discard(ctx, rescue, p).await?;
     let digest = match source {
-        Source::Local { image, digest } => {
-            stream_local(ctx, rescue, image, digest, sparse, p).await?
-        }
+        Source::Local {
+            image,
+            digest,
+            stamp,
+        } => stream_local(ctx, rescue, (image, stamp), digest, sparse, p).await?,
         Source::Url { url, codec } => download_url(ctx, rescue, url, *codec, sparse, p).await?,
     };
     verify(ctx, rescue, &digest, p).await?;
@@ -307,23 +315,26 @@ async fn discard(ctx: &Ctx, rescue: &Rescue, p: &str) -> anyhow::Result<bool> {
     Ok(sparse)
 }
 
-/// Streams a local image over SSH (hashing it again on the way: it must not have changed).
+/// Streams a local image over SSH. It is not hashed again: the file must not have been written
+/// to since it was hashed (its stamp), it must give as many bytes, and the verification that
+/// follows compares the disk with the hash taken before.
 async fn stream_local(
     ctx: &Ctx,
     rescue: &Rescue,
-    img: &LocalImage,
+    (img, stamp): (&LocalImage, &source::Stamp),
     before: &Digest,
     sparse: bool,
     p: &str,
 ) -> anyhow::Result<Digest> {
     let (args, dev) = (&ctx.args, &ctx.args.rescue_device);
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
+    let (tx, rx) = mpsc::channel(pipe::SSH_DEPTH);
     let started = std::time::Instant::now();
+    let cpu_before = progress::cpu_seconds();
     let count = Arc::new(AtomicU64::new(0));
     let bar = ctx
         .report
         .bytes(p, "uploading", img.file_size, count.clone());
-    let reader = source::spawn_stream(img.path.clone(), img.codec, args.transfer, tx, count);
+    let reader = pipe::spawn_stream(img.path.clone(), img.codec, args.transfer, tx, count);
     let remote_c = match args.transfer {
         Transfer::Zstd => Codec::Zstd,
         Transfer::None => Codec::Plain,
@@ -345,24 +356,32 @@ async fn stream_local(
             out.failure_summary()
         );
     }
-    let (sha256, size) = read?;
+    let size = read?;
     let secs = started.elapsed().as_secs_f64();
+    // The CPU time of the whole process while streaming (other uploads of the same run included).
+    let cpu = match (cpu_before, progress::cpu_seconds()) {
+        (Some(a), Some(b)) => format!(", {:.2} s of CPU", b - a),
+        _ => String::new(),
+    };
     ctx.report.line(
         p,
         &format!(
-            "streamed {size} bytes in {secs:.2} s ({:.1} MiB/s)",
+            "streamed {size} bytes in {secs:.2} s ({:.1} MiB/s{cpu})",
             size as f64 / secs.max(0.001) / 1048576.0
         ),
     );
-    let sent = Digest { sha256, size };
-    if sent != *before {
+    if size != before.size {
         anyhow::bail!(
-            "the image file changed during the upload (sha256 {} before, {} while sending): upload it again once it is complete",
-            before.sha256,
-            sent.sha256
+            "the image file changed during the upload ({} bytes when hashed, {size} sent): upload it again once it is complete",
+            before.size
         );
     }
-    Ok(sent)
+    if source::stamp(&img.path).ok().as_ref() != Some(stamp) {
+        anyhow::bail!(
+            "the image file changed during the upload (it was written to, replaced or removed after it was hashed): upload it again once it is complete"
+        );
+    }
+    Ok(before.clone())
 }
 
 /// Has the rescue system download the image and write it; it reports what it wrote.

@@ -7,6 +7,24 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+/// The CPU time (user and system, all threads) this process has used so far, in seconds; `None`
+/// where `/proc` does not tell.
+pub(crate) fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_seconds_of(&stat)
+}
+
+/// Reads utime and stime (fields 14 and 15, in ticks of 1/100 s) from a `/proc/PID/stat` line.
+fn cpu_seconds_of(stat: &str) -> Option<f64> {
+    // The command name (field 2) may hold spaces and parentheses: count from its closing one.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // USER_HZ is 100 on every Linux architecture's /proc interface.
+    Some((utime + stime) as f64 / 100.0)
+}
+
 /// Shows what each upload is doing.
 #[derive(Clone)]
 pub(crate) struct Reporter {
@@ -196,6 +214,29 @@ impl Drop for BytesGuard {
         }
         if let Some(b) = &self.bar {
             b.finish_and_clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_from_proc() {
+        let line = "4242 (a (b) c) R 1 2 3 4 5 6 7 8 9 10 250 130 0 0 20 0 3 0";
+        assert_eq!(cpu_seconds_of(line), Some(3.8));
+        assert_eq!(cpu_seconds_of("4242 (x) R 1 2"), None);
+        assert_eq!(cpu_seconds_of("garbage"), None);
+        // The counter moves on while this thread spins (however busy the machine is).
+        let before = cpu_seconds().unwrap();
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while cpu_seconds().unwrap() - before < 0.05 {
+            assert!(t.elapsed() < Duration::from_secs(30), "no CPU time counted");
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
         }
     }
 }

@@ -1,13 +1,12 @@
-//! The image to upload: where it is, how it is compressed and formatted, and the local read, hash and compress pipeline.
+//! The image to upload: where it is, how it is compressed and formatted, how it is read and hashed.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 
 /// How an image file is compressed, as `--compression` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -269,12 +268,15 @@ pub(crate) fn open_decoded(
         inner: File::open(path)?,
         count,
     };
-    let buffered = BufReader::with_capacity(1 << 20, file);
+    let buffered = |f| BufReader::with_capacity(1 << 20, f);
     Ok(match codec {
-        Codec::Plain => Box::new(buffered),
-        Codec::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
-        Codec::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(buffered)),
-        Codec::Bz2 => Box::new(bzip2::bufread::MultiBzDecoder::new(buffered)),
+        // A raw image is read straight into the pipe's chunks: a buffer would only add a copy.
+        Codec::Plain => Box::new(file),
+        Codec::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered(file))?),
+        Codec::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(buffered(
+            file,
+        ))),
+        Codec::Bz2 => Box::new(bzip2::bufread::MultiBzDecoder::new(buffered(file))),
     })
 }
 
@@ -289,7 +291,7 @@ pub(crate) struct LocalImage {
 }
 
 /// Reads `n` bytes or up to the end.
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {
@@ -383,123 +385,33 @@ pub(crate) fn hash_image(img: &LocalImage, count: Arc<AtomicU64>) -> anyhow::Res
     Ok((hex(&h.finalize()), size))
 }
 
+/// What tells that a file was written to without reading it: device, inode, size, and the times
+/// of its last modification and status change (which every write moves on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// The file's stamp now.
+pub(crate) fn stamp(path: &Path) -> io::Result<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok(Stamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    })
+}
+
 /// Lower-case hex of bytes.
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Sends what is written to it as chunks on a bounded channel (the pipe's only buffer).
-struct ChunkSender {
-    tx: mpsc::Sender<Vec<u8>>,
-    buf: Vec<u8>,
-    chunk: usize,
-}
-
-impl ChunkSender {
-    fn flush_buf(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let b = std::mem::replace(&mut self.buf, Vec::with_capacity(self.chunk));
-        self.tx
-            .blocking_send(b)
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the SSH stream stopped"))
-    }
-}
-
-impl Write for ChunkSender {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let room = self.chunk - self.buf.len();
-        let n = room.min(data.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() >= self.chunk {
-            self.flush_buf()?;
-        }
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.flush_buf()
-    }
-}
-
-/// The sending end of the pipe: plain or zstd-compressed.
-enum Out {
-    Plain(ChunkSender),
-    Zstd(zstd::stream::write::Encoder<'static, ChunkSender>),
-}
-
-impl Out {
-    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        match self {
-            Out::Plain(w) => w.write_all(data),
-            Out::Zstd(w) => w.write_all(data),
-        }
-    }
-
-    /// Ends the zstd frame and sends what is buffered.
-    fn finish(self) -> io::Result<()> {
-        let mut sender = match self {
-            Out::Plain(w) => w,
-            Out::Zstd(w) => w.finish()?,
-        };
-        sender.flush()
-    }
-}
-
-/// Number of zstd worker threads: every core, at most 8 so memory stays bounded on big machines.
-pub(crate) fn zstd_workers(cores: usize) -> u32 {
-    cores.clamp(1, 8) as u32
-}
-
-/// Chunk size for the pipe to SSH.
-pub(crate) const CHUNK: usize = 256 * 1024;
-
-/// Reads, decompresses, hashes and (optionally) zstd-compresses the image on a thread, sending
-/// chunks on `tx`. Returns the raw image's SHA-256 (hex) and size.
-pub(crate) fn spawn_stream(
-    path: PathBuf,
-    codec: Codec,
-    transfer: Transfer,
-    tx: mpsc::Sender<Vec<u8>>,
-    count: Arc<AtomicU64>,
-) -> std::thread::JoinHandle<anyhow::Result<(String, u64)>> {
-    std::thread::spawn(move || {
-        let mut r = open_decoded(&path, codec, count)?;
-        let sender = ChunkSender {
-            tx,
-            buf: Vec::with_capacity(CHUNK),
-            chunk: CHUNK,
-        };
-        let mut out = match transfer {
-            Transfer::None => Out::Plain(sender),
-            Transfer::Zstd => {
-                let cores = std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1);
-                let mut enc = zstd::stream::write::Encoder::new(sender, 3)?;
-                enc.multithread(zstd_workers(cores))?;
-                // Small jobs and window keep zstd's buffers to a few MiB per worker.
-                enc.set_parameter(zstd::stream::raw::CParameter::WindowLog(20))?;
-                enc.set_parameter(zstd::stream::raw::CParameter::JobSize(1 << 20))?;
-                Out::Zstd(enc)
-            }
-        };
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; CHUNK];
-        let mut size = 0u64;
-        loop {
-            let n = read_full(&mut r, &mut buf)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            out.write_all(&buf[..n])?;
-            size += n as u64;
-        }
-        out.finish()?;
-        Ok((hex(&h.finalize()), size))
-    })
 }
 
 #[cfg(test)]
@@ -581,19 +493,12 @@ mod tests {
         );
     }
 
-    #[test]
-    fn workers_bounded() {
-        assert_eq!(zstd_workers(0), 1);
-        assert_eq!(zstd_workers(2), 2);
-        assert_eq!(zstd_workers(64), 8);
-    }
-
     fn sha(data: &[u8]) -> String {
         hex(&Sha256::digest(data))
     }
 
     #[test]
-    fn stream_hashes_raw_and_compresses() {
+    fn hash_of_a_compressed_image_is_of_its_raw_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let p = dir.path().join("img.raw");
@@ -605,29 +510,25 @@ mod tests {
         assert_eq!(img.codec, Codec::Zstd);
         let (h, n) = hash_image(&img, Arc::new(AtomicU64::new(0))).unwrap();
         assert_eq!((h.as_str(), n), (sha(&data).as_str(), data.len() as u64));
+    }
 
-        for transfer in [Transfer::None, Transfer::Zstd] {
-            let (tx, mut rx) = mpsc::channel(4);
-            let t = spawn_stream(
-                compressed.clone(),
-                Codec::Zstd,
-                transfer,
-                tx,
-                Arc::new(AtomicU64::new(0)),
-            );
-            let mut got = Vec::new();
-            while let Some(c) = rx.blocking_recv() {
-                got.extend(c);
-            }
-            let (h, n) = t.join().unwrap().unwrap();
-            assert_eq!(h, sha(&data));
-            assert_eq!(n, data.len() as u64);
-            let raw = match transfer {
-                Transfer::None => got,
-                Transfer::Zstd => zstd::decode_all(&got[..]).unwrap(),
-            };
-            assert_eq!(raw, data);
-        }
+    #[test]
+    fn a_write_changes_the_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img.raw");
+        std::fs::write(&p, b"0123456789").unwrap();
+        let before = stamp(&p).unwrap();
+        assert_eq!(stamp(&p).unwrap(), before);
+        // File times move on with the kernel's clock tick: let one pass.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // Same size, same first bytes: only the stamp can tell without reading.
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        std::os::unix::fs::FileExt::write_at(&f, b"x", 9).unwrap();
+        assert_ne!(stamp(&p).unwrap(), before);
+        let moved = dir.path().join("other");
+        std::fs::write(&moved, b"0123456789").unwrap();
+        std::fs::rename(&moved, &p).unwrap();
+        assert_ne!(stamp(&p).unwrap(), before);
     }
 
     #[test]

@@ -753,3 +753,47 @@ async fn a_failure_anywhere_in_the_remote_pipe_fails_the_upload() {
     assert_nothing_left(&b);
     b.api.with(|s| assert!(s.images.is_empty()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_written_to_during_the_upload_is_refused() {
+    // When the write starts on the rescue system, one byte near the image's end changes: the
+    // uploader reads it after the change (SSH's window holds it back), so what it sends differs
+    // from what it hashed.
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("touch.sh");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/bash\ncase \"$SSH_ORIGINAL_COMMAND\" in *'dd of='*) img=$(cat \"$(dirname \"$0\")/img\"); printf Z | dd of=\"$img\" bs=1 seek=$((30 << 20)) conv=notrunc status=none;; esac\nexec bash -c \"$SSH_ORIGINAL_COMMAND\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let Some(b) = bench("changed", Some(wrapper.to_str().unwrap())).await else {
+        return;
+    };
+    let raw = image_bytes(32 << 20, 9);
+    let img = b.dir.path().join("img.raw");
+    write(&img, &raw);
+    std::fs::write(dir.path().join("img"), img.to_str().unwrap()).unwrap();
+    let out = run(upload_cmd(
+        &b,
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--architecture",
+            "x86",
+            "--transfer",
+            "none",
+        ],
+    ))
+    .await;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("changed during the upload"), "{err}");
+    assert_nothing_left(&b);
+    b.api
+        .with(|s| assert!(s.images.is_empty(), "a snapshot was made"));
+}
