@@ -74,19 +74,8 @@ mod tests {
     use super::*;
 
     fn key() -> HostKey {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("k");
-        let out = std::process::Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "root@web-1", "-f"])
-            .arg(&file)
-            .output()
-            .expect("ssh-keygen (Debian: openssh-client) runs");
-        assert!(out.status.success(), "{out:?}");
-        HostKey::new(
-            &std::fs::read_to_string(&file).unwrap(),
-            &std::fs::read_to_string(file.with_extension("pub")).unwrap(),
-        )
-        .unwrap()
+        let (private, public) = crate::agent::userdata::hostkey::generated_pair();
+        HostKey::new(&private, &public).unwrap()
     }
 
     #[test]

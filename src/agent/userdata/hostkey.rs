@@ -182,24 +182,28 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A fresh pair from OpenSSH's own `ssh-keygen`, (private, public line), for tests: no key is
+/// kept in the source tree.
+#[cfg(test)]
+pub(crate) fn generated_pair() -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("key");
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "root@web-1", "-f"])
+        .arg(&file)
+        .output()
+        .expect("ssh-keygen (Debian: openssh-client) runs");
+    assert!(out.status.success(), "{out:?}");
+    let private = std::fs::read_to_string(&file).unwrap();
+    let public = std::fs::read_to_string(file.with_extension("pub")).unwrap();
+    (private, public.trim_end().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A fresh pair from OpenSSH's own `ssh-keygen` (no key is kept in the source tree).
-    fn pair() -> (String, String) {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("key");
-        let out = std::process::Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "test", "-f"])
-            .arg(&file)
-            .output()
-            .expect("ssh-keygen (Debian: openssh-client) runs");
-        assert!(out.status.success(), "{out:?}");
-        let private = std::fs::read_to_string(&file).unwrap();
-        let public = std::fs::read_to_string(file.with_extension("pub")).unwrap();
-        (private, public.trim_end().to_string())
-    }
+    use super::generated_pair as pair;
 
     const OTHER_PUBLIC: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA other";

@@ -30,7 +30,7 @@ use serde_json::Value;
 
 use crate::plumbing::text::one_line;
 
-mod hostkey;
+pub(crate) mod hostkey;
 mod section;
 
 pub(crate) use hostkey::HostKey;
