@@ -2,7 +2,7 @@
 //!
 //! Two layers. Every source (the TOML file, the file the NixOS module renders, the user-data's
 //! `hcloud_nixos` section, JSON for `config check --json`) decodes into one raw shape
-//! ([`RawConfig`], every key optional); the sources merge key by key, the file winning over
+//! (`RawConfig`, every key optional); the sources merge key by key, the file winning over
 //! user-data; one pass (`validate`) turns the merged shape into [`Settings`], reading every
 //! duration and number by one table of bounds (`bounds`).
 

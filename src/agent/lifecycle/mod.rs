@@ -1,6 +1,6 @@
 //! The deploy lifecycle: the persisted state ([`state`]), its transitions and decisions as pure
-//! functions ([`machine`]), the outcome of a cycle and the wait before the next ([`outcome`]),
-//! the I/O behind one trait ([`host`]), and the cycle and its phases ([`cycle`], [`drive`]).
+//! functions (`machine`), the outcome of a cycle and the wait before the next (`outcome`),
+//! the I/O behind one trait (`host`), and the cycle and its phases (`cycle`, `drive`).
 //!
 //! A deploy goes `fetch` (fh makes the closure the profile's new generation) → `activate`
 //! (switch-to-configuration, its exit status seen) → `confirm` (no new failed unit, FlakeHub

@@ -8,7 +8,7 @@
 //!
 //! The service is trusted to say what this server is; the text in its documents is not. Every
 //! value is checked here, where it enters, into a type that only the check makes (`address`,
-//! `text`). A bad value costs the smallest part it belongs to, and is reported as a [`Problem`]
+//! `text`). A bad value costs the smallest part it belongs to, and is reported as a `Problem`
 //! naming its field: a NIC's bad MAC, address, gateway, MTU, DNS server or search domain costs
 //! that NIC; a bad name, region or id is dropped; a bad key costs that key; a bad hostname
 //! costs the hostname. Only a document that is not a YAML mapping at all is an error. Sizes are
