@@ -20,9 +20,11 @@ done
 [[ $(id -u) == 0 ]] || { echo "agent.sh: needs root (the Nix store is written directly)" >&2; exit 2; }
 
 # The binary servers run (the NixOS module's package): without the workstation's commands.
-cargo build --release --quiet --no-default-features --bin hcloud-nixos
+# Optimized for size, as the flake's servers' package builds it, in a target directory of its own.
+CARGO_PROFILE_RELEASE_OPT_LEVEL=z cargo build --release --quiet --no-default-features \
+  --bin hcloud-nixos --target-dir target/server
 cargo build --release --quiet --example metadata-standin --example flakehub-standin
-bin=$repo/target/release/hcloud-nixos
+bin=$repo/target/server/release/hcloud-nixos
 examples=$repo/target/release/examples
 
 work=$(mktemp -d)

@@ -16,9 +16,11 @@ for tool in /usr/bin/time curl awk sort; do
 done
 
 # The binary servers run (the NixOS module's package): without the workstation's commands.
-cargo build --release --quiet --no-default-features --bin hcloud-nixos
+# Optimized for size, as the flake's servers' package builds it, in a target directory of its own.
+CARGO_PROFILE_RELEASE_OPT_LEVEL=z cargo build --release --quiet --no-default-features \
+  --bin hcloud-nixos --target-dir target/server
 cargo build --release --quiet --example metadata-standin
-bin=$repo/target/release/hcloud-nixos
+bin=$repo/target/server/release/hcloud-nixos
 
 work=$(mktemp -d)
 standin_pid=
