@@ -119,11 +119,7 @@ impl Etcd {
     /// installed, and a panic instead under `CI=true`, where it must be.
     pub fn start(test: &str) -> Option<Etcd> {
         let Some(bin) = find_bin() else {
-            let why = "etcd is not installed (apt-get install etcd-server)";
-            if crate::ci() {
-                panic!("{test}: {why}");
-            }
-            println!("SKIP: {test}: {why}");
+            crate::skip(test, "etcd is not installed (apt-get install etcd-server)");
             return None;
         };
         let mut etcd = Etcd {

@@ -84,6 +84,16 @@ pub fn ci() -> bool {
     std::env::var("CI").as_deref() == Ok("true")
 }
 
+/// A test that cannot run here: under `CI=true` a failure (a CI run must not pass by
+/// skipping), otherwise `SKIP: <test>: <why>` on stderr. Returns false, for `if !... { return }`.
+pub fn skip(test: &str, why: &str) -> bool {
+    assert!(!ci(), "{test}: {why} (CI=true: not skipping)");
+    // Straight to stderr: the test harness captures eprintln! of passing tests.
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "SKIP: {test}: {why}");
+    false
+}
+
 /// `program` (an absolute path, or a name looked up in `PATH`, `/usr/sbin` and `/sbin`) exists.
 pub fn on_path(program: &str) -> bool {
     if program.starts_with('/') {

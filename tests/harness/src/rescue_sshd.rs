@@ -32,12 +32,7 @@ pub fn prerequisites_or_skip(test: &str) -> bool {
     if missing.is_empty() {
         return true;
     }
-    let msg = format!("{test}: missing {}", missing.join(", "));
-    if crate::ci() {
-        panic!("{msg}");
-    }
-    eprintln!("SKIPPED {msg}");
-    false
+    crate::skip(test, &format!("missing {}", missing.join(", ")))
 }
 
 fn free_port() -> u16 {

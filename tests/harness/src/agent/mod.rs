@@ -172,10 +172,7 @@ impl Bench {
     /// `CI=true` that is a failure instead.
     pub fn new(test: &str, opts: Options) -> Option<Bench> {
         if let Err(why) = prerequisites() {
-            if crate::ci() {
-                panic!("{test}: {why}");
-            }
-            eprintln!("SKIP: {test}: {why}");
+            crate::skip(test, &why);
             return None;
         }
         let serial = (!opts.concurrent).then(|| crate::lock(&SERIAL));
