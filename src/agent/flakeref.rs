@@ -98,28 +98,9 @@ impl FromStr for FlakeRef {
     }
 }
 
-/// `text` for an error message: escaped (no control characters reach a log) and shortened; by
-/// its length only when it may hold a token.
+/// `text` for an error message: one line, shortened; by its length when it may hold a token.
 fn shown(text: &str) -> String {
-    if crate::plumbing::text::may_hold_a_secret(text) {
-        return format!("(a value of {} characters)", text.chars().count());
-    }
-    let escaped: String = text
-        .chars()
-        .map(|c| {
-            if crate::plumbing::text::breaks_a_line(c) {
-                c.escape_debug().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect();
-    if escaped.chars().count() > 80 {
-        let head: String = escaped.chars().take(77).collect();
-        format!("'{head}...'")
-    } else {
-        format!("'{escaped}'")
-    }
+    crate::plumbing::text::shown_value(text)
 }
 
 fn parse(input: &str) -> Result<FlakeRef, String> {

@@ -60,6 +60,15 @@ pub(crate) fn quoted(text: &str) -> String {
 /// into the wrong field or mangled past recognition.
 const MAX_WORD: usize = 24;
 
+/// A value from outside for a message: [`quoted`], or by its length when it may hold a token.
+pub(crate) fn shown_value(text: &str) -> String {
+    if may_hold_a_secret(text) {
+        format!("(a value of {} characters)", text.chars().count())
+    } else {
+        quoted(text)
+    }
+}
+
 /// Whether `text` holds a word long enough to be a token; such a value is shown by its length.
 pub(crate) fn may_hold_a_secret(text: &str) -> bool {
     text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))

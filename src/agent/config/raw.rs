@@ -248,25 +248,10 @@ merge_by_key!(FleetLockConfig {
 // Leaves: a value of the wrong kind is refused with a message that names its kind, never the
 // value (it may be the token).
 
-/// A user-given value for a message: quoted, control characters escaped, shortened; by its
-/// length only when it may hold a token.
+/// A user-given value for a message: quoted, one line, shortened; by its length when it may
+/// hold a token.
 pub(crate) fn shown(text: &str) -> String {
-    if crate::plumbing::text::may_hold_a_secret(text) {
-        return format!("(a value of {} characters)", text.chars().count());
-    }
-    let mut out = String::new();
-    for (n, c) in text.chars().enumerate() {
-        if n == 60 {
-            out.push_str("...");
-            break;
-        }
-        if crate::plumbing::text::breaks_a_line(c) {
-            out.extend(c.escape_debug());
-        } else {
-            out.push(c);
-        }
-    }
-    format!("'{out}'")
+    crate::plumbing::text::shown_value(text)
 }
 
 /// A string leaf: text, or a duration that is still text until it is checked.
