@@ -71,10 +71,14 @@
             PROTOC = lib.getExe' pkgs.buildPackages.protobuf "protoc";
             PROTOC_INCLUDE = "${pkgs.buildPackages.protobuf}/include";
           }
-          # The servers' build is optimized for size: the agent touches fewer code pages (7.6 MiB
-          # resident against 9.3 at opt-level 3, and no more CPU per poll); the workstation's
-          # uploader keeps opt-level 3 for its data path. Same as tests/bench/{agent,network}.sh.
-          // lib.optionalAttrs (!workstation) { CARGO_PROFILE_RELEASE_OPT_LEVEL = "z"; };
+          # The servers' build is optimized for size, and its relative relocations are packed
+          # (DT_RELR: glibc 2.36 and binutils 2.38 or later): the programs touch fewer pages at
+          # start and at every poll (see README, "Benchmarks"); the workstation's uploader keeps
+          # opt-level 3 for its data path. Same as tests/bench/{agent,network}.sh.
+          // lib.optionalAttrs (!workstation) {
+            CARGO_PROFILE_RELEASE_OPT_LEVEL = "z";
+            RUSTFLAGS = "-C link-arg=-Wl,-z,pack-relative-relocs";
+          };
           doCheck = false;
           meta = {
             description = cargoToml.package.description;

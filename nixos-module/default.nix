@@ -293,7 +293,7 @@ in
       default = true;
       description = ''
         Configure static IPv6 (systemd-networkd files), the hostname and root's SSH keys from the
-        metadata service at every boot (`hcloud-nixos network`).
+        metadata service at every boot (`hcloud-nixos-network`, the same as `hcloud-nixos network`).
       '';
     };
 

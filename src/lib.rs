@@ -1,8 +1,9 @@
 //! hcloud-nixos: NixOS on Hetzner Cloud. Boot-time provisioning from the metadata service, a
-//! pull-based deploy agent, and an image uploader, in one binary.
+//! pull-based deploy agent, and an image uploader, in one binary (`hcloud-nixos`); the boot step
+//! is also a program of its own (`hcloud-nixos-network`), which carries only what it needs.
 //!
 //! One room per program, and one for what they share:
-//! - [`boot`]: `hcloud-nixos network` at boot (metadata, networkd files, hostname, SSH keys);
+//! - [`boot`]: `hcloud-nixos-network` at boot (metadata, networkd files, hostname, SSH keys);
 //! - [`agent`]: the deploy agent in every server (configuration, user-data, FlakeHub, the deploy
 //!   lifecycle, health, reboots, hooks, metrics);
 //! - [`fleet`]: servers of a group taking turns through etcd or FleetLock (used by the agent);

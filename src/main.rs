@@ -2,18 +2,14 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use hcloud_nixos::agent::config;
 use hcloud_nixos::agent::userdata;
 use hcloud_nixos::agent::{commands, service};
-use hcloud_nixos::boot::cache;
-use hcloud_nixos::boot::hostname::Policy;
-use hcloud_nixos::boot::metadata::client::DEFAULT_URL;
+use hcloud_nixos::boot::cli::{NetworkArgs, SourceArgs};
 use hcloud_nixos::boot::provision;
-use hcloud_nixos::boot::{hostkey, sshkeys};
 use hcloud_nixos::plumbing::logging;
 #[cfg(feature = "workstation")]
 use hcloud_nixos::upload;
@@ -28,66 +24,10 @@ struct Cli {
     command: Command,
 }
 
-#[derive(clap::Args)]
-struct SourceArgs {
-    /// Base URL of the Hetzner metadata service.
-    #[arg(long, env = "HCLOUD_NIXOS_METADATA_URL", default_value = DEFAULT_URL, value_name = "URL")]
-    metadata_url: String,
-    /// How long to wait for the metadata service overall (it may answer late at boot).
-    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    deadline: Duration,
-}
-
-impl SourceArgs {
-    fn source(&self) -> Result<provision::Source> {
-        provision::check_deadline(self.deadline)?;
-        Ok(provision::Source {
-            url: self.metadata_url.clone(),
-            deadline: self.deadline,
-        })
-    }
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Configure IPv6 (systemd-networkd), the hostname and root's SSH keys from the metadata service.
-    Network {
-        #[command(flatten)]
-        source: SourceArgs,
-        /// Directory for the .network files.
-        #[arg(long, default_value = "/run/systemd/network", value_name = "DIR")]
-        network_dir: PathBuf,
-        /// Do not ask systemd-networkd to reload.
-        #[arg(long)]
-        no_reload: bool,
-        /// When to set the metadata's hostname.
-        #[arg(long, value_enum, default_value_t = Policy::Auto)]
-        hostname: Policy,
-        /// The static hostname file; `auto` sets the hostname only when it is missing or empty.
-        #[arg(
-            long,
-            default_value = "/etc/hostname",
-            value_name = "PATH",
-            hide = true
-        )]
-        hostname_file: PathBuf,
-        /// File for root's SSH keys (read by sshd as an additional AuthorizedKeysFile).
-        #[arg(long, default_value = sshkeys::DEFAULT_KEYS_FILE, value_name = "PATH")]
-        keys_file: PathBuf,
-        /// Where sshd's host keys are: an SSH host key in the user-data (as `create` passes one)
-        /// is installed there before sshd starts.
-        #[arg(long, default_value = hostkey::DEFAULT_DIR, value_name = "DIR")]
-        host_key_dir: PathBuf,
-        /// Print what would be written and done; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Where the last good metadata is kept (root-only), used when the service is silent.
-        #[arg(long, default_value = cache::DEFAULT_STATE_DIR, value_name = "DIR")]
-        state_dir: PathBuf,
-        /// The machine's SMBIOS data (its serial tells whose saved metadata this is).
-        #[arg(long, default_value = cache::DEFAULT_DMI_DIR, value_name = "DIR", hide = true)]
-        dmi_dir: PathBuf,
-    },
+    Network(NetworkArgs),
     /// Follow a FlakeHub output reference: poll, apply new releases with fh, verify, record.
     Agent {
         #[command(flatten)]
@@ -270,30 +210,8 @@ fn print_checked(result: Result<String, Vec<String>>) -> Done {
 
 async fn run(command: Command) -> Result<Done> {
     match command {
-        Command::Network {
-            source,
-            network_dir,
-            no_reload,
-            hostname,
-            hostname_file,
-            keys_file,
-            host_key_dir,
-            dry_run,
-            state_dir,
-            dmi_dir,
-        } => {
-            let opts = provision::Options {
-                network_dir,
-                reload: !no_reload,
-                hostname,
-                hostname_file,
-                keys_file,
-                host_key_dir,
-                dry_run,
-                state_dir,
-                dmi_dir,
-            };
-            provision::network(&source.source()?, &opts).await?;
+        Command::Network(args) => {
+            args.run().await?;
             Ok(Done::Ok)
         }
         Command::Agent { config, once: true } => Ok(if service::once(&config.config).await? {

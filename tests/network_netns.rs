@@ -86,17 +86,17 @@ fn bench_with_mac(case: Eth0, mac: &str) -> Bench {
     }
 }
 
-/// `hcloud-nixos network` with all its defaults, as the NixOS unit runs it.
+/// `hcloud-nixos-network` with all its defaults, as the NixOS unit runs it.
 fn run_network(guest: &Guest) -> String {
     let out = guest.exec(
         Duration::from_secs(90),
-        env!("CARGO_BIN_EXE_hcloud-nixos"),
-        &["network"],
+        env!("CARGO_BIN_EXE_hcloud-nixos-network"),
+        &[],
     );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         out.status.success(),
-        "hcloud-nixos network failed ({}):\n{stderr}",
+        "hcloud-nixos-network failed ({}):\n{stderr}",
         out.status
     );
     stderr
@@ -312,8 +312,8 @@ fn network_failing_fetch_restores_the_link() {
     let started = std::time::Instant::now();
     let out = guest.exec(
         Duration::from_secs(30),
-        env!("CARGO_BIN_EXE_hcloud-nixos"),
-        &["network", "--deadline", "3s"],
+        env!("CARGO_BIN_EXE_hcloud-nixos-network"),
+        &["--deadline", "3s"],
     );
     let took = started.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -422,8 +422,8 @@ fn network_outage_falls_back_to_the_saved_metadata_of_this_server_only() {
     let guest = boot_with_state(&b, state.path());
     let out = guest.exec(
         Duration::from_secs(60),
-        env!("CARGO_BIN_EXE_hcloud-nixos"),
-        &["network", "--deadline", "3s"],
+        env!("CARGO_BIN_EXE_hcloud-nixos-network"),
+        &["--deadline", "3s"],
     );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
@@ -452,8 +452,8 @@ fn network_outage_falls_back_to_the_saved_metadata_of_this_server_only() {
     let guest = boot_with_state(&b, state.path());
     let out = guest.exec(
         Duration::from_secs(60),
-        env!("CARGO_BIN_EXE_hcloud-nixos"),
-        &["network", "--deadline", "3s"],
+        env!("CARGO_BIN_EXE_hcloud-nixos-network"),
+        &["--deadline", "3s"],
     );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(

@@ -50,7 +50,7 @@ fn prepare_units(root: &Path, package: &Path) -> PathBuf {
     std::fs::write(
         dropins.join("90-test-deadline.conf"),
         format!(
-            "[Service]\nExecStart=\nExecStart={}/bin/hcloud-nixos network --deadline 5s\n",
+            "[Service]\nExecStart=\nExecStart={}/bin/hcloud-nixos-network --deadline 5s\n",
             package.display()
         ),
     )

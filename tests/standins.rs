@@ -86,6 +86,15 @@ fn the_binary_is_the_one_cargo_built() {
 }
 
 #[test]
+fn the_boot_program_is_the_one_cargo_built() {
+    let expected = Path::new(env!("CARGO_BIN_EXE_hcloud-nixos-network"));
+    assert_eq!(
+        harness::network_binary().canonicalize().unwrap(),
+        expected.canonicalize().unwrap()
+    );
+}
+
+#[test]
 fn metadata_documents_as_the_service_serves_them() {
     let s = metadata();
     let fixture = std::fs::read(harness::fixture(

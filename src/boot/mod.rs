@@ -2,6 +2,7 @@
 //! not give a Hetzner server, from the metadata service, before networkd starts.
 
 pub mod cache;
+pub mod cli;
 pub mod hostkey;
 pub mod hostname;
 pub mod metadata;

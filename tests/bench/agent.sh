@@ -20,8 +20,10 @@ done
 [[ $(id -u) == 0 ]] || { echo "agent.sh: needs root (the Nix store is written directly)" >&2; exit 2; }
 
 # The binary servers run (the NixOS module's package): without the workstation's commands.
-# Optimized for size, as the flake's servers' package builds it, in a target directory of its own.
-CARGO_PROFILE_RELEASE_OPT_LEVEL=z cargo build --release --quiet --no-default-features \
+# Optimized for size and with packed relocations, as the flake's servers' package builds it, in
+# a target directory of its own.
+CARGO_PROFILE_RELEASE_OPT_LEVEL=z RUSTFLAGS="-C link-arg=-Wl,-z,pack-relative-relocs" \
+  cargo build --release --quiet --no-default-features \
   --bin hcloud-nixos --target-dir target/server
 cargo build --release --quiet --example metadata-standin --example flakehub-standin
 bin=$repo/target/server/release/hcloud-nixos

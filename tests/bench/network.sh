@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Benchmark of `hcloud-nixos network` against the stand-in metadata service on 127.0.0.1:
-# wall time and peak RSS over N runs, next to a plain curl of the same two documents.
+# Benchmark of the boot step against the stand-in metadata service on 127.0.0.1: wall time, CPU
+# time and peak RSS over N runs of `hcloud-nixos-network` (what the unit runs) and of
+# `hcloud-nixos network` (the same step in the whole program), next to a plain curl of the same
+# two documents.
 #
 # Usage: tests/bench/network.sh [RUNS]   (default 20; needs /usr/bin/time from Debian's `time`)
 # Builds in release mode: run it on purpose, not from CI.
@@ -15,12 +17,14 @@ for tool in /usr/bin/time curl awk sort; do
   command -v "$tool" >/dev/null || { echo "network.sh: $tool is missing" >&2; exit 2; }
 done
 
-# The binary servers run (the NixOS module's package): without the workstation's commands.
-# Optimized for size, as the flake's servers' package builds it, in a target directory of its own.
-CARGO_PROFILE_RELEASE_OPT_LEVEL=z cargo build --release --quiet --no-default-features \
-  --bin hcloud-nixos --target-dir target/server
+# The programs servers run (the NixOS module's package): without the workstation's commands,
+# optimized for size and with packed relocations as the flake's servers' package builds them, in
+# a target directory of their own.
+CARGO_PROFILE_RELEASE_OPT_LEVEL=z RUSTFLAGS="-C link-arg=-Wl,-z,pack-relative-relocs" \
+  cargo build --release --quiet --no-default-features \
+  --bin hcloud-nixos --bin hcloud-nixos-network --target-dir target/server
 cargo build --release --quiet --example metadata-standin
-bin=$repo/target/server/release/hcloud-nixos
+bin=$repo/target/server/release
 
 work=$(mktemp -d)
 standin_pid=
@@ -44,7 +48,8 @@ done
 [[ -n $url ]] || { echo "network.sh: the stand-in did not start" >&2; exit 1; }
 
 # Wall time from the shell clock in ns (GNU time prints only hundredths of a second); peak RSS
-# in KiB from GNU time's -v report.
+# in KiB from GNU time's -v report; CPU time (user + system) from the shell's `times` over a
+# second series of runs, which counts in microseconds.
 measure() { # label, command...
   local label=$1; shift
   : >"$work/$label.txt"
@@ -57,22 +62,32 @@ measure() { # label, command...
       /Maximum resident set size/ { rss = $2 }
       END { print ns / 1e9, rss }' "$work/time.txt" >>"$work/$label.txt"
   done
-  sort -n "$work/$label.txt" | awk -v label="$label" '
+  # `times` prints the shell's own times, then its children's: "0m0.052s 0m0.031s".
+  local cpu
+  cpu=$( (for _ in $(seq "$runs"); do "$@" >/dev/null 2>&1; done; times) | tail -1 |
+    awk -v runs="$runs" '{
+      split($1, u, /[ms]/); split($2, s, /[ms]/)
+      printf "%.2f", 1000 * (60 * u[1] + u[2] + 60 * s[1] + s[2]) / runs }')
+  sort -n "$work/$label.txt" | awk -v label="$label" -v cpu="$cpu" '
     { t[NR] = $1; sum += $1; if ($1 > max) max = $1; if ($2 > rss) rss = $2 }
     END {
       med = (NR % 2) ? t[(NR + 1) / 2] : (t[NR / 2] + t[NR / 2 + 1]) / 2
-      printf "%-8s runs=%d  wall mean=%.1f ms  median=%.1f ms  max=%.1f ms  peak RSS=%d KiB\n",
-        label, NR, 1000 * sum / NR, 1000 * med, 1000 * max, rss
+      printf "%-22s runs=%d  wall mean=%.1f ms  median=%.1f ms  max=%.1f ms  CPU=%s ms/run  peak RSS=%d KiB\n",
+        label, NR, 1000 * sum / NR, 1000 * med, 1000 * max, cpu, rss
     }'
 }
 
 net=$work/network
 mkdir -p "$net"
-# One checked run first: a failing binary must not produce figures.
-"$bin" network --metadata-url "$url" --network-dir "$net" --keys-file "$work/k" \
-  --hostname never --no-reload
-ls "$net"/50-hcloud-nixos-public-*.network >/dev/null
+args=(--metadata-url "$url" --network-dir "$net" --keys-file "$work/k" --hostname never
+  --no-reload --state-dir "$work/state" --host-key-dir "$work/ssh")
+# One checked run of each first: a failing program must not produce figures.
+for cmd in "$bin/hcloud-nixos-network" "$bin/hcloud-nixos network"; do
+  rm -f "$net"/*
+  $cmd "${args[@]}" 2>/dev/null
+  ls "$net"/50-hcloud-nixos-public-*.network >/dev/null
+done
 
-measure hcloud "$bin" network --metadata-url "$url" --network-dir "$net" \
-  --keys-file "$work/k" --hostname never --no-reload
+measure hcloud-nixos-network "$bin/hcloud-nixos-network" "${args[@]}"
+measure "hcloud-nixos network" "$bin/hcloud-nixos" network "${args[@]}"
 measure curl curl -fsS "${url}metadata" "${url}metadata/private-networks"

@@ -73,6 +73,18 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+/// The boot step's program under test, `hcloud-nixos-network`: next to [`binary`], as cargo
+/// builds both (and as the Nix package has them).
+pub fn network_binary() -> PathBuf {
+    let bin = binary().with_file_name("hcloud-nixos-network");
+    assert!(
+        bin.is_file(),
+        "{} does not exist: build it (cargo build) or put it next to $HCLOUD_NIXOS_BIN",
+        bin.display()
+    );
+    bin
+}
+
 /// The lock, also when another thread panicked while holding it (a failed test must not take
 /// the stand-ins with it).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

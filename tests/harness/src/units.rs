@@ -35,13 +35,18 @@ pub fn substitutions(package: &Path) -> Vec<(&'static str, String)> {
 pub const RULES_IN_PACKAGE: &str = "share/hcloud-nixos/metadata-firewall.nft";
 
 /// A package directory, as the Nix package is a store path of its own: `<dir>/package` with the
-/// binary under test at `bin/hcloud-nixos` and the firewall rules at [`RULES_IN_PACKAGE`]. Real
-/// files (a hard link where the file system allows, else a copy), never links into the checkout:
-/// a container that gets `<dir>` sees the package whether or not it sees the checkout.
+/// binaries under test at `bin/hcloud-nixos` and `bin/hcloud-nixos-network` and the firewall
+/// rules at [`RULES_IN_PACKAGE`]. Real files (a hard link where the file system allows, else a
+/// copy), never links into the checkout: a container that gets `<dir>` sees the package whether
+/// or not it sees the checkout.
 pub fn package_dir(dir: &Path) -> PathBuf {
     let package = dir.join("package");
     for (from, to) in [
         (crate::binary(), package.join("bin/hcloud-nixos")),
+        (
+            crate::network_binary(),
+            package.join("bin/hcloud-nixos-network"),
+        ),
         (firewall_rules(), package.join(RULES_IN_PACKAGE)),
     ] {
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
