@@ -134,20 +134,6 @@ enum UserdataCommand {
     },
 }
 
-impl Command {
-    /// A workstation's command (they compress and hash on several cores).
-    fn workstation(&self) -> bool {
-        #[cfg(feature = "workstation")]
-        if matches!(
-            self,
-            Command::Upload(_) | Command::Cleanup(_) | Command::Create(_)
-        ) {
-            return true;
-        }
-        false
-    }
-}
-
 /// A command's result: success, or failure whose message was already printed.
 enum Done {
     Ok,
@@ -157,17 +143,12 @@ enum Done {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.verbose);
-    // Uploads compress and hash on several cores; everything else is one thread's work.
-    let multi_thread = cli.command.workstation();
-    let runtime = if multi_thread {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    };
+    // One thread: the commands' work is I/O; an upload's reading, compression and hashing run on
+    // threads of their own. Handing each SSH packet between the runtime's threads cost more CPU
+    // than the encryption itself.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
