@@ -10,7 +10,7 @@ use hcloud_nixos::agent::userdata;
 use hcloud_nixos::agent::{commands, service};
 use hcloud_nixos::boot::cli::{NetworkArgs, SourceArgs};
 use hcloud_nixos::boot::provision;
-use hcloud_nixos::plumbing::logging;
+use hcloud_nixos::plumbing::program;
 #[cfg(feature = "workstation")]
 use hcloud_nixos::upload;
 
@@ -142,35 +142,9 @@ enum Done {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.verbose);
-    // One thread: the commands' work is I/O; an upload's reading, compression and hashing run on
-    // threads of their own. Handing each SSH packet between the runtime's threads cost more CPU
-    // than the encryption itself.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build();
-    let runtime = match runtime {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(run(cli.command));
-    // Do not wait for a hashing thread that an interrupted upload left behind.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    match result {
-        Ok(Done::Ok) => ExitCode::SUCCESS,
-        Ok(Done::Failed) => ExitCode::FAILURE,
-        Err(e) => {
-            if cli.verbose {
-                eprintln!("error: {e:?}");
-            } else {
-                eprintln!("error: {e:#}");
-            }
-            ExitCode::FAILURE
-        }
-    }
+    program::run(cli.verbose, async move {
+        Ok(matches!(run(cli.command).await?, Done::Ok))
+    })
 }
 
 /// A check's result: the description on stdout, or one `error:` line per problem.

@@ -710,33 +710,50 @@ fn network_a_bad_mac_or_address_costs_its_nic() {
     }
 }
 
+/// Both programs that run the boot step: `hcloud-nixos network` and `hcloud-nixos-network`.
+fn boot_programs() -> [(Command, &'static str); 2] {
+    let mut network = Command::new(env!("CARGO_BIN_EXE_hcloud-nixos-network"));
+    network
+        .env_remove("HCLOUD_NIXOS_METADATA_URL")
+        .env_remove("RUST_LOG");
+    let mut whole = binary();
+    whole.arg("network");
+    [
+        (whole, "hcloud-nixos network"),
+        (network, "hcloud-nixos-network"),
+    ]
+}
+
 #[test]
 fn network_gives_up_at_the_deadline_when_nothing_listens() {
     let base = format!("http://{}/hetzner/v1/", MetadataServer::refused_addr());
-    let dir = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let started = std::time::Instant::now();
-    let out = binary()
-        .args(["network", "--metadata-url", &base, "--deadline", "2s"])
-        .arg("--network-dir")
-        .arg(dir.path())
-        .arg("--keys-file")
-        .arg(dir.path().join("keys"))
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["--hostname", "never", "--no-reload"])
-        .output()
-        .unwrap();
-    let took = started.elapsed();
-    assert!(!out.status.success());
-    assert!(took < Duration::from_secs(6), "took {took:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        stderr.lines().filter(|l| !l.trim().is_empty()).count(),
-        1,
-        "{stderr}"
-    );
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    for (mut program, name) in boot_programs() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let started = std::time::Instant::now();
+        let out = program
+            .args(["--metadata-url", &base, "--deadline", "2s"])
+            .arg("--network-dir")
+            .arg(dir.path())
+            .arg("--keys-file")
+            .arg(dir.path().join("keys"))
+            .arg("--state-dir")
+            .arg(state.path())
+            .args(["--hostname", "never", "--no-reload"])
+            .output()
+            .unwrap();
+        let took = started.elapsed();
+        assert!(!out.status.success(), "{name}");
+        assert!(took < Duration::from_secs(6), "{name} took {took:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{name}: {stderr}");
+        assert!(
+            lines[0].starts_with("error: the metadata service at "),
+            "{name}: {stderr}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{name}");
+    }
 }
 
 #[test]

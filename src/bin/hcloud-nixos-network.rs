@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use hcloud_nixos::boot::cli::NetworkArgs;
-use hcloud_nixos::plumbing::logging;
+use hcloud_nixos::plumbing::program;
 
 /// Configure IPv6 (systemd-networkd), the hostname and root's SSH keys from the metadata service.
 #[derive(Parser)]
@@ -23,26 +23,8 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.verbose);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(cli.args.run()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            if cli.verbose {
-                eprintln!("error: {e:?}");
-            } else {
-                eprintln!("error: {e:#}");
-            }
-            ExitCode::FAILURE
-        }
-    }
+    program::run(cli.verbose, async move {
+        cli.args.run().await?;
+        Ok(true)
+    })
 }
