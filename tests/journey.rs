@@ -107,18 +107,7 @@ impl User {
     /// `ssh root@ADDRESS COMMAND` as the user: the host key checked strictly against the
     /// `known_hosts` file create wrote.
     fn ssh(&self, address: &str, command: &str) -> Output {
-        std::process::Command::new("ssh")
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-o",
-            ])
-            .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
-            .args(["-o", "ConnectTimeout=5", "-i"])
-            .arg(&self.key)
-            .arg(format!("root@{address}"))
+        cloud::user_ssh(&self.known_hosts, &self.key, address)
             .arg(command)
             .output()
             .expect("run ssh")

@@ -249,25 +249,13 @@ fn run_journey(cloud: &LocalCloud, env: &Env, bin: &Path) -> bool {
         eprintln!("error: create failed");
         return false;
     }
-    let Some((id, _, ip)) = cloud.machines().into_iter().find(|m| m.1 == "web-1") else {
+    let Some((_, _, ip)) = cloud.machines().into_iter().find(|m| m.1 == "web-1") else {
         return false;
     };
-    let _ = id;
     say("publish local/infra 0.1.2 on FlakeHub; the agent deploys it within its poll interval");
     cloud.publish(ORG, FLAKE, ATTR, "0.1.2", ReleaseKind::Good);
     let ssh = |cmd: &str| {
-        Command::new("ssh")
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-o",
-            ])
-            .arg(format!("UserKnownHostsFile={}", env.known_hosts.display()))
-            .arg("-i")
-            .arg(&env.key)
-            .arg(format!("root@{ip}"))
+        cloud::user_ssh(&env.known_hosts, &env.key, &ip)
             .arg(cmd)
             .output()
     };

@@ -15,7 +15,7 @@ pub mod image;
 pub mod machine;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
@@ -401,4 +401,23 @@ pub fn user_key(cloud: &LocalCloud, name: &str) -> PathBuf {
     let public = std::fs::read_to_string(format!("{}.pub", key.display())).unwrap();
     cloud.api.with(|s| s.add_ssh_key(name, &public));
     key
+}
+
+/// `ssh root@ADDRESS` as the user runs it after `create`: batch mode, the server's host key
+/// checked strictly against the `known_hosts` file create wrote, logging in with `key` (from
+/// [`user_key`]). The caller adds the remote command.
+pub fn user_ssh(known_hosts: &Path, key: &Path, address: &str) -> std::process::Command {
+    let mut c = std::process::Command::new("ssh");
+    c.args([
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+    ])
+    .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+    .args(["-o", "ConnectTimeout=5", "-i"])
+    .arg(key)
+    .arg(format!("root@{address}"));
+    c
 }
