@@ -724,6 +724,19 @@ fn boot_programs() -> [(Command, &'static str); 2] {
     ]
 }
 
+/// The boot step `program` writing only below `dir` (network files, keys) and `state` (the saved
+/// metadata), leaving the hostname and networkd alone.
+fn writing_below<'a>(program: &'a mut Command, dir: &Path, state: &Path) -> &'a mut Command {
+    program
+        .arg("--network-dir")
+        .arg(dir)
+        .arg("--keys-file")
+        .arg(dir.join("keys"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--hostname", "never", "--no-reload"])
+}
+
 #[test]
 fn network_gives_up_at_the_deadline_when_nothing_listens() {
     let base = format!("http://{}/hetzner/v1/", MetadataServer::refused_addr());
@@ -731,15 +744,8 @@ fn network_gives_up_at_the_deadline_when_nothing_listens() {
         let dir = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
         let started = std::time::Instant::now();
-        let out = program
+        let out = writing_below(&mut program, dir.path(), state.path())
             .args(["--metadata-url", &base, "--deadline", "2s"])
-            .arg("--network-dir")
-            .arg(dir.path())
-            .arg("--keys-file")
-            .arg(dir.path().join("keys"))
-            .arg("--state-dir")
-            .arg(state.path())
-            .args(["--hostname", "never", "--no-reload"])
             .output()
             .unwrap();
         let took = started.elapsed();
@@ -761,16 +767,11 @@ fn url_from_the_environment_is_used() {
     let s = server("metadata.full-example.yaml", None);
     let dir = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
-    let out = binary()
+    let mut program = binary();
+    program.arg("network");
+    let out = writing_below(&mut program, dir.path(), state.path())
         .env("HCLOUD_NIXOS_METADATA_URL", s.base_url())
-        .args(["network", "--deadline", "10s"])
-        .arg("--network-dir")
-        .arg(dir.path())
-        .arg("--keys-file")
-        .arg(dir.path().join("keys"))
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["--hostname", "never", "--no-reload"])
+        .args(["--deadline", "10s"])
         .output()
         .unwrap();
     assert!(
