@@ -82,11 +82,13 @@ mkdir -p "$net"
 args=(--metadata-url "$url" --network-dir "$net" --keys-file "$work/k" --hostname never
   --no-reload --state-dir "$work/state" --host-key-dir "$work/ssh")
 # One checked run of each first: a failing program must not produce figures.
-for cmd in "$bin/hcloud-nixos-network" "$bin/hcloud-nixos network"; do
+checked() { # command...
   rm -f "$net"/*
-  $cmd "${args[@]}" 2>/dev/null
+  "$@" "${args[@]}" 2>/dev/null
   ls "$net"/50-hcloud-nixos-public-*.network >/dev/null
-done
+}
+checked "$bin/hcloud-nixos-network"
+checked "$bin/hcloud-nixos" network
 
 measure hcloud-nixos-network "$bin/hcloud-nixos-network" "${args[@]}"
 measure "hcloud-nixos network" "$bin/hcloud-nixos" network "${args[@]}"
